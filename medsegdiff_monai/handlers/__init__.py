@@ -1,0 +1,1 @@
+"""handlers of medsegdiff_monai."""

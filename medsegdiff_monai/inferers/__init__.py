@@ -1,0 +1,1 @@
+"""inferers of medsegdiff_monai."""

@@ -1,0 +1,1 @@
+"""networks of medsegdiff_monai."""

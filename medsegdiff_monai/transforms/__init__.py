@@ -1,0 +1,1 @@
+"""transforms of medsegdiff_monai."""
