@@ -1,1 +1,13 @@
-"""engines of medsegdiff_monai."""
+"""Ignite/MONAI engines: the diffusion trainer, the whole-volume evaluator, the stage plan, the optimizer."""
+
+from medsegdiff_monai.engines.evaluator import REGION_NAMES, DiffusionEvaluator, validation_metrics
+from medsegdiff_monai.engines.optimizer import build_optimizer, count_parameters
+from medsegdiff_monai.engines.stages import (
+    LOSS_NAMES,
+    TRAINABLE_PARTS,
+    TrainingStage,
+    parse_stages,
+    stage_at_epoch,
+    total_epochs,
+)
+from medsegdiff_monai.engines.trainer import AMP_DTYPES, DiffusionTrainer, NonFiniteLossEvents, resolve_amp_dtype

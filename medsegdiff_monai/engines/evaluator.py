@@ -1,0 +1,127 @@
+"""Per-subject validation on whole volumes: diffusion sampling slice by slice, then MONAI metrics."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.handlers import ROCAUC, ConfusionMatrix, MeanDice, MeanIoUHandler
+from monai.utils import MetricReduction
+
+from medsegdiff_monai.inferers import DiffusionSampler, sample_volume
+
+__all__ = ["DiffusionEvaluator", "validation_metrics", "REGION_NAMES"]
+
+REGION_NAMES = {3: ("TC", "WT", "ET"), 1: ("WT",)}
+
+
+def _region_output(output: dict, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return output["pred"][:, index : index + 1], output["label"][:, index : index + 1]
+
+
+def _segmentation_output(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return output["pred"], output["label"]
+
+
+def _grade_scores(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return output["p_hgg"], output["grade"]
+
+
+def _grade_decisions(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return (output["p_hgg"] >= 0.5).float(), output["grade"]
+
+
+def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dict[str, Any]:
+    """The per-epoch validation metrics as MONAI Ignite metric handlers, keyed by the printed name.
+
+    ``Dice``/``IoU`` are the means over subjects and regions (an empty reference region gives NaN and is left
+    out of the mean, MONAI's ``ignore_empty``); ``Dice_<region>``/``IoU_<region>`` per region (TC, WT, ET). With
+    the grade head: subject-level ``AUC``, ``F1`` (HGG positive) and ``Acc`` at p(HGG) >= 0.5.
+    """
+    if mask_channels not in REGION_NAMES:
+        raise ValueError(f"mask_channels={mask_channels}: expected 1 (WT) or 3 (TC, WT, ET).")
+    metrics: dict[str, Any] = {
+        "Dice": MeanDice(
+            include_background=True, reduction=MetricReduction.MEAN, output_transform=_segmentation_output
+        ),
+        "IoU": MeanIoUHandler(include_background=True, output_transform=_segmentation_output),
+    }
+    for index, region in enumerate(REGION_NAMES[mask_channels]):
+        select = partial(_region_output, index=index)
+        metrics[f"Dice_{region}"] = MeanDice(include_background=True, output_transform=select)
+        metrics[f"IoU_{region}"] = MeanIoUHandler(include_background=True, output_transform=select)
+    if use_cls_head:
+        metrics["AUC"] = ROCAUC(output_transform=_grade_scores)
+        metrics["F1"] = ConfusionMatrix(
+            include_background=True, metric_name="f1 score", output_transform=_grade_decisions
+        )
+        metrics["Acc"] = ConfusionMatrix(
+            include_background=True, metric_name="accuracy", output_transform=_grade_decisions
+        )
+    return metrics
+
+
+class DiffusionEvaluator(SupervisedEvaluator):
+    """Validation over whole subjects: each batch item is one volume, segmented slice by slice by ``sampler``.
+
+    Batch keys: ``"image"`` (B, 4, H, W, D), ``"label"`` (B, C_mask, H, W, D) regions, ``"grade"`` (B,). The
+    iteration output holds ``"pred"`` (B, C_mask, H, W, D) binary at ``threshold``, ``"label"``, and, with a grade
+    head, ``"p_hgg"`` (B, 1) subject-level p(HGG) and ``"grade"`` (B, 1).
+
+    Args:
+        device: where to run.
+        val_data_loader: loader of whole-volume samples (batch size 1 is typical).
+        network: the trained network (possibly wrapped; the sampler unwraps nothing, so pass the module).
+        sampler: the diffusion sampler; a cheap one (few DDIM steps, one member) suits per-epoch validation.
+        slice_batch_size: slices sampled together.
+        threshold: probability at which a voxel counts as tumour.
+        key_val_metric: metric deciding the best model (default: mean ``Dice``); other metrics in
+            ``additional_metrics``. See :func:`validation_metrics`.
+        kwargs: passed to :class:`~monai.engines.SupervisedEvaluator`.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Any,
+        network: torch.nn.Module,
+        sampler: DiffusionSampler,
+        slice_batch_size: int = 32,
+        threshold: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(device=device, val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
+        self.sampler = sampler
+        self.slice_batch_size = slice_batch_size
+        self.threshold = threshold
+
+    def _iteration(self, engine: DiffusionEvaluator, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        network = engine.network
+        while hasattr(network, "module") or hasattr(network, "_orig_mod"):
+            network = getattr(network, "module", None) or network._orig_mod
+        network.eval()
+        device = engine.state.device
+        images = batchdata["image"]
+        preds, p_hgg = [], []
+        with torch.inference_mode():
+            for image in images:
+                image = image.as_tensor() if hasattr(image, "as_tensor") else image
+                volume = sample_volume(
+                    network, image.to(device), engine.sampler, slice_batch_size=engine.slice_batch_size
+                )
+                preds.append((volume.probs > engine.threshold).float())
+                p_hgg.append(volume.p_hgg)
+        label = batchdata["label"]
+        output = {
+            "pred": torch.stack(preds),
+            "label": (label.as_tensor() if hasattr(label, "as_tensor") else label).to(device).float(),
+        }
+        if p_hgg[0] is not None:
+            output["p_hgg"] = torch.tensor(p_hgg, dtype=torch.float32, device=device).view(-1, 1)
+            output["grade"] = torch.as_tensor(batchdata["grade"], device=device).float().view(-1, 1)
+        engine.state.output = output
+        return output

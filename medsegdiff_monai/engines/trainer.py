@@ -1,0 +1,215 @@
+"""Ignite/MONAI trainer for the conditional diffusion segmentation + grading network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.networks.schedulers import Scheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from medsegdiff_monai.engines.stages import TrainingStage
+
+__all__ = ["DiffusionTrainer", "NonFiniteLossEvents", "AMP_DTYPES", "resolve_amp_dtype"]
+
+from ignite.engine import EventEnum
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class NonFiniteLossEvents(EventEnum):
+    """Fired by :class:`DiffusionTrainer` when a step is skipped because its loss or gradient norm is not finite."""
+
+    STEP_SKIPPED = "step_skipped"
+
+
+def resolve_amp_dtype(amp_dtype: str | None, device: torch.device | str) -> torch.dtype | None:
+    """Autocast dtype for ``amp_dtype`` ("bfloat16"/"bf16", "float16"/"fp16", None or "none"/"float32").
+
+    Mixed precision is used on CUDA only; on CPU training runs in fp32 whatever is asked.
+    """
+    if amp_dtype is None or str(amp_dtype).lower() in ("none", "float32", "fp32", ""):
+        return None
+    key = str(amp_dtype).lower()
+    if key not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(AMP_DTYPES)} or None.")
+    return AMP_DTYPES[key] if torch.device(device).type == "cuda" else None
+
+
+class DiffusionTrainer(SupervisedTrainer):
+    """One diffusion training step per iteration, on MONAI's :class:`~monai.engines.SupervisedTrainer`.
+
+    Each iteration: draw ``t ~ U{0, T-1}`` and Gaussian noise, noise the [-1, 1] mask with ``noise_scheduler``
+    (``x_t = add_noise(mask, noise, t)``), predict ``(seg_logits, cls_logits, calib_map) = network(x_t, t, image)``,
+    apply the losses of the current :attr:`stage`, clip the gradient norm, step the optimizer. A step whose loss or
+    gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and announced with
+    :attr:`NonFiniteLossEvents.STEP_SKIPPED`.
+
+    Batch keys: ``"image"`` (B, 4, H, W), ``"label"`` (B, C_mask, H, W) regions in {0, 1}, ``"mask"`` (B, C_mask, H, W)
+    in [-1, 1] (derived from ``"label"`` when absent), ``"grade"`` (B,) 0 = LGG, 1 = HGG.
+
+    Args:
+        device: where to train.
+        max_epochs: epochs of the run (normally the sum over the stage plan).
+        train_data_loader: loader of 2D slice batches.
+        network: a :class:`~medsegdiff_monai.networks.DiffusionUNetWithClsHead` (optionally DDP-wrapped).
+        optimizer: built over the network and ``loss_function`` parameters.
+        loss_function: the :class:`~medsegdiff_monai.losses.UncertaintyWeightedLoss` holding the log-sigmas.
+        seg_loss: ``seg_loss(seg_logits, label, calib_map) -> Tensor``.
+        cls_loss: ``cls_loss(cls_logits, grade) -> Tensor``, or None for a segmentation-only network.
+        noise_scheduler: MONAI DDPM scheduler used to noise the mask (``prediction_type="sample"``).
+        stage: the initial stage; :class:`~medsegdiff_monai.handlers.StagedTraining` replaces it per epoch. None means
+            everything trains with all available losses under uncertainty weighting.
+        amp_dtype: "bfloat16" or "float16" autocast on CUDA (fp16 adds a gradient scaler); ignored on CPU.
+        grad_clip_norm: maximum gradient norm (None disables clipping).
+        channels_last: convert 4D inputs to channels-last memory format (pair with a channels-last network).
+        kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
+            ``key_train_metric``, ``additional_metrics``, ``compile``, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: torch.nn.Module,
+        optimizer: Optimizer,
+        loss_function: torch.nn.Module,
+        seg_loss: Callable,
+        cls_loss: Callable | None,
+        noise_scheduler: Scheduler,
+        stage: TrainingStage | None = None,
+        amp_dtype: str | None = None,
+        grad_clip_norm: float | None = 1.0,
+        channels_last: bool = False,
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            train_handlers=train_handlers,
+            amp=False,
+            optim_set_to_none=True,
+            decollate=False,
+            **kwargs,
+        )
+        self.register_events(*NonFiniteLossEvents)
+        self.seg_loss = seg_loss
+        self.cls_loss = cls_loss
+        self.noise_scheduler = noise_scheduler
+        losses = ("seg", "cls") if cls_loss is not None else ("seg",)
+        self.stage = stage or TrainingStage("joint", max_epochs, "all", 1.0, losses, True)
+        self.autocast_dtype = resolve_amp_dtype(amp_dtype, device)
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.grad_clip_norm = grad_clip_norm
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.state.skipped_steps = 0
+
+    @property
+    def unwrapped_network(self) -> torch.nn.Module:
+        """The network without its DDP / compile wrapper."""
+        network = self.network
+        while hasattr(network, "module") or hasattr(network, "_orig_mod"):
+            network = getattr(network, "module", None) or network._orig_mod
+        return network
+
+    def set_train_mode(self) -> None:
+        """Train mode for the parts the current stage trains; eval mode (frozen norm/dropout) for the rest."""
+        net = self.unwrapped_network
+        net.train()
+        head = getattr(net, "cls_head", None)
+        if self.stage.train == "cls_head":
+            net.eval()
+            if head is not None:
+                head.train()
+        elif self.stage.train == "backbone" and head is not None:
+            head.eval()
+
+    def _to_device(self, tensor: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
+        return tensor.to(self.state.device, non_blocking=self.non_blocking, **kwargs)
+
+    def _forward_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Noise the mask, run the network and return the stage's loss terms (``"seg"``, ``"cls"``)."""
+        image = self._to_device(batch["image"], memory_format=self.memory_format)
+        label = self._to_device(batch["label"]).float()
+        mask = self._to_device(batch["mask"]).float() if "mask" in batch else 2.0 * label - 1.0
+        losses: dict[str, torch.Tensor] = {}
+        use_seg = "seg" in self.stage.losses
+        use_cls = "cls" in self.stage.losses and self.cls_loss is not None
+        grade = self._to_device(batch["grade"]).long().view(-1) if use_cls else None
+        if not use_seg and not isinstance(self.network, DistributedDataParallel):
+            # the grade needs only the condition UNet: skip the diffusion UNet entirely
+            cls_logits = self.unwrapped_network.encode_condition(image).cls_logits
+            losses["cls"] = self.cls_loss(cls_logits.float(), grade)
+            return losses
+        timesteps = torch.randint(
+            0, self.noise_scheduler.num_train_timesteps, (image.shape[0],), device=image.device, dtype=torch.long
+        )
+        noise = torch.randn_like(mask)
+        noisy_mask = self.noise_scheduler.add_noise(original_samples=mask, noise=noise, timesteps=timesteps)
+        seg_logits, cls_logits, calib_map = self.network(
+            noisy_mask.to(memory_format=self.memory_format), timesteps, image
+        )
+        if use_seg:
+            losses["seg"] = self.seg_loss(seg_logits.float(), label, calib_map.float())
+        if use_cls:
+            losses["cls"] = self.cls_loss(cls_logits.float(), grade)
+        return losses
+
+    def _iteration(self, engine: DiffusionTrainer, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        engine.set_train_mode()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(
+            device_type=torch.device(engine.state.device).type,
+            dtype=engine.autocast_dtype or torch.float32,
+            enabled=engine.autocast_dtype is not None,
+        ):
+            losses = engine._forward_losses(batchdata)
+        if engine.stage.uncertainty_weighting:
+            total = engine.loss_function(losses)
+        else:
+            total = torch.stack(list(losses.values())).sum()
+
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if engine.grad_scaler is not None:
+            engine.grad_scaler.scale(total).backward()
+            engine.grad_scaler.unscale_(engine.optimizer)
+        else:
+            total.backward()
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm, foreach=True)
+            if engine.grad_clip_norm is not None
+            else torch.zeros((), device=total.device)
+        )
+        finite = bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))  # the step's one host sync
+        if engine.grad_scaler is not None:
+            if finite:
+                engine.grad_scaler.step(engine.optimizer)
+            engine.grad_scaler.update()
+        elif finite:
+            engine.optimizer.step()
+        if not finite:
+            engine.optimizer.zero_grad(set_to_none=True)
+            engine.state.skipped_steps += 1
+            engine.fire_event(NonFiniteLossEvents.STEP_SKIPPED)
+
+        nan = torch.full((), float("nan"), device=total.device)
+        return {
+            "loss": total.detach(),
+            "L_seg": losses["seg"].detach() if "seg" in losses else nan,
+            "L_cls": losses["cls"].detach() if "cls" in losses else nan,
+            "L_total": total.detach(),
+            "grad_norm": grad_norm.detach(),
+            "skipped": not finite,
+        }

@@ -1,0 +1,137 @@
+"""Atomic training checkpoints (last and best) on Ignite's ``Checkpoint``, and resuming from the last one."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
+
+__all__ = ["TrainingCheckpointSaver", "ResumeFromCheckpoint", "latest_checkpoint", "validation_score"]
+
+_LAST_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The ``checkpoint_epoch=N.pt`` of the highest N in ``save_dir``, or None."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in save_dir.iterdir() if (m := _LAST_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def validation_score(metrics: Mapping, names: Sequence[str] = ("Dice", "AUC")) -> float:
+    """Mean of the defined (non-NaN) figures among ``names``; -inf when none is defined."""
+    values = [float(metrics[n]) for n in names if n in metrics and not math.isnan(float(metrics[n]))]
+    return sum(values) / len(values) if values else -math.inf
+
+
+class TrainingCheckpointSaver:
+    """Save everything needed to resume after every epoch, and the best network by validation score.
+
+    Files in ``save_dir`` (written atomically by Ignite's ``DiskSaver(atomic=True)``: a temporary file renamed into
+    place, so a crash never leaves a truncated checkpoint):
+
+    - ``checkpoint_epoch=N.pt``: every object of ``save_dict`` (network, optimizer, loss module with the
+      log-sigmas, trainer state, stage handler); the last ``n_saved`` are kept, so one complete file always exists.
+    - ``best_filename`` (default ``model.pt``): ``{"network": state_dict}`` of the epoch with the best
+      :func:`validation_score` of ``evaluator`` (mean of Dice and, with a grade head, AUC).
+
+    All files load with ``torch.load(path, weights_only=True)``. Under DDP only rank 0 writes.
+
+    Args:
+        save_dir: output folder.
+        save_dict: objects with ``state_dict``/``load_state_dict`` keyed by name; must hold ``"network"``.
+        evaluator: validation engine for the best checkpoint (None: no best checkpoint).
+        best_dir: folder of the best network (default ``save_dir``), e.g. the bundle's ``models/``.
+        best_filename: file name of the best network.
+        score_names: validation metrics averaged into the score.
+        n_saved: number of resume checkpoints kept.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        save_dict: Mapping,
+        evaluator: Engine | None = None,
+        best_dir: str | Path | None = None,
+        best_filename: str = "model.pt",
+        score_names: Sequence[str] = ("Dice", "AUC"),
+        n_saved: int = 2,
+        name: str = "medsegdiff_monai",
+    ) -> None:
+        if "network" not in save_dict:
+            raise ValueError(f"save_dict must hold 'network', got keys {sorted(save_dict)}.")
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.evaluator = evaluator
+        self.best_dir = Path(best_dir) if best_dir is not None else self.save_dir
+        self.best_filename = best_filename
+        self.score_names = tuple(score_names)
+        self.n_saved = n_saved
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        last = Checkpoint(
+            self.save_dict,
+            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
+            filename_pattern="checkpoint_epoch={global_step}.{ext}",
+            n_saved=self.n_saved,
+            global_step_transform=lambda eng, _: eng.state.epoch,
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED, last)
+        if self.evaluator is not None:
+            best = Checkpoint(
+                {"network": self.save_dict["network"]},
+                DiskSaver(str(self.best_dir), require_empty=False, atomic=True),
+                filename_pattern=self.best_filename,
+                n_saved=1,
+                score_function=lambda _: validation_score(self.evaluator.state.metrics, self.score_names),
+                score_name="val_score",
+                include_self=False,
+            )
+            engine.add_event_handler(Events.EPOCH_COMPLETED, best)
+
+
+class ResumeFromCheckpoint:
+    """Resume a run from the newest ``checkpoint_epoch=N.pt`` of ``save_dir`` (MONAI's ``CheckpointLoader``).
+
+    The trainer then continues at epoch N + 1, in the stage that epoch belongs to, with the optimizer state and the
+    log-sigmas restored. Nothing happens when ``enabled`` is False or no checkpoint exists yet (a first run).
+
+    Args:
+        save_dir: folder written by :class:`TrainingCheckpointSaver`.
+        load_dict: the same objects as its ``save_dict``.
+        enabled: whether to resume.
+        map_location: passed to ``torch.load``.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        load_dict: Mapping,
+        enabled: bool = True,
+        map_location: str | None = "cpu",
+        name: str = "medsegdiff_monai",
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.load_dict = dict(load_dict)
+        self.enabled = enabled
+        self.map_location = map_location
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        path = latest_checkpoint(self.save_dir)
+        if path is None:
+            self.logger.info(f"resume: no checkpoint in {self.save_dir}, starting a new run")
+            return
+        self.logger.info(f"resume: loading {path}")
+        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)

@@ -1,0 +1,75 @@
+"""Ignite handler applying the staged training plan (freezing, learning rate, losses) epoch by epoch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from ignite.engine import Engine, Events
+
+from medsegdiff_monai.engines.stages import TrainingStage, parse_stages, stage_at_epoch
+
+__all__ = ["StagedTraining"]
+
+
+class StagedTraining:
+    """Switch the trainer to the stage of the plan that each epoch belongs to (DESIGN.md section 6).
+
+    At the start of every epoch, when the stage changes (and at the first epoch of a run or a resume):
+
+    - parameters the stage does not train get ``requires_grad=False`` (their gradients stay ``None`` because the
+      trainer zero-grads with ``set_to_none=True``, so AdamW, weight decay included, leaves them bit-identical);
+      the trainer keeps their norm/dropout layers in eval mode;
+    - the loss module's log-sigmas train only in stages with uncertainty weighting;
+    - every optimizer group's learning rate becomes its ``base_lr`` (the lr it had when attached) times the stage's
+      ``lr_multiplier``;
+    - ``engine.stage`` is set, which selects the losses of the step.
+
+    Args:
+        stages: the plan, as :class:`TrainingStage` objects or as dicts (validated by :func:`parse_stages`).
+        name: logger name.
+    """
+
+    def __init__(self, stages: Sequence[TrainingStage | Mapping], name: str = "medsegdiff_monai") -> None:
+        self.stages = [s if isinstance(s, TrainingStage) else parse_stages([s])[0] for s in stages]
+        self.logger = logging.getLogger(name)
+        self.stage_index: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        for group in engine.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        index, stage = stage_at_epoch(self.stages, engine.state.epoch)
+        if index == self.stage_index:
+            return
+        self.stage_index = index
+        self.apply(engine, stage)
+        self.logger.info(
+            f"stage {index + 1}/{len(self.stages)} '{stage.name}' from epoch {engine.state.epoch}: "
+            f"trains {stage.train}, "
+            f"losses {'+'.join(stage.losses)}{' (uncertainty-weighted)' if stage.uncertainty_weighting else ''}, "
+            f"lr x {stage.lr_multiplier:g}"
+        )
+
+    @staticmethod
+    def apply(engine: Engine, stage: TrainingStage) -> None:
+        """Freeze/unfreeze, set learning rates and the stage on ``engine`` (a :class:`DiffusionTrainer`)."""
+        network = engine.unwrapped_network
+        for name, parameter in network.named_parameters():
+            in_head = name.startswith("cls_head.")
+            parameter.requires_grad_(stage.train == "all" or (stage.train == "cls_head") == in_head)
+        for parameter in engine.loss_function.parameters():
+            parameter.requires_grad_(stage.uncertainty_weighting)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * stage.lr_multiplier
+        engine.optimizer.zero_grad(set_to_none=True)
+        engine.stage = stage
+
+    def state_dict(self) -> dict:
+        return {"stage_index": -1 if self.stage_index is None else self.stage_index}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        # the stage is re-derived from the restored epoch at the next EPOCH_STARTED; the saved index is informative
+        self.stage_index = None
