@@ -77,9 +77,10 @@ class DiffusionEvaluator(SupervisedEvaluator):
         sampler: the diffusion sampler; a cheap one (few DDIM steps, one member) suits per-epoch validation.
         slice_batch_size: slices sampled together.
         threshold: probability at which a voxel counts as tumour.
-        key_val_metric: metric deciding the best model (default: mean ``Dice``); other metrics in
-            ``additional_metrics``. See :func:`validation_metrics`.
-        kwargs: passed to :class:`~monai.engines.SupervisedEvaluator`.
+        mask_channels: 3 (TC, WT, ET) or 1 (WT); names the per-region metrics.
+        use_cls_head: add the subject-level grade metrics.
+        kwargs: passed to :class:`~monai.engines.SupervisedEvaluator`. Without ``key_val_metric`` the metrics of
+            :func:`validation_metrics` are used, mean ``Dice`` as the key metric.
     """
 
     def __init__(
@@ -90,8 +91,14 @@ class DiffusionEvaluator(SupervisedEvaluator):
         sampler: DiffusionSampler,
         slice_batch_size: int = 32,
         threshold: float = 0.5,
+        mask_channels: int = 3,
+        use_cls_head: bool = True,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("key_val_metric") is None:
+            metrics = validation_metrics(mask_channels, use_cls_head)
+            kwargs["key_val_metric"] = {"Dice": metrics.pop("Dice")}
+            kwargs["additional_metrics"] = {**metrics, **(kwargs.get("additional_metrics") or {})}
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
         self.sampler = sampler
         self.slice_batch_size = slice_batch_size

@@ -1,6 +1,7 @@
 """Ignite handlers: staged freezing, non-finite-loss guard, per-epoch report, checkpoints and resume."""
 
 from medsegdiff_monai.handlers.checkpoint import (
+    LoadNetworkWeights,
     ResumeFromCheckpoint,
     TrainingCheckpointSaver,
     latest_checkpoint,

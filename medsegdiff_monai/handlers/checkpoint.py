@@ -8,11 +8,18 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
-__all__ = ["TrainingCheckpointSaver", "ResumeFromCheckpoint", "latest_checkpoint", "validation_score"]
+__all__ = [
+    "TrainingCheckpointSaver",
+    "ResumeFromCheckpoint",
+    "LoadNetworkWeights",
+    "latest_checkpoint",
+    "validation_score",
+]
 
 _LAST_PATTERN = re.compile(r"^checkpoint_epoch=(\d+)\.pt$")
 
@@ -135,3 +142,29 @@ class ResumeFromCheckpoint:
             return
         self.logger.info(f"resume: loading {path}")
         CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+
+
+class LoadNetworkWeights:
+    """Load network weights before training starts, e.g. stage 1's ``model.pt`` for a run of stage 2 alone.
+
+    Accepts a file of :class:`TrainingCheckpointSaver` (``{"network": ...}`` with or without other entries) or a
+    plain state dict. Does nothing when ``path`` is None, so a config can always attach it.
+
+    Args:
+        path: checkpoint file or None.
+        network: the module to load into.
+        strict: require every key to match.
+    """
+
+    def __init__(self, path: str | Path | None, network: torch.nn.Module, strict: bool = True) -> None:
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"initial checkpoint {path} does not exist.")
+        self.path = path
+        self.network = network
+        self.strict = strict
+
+    def attach(self, engine: Engine) -> None:
+        if self.path is not None:
+            CheckpointLoader(
+                load_path=str(self.path), load_dict={"network": self.network}, map_location="cpu", strict=self.strict
+            ).attach(engine)

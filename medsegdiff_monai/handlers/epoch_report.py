@@ -121,7 +121,9 @@ class EpochReport:
             row[key] = _as_float(metrics[key])
         undefined = [k for k in ("Dice", "IoU", "AUC", "F1", "Acc") if k in metrics and math.isnan(row[k])]
         if undefined:
-            warnings.warn(f"epoch {engine.state.epoch}: undefined validation figure(s) {undefined} reported as NaN.", stacklevel=2)
+            warnings.warn(
+                f"epoch {engine.state.epoch}: undefined validation figure(s) {undefined} reported as NaN.", stacklevel=2
+            )
         for key in ("L_seg", "L_cls", "L_total"):
             row[key] = float(self._sums[key] / self._count) if self._count else math.nan
         row["sigma_seg"] = sigmas.get("seg", math.nan)
