@@ -1,0 +1,197 @@
+"""Few-step diffusion sampling of segmentation masks with an ensemble run as one batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from torch import Tensor, nn
+
+__all__ = ["DiffusionSampler", "SamplerOutput", "repeat_condition"]
+
+
+class SamplerOutput(NamedTuple):
+    """What :class:`DiffusionSampler` returns for a batch of ``B`` slices, ``C`` mask channels, ``K`` members.
+
+    Attributes:
+        probs: (B, C, H, W) mean of the members' probabilities ``sigmoid(seg_logits)`` at the last step.
+        uncertainty: (B, C, H, W) per-voxel standard deviation of the members' probabilities (population std,
+            0 when all members agree or ``K == 1``).
+        member_probs: (K, B, C, H, W) every member's probabilities, or ``None`` unless ``return_members=True``.
+        p_hgg: (B,) softmax probability of class 1 (HGG) from the classification head, or ``None`` without the head.
+        calib_probs: (B, C, H, W) ``sigmoid(calib_map)``, the deterministic segmentation from the image alone.
+    """
+
+    probs: Tensor
+    uncertainty: Tensor
+    member_probs: Tensor | None
+    p_hgg: Tensor | None
+    calib_probs: Tensor
+
+
+def repeat_condition(condition: Any, repeats: int) -> Any:
+    """Repeat every tensor of a condition structure ``repeats`` times along the batch dimension (member-major).
+
+    A batch ``[s0, s1]`` repeated 3 times becomes ``[s0, s1, s0, s1, s0, s1]``, so a result of batch ``K * B``
+    reshapes to ``(K, B, ...)``. Lists, tuples and NamedTuples (such as ``ConditionFeatures``) are walked
+    recursively, ``None`` and non-tensors are kept as they are.
+
+    Args:
+        condition: a tensor or a (nested) list / tuple / NamedTuple of tensors with batch first.
+        repeats: number of copies (the ensemble size ``K``).
+    """
+    if isinstance(condition, Tensor):
+        return condition.repeat(repeats, *([1] * (condition.ndim - 1)))
+    if isinstance(condition, tuple) and hasattr(condition, "_fields"):
+        return type(condition)(*(repeat_condition(item, repeats) for item in condition))
+    if isinstance(condition, (list, tuple)):
+        return type(condition)(repeat_condition(item, repeats) for item in condition)
+    return condition
+
+
+class DiffusionSampler:
+    """
+    Reverse diffusion sampler for the conditional mask model (MedSegDiff-V2 design) over MONAI schedulers.
+
+    The condition network runs once per slice (``network.encode_condition``); its features are reused for every
+    reverse step and every ensemble member. The ``K`` members of ``B`` slices run as one batch of ``K * B``. The
+    network predicts the clean mask as logits; the scheduler's x0 estimate is ``tanh(seg_logits / 2)``
+    (``prediction_type="sample"``). The segmentation is the mean of the members' ``sigmoid(seg_logits)`` at the
+    last step, the uncertainty their standard deviation.
+
+    With ``scheduler="ddim"`` the timesteps are evenly spaced by ``T // N`` and end at 0 (``(N - 1) * T // N, ...,
+    T // N, 0``, the DDIM paper's spacing). ``DDIMScheduler.step`` always moves back by ``T // N``, so every step
+    lands exactly on the next timestep; MONAI's default ``linspace(T - 1, 0, N)`` timesteps do not (999 steps to
+    899, then the network is told 888). Ending at t = 0 matters: on a small trained model, 10 DDIM steps agree with
+    1000 DDPM steps on 98 % of voxels this way and on 90 % with "trailing" timesteps (999, ..., 99).
+    ``scheduler="ddpm"`` is the ancestral 1000-step sampler of training, kept for comparison.
+
+    Args:
+        num_inference_steps: number of reverse steps ``N``. Must equal ``num_train_timesteps`` for ``"ddpm"``.
+        scheduler: ``"ddim"`` (deterministic DDIM, ``eta`` = 0 by default) or ``"ddpm"``.
+        num_train_timesteps: ``T`` of the training scheduler.
+        schedule: MONAI noise schedule name of the training scheduler (e.g. ``"linear_beta"``).
+        ensemble_size: number of members ``K`` drawn from different initial noise.
+        seed: seed of the ``torch.Generator`` made on the image's device for each call that is not given a
+            generator; ``None`` draws from the global random state.
+        eta: DDIM stochasticity (0 = deterministic given the initial noise).
+        return_members: keep every member's probabilities in :attr:`SamplerOutput.member_probs`.
+        schedule_args: extra arguments of the noise schedule (e.g. ``beta_start``, ``beta_end``).
+
+    Example::
+
+        sampler = DiffusionSampler(num_inference_steps=10, ensemble_size=5)
+        out = sampler(network.eval(), image)  # image (B, 4, H, W)
+        mask = out.probs > 0.5                 # (B, 3, H, W): TC, WT, ET
+    """
+
+    def __init__(
+        self,
+        num_inference_steps: int = 10,
+        scheduler: str = "ddim",
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        ensemble_size: int = 5,
+        seed: int | None = 0,
+        eta: float = 0.0,
+        return_members: bool = False,
+        schedule_args: dict | None = None,
+    ) -> None:
+        if ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], "
+                f"got {num_inference_steps}."
+            )
+        schedule_args = dict(schedule_args or {})
+        if scheduler == "ddim":
+            self.scheduler: DDIMScheduler | DDPMScheduler = DDIMScheduler(
+                num_train_timesteps=num_train_timesteps, schedule=schedule, prediction_type="sample", **schedule_args
+            )
+            self.scheduler.set_timesteps(num_inference_steps)
+            stride = num_train_timesteps // num_inference_steps
+            self.scheduler.timesteps = torch.arange(num_inference_steps - 1, -1, -1) * stride
+        elif scheduler == "ddpm":
+            if num_inference_steps != num_train_timesteps:
+                raise ValueError(
+                    f"scheduler='ddpm' runs all num_train_timesteps={num_train_timesteps} steps, "
+                    f"got num_inference_steps={num_inference_steps}; use scheduler='ddim' for fewer steps."
+                )
+            self.scheduler = DDPMScheduler(
+                num_train_timesteps=num_train_timesteps, schedule=schedule, prediction_type="sample", **schedule_args
+            )
+            self.scheduler.set_timesteps(num_inference_steps)
+        else:
+            raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {scheduler!r}.")
+        self.scheduler_name = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.ensemble_size = ensemble_size
+        self.seed = seed
+        self.eta = eta
+        self.return_members = return_members
+        self.timesteps: list[int] = self.scheduler.timesteps.tolist()
+
+    def make_generator(self, device: torch.device | str) -> torch.Generator | None:
+        """A generator on ``device`` seeded with ``seed``, or ``None`` when ``seed`` is ``None``."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def _step(self, x0_estimate: Tensor, timestep: int, sample: Tensor, generator: torch.Generator | None) -> Tensor:
+        if isinstance(self.scheduler, DDIMScheduler):
+            return self.scheduler.step(x0_estimate, timestep, sample, eta=self.eta, generator=generator)[0]
+        return self.scheduler.step(x0_estimate, timestep, sample, generator=generator)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        network: nn.Module,
+        image: Tensor,
+        generator: torch.Generator | None = None,
+        step_callback: Callable[[int, Tensor], None] | None = None,
+    ) -> SamplerOutput:
+        """
+        Sample ``ensemble_size`` masks for each slice of ``image``.
+
+        Args:
+            network: a module with ``encode_condition(image) -> ConditionFeatures`` and
+                ``denoise(x_t, t, condition) -> seg_logits`` (see ``medsegdiff_monai.networks``). The caller sets
+                its mode (``network.eval()``) and autocast.
+            image: (B, 4, H, W) normalised slices.
+            generator: random generator on ``image.device``; by default a new one seeded with ``seed``.
+            step_callback: called as ``step_callback(timestep, seg_logits)`` after every reverse step, with
+                ``seg_logits`` of shape (K * B, C, H, W) (member-major); for diagnostics.
+
+        Returns:
+            :class:`SamplerOutput`.
+        """
+        if image.ndim != 4:
+            raise ValueError(f"image must have shape (B, channels, H, W), got {tuple(image.shape)}.")
+        if generator is None:
+            generator = self.make_generator(image.device)
+        num_slices, members = image.shape[0], self.ensemble_size
+        condition = network.encode_condition(image)
+        calib_map = condition.calib_map
+        member_condition = repeat_condition(condition, members) if members > 1 else condition
+        mask_shape = (members * num_slices, calib_map.shape[1], *image.shape[2:])
+        sample = torch.randn(mask_shape, generator=generator, device=image.device, dtype=torch.float32)
+        seg_logits = sample
+        for timestep in self.timesteps:
+            t_batch = torch.full((mask_shape[0],), timestep, device=image.device, dtype=torch.long)
+            seg_logits = network.denoise(sample, t_batch, member_condition)
+            if step_callback is not None:
+                step_callback(timestep, seg_logits)
+            x0_estimate = torch.tanh(seg_logits.float() / 2)
+            sample = self._step(x0_estimate, timestep, sample, generator)
+        member_probs = torch.sigmoid(seg_logits.float()).view(members, num_slices, *mask_shape[1:])
+        p_hgg = None if condition.cls_logits is None else torch.softmax(condition.cls_logits.float(), dim=1)[:, 1]
+        return SamplerOutput(
+            probs=member_probs.mean(dim=0),
+            uncertainty=member_probs.std(dim=0, unbiased=False),
+            member_probs=member_probs if self.return_members else None,
+            p_hgg=p_hgg,
+            calib_probs=torch.sigmoid(calib_map.float()),
+        )

@@ -1,0 +1,143 @@
+"""Slice-by-slice diffusion sampling of a whole volume, with a subject-level grade."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from medsegdiff_monai.inferers.sampler import DiffusionSampler
+
+__all__ = ["VolumeOutput", "brain_slice_mask", "sample_volume", "subject_p_hgg"]
+
+
+class VolumeOutput(NamedTuple):
+    """What :func:`sample_volume` returns for one subject with ``C`` mask channels.
+
+    Attributes:
+        probs: (C, H, W, D) mean member probability; 0 on slices without brain.
+        uncertainty: (C, H, W, D) per-voxel std across members; 0 on slices without brain.
+        p_hgg: subject-level probability of HGG (see :func:`subject_p_hgg`), or ``None`` without a
+            classification head.
+        slice_p_hgg: (D,) per-slice p(HGG), NaN on slices without brain, or ``None`` without a head.
+    """
+
+    probs: Tensor
+    uncertainty: Tensor
+    p_hgg: float | None
+    slice_p_hgg: Tensor | None
+
+
+def brain_slice_mask(image: Tensor, brain_threshold: float = 0.0) -> Tensor:
+    """Axial slices that hold brain: some channel has a voxel with ``|value| > brain_threshold``.
+
+    Args:
+        image: (channels, H, W, D) volume; after z-scoring over brain voxels the background stays exactly 0.
+        brain_threshold: absolute intensity at or below which a voxel counts as background.
+
+    Returns:
+        (D,) bool tensor.
+    """
+    return (image.abs() > brain_threshold).flatten(0, 2).any(dim=0)
+
+
+def subject_p_hgg(slice_p_hgg: Tensor, tumour_slices: Tensor) -> float:
+    """Subject-level p(HGG): the mean of slice probabilities over tumour-bearing slices.
+
+    Falls back to the mean over all given slices when no slice is tumour-bearing; NaN (with a warning) when no
+    slice is given.
+
+    Args:
+        slice_p_hgg: (S,) p(HGG) of the slices that hold brain.
+        tumour_slices: (S,) bool, slices where the model predicts tumour.
+    """
+    if slice_p_hgg.numel() == 0:
+        warnings.warn("no brain slice to grade: subject-level p_hgg is NaN.", stacklevel=2)
+        return math.nan
+    chosen = slice_p_hgg[tumour_slices] if bool(tumour_slices.any()) else slice_p_hgg
+    return float(chosen.float().mean())
+
+
+def sample_volume(
+    network: nn.Module,
+    image: Tensor,
+    sampler: DiffusionSampler,
+    slice_batch_size: int = 32,
+    brain_threshold: float = 0.0,
+    tumour_threshold: float = 0.5,
+    progress: bool = False,
+) -> VolumeOutput:
+    """
+    Segment one subject slice by slice with ``sampler`` and grade it.
+
+    Axial slices without brain (see :func:`brain_slice_mask`) are skipped and get probability 0 and uncertainty 0.
+    The others run in batches of ``slice_batch_size`` slices (``slice_batch_size * ensemble_size`` network inputs
+    per step). One random generator (seeded by ``sampler.seed``) serves the whole volume. A slice is
+    tumour-bearing when some voxel's probability exceeds ``tumour_threshold`` in any channel (for the nested BraTS
+    regions this is the whole tumour); the subject's p(HGG) is the mean slice p(HGG) over those slices, or over all
+    brain slices when the model finds no tumour.
+
+    Args:
+        network: the diffusion network (``encode_condition`` / ``denoise``), in the mode the caller chose.
+        image: (4, H, W, D) one subject after the inference / validation transforms.
+        sampler: the :class:`DiffusionSampler`.
+        slice_batch_size: number of slices per sampler call.
+        brain_threshold: see :func:`brain_slice_mask`.
+        tumour_threshold: probability above which a voxel counts as tumour when choosing slices to grade.
+        progress: show a tqdm bar over slice batches.
+
+    Returns:
+        :class:`VolumeOutput`, tensors on ``image.device``.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must have shape (channels, H, W, D), got {tuple(image.shape)}.")
+    if slice_batch_size < 1:
+        raise ValueError(f"slice_batch_size must be >= 1, got {slice_batch_size}.")
+    depth = image.shape[-1]
+    brain_index = torch.nonzero(brain_slice_mask(image, brain_threshold)).flatten().tolist()
+    slices = image.permute(3, 0, 1, 2)
+    generator = sampler.make_generator(image.device)
+    probs: Tensor | None = None
+    uncertainty: Tensor | None = None
+    slice_p_hgg: Tensor | None = None
+    batches = [brain_index[i : i + slice_batch_size] for i in range(0, len(brain_index), slice_batch_size)]
+    for batch_index in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
+        out = sampler(network, slices[batch_index], generator=generator)
+        if probs is None or uncertainty is None:
+            shape = (depth, *out.probs.shape[1:])
+            probs = out.probs.new_zeros(shape)
+            uncertainty = out.probs.new_zeros(shape)
+        probs[batch_index] = out.probs
+        uncertainty[batch_index] = out.uncertainty
+        if out.p_hgg is not None:
+            if slice_p_hgg is None:
+                slice_p_hgg = out.p_hgg.new_full((depth,), math.nan)
+            slice_p_hgg[batch_index] = out.p_hgg
+    if probs is None or uncertainty is None:
+        return _empty_volume_output(network, image)
+    p_hgg = None
+    if slice_p_hgg is not None:
+        tumour_slices = (probs[brain_index] > tumour_threshold).flatten(1).any(dim=1)
+        p_hgg = subject_p_hgg(slice_p_hgg[brain_index], tumour_slices)
+    return VolumeOutput(
+        probs=probs.permute(1, 2, 3, 0),
+        uncertainty=uncertainty.permute(1, 2, 3, 0),
+        p_hgg=p_hgg,
+        slice_p_hgg=slice_p_hgg,
+    )
+
+
+def _empty_volume_output(network: nn.Module, image: Tensor) -> VolumeOutput:
+    """Output for a volume without any brain slice: zeros, and NaN p(HGG) when the network grades."""
+    with torch.no_grad():
+        condition = network.encode_condition(image[None, ..., 0])
+    channels = condition.calib_map.shape[1]
+    zeros = image.new_zeros((channels, *image.shape[1:]))
+    has_head = condition.cls_logits is not None
+    p_hgg = subject_p_hgg(image.new_zeros(0), image.new_zeros(0, dtype=torch.bool)) if has_head else None
+    slice_p_hgg = image.new_full((image.shape[-1],), math.nan) if has_head else None
+    return VolumeOutput(probs=zeros, uncertainty=zeros.clone(), p_hgg=p_hgg, slice_p_hgg=slice_p_hgg)

@@ -1,0 +1,63 @@
+"""A tiny stand-in for the diffusion network with the ``encode_condition`` / ``denoise`` interface."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+
+class StandInCondition(NamedTuple):
+    features: list[Tensor]
+    calib_map: Tensor
+    cls_logits: Tensor | None
+
+
+class StandInNetwork(nn.Module):
+    """Two convolutions and a timestep embedding; counts its calls and records what ``denoise`` receives.
+
+    Args:
+        mask_channels: channels of the mask (3 = TC, WT, ET).
+        use_cls_head: return grade logits from the pooled image features.
+        noise_gain: weight of the noisy mask in ``denoise``; 0 makes the output independent of the noise.
+    """
+
+    def __init__(self, mask_channels: int = 3, use_cls_head: bool = True, noise_gain: float = 1.0, hidden: int = 8):
+        super().__init__()
+        self.encoder = nn.Conv2d(4, hidden, 3, padding=1)
+        self.calib = nn.Conv2d(hidden, mask_channels, 1)
+        self.cls = nn.Linear(hidden, 2) if use_cls_head else None
+        self.mask_in = nn.Conv2d(mask_channels, hidden, 3, padding=1)
+        self.time = nn.Embedding(1000, hidden)
+        self.out = nn.Conv2d(hidden, mask_channels, 3, padding=1)
+        self.noise_gain = noise_gain
+        self.encode_batches: list[int] = []
+        self.denoise_inputs: list[tuple[Tensor, Tensor]] = []
+
+    def encode_condition(self, image: Tensor) -> StandInCondition:
+        self.encode_batches.append(image.shape[0])
+        features = torch.relu(self.encoder(image))
+        cls_logits = None if self.cls is None else self.cls(features.mean(dim=(2, 3)))
+        return StandInCondition([features], self.calib(features), cls_logits)
+
+    def denoise(self, x_t: Tensor, t: Tensor, condition: StandInCondition) -> Tensor:
+        self.denoise_inputs.append((x_t.clone(), t.clone()))
+        hidden = condition.features[0] + self.noise_gain * self.mask_in(x_t) + self.time(t)[:, :, None, None]
+        return self.out(torch.relu(hidden))
+
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        condition = self.encode_condition(image)
+        return self.denoise(x_t, t, condition), condition.cls_logits, condition.calib_map
+
+
+@pytest.fixture
+def stand_in_network():
+    """Factory of seeded :class:`StandInNetwork` instances in eval mode."""
+
+    def make(**kwargs) -> StandInNetwork:
+        torch.manual_seed(0)
+        return StandInNetwork(**kwargs).eval()
+
+    return make

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import DDPMScheduler
+
+from medsegdiff_monai.inferers import DiffusionSampler, repeat_condition
+
+
+def _image(batch: int = 2, size: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_shapes_and_condition_reuse(stand_in_network):
+    network = stand_in_network()
+    image = _image(batch=3)
+    sampler = DiffusionSampler(num_inference_steps=4, ensemble_size=5, return_members=True)
+    out = sampler(network, image)
+    assert out.probs.shape == (3, 3, 12, 12)
+    assert out.uncertainty.shape == (3, 3, 12, 12)
+    assert out.member_probs.shape == (5, 3, 3, 12, 12)
+    assert out.p_hgg.shape == (3,)
+    # the condition network ran once, on the 3 slices; the denoiser 4 times on 5 x 3 inputs
+    assert network.encode_batches == [3]
+    assert [x.shape[0] for x, _ in network.denoise_inputs] == [15] * 4
+    with torch.no_grad():
+        condition = network.encode_condition(image)
+    torch.testing.assert_close(out.p_hgg, torch.softmax(condition.cls_logits, dim=1)[:, 1])
+    torch.testing.assert_close(out.calib_probs, torch.sigmoid(condition.calib_map))
+
+
+def test_mean_and_std_over_members(stand_in_network):
+    sampler = DiffusionSampler(num_inference_steps=3, ensemble_size=4, return_members=True)
+    out = sampler(stand_in_network(), _image())
+    members = out.member_probs.numpy()
+    assert not np.allclose(members[0], members[1])  # different noise, different draws
+    np.testing.assert_allclose(out.probs.numpy(), members.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.uncertainty.numpy(), members.std(axis=0), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(out.probs.numpy(), (members**2).mean(axis=0))  # not the public code's squared mean
+
+
+def test_members_agree_when_network_ignores_noise(stand_in_network):
+    network = stand_in_network(noise_gain=0.0)
+    image = _image()
+    out = DiffusionSampler(num_inference_steps=5, ensemble_size=6, return_members=True)(network, image)
+    assert out.member_probs.shape[0] == 6
+    assert float(out.uncertainty.abs().max()) < 1e-6
+    # the output is sigmoid of the logits of the last step, t = 0
+    last_t = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        expected = torch.sigmoid(network.denoise(torch.zeros(2, 3, 12, 12), last_t, network.encode_condition(image)))
+    torch.testing.assert_close(out.probs, expected)
+
+
+def test_ddim_timesteps_match_the_step_stride_and_end_at_zero():
+    assert DiffusionSampler(num_inference_steps=10).timesteps == list(range(900, -1, -100))
+    assert DiffusionSampler(num_inference_steps=25).timesteps == list(range(960, -1, -40))
+    assert DiffusionSampler(num_inference_steps=30).timesteps == list(range(957, -1, -33))
+    assert DiffusionSampler(num_inference_steps=1000).timesteps == list(range(999, -1, -1))
+    assert DiffusionSampler(scheduler="ddpm", num_inference_steps=1000).timesteps == list(range(999, -1, -1))
+
+
+def test_ddim_update_matches_hand_formula(stand_in_network):
+    network = stand_in_network()
+    image = _image(batch=1)
+    sampler = DiffusionSampler(num_inference_steps=10, ensemble_size=2)
+    sampler(network, image)
+    (x_900, t_900), (x_800, t_800) = network.denoise_inputs[:2]
+    assert t_900.tolist() == [900, 900] and t_800.tolist() == [800, 800]
+    with torch.no_grad():
+        condition = repeat_condition(network.encode_condition(image), 2)
+        x0 = torch.tanh(network.denoise(x_900, t_900, condition) / 2)
+    alphas_cumprod = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta").alphas_cumprod.double()
+    a_t, a_prev = alphas_cumprod[900], alphas_cumprod[800]
+    eps = (x_900.double() - a_t.sqrt() * x0.double()) / (1 - a_t).sqrt()
+    expected = a_prev.sqrt() * x0.double() + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(x_800.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_generator_is_reproducible(stand_in_network):
+    image = _image()
+    first = DiffusionSampler(num_inference_steps=3, seed=7)(stand_in_network(), image)
+    again = DiffusionSampler(num_inference_steps=3, seed=7)(stand_in_network(), image)
+    other = DiffusionSampler(num_inference_steps=3, seed=8)(stand_in_network(), image)
+    torch.testing.assert_close(first.probs, again.probs, rtol=0, atol=0)
+    assert not torch.allclose(first.probs, other.probs)
+
+
+def test_without_classification_head(stand_in_network):
+    out = DiffusionSampler(num_inference_steps=2, ensemble_size=1)(stand_in_network(use_cls_head=False), _image())
+    assert out.p_hgg is None and out.member_probs is None
+    assert float(out.uncertainty.abs().max()) == 0.0
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="ddpm"):
+        DiffusionSampler(scheduler="ddpm", num_inference_steps=10)
+    with pytest.raises(ValueError, match="scheduler"):
+        DiffusionSampler(scheduler="euler")
+    with pytest.raises(ValueError, match="ensemble_size"):
+        DiffusionSampler(ensemble_size=0)
+    with pytest.raises(ValueError, match="shape"):
+        DiffusionSampler()(None, torch.zeros(4, 8, 8))
+
+
+def _train_disc_model(network, steps: int = 60) -> None:
+    """Train the stand-in for a few steps to predict the mask 'channel 0 > 0' from noisy masks."""
+    generator = torch.Generator().manual_seed(0)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", prediction_type="sample")
+    optimizer = torch.optim.Adam(network.parameters(), lr=2e-2)
+    network.train()
+    for _ in range(steps):
+        image = torch.randn(8, 4, 12, 12, generator=generator)
+        mask = (image[:, :1] > 0).float().repeat(1, 3, 1, 1)
+        t = torch.randint(0, 1000, (8,), generator=generator)
+        x_t = scheduler.add_noise(2 * mask - 1, torch.randn(mask.shape, generator=generator), t)
+        seg_logits, _, calib = network(x_t, t, image)
+        loss = F.binary_cross_entropy_with_logits(seg_logits, mask) + F.binary_cross_entropy_with_logits(calib, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    network.eval()
+
+
+def test_few_step_ddim_agrees_with_1000_step_ddpm(stand_in_network):
+    network = stand_in_network()
+    _train_disc_model(network)
+    image = _image(batch=4, seed=3)
+    target = image[:, :1] > 0
+    ddim = DiffusionSampler(num_inference_steps=10, ensemble_size=2)(network, image).probs > 0.5
+    ddpm = DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, ensemble_size=2)(network, image).probs > 0.5
+    agreement = (ddim == ddpm).float().mean()
+    assert agreement > 0.95, f"DDIM-10 and DDPM-1000 agree on {float(agreement):.3f} of voxels"
+    assert (ddim == target).float().mean() > 0.9
