@@ -1,1 +1,22 @@
-"""networks of medsegdiff_monai."""
+"""Networks of medsegdiff_monai: the MedSegDiff-V2 diffusion UNet with a grade head, its blocks and presets."""
+
+from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
+from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
+from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
+from medsegdiff_monai.networks.grade_head import GradeHead
+from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
+from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
+
+__all__ = [
+    "NETWORK_PRESETS",
+    "AnchorGate",
+    "ConditionFeatures",
+    "ConditionResBlock",
+    "ConditionUNet",
+    "DiffusionUNetWithClsHead",
+    "GradeHead",
+    "SSFormerBlock",
+    "SeparableGaussianBlur",
+    "SpectralCrossAttention",
+    "get_network",
+]

@@ -1,0 +1,72 @@
+"""Class-weighted softmax focal loss of the tumour grade (LGG = 0, HGG = 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.losses import FocalLoss
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["GradeFocalLoss"]
+
+
+class GradeFocalLoss(_Loss):
+    """
+    Softmax focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017,
+    https://arxiv.org/abs/1708.02002) with per-class weights, on MONAI's :py:class:`monai.losses.FocalLoss`
+    (``use_softmax=True, to_onehot_y=True, weight=alpha``):
+
+    ``L = (1/B) * sum_b alpha[y_b] * (1 - p_b[y_b])**gamma * (-log p_b[y_b])``, ``p_b = softmax(cls_logits_b)``.
+
+    The weights are not normalised by ``sum_b alpha[y_b]`` (unlike ``torch.nn.CrossEntropyLoss(weight=...)`` with
+    mean reduction). With ``alpha_c = N / (2 * n_c)`` from the training split's subject counts the weighted terms
+    already average to the scale of an unweighted loss over that split. Note that MONAI's ``FocalLoss(reduction=
+    "mean")`` averages over all B x C entries of the one-hot loss map (only the target class is non-zero), which is
+    ``L / C``; this class sums over classes and averages over the batch, so with ``gamma=0`` and no ``alpha`` it
+    equals the plain cross-entropy.
+
+    Args:
+        alpha: per-class weights (alpha_LGG, alpha_HGG), all >= 0; None for no weighting.
+        gamma: focusing exponent (0 gives the weighted cross-entropy).
+
+    Example:
+        >>> loss = GradeFocalLoss(alpha=(2.428, 0.630))
+        >>> loss(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))
+    """
+
+    def __init__(self, alpha: Sequence[float] | None = None, gamma: float = 2.0) -> None:
+        super().__init__()
+        if alpha is not None and any(a < 0 for a in alpha):
+            raise ValueError(f"GradeFocalLoss alpha weights must be >= 0, got {tuple(alpha)}.")
+        if gamma < 0:
+            raise ValueError(f"GradeFocalLoss gamma must be >= 0, got {gamma}.")
+        self.alpha = None if alpha is None else tuple(float(a) for a in alpha)
+        self.focal = FocalLoss(
+            to_onehot_y=True,
+            use_softmax=True,
+            gamma=gamma,
+            weight=None if alpha is None else list(self.alpha),
+            reduction="none",
+        )
+
+    def forward(self, cls_logits: torch.Tensor, grade: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            cls_logits: grade logits (B, num_classes).
+            grade: integer class per sample (B,), values in [0, num_classes).
+
+        Returns:
+            scalar loss.
+        """
+        if cls_logits.ndim != 2 or grade.shape != cls_logits.shape[:1]:
+            raise ValueError(
+                f"GradeFocalLoss expects cls_logits (B, num_classes) and grade (B,), got {tuple(cls_logits.shape)} "
+                f"and {tuple(grade.shape)}."
+            )
+        if self.alpha is not None and len(self.alpha) != cls_logits.shape[1]:
+            raise ValueError(
+                f"GradeFocalLoss has {len(self.alpha)} alpha weights but cls_logits has {cls_logits.shape[1]} classes."
+            )
+        per_class = self.focal(cls_logits, grade.long()[:, None])
+        return per_class.sum(dim=1).mean()
