@@ -1,0 +1,201 @@
+"""Command line ``medsegdiff-monai`` (also ``python -m medsegdiff_monai``).
+
+Each sub-command is added by one ``_register_<name>(subparsers)`` function listed in :data:`COMMANDS`; it builds its
+parser and sets ``handler``, a function taking the parsed arguments and returning the exit code. To add a command,
+write such a function and append it to :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medsegdiff_monai.data import (
+    GRADE_TO_INDEX,
+    FolderReport,
+    build_datalist,
+    class_balance_line,
+    validate_brats_folder,
+    write_datalist,
+    write_synthetic_brats,
+)
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, type=Path, help="BraTS release folder (one folder per subject).")
+    parser.add_argument("--csv", type=Path, default=None, help="grade table (default: DATA_DIR/name_mapping.csv).")
+    parser.add_argument(
+        "--headers-only", action="store_true", help="check NIfTI headers only, do not read voxel data (faster)."
+    )
+    parser.add_argument(
+        "--skip-unmatched",
+        action="store_true",
+        help="skip (with a note) subjects without a CSV row or with an unknown grade, instead of failing.",
+    )
+
+
+def _print_report(report: FolderReport, success: str, failure: str) -> int:
+    """Print the notes, then every problem (stderr) and ``failure``, or ``success``; return the exit code."""
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.problems:
+        for problem in report.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        print(f"{len(report.problems)} problem(s) found{failure}.", file=sys.stderr)
+        return 1
+    print(success)
+    return 0
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    out = write_synthetic_brats(
+        args.out,
+        num_subjects=args.subjects,
+        lgg_fraction=args.lgg_fraction,
+        shape=tuple(args.shape),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} to {out}")
+    return 0
+
+
+def _register_synth(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "synth",
+        help="write a synthetic BraTS-like release in the real BraTS 2020 on-disk layout.",
+        description="Write synthetic subjects (int16 .nii modalities, uint8 labels, six-column name_mapping.csv); "
+        "deterministic from --seed.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder.")
+    parser.add_argument("--subjects", type=_positive_int, default=24, help="number of subjects (default 24).")
+    parser.add_argument("--lgg-fraction", type=_fraction, default=0.2, help="share of LGG subjects (default 0.2).")
+    parser.add_argument(
+        "--shape", type=_positive_int, nargs=3, default=[240, 240, 155], metavar=("X", "Y", "Z"), help="volume shape."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole set (default 0).")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
+    parser.set_defaults(handler=_run_synth)
+
+
+def _run_datalist(args: argparse.Namespace) -> int:
+    report = validate_brats_folder(
+        args.data_dir,
+        csv_path=args.csv,
+        check_voxels=not args.headers_only,
+        skip_unmatched=args.skip_unmatched,
+        progress=not args.no_progress,
+    )
+    if _print_report(report, f"{len(report.subjects)} subjects valid.", "; nothing written") != 0:
+        return 1
+    datalist = build_datalist(report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    train_grades = [entry["grade"] for entry in datalist["training"]]
+    print(class_balance_line(train_grades))
+    out = args.out if args.out is not None else args.data_dir / "datalist.json"
+    write_datalist(datalist, out)
+    val_grades = [entry["grade"] for entry in datalist["validation"]]
+    print(
+        f"wrote {out}: {len(train_grades)} training and {len(val_grades)} validation subjects "
+        f"(validation n_LGG={val_grades.count(GRADE_TO_INDEX['LGG'])} n_HGG={val_grades.count(GRADE_TO_INDEX['HGG'])})"
+    )
+    return 0
+
+
+def _register_datalist(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "datalist",
+        help="validate a BraTS folder and write a stratified training/validation datalist JSON.",
+        description="Validate the folder, split subjects by grade (stratified, seeded), print the training split's "
+        "n_LGG, n_HGG and alpha_c = N / (2 n_c), and write a MONAI datalist with paths relative to DATA_DIR. "
+        "Load it with monai.data.load_decathlon_datalist(path, data_list_key='training', base_dir=DATA_DIR).",
+    )
+    _add_folder_arguments(parser)
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of each grade for validation (default 0.2)."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0).")
+    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: DATA_DIR/datalist.json).")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
+    parser.set_defaults(handler=_run_datalist)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    report = validate_brats_folder(
+        args.data_dir,
+        csv_path=args.csv,
+        require_label=not args.no_label,
+        require_grade=not args.no_grade,
+        check_voxels=not args.headers_only,
+        skip_unmatched=args.skip_unmatched,
+        progress=not args.no_progress,
+    )
+    return _print_report(report, f"{args.data_dir}: {len(report.subjects)} subjects, no problem found.", "")
+
+
+def _register_check(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="validate a BraTS folder and list every problem found.",
+        description="List every problem of a BraTS folder (missing or extra files, shape/affine mismatches, bad "
+        "label values, non-finite or unreadable volumes, CSV mismatches); exit code 1 if there is any.",
+    )
+    _add_folder_arguments(parser)
+    parser.add_argument("--no-label", action="store_true", help="subjects have no label file (inference release).")
+    parser.add_argument("--no-grade", action="store_true", help="no grade table is needed.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
+    parser.set_defaults(handler=_run_check)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_synth, _register_datalist, _register_check]
+"""Registration functions of the sub-commands, in help order."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medsegdiff-monai`` argument parser with every sub-command of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="medsegdiff-monai",
+        description="MedSegDiff-V2 brain tumour segmentation and grading on BraTS (MONAI).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        the exit code: 0 on success, 1 when the command failed (the reason printed on stderr), 2 on a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args))
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

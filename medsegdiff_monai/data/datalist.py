@@ -1,0 +1,113 @@
+"""Build, write and load the MONAI datalist JSON of a BraTS split."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import load_decathlon_datalist
+
+from medsegdiff_monai.data.layout import GRADE_TO_INDEX, BratsSubject
+from medsegdiff_monai.data.split import grade_class_weights, stratified_split
+
+__all__ = ["build_datalist", "load_brats_datalist", "subject_entry", "write_datalist"]
+
+
+def subject_entry(subject: BratsSubject, data_dir: str | Path) -> dict[str, Any]:
+    """Datalist entry of one subject, paths relative to ``data_dir`` (POSIX separators).
+
+    Args:
+        subject: the subject's files and grade.
+        data_dir: the data root the paths are made relative to.
+
+    Returns:
+        ``{"image": [t1, t1ce, t2, flair], "label": seg, "grade": 0|1, "subject_id": id}``; ``label`` and ``grade``
+        are left out where the subject has none.
+    """
+    root = Path(data_dir)
+    entry: dict[str, Any] = {"image": [Path(p).relative_to(root).as_posix() for p in subject.images]}
+    if subject.label is not None:
+        entry["label"] = Path(subject.label).relative_to(root).as_posix()
+    if subject.grade is not None:
+        entry["grade"] = int(subject.grade)
+    entry["subject_id"] = subject.subject_id
+    return entry
+
+
+def build_datalist(
+    subjects: Sequence[BratsSubject], data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, Any]:
+    """MONAI datalist of a subject-level split stratified by grade.
+
+    Args:
+        subjects: validated subjects with grades (e.g. from :func:`read_brats_folder`).
+        data_dir: the data root; entry paths are relative to it.
+        val_fraction: share of each grade in the validation split.
+        seed: seed of the split.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "class_balance": {...}, "split": {...}}``; ``class_balance`` holds
+        the training split's ``n_LGG``, ``n_HGG``, ``alpha_LGG``, ``alpha_HGG``.
+
+    Raises:
+        ValueError: when a subject has no grade, or a grade has no training subject.
+    """
+    ungraded = [s.subject_id for s in subjects if s.grade is None]
+    if ungraded:
+        raise ValueError(f"datalist: subjects without grade: {', '.join(ungraded)}.")
+    by_id = {s.subject_id: s for s in subjects}
+    train_ids, val_ids = stratified_split(list(by_id), [s.grade for s in by_id.values()], val_fraction, seed)
+    train_grades = [by_id[s].grade for s in train_ids]
+    balance: dict[str, float] = {f"n_{name}": train_grades.count(index) for name, index in GRADE_TO_INDEX.items()}
+    balance.update(grade_class_weights(train_grades))
+    return {
+        "training": [subject_entry(by_id[s], data_dir) for s in train_ids],
+        "validation": [subject_entry(by_id[s], data_dir) for s in val_ids],
+        "class_balance": balance,
+        "split": {"val_fraction": val_fraction, "seed": seed, "stratified_by": "grade"},
+    }
+
+
+def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:
+    """Write a datalist as indented JSON, atomically (a partly written file never appears at ``path``).
+
+    Args:
+        datalist: the datalist dictionary.
+        path: output file; its folder is created if needed.
+
+    Returns:
+        the path written.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(datalist, indent=2) + "\n"
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, out)
+    return out
+
+
+def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_dir: str | Path | None = None):
+    """Load one list of a datalist with absolute paths, as :func:`monai.data.load_decathlon_datalist` does.
+
+    ``load_decathlon_datalist`` also joins ``base_dir`` to any other value that names an existing path, which turns
+    ``subject_id`` into the subject folder's path; this loader keeps ``subject_id`` as written.
+
+    Args:
+        path: the datalist JSON.
+        data_list_key: ``"training"`` or ``"validation"``.
+        base_dir: the data root; defaults to the JSON file's folder.
+
+    Returns:
+        the list of entries with ``image`` and ``label`` paths joined to ``base_dir``.
+    """
+    with open(path) as f:
+        raw = json.load(f)[data_list_key]
+    entries = load_decathlon_datalist(path, data_list_key=data_list_key, base_dir=base_dir)
+    for entry, original in zip(entries, raw, strict=True):
+        if "subject_id" in original:
+            entry["subject_id"] = original["subject_id"]
+    return entries

@@ -1,0 +1,232 @@
+"""Validate a BraTS folder: files, grades, headers and voxel values, listing every problem found."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from tqdm import tqdm
+
+from medsegdiff_monai.data.layout import BRATS_LABEL_VALUES, NAME_MAPPING_FILENAME, BratsSubject
+from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping
+from medsegdiff_monai.data.reader import list_subject_dirs, locate_subject_files
+
+__all__ = [
+    "BratsDataError",
+    "FolderReport",
+    "check_subject_volumes",
+    "read_brats_folder",
+    "validate_brats_folder",
+]
+
+_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, ImageFileError)
+_AFFINE_TOLERANCE = 1e-3
+
+
+class BratsDataError(ValueError):
+    """A BraTS folder failed validation; ``problems`` holds one message per problem, each naming subject and file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the BraTS data:\n" + "\n".join(self.problems))
+
+
+@dataclass
+class FolderReport:
+    """Outcome of :func:`validate_brats_folder`.
+
+    Attributes:
+        subjects: the valid subjects, sorted by id, with their grade (``None`` where no grade table was used).
+        problems: every problem found; the folder is valid when this is empty.
+        notes: informational messages (non-standard label names, subjects skipped on request).
+    """
+
+    subjects: list[BratsSubject] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _load_header(path: Path, subject_id: str, problems: list[str]) -> nib.Nifti1Image | None:
+    try:
+        image = nib.load(path)
+    except _READ_ERRORS as error:
+        problems.append(f"subject {subject_id}: file {path} is not a readable NIfTI: {type(error).__name__}: {error}")
+        return None
+    if len(image.shape) != 3:
+        problems.append(f"subject {subject_id}: file {path} has shape {image.shape}: expected a 3D volume.")
+        return None
+    return image
+
+
+def _check_voxels(image: nib.Nifti1Image, path: Path, subject_id: str, is_label: bool) -> list[str]:
+    try:
+        voxels = np.asanyarray(image.dataobj)
+    except _READ_ERRORS as error:
+        return [f"subject {subject_id}: file {path} cannot be read (truncated?): {type(error).__name__}: {error}"]
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        count = int(voxels.size - np.isfinite(voxels).sum())
+        return [f"subject {subject_id}: file {path} has {count} non-finite voxel(s) (NaN or Inf)."]
+    if is_label:
+        bad = ~np.isin(voxels, BRATS_LABEL_VALUES)
+        if bad.any():
+            values = np.unique(voxels[bad])[:8].tolist()
+            return [
+                f"subject {subject_id}: label file {path} has values {values} outside {list(BRATS_LABEL_VALUES)} "
+                f"({int(bad.sum())} voxel(s))."
+            ]
+    return []
+
+
+def check_subject_volumes(subject: BratsSubject, check_voxels: bool = True) -> list[str]:
+    """Check the NIfTI files of one subject.
+
+    Headers are read first (shape and affine of every modality and of the label must match the first modality);
+    with ``check_voxels`` the voxel data is then streamed file by file to check that it is readable (not truncated),
+    finite, and that label values are in {0, 1, 2, 4}.
+
+    Args:
+        subject: the subject's files.
+        check_voxels: also read the voxel data (slower: every byte of the subject is read once).
+
+    Returns:
+        one message per problem, naming the subject and the file.
+    """
+    problems: list[str] = []
+    files = [(path, False) for path in subject.images]
+    if subject.label is not None:
+        files.append((subject.label, True))
+    headers = [(path, is_label, _load_header(path, subject.subject_id, problems)) for path, is_label in files]
+    loaded = [(path, is_label, image) for path, is_label, image in headers if image is not None]
+    if not loaded:
+        return problems
+
+    reference_path, _, reference = loaded[0]
+    for path, is_label, image in loaded[1:]:
+        kind = "label" if is_label else "modality"
+        if image.shape != reference.shape:
+            problems.append(
+                f"subject {subject.subject_id}: {kind} file {path} has shape {image.shape}, "
+                f"but {reference_path.name} has shape {reference.shape}."
+            )
+        elif not np.allclose(image.affine, reference.affine, atol=_AFFINE_TOLERANCE):
+            problems.append(
+                f"subject {subject.subject_id}: {kind} file {path} has an affine different from {reference_path.name}:"
+                f"\n{np.round(image.affine, 4)}\nvs\n{np.round(reference.affine, 4)}"
+            )
+    if check_voxels:
+        for path, is_label, image in loaded:
+            problems.extend(_check_voxels(image, path, subject.subject_id, is_label))
+    return problems
+
+
+def validate_brats_folder(
+    data_dir: str | Path,
+    csv_path: str | Path | None = None,
+    require_label: bool = True,
+    require_grade: bool = True,
+    check_voxels: bool = True,
+    skip_unmatched: bool = False,
+    progress: bool = True,
+) -> FolderReport:
+    """Validate a BraTS release folder and collect every problem found.
+
+    Checks, per subject: the four modalities and the label file are present (one candidate each), the headers agree
+    (shape, affine), the voxels are readable and finite, label values are in {0, 1, 2, 4}; and against the grade table:
+    every subject folder has a CSV row and every CSV row a folder, and each Grade is HGG or LGG. Subjects are read one
+    at a time (headers, then voxel data file by file), so memory stays at one volume.
+
+    Args:
+        data_dir: the release folder holding one sub-folder per subject.
+        csv_path: the grade table; defaults to ``data_dir/name_mapping.csv``.
+        require_label: whether a subject without a label file is a problem (``False`` for inference releases).
+        require_grade: whether the grade table must exist and match the folders exactly. With ``False``, a missing
+            table is fine, grades are attached where the table has them (``None`` elsewhere) and mismatches are notes.
+        check_voxels: read the voxel data (``False``: headers only, much faster).
+        skip_unmatched: report subjects without a CSV row, CSV rows without a folder and unknown grades as notes
+            and skip those subjects, instead of reporting problems.
+        progress: show a tqdm progress bar over subjects.
+
+    Returns:
+        the report: valid subjects with grades, problems, notes.
+    """
+    root = Path(data_dir)
+    report = FolderReport()
+    try:
+        subject_dirs = list_subject_dirs(root)
+    except FileNotFoundError as error:
+        report.problems.append(str(error))
+        return report
+    if not subject_dirs:
+        report.problems.append(f"BraTS data folder {root} holds no subject folder.")
+
+    table_path = Path(csv_path) if csv_path is not None else root / NAME_MAPPING_FILENAME
+    use_table = require_grade or table_path.is_file()
+    mapping = parse_name_mapping(table_path) if use_table else NameMapping()
+    report.problems.extend(mapping.problems)
+    use_table = use_table and not mapping.problems
+    unmatched = report.problems if require_grade and not skip_unmatched else report.notes
+    if use_table:
+        unmatched.extend(mapping.row_problems.values())
+        on_disk = {d.name for d in subject_dirs}
+        listed = set(mapping.grades) | set(mapping.row_problems)
+        for subject_id in sorted(listed - on_disk):
+            unmatched.append(f"subject {subject_id}: listed in {table_path} but has no folder {root / subject_id}.")
+
+    for subject_dir in tqdm(subject_dirs, desc="validating subjects", unit="subject", disable=not progress):
+        subject_id = subject_dir.name
+        grade = mapping.grades.get(subject_id)
+        if use_table and grade is None:
+            if subject_id not in mapping.row_problems:
+                unmatched.append(f"subject {subject_id}: folder {subject_dir} has no row in {table_path}.")
+            if skip_unmatched:
+                report.notes.append(f"subject {subject_id}: skipped (no valid grade).")
+                continue
+        found = locate_subject_files(subject_dir, require_label=require_label)
+        report.problems.extend(found.problems)
+        report.notes.extend(found.notes)
+        if found.subject is None:
+            continue
+        problems = check_subject_volumes(found.subject, check_voxels=check_voxels)
+        report.problems.extend(problems)
+        if not problems:
+            report.subjects.append(replace(found.subject, grade=grade))
+    return report
+
+
+def read_brats_folder(
+    data_dir: str | Path,
+    csv_path: str | Path | None = None,
+    require_label: bool = True,
+    require_grade: bool = True,
+    check_voxels: bool = True,
+    skip_unmatched: bool = False,
+    progress: bool = True,
+) -> list[BratsSubject]:
+    """Validated subjects of a BraTS release folder; see :func:`validate_brats_folder` for the arguments.
+
+    Returns:
+        the subjects sorted by id, with their files and grade (LGG 0, HGG 1; ``None`` without a grade table).
+
+    Raises:
+        BratsDataError: (a ``ValueError``) listing every problem found, each naming the subject and the file.
+    """
+    report = validate_brats_folder(
+        data_dir,
+        csv_path=csv_path,
+        require_label=require_label,
+        require_grade=require_grade,
+        check_voxels=check_voxels,
+        skip_unmatched=skip_unmatched,
+        progress=progress,
+    )
+    if report.problems:
+        raise BratsDataError(report.problems)
+    return report.subjects
