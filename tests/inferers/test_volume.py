@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medsegdiff_monai.inferers import DiffusionSampler, brain_slice_mask, sample_volume, subject_p_hgg
+
+
+def _volume(depth: int = 9, empty: tuple[int, ...] = (0, 1, 8)) -> torch.Tensor:
+    image = torch.randn(4, 12, 12, depth, generator=torch.Generator().manual_seed(5))
+    image[..., list(empty)] = 0
+    return image
+
+
+def test_brain_slice_mask():
+    image = _volume()
+    image[2, 3, 3, 1] = 0.2  # one faint voxel in one channel
+    assert brain_slice_mask(image).tolist() == [False, True] + [True] * 6 + [False]
+    assert brain_slice_mask(image, brain_threshold=0.5).tolist() == [False, False] + [True] * 6 + [False]
+
+
+def test_skips_slices_without_brain_and_matches_slice_sampling(stand_in_network):
+    network = stand_in_network(noise_gain=0.0)
+    image = _volume()
+    sampler = DiffusionSampler(num_inference_steps=3, ensemble_size=2)
+    out = sample_volume(network, image, sampler, slice_batch_size=4)
+    assert out.probs.shape == out.uncertainty.shape == (3, 12, 12, 9)
+    assert network.encode_batches == [4, 2]  # only the 6 brain slices, in batches of 4
+    for empty in (0, 1, 8):
+        assert float(out.probs[..., empty].abs().max()) == 0.0
+        assert float(out.uncertainty[..., empty].abs().max()) == 0.0
+        assert math.isnan(float(out.slice_p_hgg[empty]))
+    direct = sampler(network, image[..., 4].unsqueeze(0))
+    torch.testing.assert_close(out.probs[..., 4], direct.probs[0])
+    torch.testing.assert_close(out.slice_p_hgg[4], direct.p_hgg[0])
+
+
+def test_batch_size_does_not_change_a_noise_free_result(stand_in_network):
+    network = stand_in_network(noise_gain=0.0)
+    sampler = DiffusionSampler(num_inference_steps=2, ensemble_size=2)
+    image = _volume()
+    one = sample_volume(network, image, sampler, slice_batch_size=1)
+    many = sample_volume(network, image, sampler, slice_batch_size=32)
+    torch.testing.assert_close(one.probs, many.probs)
+    assert one.p_hgg == pytest.approx(many.p_hgg)
+
+
+def test_subject_p_hgg_uses_tumour_slices_then_falls_back():
+    slice_p = torch.tensor([0.2, 0.9, 0.7, 0.1])
+    assert subject_p_hgg(slice_p, torch.tensor([False, True, True, False])) == pytest.approx(0.8)
+    assert subject_p_hgg(slice_p, torch.zeros(4, dtype=torch.bool)) == pytest.approx(0.475)
+    with pytest.warns(UserWarning, match="no brain slice"):
+        assert math.isnan(subject_p_hgg(torch.zeros(0), torch.zeros(0, dtype=torch.bool)))
+
+
+def test_volume_grade_is_mean_over_slices_with_predicted_tumour(stand_in_network):
+    network = stand_in_network(noise_gain=0.0)
+    image = _volume()
+    sampler = DiffusionSampler(num_inference_steps=2, ensemble_size=1)
+    reference = sample_volume(network, image, sampler)
+    brain = [2, 3, 4, 5, 6, 7]
+    slice_max = {d: float(reference.probs[..., d].max()) for d in brain}
+    threshold = sorted(slice_max.values())[2]  # three slices above it, three at or below
+    tumour = [d for d in brain if slice_max[d] > threshold]
+    assert len(tumour) == 3
+    out = sample_volume(network, image, sampler, tumour_threshold=threshold)
+    assert out.p_hgg == pytest.approx(float(reference.slice_p_hgg[tumour].mean()))
+    assert out.p_hgg != pytest.approx(float(reference.slice_p_hgg[brain].mean()))
+    # a threshold no voxel reaches falls back to every brain slice
+    strict = sample_volume(network, image, sampler, tumour_threshold=1.0)
+    assert strict.p_hgg == pytest.approx(float(reference.slice_p_hgg[brain].mean()))
+
+
+def test_volume_without_brain(stand_in_network):
+    with pytest.warns(UserWarning, match="no brain slice"):
+        out = sample_volume(stand_in_network(), torch.zeros(4, 8, 8, 3), DiffusionSampler(num_inference_steps=2))
+    assert out.probs.shape == (3, 8, 8, 3) and float(out.probs.abs().max()) == 0.0
+    assert math.isnan(out.p_hgg)
+    out = sample_volume(stand_in_network(use_cls_head=False), torch.zeros(4, 8, 8, 3), DiffusionSampler(2))
+    assert out.p_hgg is None and out.slice_p_hgg is None
+
+
+def test_rejects_a_slice_batch_instead_of_a_volume(stand_in_network):
+    with pytest.raises(ValueError, match="channels, H, W, D"):
+        sample_volume(stand_in_network(), torch.zeros(2, 4, 8, 8, 3), DiffusionSampler(2))

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from medsegdiff_monai.metrics import expected_calibration_error, grade_metrics
+
+
+def test_against_hand_computation():
+    p_hgg = [0.1, 0.8, 0.6, 0.3, 0.55]
+    grade = [0, 1, 1, 1, 0]
+    result = grade_metrics(p_hgg, grade)
+    # predictions (threshold 0.5): 0 1 1 0 1 -> TN=1, FP=1, FN=1, TP=2
+    assert result["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    # AUC: pairs (positive, negative) ranked right: 0.8>0.1, 0.8>0.55, 0.6>0.1, 0.6>0.55, 0.3>0.1 -> 5 of 6
+    assert result["auc"] == pytest.approx(5 / 6)
+    # ECE, 10 bins: bins 1, 8, 6, 3, 5 each hold one subject
+    assert result["ece"] == pytest.approx((0.1 + 0.2 + 0.4 + 0.7 + 0.55) / 5)
+    assert result["num_subjects"] == 5
+
+
+def test_ece_pools_subjects_of_a_bin():
+    # bin 7 holds 0.7 and 0.75 with targets 1, 0: |0.5 - 0.725| weighted 2/3; bin 9 holds 0.95 with target 1
+    assert expected_calibration_error([0.7, 0.75, 0.95], [1, 0, 1]) == pytest.approx(2 / 3 * 0.225 + 1 / 3 * 0.05)
+    assert expected_calibration_error([1.0, 0.0], [1, 0]) == 0.0  # p = 1 falls in the last bin
+    assert math.isnan(expected_calibration_error([], []))
+
+
+def test_one_grade_only_gives_nan_auc_with_warning():
+    with pytest.warns(UserWarning, match="AUC is NaN"):
+        result = grade_metrics([0.9, 0.2], [1, 1])
+    assert math.isnan(result["auc"])
+    assert result["accuracy"] == 0.5
+    with pytest.warns(UserWarning, match="F1 is NaN"):
+        result = grade_metrics([0.1, 0.2], [0, 0])
+    assert math.isnan(result["f1"]) and result["accuracy"] == 1.0
+
+
+def test_empty_input_warns_and_returns_nan():
+    with pytest.warns(UserWarning, match="no subject"):
+        result = grade_metrics([], [])
+    assert all(math.isnan(result[key]) for key in ("auc", "f1", "accuracy", "ece"))
+
+
+def test_defined_figures_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grade_metrics(np.array([0.2, 0.7]), np.array([0, 1]))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        grade_metrics([0.5], [0, 1])
+    with pytest.raises(ValueError, match="0 \\(LGG\\) or 1"):
+        grade_metrics([0.5], [2])
+    with pytest.raises(ValueError, match="NaN"):
+        grade_metrics([math.nan], [1])
