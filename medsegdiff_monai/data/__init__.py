@@ -1,6 +1,7 @@
 """Reading, validating and splitting BraTS data, and synthetic BraTS-like data in the real on-disk layout."""
 
 from medsegdiff_monai.data.datalist import build_datalist, load_brats_datalist, subject_entry, write_datalist
+from medsegdiff_monai.data.dataset import make_slice_dataset
 from medsegdiff_monai.data.layout import (
     BRATS_LABEL_VALUES,
     GRADE_TO_INDEX,
@@ -46,6 +47,7 @@ __all__ = [
     "class_balance_line",
     "grade_class_weights",
     "list_subject_dirs",
+    "make_slice_dataset",
     "load_brats_datalist",
     "locate_subject_files",
     "make_synthetic_subject",

@@ -1,1 +1,35 @@
-"""transforms of medsegdiff_monai."""
+"""MONAI dictionary transforms and transform chains for BraTS tumour segmentation and grading."""
+
+from medsegdiff_monai.transforms.grade import (
+    AttachGraded,
+    LoadGradeFromCSVd,
+    grade_to_tensor,
+    source_path,
+    subject_id_from_path,
+)
+from medsegdiff_monai.transforms.mask import MaskToSymmetricd
+from medsegdiff_monai.transforms.pipelines import (
+    get_inference_transforms,
+    get_train_transforms,
+    get_val_transforms,
+    volume_transforms,
+)
+from medsegdiff_monai.transforms.regions import CheckBratsLabelsd, RegionsToBratsLabelsd, regions_to_brats_labels
+from medsegdiff_monai.transforms.subject import SubjectIdd
+
+__all__ = [
+    "AttachGraded",
+    "CheckBratsLabelsd",
+    "LoadGradeFromCSVd",
+    "MaskToSymmetricd",
+    "RegionsToBratsLabelsd",
+    "SubjectIdd",
+    "get_inference_transforms",
+    "get_train_transforms",
+    "get_val_transforms",
+    "grade_to_tensor",
+    "regions_to_brats_labels",
+    "source_path",
+    "subject_id_from_path",
+    "volume_transforms",
+]

@@ -1,0 +1,195 @@
+"""Transform chains for training (2D axial slices), validation and inference (whole volumes).
+
+All chains start with the same deterministic volume-level steps: load the four modalities and the label (nibabel),
+channel first, RAS orientation, label values checked and turned into nested regions (TC, WT, ET), subject id and
+grade attached, crop to the brain's bounding box, z-score per channel over brain voxels. In training these are
+followed only by random steps, so :class:`monai.data.CacheDataset` keeps the decoded, cropped, normalised volume and
+each epoch only draws slices and augments them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    ConvertToMultiChannelBasedOnBratsClassesd,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+    SqueezeDimd,
+)
+from monai.transforms.transform import Transform
+
+from medsegdiff_monai.transforms.grade import AttachGraded
+from medsegdiff_monai.transforms.mask import MaskToSymmetricd
+from medsegdiff_monai.transforms.regions import CheckBratsLabelsd
+from medsegdiff_monai.transforms.subject import SubjectIdd
+
+__all__ = ["get_inference_transforms", "get_train_transforms", "get_val_transforms", "volume_transforms"]
+
+IMAGE, LABEL, MASK, GRADE, SUBJECT = "image", "label", "mask", "grade", "subject_id"
+
+
+def _check_roi(roi_size: Sequence[int]) -> tuple[int, int]:
+    roi = tuple(int(s) for s in roi_size)
+    if len(roi) != 2 or min(roi) < 1:
+        raise ValueError(f"roi_size must be two positive in-plane sizes (H, W), got {roi_size}.")
+    return roi
+
+
+def volume_transforms(label_optional: bool = False) -> list[Transform]:
+    """The deterministic volume-level steps shared by every chain.
+
+    Output per sample: ``image`` (4, X, Y, Z) float32 z-scored over brain voxels (0 outside), ``label``
+    (3, X, Y, Z) uint8 regions TC, WT, ET, ``grade`` scalar long tensor, ``subject_id`` str, where (X, Y, Z) is the
+    brain's bounding box in RAS orientation.
+
+    Args:
+        label_optional: allow samples without ``label`` / ``grade`` (inference).
+    """
+    keys = [IMAGE, LABEL]
+    return [
+        LoadImaged(keys, reader="NibabelReader", image_only=True, allow_missing_keys=label_optional),
+        EnsureChannelFirstd(keys, allow_missing_keys=label_optional),
+        Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=label_optional),
+        SubjectIdd(SUBJECT, image_key=IMAGE),
+        CheckBratsLabelsd(LABEL, allow_missing_keys=label_optional),
+        ConvertToMultiChannelBasedOnBratsClassesd(LABEL, allow_missing_keys=label_optional),
+        CastToTyped(LABEL, dtype=torch.uint8, allow_missing_keys=label_optional),
+        AttachGraded(GRADE, allow_missing_keys=label_optional),
+        CropForegroundd(
+            keys,
+            source_key=IMAGE,
+            allow_smaller=True,
+            start_coord_key=None,
+            end_coord_key=None,
+            allow_missing_keys=label_optional,
+        ),
+        NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True, dtype=np.float32),
+    ]
+
+
+def get_train_transforms(
+    roi_size: Sequence[int] = (192, 192),
+    num_slices_per_volume: int = 8,
+    tumour_fraction: float = 0.7,
+    augment: bool = True,
+    rotate_degrees: float = 10.0,
+    scale_range: float = 0.1,
+    intensity_range: float = 0.1,
+) -> Compose:
+    """Training chain: cached volume steps, then ``num_slices_per_volume`` random axial slices per volume.
+
+    Slices are drawn by :class:`monai.transforms.RandCropByPosNegLabeld` with ``spatial_size=(-1, -1, 1)``: a share
+    ``tumour_fraction`` of the slice centres is a tumour voxel (any region), the rest a brain voxel outside the tumour
+    (a voxel with a positive z-score in some channel). Each slice is padded / cropped in-plane to ``roi_size``.
+    Augmentation (when ``augment``): flips along both in-plane axes (p 0.5 each), a small affine (p 0.3: rotation up
+    to ``rotate_degrees``, scaling up to ``scale_range``; labels nearest-neighbour), intensity scaling and shifting by
+    up to ``intensity_range`` (p 0.5 each).
+
+    Each item of a dataset using this chain is a list of ``num_slices_per_volume`` dicts with:
+    ``image`` (4, H, W) float32, ``label`` (3, H, W) float32 regions TC, WT, ET in {0, 1}, ``mask`` (3, H, W)
+    float32 ``2 * label - 1``, ``grade`` scalar long tensor (LGG 0, HGG 1), ``subject_id`` str; (H, W) = ``roi_size``.
+    MONAI's ``list_data_collate`` (the default of :class:`monai.data.DataLoader`) flattens them into a batch.
+
+    Args:
+        roi_size: in-plane size (H, W) of the slices, e.g. 192 x 192 (a multiple of 32 for the network).
+        num_slices_per_volume: slices drawn per volume per epoch.
+        tumour_fraction: share of slices centred on a tumour voxel, in [0, 1].
+        augment: apply the light augmentation.
+        rotate_degrees: largest in-plane rotation of the affine augmentation.
+        scale_range: largest relative zoom of the affine augmentation.
+        intensity_range: largest relative intensity scaling, and largest shift (in z-score units).
+    """
+    roi = _check_roi(roi_size)
+    if num_slices_per_volume < 1:
+        raise ValueError(f"num_slices_per_volume must be >= 1, got {num_slices_per_volume}.")
+    if not 0.0 <= tumour_fraction <= 1.0:
+        raise ValueError(f"tumour_fraction must be in [0, 1], got {tumour_fraction}.")
+    keys = [IMAGE, LABEL]
+    slicing: list[Transform] = [
+        RandCropByPosNegLabeld(
+            keys,
+            label_key=LABEL,
+            spatial_size=(-1, -1, 1),
+            pos=tumour_fraction,
+            neg=1.0 - tumour_fraction,
+            num_samples=num_slices_per_volume,
+            image_key=IMAGE,
+            image_threshold=0.0,
+            allow_smaller=True,
+        ),
+        SqueezeDimd(keys, dim=3),
+        ResizeWithPadOrCropd(keys, spatial_size=roi),
+    ]
+    augmentation: list[Transform] = []
+    if augment:
+        angle = float(np.deg2rad(rotate_degrees))
+        augmentation = [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandAffined(
+                keys,
+                prob=0.3,
+                rotate_range=(angle,),
+                scale_range=(scale_range, scale_range),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd(IMAGE, factors=intensity_range, prob=0.5),
+            RandShiftIntensityd(IMAGE, offsets=intensity_range, prob=0.5),
+        ]
+    finishing: list[Transform] = [
+        CastToTyped(keys, dtype=torch.float32),
+        MaskToSymmetricd(LABEL, mask_keys=MASK),
+        EnsureTyped([IMAGE, LABEL, MASK], track_meta=False),
+    ]
+    return Compose(volume_transforms() + slicing + augmentation + finishing)
+
+
+def get_val_transforms(roi_size: Sequence[int] = (192, 192)) -> Compose:
+    """Validation chain: whole volumes, deterministic and invertible.
+
+    Output per sample: ``image`` (4, H, W, D) float32, ``label`` (3, H, W, D) float32 regions TC, WT, ET in {0, 1},
+    ``grade`` scalar long tensor, ``subject_id`` str, where (H, W) = ``roi_size`` and D is the brain's depth. ``image``
+    and ``label`` are MetaTensors that record the applied operations, so :class:`monai.transforms.Invertd` with this
+    chain maps a prediction back to the original grid (e.g. 240 x 240 x 155) with the original affine.
+
+    Args:
+        roi_size: in-plane size (H, W) after padding / cropping the brain's bounding box.
+    """
+    return Compose(_whole_volume_transforms(roi_size, label_optional=False))
+
+
+def get_inference_transforms(roi_size: Sequence[int] = (192, 192)) -> Compose:
+    """Inference chain: as :func:`get_val_transforms`, but ``label`` and ``grade`` are optional.
+
+    Output per sample: ``image`` (4, H, W, D) float32, ``subject_id`` str (from the datalist, else from the image
+    path), and where given ``label`` (3, H, W, D) float32 and ``grade``. Invertible like the validation chain.
+
+    Args:
+        roi_size: in-plane size (H, W) after padding / cropping the brain's bounding box.
+    """
+    return Compose(_whole_volume_transforms(roi_size, label_optional=True))
+
+
+def _whole_volume_transforms(roi_size: Sequence[int], label_optional: bool) -> list[Transform]:
+    roi = _check_roi(roi_size)
+    keys = [IMAGE, LABEL]
+    return volume_transforms(label_optional) + [
+        ResizeWithPadOrCropd(keys, spatial_size=(*roi, -1), allow_missing_keys=label_optional),
+        CastToTyped(keys, dtype=torch.float32, allow_missing_keys=label_optional),
+    ]

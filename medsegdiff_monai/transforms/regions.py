@@ -1,0 +1,100 @@
+"""BraTS label values <-> nested tumour regions (TC, WT, ET).
+
+The forward direction is MONAI's :class:`monai.transforms.ConvertToMultiChannelBasedOnBratsClassesd`
+(TC = {1, 4}, WT = {1, 2, 4}, ET = {4}, in that channel order); this module checks the label values before it and
+provides the inverse used to write predictions as BraTS label maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from medsegdiff_monai.data.layout import BRATS_LABEL_VALUES
+
+__all__ = ["CheckBratsLabelsd", "RegionsToBratsLabelsd", "regions_to_brats_labels"]
+
+
+class CheckBratsLabelsd(MapTransform):
+    """Raise if a label map holds values other than the BraTS 2020 labels {0, 1, 2, 4}; pass the data through.
+
+    Args:
+        keys: keys of the label maps (default ``"label"``).
+        allow_missing_keys: do not raise when a key is absent (e.g. inference data without labels).
+
+    Raises:
+        ValueError: naming the label file (from the MetaTensor's ``filename_or_obj``) and the bad values.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = torch.unique(torch.as_tensor(label)).tolist()
+            bad = [v for v in values if v not in BRATS_LABEL_VALUES]
+            if bad:
+                source = label.meta.get("filename_or_obj", key) if isinstance(label, MetaTensor) else key
+                subject = d.get("subject_id", "?")
+                raise ValueError(
+                    f"subject {subject}: label {source} has values {bad[:8]} outside {list(BRATS_LABEL_VALUES)}."
+                )
+        return d
+
+
+def regions_to_brats_labels(regions: NdarrayOrTensor, threshold: float = 0.5) -> NdarrayOrTensor:
+    """Turn nested region maps (TC, WT, ET) into a BraTS label map: ET -> 4, TC \\ ET -> 1, WT \\ TC -> 2, else 0.
+
+    Args:
+        regions: (3, *spatial) channels TC, WT, ET, binary or probabilities (numpy or torch).
+        threshold: a voxel is in a region when its value is above ``threshold``.
+
+    Returns:
+        (1, *spatial) ``uint8`` labels in {0, 1, 2, 4}, of the input's type (a MetaTensor keeps its metadata).
+
+    Example::
+
+        >>> regions = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]])  # TC, WT, ET over 4 voxels
+        >>> regions_to_brats_labels(regions)
+        tensor([[4, 1, 2, 0]], dtype=torch.uint8)
+    """
+    if regions.ndim < 2 or regions.shape[0] != 3:
+        raise ValueError(f"regions must have shape (3, *spatial) with channels TC, WT, ET, got {tuple(regions.shape)}.")
+    tc, wt, et = (regions[i] > threshold for i in range(3))
+    if isinstance(regions, torch.Tensor):
+        labels = torch.zeros(regions.shape[1:], dtype=torch.uint8, device=regions.device)
+    else:
+        labels = np.zeros(regions.shape[1:], dtype=np.uint8)
+    labels[wt] = 2
+    labels[tc] = 1
+    labels[et] = 4
+    return labels[None]
+
+
+class RegionsToBratsLabelsd(MapTransform):
+    """Dictionary wrapper of :func:`regions_to_brats_labels`: (3, *spatial) TC/WT/ET -> (1, *spatial) uint8 labels.
+
+    Args:
+        keys: keys of the region maps.
+        threshold: a voxel is in a region when its value is above ``threshold``.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, threshold: float = 0.5, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = regions_to_brats_labels(d[key], self.threshold)
+        return d
