@@ -1,5 +1,6 @@
 """Session-wide fixtures: a tiny synthetic BraTS folder in the real on-disk layout, and its datalist."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,11 @@ def synthetic_datalist(synthetic_brats_dir: Path) -> Path:
     subjects = read_brats_folder(synthetic_brats_dir, progress=False)
     datalist = build_datalist(subjects, synthetic_brats_dir, val_fraction=0.25, seed=0)
     return write_datalist(datalist, synthetic_brats_dir / "datalist.json")
+
+
+@pytest.fixture
+def brats_copy(tmp_path: Path, synthetic_brats_dir: Path) -> Path:
+    """A private, modifiable copy of :func:`synthetic_brats_dir` (without its datalist)."""
+    copy = tmp_path / "brats"
+    shutil.copytree(synthetic_brats_dir, copy, ignore=shutil.ignore_patterns("datalist.json"))
+    return copy

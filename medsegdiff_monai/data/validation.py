@@ -56,7 +56,7 @@ class FolderReport:
 
 def _load_header(path: Path, subject_id: str, problems: list[str]) -> nib.Nifti1Image | None:
     try:
-        image = nib.load(path)
+        image = nib.load(path, mmap=False)
     except _READ_ERRORS as error:
         problems.append(f"subject {subject_id}: file {path} is not a readable NIfTI: {type(error).__name__}: {error}")
         return None
@@ -183,6 +183,7 @@ def validate_brats_folder(
     for subject_dir in tqdm(subject_dirs, desc="validating subjects", unit="subject", disable=not progress):
         subject_id = subject_dir.name
         grade = mapping.grades.get(subject_id)
+        graded = not (use_table and grade is None and require_grade)
         if use_table and grade is None:
             if subject_id not in mapping.row_problems:
                 unmatched.append(f"subject {subject_id}: folder {subject_dir} has no row in {table_path}.")
@@ -196,7 +197,7 @@ def validate_brats_folder(
             continue
         problems = check_subject_volumes(found.subject, check_voxels=check_voxels)
         report.problems.extend(problems)
-        if not problems:
+        if graded and not problems:
             report.subjects.append(replace(found.subject, grade=grade))
     return report
 

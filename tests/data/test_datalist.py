@@ -1,0 +1,39 @@
+import json
+from pathlib import Path
+
+from monai.data import load_decathlon_datalist
+
+from medsegdiff_monai.data import build_datalist, load_brats_datalist, read_brats_folder, write_datalist
+
+
+def test_datalist_entries(synthetic_brats_dir, synthetic_datalist):
+    datalist = json.loads(Path(synthetic_datalist).read_text())
+    train, val = datalist["training"], datalist["validation"]
+    assert (len(train), len(val)) == (6, 2)
+    assert sorted(e["grade"] for e in val) == [0, 1]
+    assert datalist["class_balance"] == {"n_LGG": 2, "n_HGG": 4, "alpha_LGG": 1.5, "alpha_HGG": 0.75}
+    ids = [e["subject_id"] for e in train + val]
+    assert len(set(ids)) == 8
+    for entry in train + val:
+        sid = entry["subject_id"]
+        assert entry["image"] == [f"{sid}/{sid}_{m}.nii" for m in ("t1", "t1ce", "t2", "flair")]
+        assert entry["label"] == f"{sid}/{sid}_seg.nii"
+        assert all((synthetic_brats_dir / p).is_file() for p in [*entry["image"], entry["label"]])
+
+
+def test_loading_with_monai_and_with_the_helper(synthetic_brats_dir, synthetic_datalist):
+    monai_entries = load_decathlon_datalist(synthetic_datalist, data_list_key="training", base_dir=synthetic_brats_dir)
+    assert all(Path(p).is_absolute() and Path(p).is_file() for e in monai_entries for p in [*e["image"], e["label"]])
+    entries = load_brats_datalist(synthetic_datalist, "validation", synthetic_brats_dir)
+    assert [Path(e["label"]).is_file() for e in entries] == [True, True]
+    assert all(e["subject_id"].startswith("BraTS20_Training_") for e in entries)
+
+
+def test_datalist_without_labels(brats_copy, tmp_path):
+    for seg in brats_copy.glob("*/*_seg.nii"):
+        seg.unlink()
+    subjects = read_brats_folder(brats_copy, require_label=False, progress=False)
+    out = write_datalist(build_datalist(subjects, brats_copy, val_fraction=0.25), tmp_path / "deep" / "list.json")
+    entries = json.loads(out.read_text())["training"]
+    assert all("label" not in e and e["grade"] in (0, 1) for e in entries)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["list.json"]  # no partial file left behind

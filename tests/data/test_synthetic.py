@@ -1,0 +1,113 @@
+import csv
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsegdiff_monai.data import NAME_MAPPING_COLUMNS, brats_affine, make_synthetic_subject, write_synthetic_brats
+
+SMALL = (48, 48, 32)
+
+
+def digests(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.*")}
+
+
+def region_stats(label):
+    tc = np.isin(label, (1, 4)).sum()
+    return tc, (label == 4).sum(), (label > 0).any(axis=(0, 1)).mean()
+
+
+@pytest.mark.parametrize("grade", [0, 1])
+@pytest.mark.parametrize("atypical", [False, True])
+def test_subject_arrays(grade, atypical):
+    subject = make_synthetic_subject(grade, SMALL, seed=5, atypical=atypical)
+    assert subject.images.shape == (4, *SMALL) and subject.images.dtype == np.int16
+    assert subject.label.shape == SMALL and subject.label.dtype == np.uint8
+    assert set(np.unique(subject.label).tolist()) <= {0, 1, 2, 4}
+    brain = subject.images[0] > 0
+    # skull-stripped: every modality is zero outside the same brain mask, positive inside, and tumour lies in the brain
+    assert all(np.array_equal(image > 0, brain) for image in subject.images)
+    assert 0.15 < brain.mean() < 0.6
+    assert not (subject.label[~brain] > 0).any()
+    expected_affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    expected_affine[1, 3] = 47.0  # the BraTS release: x and y flipped, origin at the far y corner
+    np.testing.assert_array_equal(subject.affine, expected_affine)
+
+
+def test_grade_appearance_differs_but_overlaps():
+    stats = {(g, a): [region_stats(make_synthetic_subject(g, SMALL, seed=[3, i], atypical=a).label) for i in range(8)]
+             for g in (0, 1) for a in (False, True)}  # fmt: skip
+    for key, rows in stats.items():
+        tc, et, slice_share = np.array(rows, dtype=float).T
+        assert (tc > 0).all(), key
+        # the tumour is visible in a good share of axial slices even at 48 x 48 x 32
+        assert slice_share.min() >= 0.25, key
+    et_share = {key: np.mean([et / tc for tc, et, _ in rows]) for key, rows in stats.items()}
+    assert et_share[(1, False)] > 0.4 > 0.1 > et_share[(0, False)]  # typical HGG enhance, typical LGG barely
+    assert all(et > 0 for _, et, _ in stats[(0, True)])  # atypical LGG enhance
+    assert et_share[(1, True)] < et_share[(1, False)] / 2  # atypical HGG enhance little
+
+
+def test_tissue_contrast():
+    subject = make_synthetic_subject(1, SMALL, seed=2)
+    t1, t1ce, t2, flair = (image.astype(float) for image in subject.images)
+    label = subject.label
+    healthy = (subject.images[0] > 0) & (label == 0)
+    assert t1ce[label == 4].mean() > 1.3 * t1ce[healthy].mean()  # enhancing tumour bright on T1ce
+    assert flair[label == 2].mean() > 1.3 * flair[healthy].mean()  # oedema bright on FLAIR
+    assert t2[label == 2].mean() > 1.3 * t2[healthy].mean()
+    assert t1ce[label == 1].mean() < t1ce[label == 4].mean() / 2  # necrotic core dark inside the rim
+
+
+def test_full_size_subject():
+    subject = make_synthetic_subject(0, seed=1)
+    assert subject.images.shape == (4, 240, 240, 155)
+    assert 0.1 < (subject.label > 0).any(axis=(0, 1)).mean() < 0.8
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="grade"):
+        make_synthetic_subject(2, SMALL)
+    with pytest.raises(ValueError, match="shape"):
+        make_synthetic_subject(1, (8, 8, 8))
+    with pytest.raises(ValueError, match="lgg_fraction"):
+        write_synthetic_brats("unused", 2, lgg_fraction=1.5)
+
+
+def test_written_release_is_in_the_real_format(synthetic_brats_dir):
+    folders = sorted(p.name for p in synthetic_brats_dir.iterdir() if p.is_dir())
+    assert folders == [f"BraTS20_Training_{i:03d}" for i in range(1, 9)]
+    for name in folders:
+        files = sorted(p.name for p in (synthetic_brats_dir / name).iterdir())
+        assert files == sorted(f"{name}_{m}.nii" for m in ("t1", "t1ce", "t2", "flair", "seg"))
+        t1 = synthetic_brats_dir / name / f"{name}_t1.nii"
+        assert t1.read_bytes()[:4] == (348).to_bytes(4, "little")  # an uncompressed NIfTI-1 header
+        image = nib.load(t1)
+        assert image.get_data_dtype() == np.int16 and image.shape == SMALL
+        np.testing.assert_array_equal(image.affine, brats_affine(SMALL))
+        assert image.header.get_zooms() == (1.0, 1.0, 1.0)
+        assert nib.load(synthetic_brats_dir / name / f"{name}_seg.nii").get_data_dtype() == np.uint8
+
+    with open(synthetic_brats_dir / "name_mapping.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == NAME_MAPPING_COLUMNS
+    assert [r[-1] for r in rows[1:]] == folders
+    assert sorted(r[0] for r in rows[1:]) == ["HGG"] * 5 + ["LGG"] * 3  # round(8 * 0.4) = 3 LGG
+    assert any(cell == "" for r in rows[1:] for cell in r[1:5]) and any(r[1] for r in rows[1:])
+
+
+def test_deterministic_from_seed(tmp_path):
+    first = write_synthetic_brats(tmp_path / "a", 3, 0.34, (24, 24, 16), seed=4, progress=False)
+    second = write_synthetic_brats(tmp_path / "b", 3, 0.34, (24, 24, 16), seed=4, progress=False)
+    other = write_synthetic_brats(tmp_path / "c", 3, 0.34, (24, 24, 16), seed=5, progress=False)
+    assert len(digests(first)) == 3 * 5 + 1
+    assert digests(first) == digests(second)
+    assert digests(first) != digests(other)
+
+
+def test_refuses_foreign_subject_folders(tmp_path):
+    (tmp_path / "BraTS20_Training_099").mkdir()
+    with pytest.raises(FileExistsError, match="BraTS20_Training_099"):
+        write_synthetic_brats(tmp_path, 2, shape=(24, 24, 16), progress=False)
