@@ -1,14 +1,49 @@
-"""Diffusion sampling, whole-volume inference and subject-level grading."""
+"""Diffusion sampling, whole-volume inference, subject-level grading, export and evaluation."""
 
+from medsegdiff_monai.inferers.checkpoint import extract_network_state, load_network_weights
+from medsegdiff_monai.inferers.export import (
+    ExportedDiffusionNetwork,
+    export_from_checkpoint,
+    export_network,
+    exported_program_paths,
+    load_exported_network,
+)
+from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs
+from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer, SubjectPrediction
 from medsegdiff_monai.inferers.sampler import DiffusionSampler, SamplerOutput, repeat_condition
 from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
+from medsegdiff_monai.inferers.writers import (
+    label_overlay,
+    tumour_slice,
+    write_grades_csv,
+    write_nifti_like,
+    write_overlay_png,
+    write_png,
+)
 
 __all__ = [
+    "BratsVolumeInferer",
     "DiffusionSampler",
+    "ExportedDiffusionNetwork",
     "SamplerOutput",
+    "SubjectPrediction",
     "VolumeOutput",
     "brain_slice_mask",
+    "check_inference_inputs",
+    "collect_inference_inputs",
+    "export_from_checkpoint",
+    "export_network",
+    "exported_program_paths",
+    "extract_network_state",
+    "label_overlay",
+    "load_exported_network",
+    "load_network_weights",
     "repeat_condition",
     "sample_volume",
     "subject_p_hgg",
+    "tumour_slice",
+    "write_grades_csv",
+    "write_nifti_like",
+    "write_overlay_png",
+    "write_png",
 ]

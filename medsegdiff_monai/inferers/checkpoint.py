@@ -1,0 +1,68 @@
+"""Load trained network weights from the files the training workflow writes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["extract_network_state", "load_network_weights"]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def extract_network_state(checkpoint: Mapping, key: str = "network") -> dict[str, torch.Tensor]:
+    """The network's state dict inside a checkpoint.
+
+    Accepts a plain state dict (Ignite's ``Checkpoint`` of a single object writes one), ``{"network": state_dict}``
+    with or without other entries (optimizer, trainer, ...), and strips the ``module.`` (DDP) and ``_orig_mod.``
+    (``torch.compile``) prefixes of wrapped networks.
+
+    Args:
+        checkpoint: the loaded checkpoint.
+        key: the entry holding the network in a multi-object checkpoint.
+    """
+    state = checkpoint[key] if isinstance(checkpoint.get(key), Mapping) else checkpoint
+    cleaned = {}
+    for name, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        cleaned[name] = value
+    return cleaned
+
+
+def load_network_weights(
+    network: nn.Module, path: str | Path, map_location: str | torch.device = "cpu", strict: bool = True
+) -> nn.Module:
+    """Load the weights in ``path`` (see :func:`extract_network_state`) into ``network`` and return it.
+
+    Args:
+        network: the module built with the training configuration (same preset, heads and mask channels).
+        path: checkpoint file, e.g. the bundle's ``models/model.pt``.
+        map_location: where to load the tensors.
+        strict: require the keys to match exactly.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file holds no tensors of the network or the keys do not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: train the bundle first (it writes models/model.pt) "
+            "or set 'checkpoint' to a trained network file."
+        )
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a state dict.")
+    state = extract_network_state(checkpoint)
+    try:
+        network.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        raise ValueError(
+            f"checkpoint {path} does not match the network (check preset, use_cls_head, mask_channels): {error}"
+        ) from error
+    return network

@@ -1,0 +1,169 @@
+"""Export the diffusion network with ``torch.export`` as two programs (condition encoder, denoiser) and reload it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medsegdiff_monai.inferers.checkpoint import load_network_weights
+from medsegdiff_monai.networks import ConditionFeatures, get_network
+
+__all__ = [
+    "ExportedDiffusionNetwork",
+    "export_from_checkpoint",
+    "export_network",
+    "exported_program_paths",
+    "load_exported_network",
+]
+
+
+class _ConditionEncoder(nn.Module):
+    """``image -> (features, calib_map, cls_logits)`` as plain tensors (``cls_logits`` absent without a head)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: Tensor) -> tuple[Any, ...]:
+        condition = self.network.encode_condition(image)
+        outputs: tuple[Any, ...] = (tuple(condition.features), condition.calib_map)
+        return outputs if condition.cls_logits is None else (*outputs, condition.cls_logits)
+
+
+class _MaskDenoiser(nn.Module):
+    """``(x_t, t, features, calib_map) -> seg_logits``."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x_t: Tensor, t: Tensor, features: tuple[Tensor, ...], calib_map: Tensor) -> Tensor:
+        return self.network.denoise(x_t, t, ConditionFeatures(tuple(features), calib_map, None))
+
+
+def exported_program_paths(directory: str | Path, prefix: str = "model") -> tuple[Path, Path]:
+    """Files of an exported network: ``<prefix>_condition.pt2`` and ``<prefix>_denoise.pt2`` in ``directory``."""
+    directory = Path(directory)
+    return directory / f"{prefix}_condition.pt2", directory / f"{prefix}_denoise.pt2"
+
+
+def export_network(
+    network: nn.Module, directory: str | Path, image_size: Sequence[int], prefix: str = "model"
+) -> tuple[Path, Path]:
+    """
+    Export ``network`` with ``torch.export`` for inference without the Python package.
+
+    Two programs are written because sampling runs the condition network once per slice and the denoiser at every
+    step: ``<prefix>_condition.pt2`` (``image (B, 4, H, W) -> (features, calib_map[, cls_logits])``) and
+    ``<prefix>_denoise.pt2`` (``(x_t, t, features, calib_map) -> seg_logits``). The batch size is dynamic; the
+    in-plane size is fixed to ``image_size`` (the bundle's ``roi_size``). Reload with :func:`load_exported_network`.
+
+    Args:
+        network: a ``DiffusionUNetWithClsHead`` (or a module with the same ``encode_condition`` / ``denoise``).
+        directory: output folder (created if needed).
+        image_size: (H, W) of the slices the programs will take.
+        prefix: file name prefix.
+
+    Returns:
+        the paths of the condition and denoiser programs.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    was_training = network.training
+    network.eval()
+    parameter = next(network.parameters())
+    image = torch.zeros(2, network.in_channels, *image_size, device=parameter.device, dtype=parameter.dtype)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    encoder, denoiser = _ConditionEncoder(network), _MaskDenoiser(network)
+    with torch.no_grad():
+        condition = encoder(image)
+        features, calib_map = condition[0], condition[1]
+        x_t = torch.zeros_like(calib_map)
+        t = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
+        encoder_program = torch.export.export(encoder, (image,), dynamic_shapes={"image": {0: batch}})
+        denoiser_program = torch.export.export(
+            denoiser,
+            (x_t, t, features, calib_map),
+            dynamic_shapes={
+                "x_t": {0: batch},
+                "t": {0: batch},
+                "features": tuple({0: batch} for _ in features),
+                "calib_map": {0: batch},
+            },
+        )
+    network.train(was_training)
+    condition_path, denoise_path = exported_program_paths(directory, prefix)
+    torch.export.save(encoder_program, condition_path)
+    torch.export.save(denoiser_program, denoise_path)
+    return condition_path, denoise_path
+
+
+class ExportedDiffusionNetwork(nn.Module):
+    """The exported programs behind the ``encode_condition`` / ``denoise`` interface of the package's network,
+    so that :class:`~medsegdiff_monai.inferers.DiffusionSampler` and
+    :func:`~medsegdiff_monai.inferers.sample_volume` use it unchanged.
+
+    Args:
+        condition_program: the loaded ``<prefix>_condition.pt2`` module.
+        denoise_program: the loaded ``<prefix>_denoise.pt2`` module.
+    """
+
+    def __init__(self, condition_program: nn.Module, denoise_program: nn.Module) -> None:
+        super().__init__()
+        self.condition_program = condition_program
+        self.denoise_program = denoise_program
+
+    def encode_condition(self, image: Tensor) -> ConditionFeatures:
+        """See ``DiffusionUNetWithClsHead.encode_condition``."""
+        outputs = self.condition_program(image)
+        cls_logits = outputs[2] if len(outputs) > 2 else None
+        return ConditionFeatures(features=tuple(outputs[0]), calib_map=outputs[1], cls_logits=cls_logits)
+
+    def denoise(self, x_t: Tensor, t: Tensor, condition: ConditionFeatures) -> Tensor:
+        """See ``DiffusionUNetWithClsHead.denoise``."""
+        return self.denoise_program(x_t, t, tuple(condition.features), condition.calib_map)
+
+    def forward(self, x_t: Tensor, t: Tensor, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(seg_logits, cls_logits, calib_map)``, as ``DiffusionUNetWithClsHead.forward``."""
+        condition = self.encode_condition(image)
+        return self.denoise(x_t, t, condition), condition.cls_logits, condition.calib_map
+
+
+def load_exported_network(directory: str | Path, prefix: str = "model") -> ExportedDiffusionNetwork:
+    """Load the programs written by :func:`export_network` (needs only ``torch``).
+
+    Raises:
+        FileNotFoundError: naming the missing program file.
+    """
+    programs = []
+    for path in exported_program_paths(directory, prefix):
+        if not path.is_file():
+            raise FileNotFoundError(f"exported network file {path} does not exist; run export_network first.")
+        programs.append(torch.export.load(path).module())
+    return ExportedDiffusionNetwork(*programs)
+
+
+def export_from_checkpoint(
+    checkpoint: str | Path,
+    directory: str | Path,
+    image_size: Sequence[int],
+    preset: str = "small",
+    prefix: str = "model",
+    **network_kwargs: Any,
+) -> tuple[Path, Path]:
+    """Build the network of ``preset`` (and ``network_kwargs``), load ``checkpoint`` and export it.
+
+    Args:
+        checkpoint: trained weights (see :func:`~medsegdiff_monai.inferers.load_network_weights`).
+        directory: output folder of the programs.
+        image_size: (H, W) of the exported slices.
+        preset: network preset the checkpoint was trained with.
+        prefix: file name prefix.
+        network_kwargs: other arguments of ``get_network`` (``use_cls_head``, ``mask_channels``, ...).
+    """
+    network = load_network_weights(get_network(preset, **network_kwargs), checkpoint)
+    return export_network(network, directory, image_size, prefix)

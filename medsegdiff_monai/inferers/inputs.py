@@ -1,0 +1,132 @@
+"""Turn an inference input (BraTS folder, datalist, or four modality files) into checked subject entries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medsegdiff_monai.data import (
+    MODALITIES,
+    BratsDataError,
+    BratsSubject,
+    check_subject_volumes,
+    list_subject_dirs,
+    load_brats_datalist,
+    locate_subject_files,
+)
+from medsegdiff_monai.data.layout import is_nifti
+from medsegdiff_monai.transforms import subject_id_from_path
+
+__all__ = ["check_inference_inputs", "collect_inference_inputs"]
+
+InputSource = str | Path | Sequence[str | Path]
+
+
+def _entry(subject: BratsSubject) -> dict[str, Any]:
+    entry: dict[str, Any] = {"image": [str(p) for p in subject.images], "subject_id": subject.subject_id}
+    if subject.label is not None:
+        entry["label"] = str(subject.label)
+    if subject.grade is not None:
+        entry["grade"] = int(subject.grade)
+    return entry
+
+
+def _from_folder(folder: Path) -> list[dict[str, Any]]:
+    has_files = any(is_nifti(p) for p in folder.iterdir())
+    subject_dirs = [folder] if has_files else list_subject_dirs(folder)
+    if not subject_dirs:
+        raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")
+    entries, problems = [], []
+    for subject_dir in subject_dirs:
+        found = locate_subject_files(subject_dir, require_label=False)
+        problems.extend(found.problems)
+        if found.subject is not None:
+            entries.append(_entry(found.subject))
+    if problems:
+        raise BratsDataError(problems)
+    return entries
+
+
+def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
+    with open(path) as f:
+        keys = list(json.load(f))
+    if datalist_key not in keys:
+        raise ValueError(f"datalist {path} has no list {datalist_key!r}; it has {keys}.")
+    entries = load_brats_datalist(path, datalist_key, data_dir)
+    for index, entry in enumerate(entries):
+        images = entry.get("image")
+        if not isinstance(images, list) or len(images) != len(MODALITIES):
+            raise ValueError(
+                f"datalist {path}, {datalist_key}[{index}]: 'image' must list the {len(MODALITIES)} modality files "
+                f"({', '.join(MODALITIES)}), got {images!r}."
+            )
+        entry.setdefault("subject_id", subject_id_from_path(images[0]))
+    return entries
+
+
+def collect_inference_inputs(
+    source: InputSource, datalist_key: str = "validation", data_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """
+    Subject entries ``{"image": [t1, t1ce, t2, flair], "subject_id": ..., ["label": ..., "grade": ...]}`` of an input.
+
+    ``source`` is one of:
+
+    - a BraTS release folder (one sub-folder per subject) or one subject's folder: files are found by
+      :func:`medsegdiff_monai.data.locate_subject_files` (labels optional);
+    - a datalist JSON: the list ``datalist_key``, paths relative to ``data_dir`` (default: the JSON's folder);
+    - the four modality files of one subject, in the order t1, t1ce, t2, flair; the subject id comes from the
+      t1 file name (``<id>_t1.nii.gz``).
+
+    Only names are resolved here; :func:`check_inference_inputs` reads the files.
+
+    Raises:
+        FileNotFoundError: naming a path that does not exist.
+        ValueError: for a malformed input (wrong number of files, missing modality, unknown datalist key).
+    """
+    if isinstance(source, (list, tuple)):
+        paths = [Path(p) for p in source]
+        if len(paths) != len(MODALITIES):
+            raise ValueError(
+                f"expected the {len(MODALITIES)} modality files ({', '.join(MODALITIES)}) of one subject, "
+                f"got {len(paths)}: {[str(p) for p in paths]}."
+            )
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"input modality file {path} does not exist.")
+        return [{"image": [str(p) for p in paths], "subject_id": subject_id_from_path(paths[0])}]
+    path = Path(source)
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file() and path.suffix == ".json":
+        return _from_datalist(path, datalist_key, data_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"inference input {path} does not exist.")
+    raise ValueError(f"inference input {path}: expected a BraTS folder, a datalist .json or four modality files.")
+
+
+def check_inference_inputs(entries: Sequence[dict[str, Any]], check_voxels: bool = True) -> None:
+    """Read every file of every entry before any output is written.
+
+    Checks that each file exists and is a readable 3D NIfTI, that the modalities (and the label, where given)
+    share one shape and affine, and with ``check_voxels`` that the voxel data is complete and finite and the label
+    values are in {0, 1, 2, 4} (see :func:`medsegdiff_monai.data.check_subject_volumes`).
+
+    Raises:
+        BratsDataError: (a ``ValueError``) listing every problem, each naming the subject and the file.
+    """
+    problems: list[str] = []
+    for entry in entries:
+        subject_id = str(entry.get("subject_id", "?"))
+        files = [Path(p) for p in entry["image"]] + ([Path(entry["label"])] if entry.get("label") else [])
+        missing = [p for p in files if not p.is_file()]
+        if missing:
+            problems.extend(f"subject {subject_id}: file {p} does not exist." for p in missing)
+            continue
+        label = Path(entry["label"]) if entry.get("label") else None
+        subject = BratsSubject(subject_id=subject_id, images=tuple(files[: len(MODALITIES)]), label=label)
+        problems.extend(check_subject_volumes(subject, check_voxels=check_voxels))
+    if problems:
+        raise BratsDataError(problems)

@@ -1,0 +1,202 @@
+"""Whole-subject inference: NIfTI in, BraTS label map, uncertainty map and grade out, on the input's grid."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from torch import nn
+from tqdm.auto import tqdm
+
+from medsegdiff_monai.inferers.inputs import InputSource, check_inference_inputs, collect_inference_inputs
+from medsegdiff_monai.inferers.sampler import DiffusionSampler
+from medsegdiff_monai.inferers.volume import sample_volume
+from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
+from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels
+
+__all__ = ["BratsVolumeInferer", "SubjectPrediction"]
+
+GRADES_FILENAME = "grades.csv"
+_FLAIR = 3
+
+
+@dataclass
+class SubjectPrediction:
+    """One subject's inference result, on the input's grid.
+
+    Attributes:
+        subject_id: the subject.
+        labels: (X, Y, Z) uint8 BraTS labels 0/1/2/4.
+        uncertainty: (X, Y, Z) float32 ensemble std reduced over the regions.
+        p_hgg: subject-level p(HGG), or None without a grade head.
+        reference: the input file whose affine and shape the outputs share (the t1 image).
+        files: names of the files written for this subject (relative to the output folder).
+    """
+
+    subject_id: str
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    p_hgg: float | None
+    reference: Path
+    files: list[str]
+
+
+class BratsVolumeInferer:
+    """
+    Segment and grade whole BraTS subjects with the diffusion network, and write the results.
+
+    Per subject: the inference transforms (RAS, crop to the brain, z-score, in-plane pad/crop to ``roi_size``),
+    :func:`~medsegdiff_monai.inferers.sample_volume` over the axial slices, then MONAI ``Invertd`` of the same
+    transforms, so the outputs lie exactly on the input's grid (shape and affine). Files written in ``output_dir``:
+
+    - ``<subject_id>_seg.nii.gz``: uint8 BraTS labels (ET -> 4, TC \\ ET -> 1, WT \\ TC -> 2) at ``threshold``;
+    - ``<subject_id>_uncertainty.nii.gz``: float32 std of the ensemble's probabilities, reduced over the regions
+      by ``uncertainty_reduction`` (``"max"`` or ``"mean"``);
+    - ``<subject_id>_overlay.png`` (with ``write_overlays``): FLAIR slice with the most tumour, without and with
+      the labels;
+    - ``grades.csv``: ``subject_id,p_hgg,grade`` (``grade`` HGG / LGG at p >= 0.5), when the network grades.
+
+    Every input file is read and checked before inference starts, and outputs are first written to a temporary
+    folder next to ``output_dir`` and moved into it only when every subject succeeded, so a failed run leaves no
+    partial outputs.
+
+    Args:
+        network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithClsHead`` or
+            :class:`~medsegdiff_monai.inferers.ExportedDiffusionNetwork`.
+        sampler: the diffusion sampler (steps, scheduler, ensemble size, seed).
+        roi_size: in-plane size of the transforms (the training ``roi_size``).
+        slice_batch_size: slices sampled together (times ``ensemble_size`` network inputs per step).
+        threshold: probability above which a voxel belongs to a region.
+        device: where to run the network (default: the network's device).
+        uncertainty_reduction: ``"max"`` or ``"mean"`` of the per-region std.
+        write_overlays: also write a PNG overlay per subject.
+        progress: show a tqdm bar over subjects.
+        transforms: the invertible inference chain; default ``get_inference_transforms(roi_size)``.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        sampler: DiffusionSampler,
+        roi_size: Sequence[int] = (192, 192),
+        slice_batch_size: int = 32,
+        threshold: float = 0.5,
+        device: str | torch.device | None = None,
+        uncertainty_reduction: str = "max",
+        write_overlays: bool = False,
+        progress: bool = True,
+        transforms: Compose | None = None,
+    ) -> None:
+        if uncertainty_reduction not in ("max", "mean"):
+            raise ValueError(f"uncertainty_reduction must be 'max' or 'mean', got {uncertainty_reduction!r}.")
+        if device is None:
+            parameter = next(network.parameters(), None)
+            device = parameter.device if parameter is not None else "cpu"
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.sampler = sampler
+        self.slice_batch_size = slice_batch_size
+        self.threshold = threshold
+        self.uncertainty_reduction = uncertainty_reduction
+        self.write_overlays = write_overlays
+        self.progress = progress
+        self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
+        self.inverter = Invertd(
+            keys=["probs", "uncertainty"], transform=self.transforms, orig_keys="image", nearest_interp=False
+        )
+        self.logger = logging.getLogger(__name__)
+
+    def predict(self, entry: dict[str, Any]) -> SubjectPrediction:
+        """Segment and grade one subject entry (``{"image": [t1, t1ce, t2, flair], "subject_id": ...}``)."""
+        sample = {key: entry[key] for key in ("image", "subject_id") if entry.get(key) is not None}
+        data = self.transforms(sample)
+        image: MetaTensor = data["image"]
+        with torch.no_grad():
+            volume = sample_volume(
+                self.network, image.as_tensor().to(self.device), self.sampler, slice_batch_size=self.slice_batch_size
+            )
+        reduce = torch.amax if self.uncertainty_reduction == "max" else torch.mean
+        uncertainty = reduce(volume.uncertainty, dim=0, keepdim=True)
+        for key, value in (("probs", volume.probs), ("uncertainty", uncertainty)):
+            data[key] = MetaTensor(value.float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
+        inverted = self.inverter(data)
+        labels = regions_to_brats_labels(inverted["probs"].as_tensor(), self.threshold)[0]
+        return SubjectPrediction(
+            subject_id=str(data["subject_id"]),
+            labels=labels.numpy().astype(np.uint8),
+            uncertainty=inverted["uncertainty"].as_tensor()[0].numpy().astype(np.float32),
+            p_hgg=volume.p_hgg,
+            reference=Path(entry["image"][0]),
+            files=[],
+        )
+
+    def _write_subject(self, prediction: SubjectPrediction, folder: Path, entry: dict[str, Any]) -> None:
+        reference = nib.load(str(prediction.reference))
+        names = [f"{prediction.subject_id}_seg.nii.gz", f"{prediction.subject_id}_uncertainty.nii.gz"]
+        write_nifti_like(prediction.labels, reference, folder / names[0])
+        write_nifti_like(prediction.uncertainty, reference, folder / names[1])
+        if self.write_overlays:
+            names.append(f"{prediction.subject_id}_overlay.png")
+            flair = np.asarray(nib.load(str(entry["image"][_FLAIR])).dataobj, dtype=np.float32)
+            write_overlay_png(flair, prediction.labels, folder / names[-1])
+        prediction.files = names
+
+    def run(
+        self,
+        source: InputSource | Sequence[dict[str, Any]],
+        output_dir: str | Path,
+        datalist_key: str = "validation",
+        data_dir: str | Path | None = None,
+        num_cases: int | None = None,
+    ) -> list[SubjectPrediction]:
+        """
+        Run inference on every subject of ``source`` and write the outputs into ``output_dir``.
+
+        Args:
+            source: a BraTS folder, a datalist JSON, four modality files (see
+                :func:`~medsegdiff_monai.inferers.collect_inference_inputs`), or a list of subject entries.
+            output_dir: output folder (created if needed; files of the same names are replaced).
+            datalist_key: list of a datalist to run on.
+            data_dir: data root of a datalist's relative paths (default: the JSON's folder).
+            num_cases: only the first ``num_cases`` subjects (None: all).
+
+        Returns:
+            the predictions, in input order.
+
+        Raises:
+            FileNotFoundError / ValueError: for bad inputs, naming the file, before anything is written.
+        """
+        is_entry_list = isinstance(source, (list, tuple)) and bool(source) and isinstance(source[0], dict)
+        entries = list(source) if is_entry_list else collect_inference_inputs(source, datalist_key, data_dir)
+        entries = entries[:num_cases] if num_cases is not None else entries
+        check_inference_inputs(entries)
+        output_dir = Path(output_dir)
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+        try:
+            predictions = []
+            for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
+                prediction = self.predict(entry)
+                self._write_subject(prediction, staging, entry)
+                predictions.append(prediction)
+            graded = [(p.subject_id, p.p_hgg) for p in predictions if p.p_hgg is not None]
+            if graded:
+                write_grades_csv(graded, staging / GRADES_FILENAME)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for file in sorted(staging.iterdir()):
+                os.replace(file, output_dir / file.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.logger.info(f"wrote {len(predictions)} subject(s) to {output_dir}")
+        return predictions
