@@ -1,0 +1,145 @@
+"""Losses against independent computations: MONAI, hand formulas, sklearn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceFocalLoss, DiceLoss, FocalLoss
+from sklearn.metrics import log_loss
+
+from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
+
+
+def _seg_batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    seg_logits = torch.randn(2, 3, 8, 8, generator=generator) * 2
+    calib_map = torch.randn(2, 3, 8, 8, generator=generator) * 2
+    target = (torch.rand(2, 3, 8, 8, generator=generator) > 0.6).float()
+    target[1, 2] = 0.0  # one empty region (e.g. no ET)
+    return seg_logits, calib_map, target
+
+
+def _hand_dice_focal(logits, target, gamma, lambda_focal, batch):
+    """Soft Dice (smooth 1e-5) + lambda * mean sigmoid focal, written out."""
+    p = torch.sigmoid(logits).double()
+    y = target.double()
+    dims = (0, 2, 3) if batch else (2, 3)
+    dice = 1 - (2 * (p * y).sum(dims) + 1e-5) / (p.sum(dims) + y.sum(dims) + 1e-5)
+    p_t = torch.where(y == 1, p, 1 - p)
+    focal = -((1 - p_t) ** gamma) * torch.log(p_t)
+    return dice.mean() + lambda_focal * focal.mean()
+
+
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_segmentation_loss_matches_hand_formula_and_monai(batch_dice):
+    seg_logits, calib_map, target = _seg_batch()
+    loss = SegmentationLoss(gamma=1.5, lambda_focal=0.5, lambda_calib=0.7, batch_dice=batch_dice)
+    expected = _hand_dice_focal(seg_logits, target, 1.5, 0.5, batch_dice) + 0.7 * _hand_dice_focal(
+        calib_map, target, 1.5, 0.5, batch_dice
+    )
+    assert loss(seg_logits, target, calib_map).item() == pytest.approx(expected.item(), rel=1e-5)
+    monai = DiceFocalLoss(sigmoid=True, gamma=1.5, lambda_dice=1.0, lambda_focal=0.5, batch=batch_dice)
+    assert loss(seg_logits, target).item() == pytest.approx(monai(seg_logits, target).item(), rel=1e-6)
+
+
+def test_segmentation_loss_without_focal_is_dice_only():
+    seg_logits, calib_map, target = _seg_batch(1)
+    loss = SegmentationLoss(use_focal=False, lambda_calib=1.0)
+    dice = DiceLoss(sigmoid=True, batch=True)
+    expected = dice(seg_logits, target) + dice(calib_map, target)
+    assert loss(seg_logits, target, calib_map).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="must equal the target shape"):
+        loss(seg_logits[:, :1], target)
+
+
+def test_batch_dice_does_not_saturate_on_an_empty_slice():
+    # documented figure: a 64x64 slice without tumour predicted at p = 0.01 everywhere
+    target = torch.zeros(1, 1, 64, 64)
+    logits = torch.full((1, 1, 64, 64), math.log(0.01 / 0.99))
+    per_sample = SegmentationLoss(use_focal=False, batch_dice=False)(logits, target)
+    assert per_sample.item() == pytest.approx(1.0, abs=1e-4)
+    # next to a slice with tumour, batch Dice counts those 41 false-positive voxels against the tumour's 256
+    tumour = torch.zeros(1, 1, 64, 64)
+    tumour[..., 10:26, 10:26] = 1.0
+    batch_logits = torch.cat([logits, torch.where(tumour > 0, 10.0, -10.0)])
+    batch = SegmentationLoss(use_focal=False, batch_dice=True)(batch_logits, torch.cat([target, tumour]))
+    p = torch.sigmoid(batch_logits).double()
+    y = torch.cat([target, tumour]).double()
+    assert batch.item() == pytest.approx(1 - (2 * (p * y).sum() / (p.sum() + y.sum())).item(), rel=1e-4)
+    assert 0.05 < batch.item() < 0.1
+
+
+def test_grade_focal_loss_hand_formula_and_monai_and_sklearn():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2, generator=generator) * 2
+    grade = torch.tensor([0, 1, 1, 0, 1, 1])
+    alpha = (369 / 152, 369 / 586)
+    p = torch.softmax(logits.double(), dim=1)
+    p_true = p[torch.arange(6), grade]
+    alpha_true = torch.tensor(alpha, dtype=torch.float64)[grade]
+    expected = (alpha_true * (1 - p_true) ** 2 * -torch.log(p_true)).mean()
+    got = GradeFocalLoss(alpha=alpha, gamma=2.0)(logits, grade)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # MONAI's mean reduction averages over B x C one-hot entries: ours is num_classes times it
+    monai = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=list(alpha))(logits, grade[:, None])
+    assert got.item() == pytest.approx(2 * monai.item(), rel=1e-5)
+    # gamma 0, alpha 1: plain cross-entropy, as sklearn computes it
+    ce = GradeFocalLoss(alpha=None, gamma=0.0)(logits, grade)
+    assert ce.item() == pytest.approx(log_loss(grade.numpy(), p.numpy(), labels=[0, 1]), rel=1e-5)
+    # the alpha weighting alone: weighted cross-entropy (sklearn sample weights, unnormalised mean)
+    weighted = GradeFocalLoss(alpha=alpha, gamma=0.0)(logits, grade)
+    sample_weight = np.array(alpha)[grade.numpy()]
+    sk = log_loss(grade.numpy(), p.numpy(), sample_weight=sample_weight, labels=[0, 1]) * sample_weight.mean()
+    assert weighted.item() == pytest.approx(sk, rel=1e-5)
+
+
+def test_grade_focal_loss_input_checks():
+    loss = GradeFocalLoss(alpha=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="3 alpha weights"):
+        loss(torch.randn(2, 2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cls_logits \\(B, num_classes\\) and grade \\(B,\\)"):
+        GradeFocalLoss()(torch.randn(2, 2), torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match=">= 0"):
+        GradeFocalLoss(alpha=(-1.0, 1.0))
+
+
+def test_uncertainty_weighting_kendall_form_at_nonzero_log_sigma():
+    weighting = UncertaintyWeightedLoss(("seg", "cls"), init_log_sigma=0.0)
+    with torch.no_grad():
+        weighting.log_sigmas["seg"].fill_(0.3)
+        weighting.log_sigmas["cls"].fill_(-0.7)
+    seg, cls = torch.tensor(0.8), torch.tensor(1.7)
+    expected = 0.5 * math.exp(-0.6) * 0.8 + 0.3 + 0.5 * math.exp(1.4) * 1.7 - 0.7
+    total = weighting({"seg": seg, "cls": cls})
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    # d/ds (0.5 exp(-2s) L + s) = 1 - exp(-2s) L
+    assert weighting.log_sigmas["seg"].grad.item() == pytest.approx(1 - math.exp(-0.6) * 0.8, rel=1e-5)
+    assert weighting.log_sigmas["cls"].grad.item() == pytest.approx(1 - math.exp(1.4) * 1.7, rel=1e-5)
+    assert weighting.sigmas() == pytest.approx({"seg": math.exp(0.3), "cls": math.exp(-0.7)})
+
+
+def test_uncertainty_weighting_skips_missing_tasks_and_clamps():
+    weighting = UncertaintyWeightedLoss(("seg", "cls"), log_sigma_bounds=(-1.0, 1.0))
+    assert weighting({"seg": torch.tensor(2.0), "cls": None}).item() == pytest.approx(1.0)
+    assert weighting({"cls": torch.tensor(3.0)}).item() == pytest.approx(1.5)
+    with torch.no_grad():
+        weighting.log_sigmas["seg"].fill_(5.0)
+    total = weighting({"seg": torch.tensor(2.0)})
+    assert total.item() == pytest.approx(0.5 * math.exp(-2.0) * 2.0 + 1.0)
+    total.backward()
+    assert weighting.log_sigmas["seg"].grad.item() == 0.0  # clamped: no gradient pushes it further out
+    assert weighting.log_sigmas["cls"].grad is None
+    assert weighting.sigmas()["seg"] == pytest.approx(math.e)
+    assert [p is weighting.log_sigmas[t] for t, p in zip(("seg", "cls"), weighting.log_sigma_parameters())] == [
+        True,
+        True,
+    ]
+    assert set(weighting.state_dict()) == {"log_sigmas.seg", "log_sigmas.cls"}
+    with pytest.raises(ValueError, match="unknown tasks"):
+        weighting({"segmentation": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="at least one loss"):
+        weighting({"seg": None})

@@ -1,0 +1,137 @@
+"""Building blocks of the network: anchor blur and gate, spectral cross-attention, grade head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.layers import gaussian_1d, separable_filtering
+
+from medsegdiff_monai.networks import (
+    AnchorGate,
+    GradeHead,
+    SeparableGaussianBlur,
+    SpectralCrossAttention,
+    SSFormerBlock,
+)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_gaussian_blur_matches_monai_gaussian_filter(spatial_dims):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *([9] * spatial_dims))
+    blur = SeparableGaussianBlur(spatial_dims, kernel_size=7, sigma=1.0)
+    # MONAI's normalised sampled Gaussian, sigma 1 truncated at 3 sigma: the same 7 taps, zero padding
+    kernel = gaussian_1d(1.0, truncated=3.0, approx="sampled", normalize=True)
+    assert kernel.numel() == 7
+    reference = separable_filtering(x, [kernel] * spatial_dims)
+    torch.testing.assert_close(blur(x), reference, atol=1e-6, rtol=1e-5)
+
+
+def test_gaussian_blur_sigma_is_learnable_and_clamped():
+    blur = SeparableGaussianBlur(2, kernel_size=5, sigma=1.0, learnable_sigma=True, sigma_bounds=(0.5, 2.0))
+    blur(torch.rand(1, 1, 8, 8)).sum().backward()
+    assert blur.log_sigma.grad is not None and blur.log_sigma.grad.abs() > 0
+    with torch.no_grad():
+        blur.log_sigma.fill_(10.0)
+    assert blur.sigma().item() == pytest.approx(2.0)
+    fixed = SeparableGaussianBlur(2, sigma=1.0, learnable_sigma=False)
+    assert len(list(fixed.parameters())) == 0
+    with pytest.raises(ValueError, match="odd"):
+        SeparableGaussianBlur(2, kernel_size=4)
+
+
+def test_anchor_gate_formula():
+    torch.manual_seed(0)
+    gate = AnchorGate(2, anchor_channels=3, feature_channels=5, downsample_factor=2)
+    features = torch.randn(2, 5, 8, 8)
+    anchor_logits = torch.randn(2, 3, 16, 16)
+    soft = torch.sigmoid(torch.nn.functional.avg_pool2d(anchor_logits, 2))
+    expected_anchor = torch.maximum(gate.blur(soft), soft)
+    torch.testing.assert_close(gate.anchor(anchor_logits), expected_anchor)
+    weight, bias = gate.gate_conv.conv.weight[:, :, 0, 0], gate.gate_conv.conv.bias
+    gate_map = torch.sigmoid(torch.einsum("oc,bchw->bohw", weight, expected_anchor) + bias[None, :, None, None])
+    torch.testing.assert_close(gate(features, anchor_logits), features + gate_map * features)
+    assert (gate.anchor(anchor_logits) >= soft).all()
+
+
+def _spatial_reference(attention: SpectralCrossAttention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Brute-force spatial-domain version of the spectral attention with an all-pass filter (torch.roll loops)."""
+    batch, channels, height, width = x.shape
+    heads = (batch, attention.num_heads, attention.head_channels, height, width)
+    q = attention.to_q(attention.norm_query(x)).reshape(heads)
+    normed = attention.norm_context(context)
+    k = attention.to_k(normed).reshape(heads)
+    v = attention.to_v(normed).reshape(heads)
+    affinity = torch.zeros(batch, attention.num_heads, height, width)
+    for dy in range(height):
+        for dx in range(width):
+            # A(delta) = sum_x <q(x + delta), k(x)>
+            shifted_q = torch.roll(q, shifts=(-dy, -dx), dims=(-2, -1))
+            affinity[:, :, dy, dx] = (shifted_q * k).sum(dim=(2, 3, 4))
+    scale = 1.0 / (height * width * attention.head_channels**0.5)
+    weights = torch.softmax(affinity.flatten(2) * scale, dim=-1).reshape(affinity.shape)
+    out = torch.zeros_like(v)
+    for dy in range(height):
+        for dx in range(width):
+            # out(x) = sum_delta w(delta) v(x - delta)
+            out += weights[:, :, None, dy, dx, None, None] * torch.roll(v, shifts=(dy, dx), dims=(-2, -1))
+    return attention.proj_out(out.reshape(batch, channels, height, width))
+
+
+def test_spectral_attention_equals_spatial_computation():
+    torch.manual_seed(0)
+    attention = SpectralCrossAttention(query_channels=16, context_channels=8, num_head_channels=8, norm_num_groups=4)
+    x, context = torch.randn(2, 16, 4, 6) * 3, torch.randn(2, 8, 4, 6) * 3
+    torch.testing.assert_close(attention(x, context), _spatial_reference(attention, x, context), atol=1e-5, rtol=1e-4)
+
+
+def test_spectral_attention_zero_filter_gives_spatial_mean_of_values():
+    torch.manual_seed(0)
+    attention = SpectralCrossAttention(query_channels=8, context_channels=8, num_head_channels=4, norm_num_groups=4)
+    with torch.no_grad():
+        attention.frequency_filter.zero_()
+        attention.proj_out.weight.copy_(torch.eye(8)[:, :, None, None])
+        attention.proj_out.bias.zero_()
+    x, context = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
+    # a zero filter makes every displacement equally likely: the output is the spatial mean of v everywhere
+    v = attention.to_v(attention.norm_context(context))
+    expected = v.mean(dim=(2, 3), keepdim=True).expand_as(v)
+    torch.testing.assert_close(attention(x, context), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_filter_response_interpolates_the_radial_profile():
+    attention = SpectralCrossAttention(query_channels=4, context_channels=4, num_head_channels=4, norm_num_groups=2)
+    with torch.no_grad():
+        attention.frequency_filter.copy_(torch.linspace(0.0, 7.0, 8)[None])
+    response = attention.filter_response(8, 8, torch.device("cpu"))
+    assert response.shape == (1, 8, 5)
+    # bin (0, 0) is DC -> profile(0) = 0; bin (4, 4) is the (0.5, 0.5) corner -> radius 1 -> profile(1) = 7
+    assert response[0, 0, 0].item() == pytest.approx(0.0)
+    assert response[0, 4, 4].item() == pytest.approx(7.0)
+    # bin (0, 4): radius 0.5 / sqrt(0.5) = 0.7071 -> 7 * 0.7071
+    assert response[0, 0, 4].item() == pytest.approx(7 * 0.5 / 0.5**0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_ss_former_is_real_finite_and_keeps_dtype_under_bf16_autocast(input_dtype):
+    torch.manual_seed(0)
+    block = SSFormerBlock(query_channels=16, context_channels=8, num_head_channels=8, norm_num_groups=4)
+    x = (torch.randn(2, 16, 8, 8) * 50).to(input_dtype)
+    context = (torch.randn(2, 8, 8, 8) * 50).to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x, context)
+        attended = block.attention(x, context)
+    assert not out.is_complex() and not attended.is_complex()
+    assert out.dtype == input_dtype and attended.dtype == input_dtype
+    assert torch.isfinite(out.float()).all()
+    reference = block.float()(x.float(), context.float())
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_grade_head_pools_average_and_max():
+    torch.manual_seed(0)
+    head = GradeHead(in_channels=3, hidden_channels=5, num_classes=2, dropout=0.0).eval()
+    features = torch.randn(4, 3, 2, 2)
+    pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+    torch.testing.assert_close(head(features), head.mlp(pooled))
+    assert head(features).shape == (4, 2)
