@@ -16,6 +16,7 @@ from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
 
 from medsegdiff_monai.data.layout import BRATS_LABEL_VALUES
 
@@ -69,15 +70,14 @@ def regions_to_brats_labels(regions: NdarrayOrTensor, threshold: float = 0.5) ->
     """
     if regions.ndim < 2 or regions.shape[0] != 3:
         raise ValueError(f"regions must have shape (3, *spatial) with channels TC, WT, ET, got {tuple(regions.shape)}.")
-    tc, wt, et = (regions[i] > threshold for i in range(3))
-    if isinstance(regions, torch.Tensor):
-        labels = torch.zeros(regions.shape[1:], dtype=torch.uint8, device=regions.device)
-    else:
-        labels = np.zeros(regions.shape[1:], dtype=np.uint8)
-    labels[wt] = 2
-    labels[tc] = 1
-    labels[et] = 4
-    return labels[None]
+    tc, wt, et = (torch.as_tensor(regions[i]) > threshold for i in range(3))
+    labels = torch.zeros((1, *regions.shape[1:]), dtype=torch.uint8, device=tc.device)
+    labels[0][wt] = 2
+    labels[0][tc] = 1
+    labels[0][et] = 4
+    dtype = torch.uint8 if isinstance(regions, torch.Tensor) else np.uint8
+    out, *_ = convert_to_dst_type(labels, dst=regions, dtype=dtype)
+    return out
 
 
 class RegionsToBratsLabelsd(MapTransform):

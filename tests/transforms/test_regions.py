@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+from medsegdiff_monai.transforms import (
+    CheckBratsLabelsd,
+    MaskToSymmetricd,
+    RegionsToBratsLabelsd,
+    regions_to_brats_labels,
+)
+
+
+def random_labels(shape=(6, 5, 4), seed=0):
+    return np.random.default_rng(seed).choice(np.array([0, 1, 2, 4], dtype=np.uint8), size=shape)
+
+
+def test_inverse_of_monai_regions_numpy_and_torch():
+    labels = random_labels()
+    regions = ConvertToMultiChannelBasedOnBratsClasses()(labels)
+    np.testing.assert_array_equal(regions_to_brats_labels(regions), labels[None])
+    back = regions_to_brats_labels(torch.as_tensor(regions).float())
+    assert back.dtype == torch.uint8
+    np.testing.assert_array_equal(back.numpy(), labels[None])
+
+
+def test_hand_made_regions():
+    # voxel by voxel: TC, WT, ET -> label; ET wins, then TC, then WT
+    regions = torch.tensor([[1, 1, 0, 0, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 1]], dtype=torch.float32)
+    assert regions_to_brats_labels(regions).tolist() == [[4, 1, 2, 0, 4]]
+    probabilities = torch.tensor([[0.6], [0.9], [0.4]])
+    assert regions_to_brats_labels(probabilities).tolist() == [[1]]
+    assert regions_to_brats_labels(probabilities, threshold=0.3).tolist() == [[4]]
+
+
+def test_dict_inverse_keeps_metadata():
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    regions = MetaTensor(torch.zeros(3, 4, 4, 2), affine=affine)
+    regions[:2, 1, 1, 1] = 1
+    out = RegionsToBratsLabelsd("pred")({"pred": regions})["pred"]
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, affine)
+    assert out.shape == (1, 4, 4, 2) and out[0, 1, 1, 1] == 1 and out.sum() == 1
+
+
+def test_inverse_rejects_wrong_channels():
+    with pytest.raises(ValueError, match=r"shape \(3, \*spatial\)"):
+        regions_to_brats_labels(torch.zeros(2, 4, 4))
+
+
+def test_label_check():
+    good = MetaTensor(torch.tensor([[0.0, 1.0, 2.0, 4.0]]), meta={"filename_or_obj": "/d/s_seg.nii"})
+    assert CheckBratsLabelsd()({"label": good})["label"] is good
+    bad = MetaTensor(torch.tensor([[0.0, 3.0, 5.0]]), meta={"filename_or_obj": "/d/s_seg.nii"})
+    with pytest.raises(ValueError, match=r"subject s1: label /d/s_seg.nii has values \[3.0, 5.0\] outside"):
+        CheckBratsLabelsd()({"label": bad, "subject_id": "s1"})
+
+
+def test_mask_to_symmetric():
+    label = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    out = MaskToSymmetricd("label")({"label": label})
+    assert out["mask"].dtype == torch.float32 and out["mask"].tolist() == [[[-1.0, 1.0], [1.0, -1.0]]]
+    assert out["label"] is label
+    two = MaskToSymmetricd(["a", "b"], mask_keys=["ma", "mb"])({"a": np.ones(2), "b": np.zeros(2)})
+    assert two["ma"].tolist() == [1.0, 1.0] and two["mb"].tolist() == [-1.0, -1.0]
