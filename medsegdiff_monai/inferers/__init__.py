@@ -1,6 +1,7 @@
 """Diffusion sampling, whole-volume inference, subject-level grading, export and evaluation."""
 
 from medsegdiff_monai.inferers.checkpoint import extract_network_state, load_network_weights
+from medsegdiff_monai.inferers.evaluation import run_evaluation
 from medsegdiff_monai.inferers.export import (
     ExportedDiffusionNetwork,
     export_from_checkpoint,
@@ -8,7 +9,7 @@ from medsegdiff_monai.inferers.export import (
     exported_program_paths,
     load_exported_network,
 )
-from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs
+from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
 from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer, SubjectPrediction
 from medsegdiff_monai.inferers.sampler import DiffusionSampler, SamplerOutput, repeat_condition
 from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
@@ -39,6 +40,8 @@ __all__ = [
     "load_exported_network",
     "load_network_weights",
     "repeat_condition",
+    "resolve_entries",
+    "run_evaluation",
     "sample_volume",
     "subject_p_hgg",
     "tumour_slice",

@@ -19,7 +19,7 @@ from medsegdiff_monai.data import (
 from medsegdiff_monai.data.layout import is_nifti
 from medsegdiff_monai.transforms import subject_id_from_path
 
-__all__ = ["check_inference_inputs", "collect_inference_inputs"]
+__all__ = ["check_inference_inputs", "collect_inference_inputs", "resolve_entries"]
 
 InputSource = str | Path | Sequence[str | Path]
 
@@ -130,3 +130,16 @@ def check_inference_inputs(entries: Sequence[dict[str, Any]], check_voxels: bool
         problems.extend(check_subject_volumes(subject, check_voxels=check_voxels))
     if problems:
         raise BratsDataError(problems)
+
+
+def resolve_entries(
+    source: InputSource | Sequence[dict[str, Any]],
+    datalist_key: str = "validation",
+    data_dir: str | Path | None = None,
+    num_cases: int | None = None,
+) -> list[dict[str, Any]]:
+    """Subject entries of ``source`` (already a list of entries, or anything :func:`collect_inference_inputs`
+    takes), limited to the first ``num_cases`` (None: all)."""
+    is_entry_list = isinstance(source, (list, tuple)) and bool(source) and isinstance(source[0], dict)
+    entries = list(source) if is_entry_list else collect_inference_inputs(source, datalist_key, data_dir)
+    return entries[:num_cases] if num_cases is not None else entries

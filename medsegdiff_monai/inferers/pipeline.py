@@ -19,7 +19,7 @@ from monai.transforms import Compose, Invertd
 from torch import nn
 from tqdm.auto import tqdm
 
-from medsegdiff_monai.inferers.inputs import InputSource, check_inference_inputs, collect_inference_inputs
+from medsegdiff_monai.inferers.inputs import InputSource, check_inference_inputs, resolve_entries
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
@@ -177,9 +177,7 @@ class BratsVolumeInferer:
         Raises:
             FileNotFoundError / ValueError: for bad inputs, naming the file, before anything is written.
         """
-        is_entry_list = isinstance(source, (list, tuple)) and bool(source) and isinstance(source[0], dict)
-        entries = list(source) if is_entry_list else collect_inference_inputs(source, datalist_key, data_dir)
-        entries = entries[:num_cases] if num_cases is not None else entries
+        entries = resolve_entries(source, datalist_key, data_dir, num_cases)
         check_inference_inputs(entries)
         output_dir = Path(output_dir)
         output_dir.parent.mkdir(parents=True, exist_ok=True)

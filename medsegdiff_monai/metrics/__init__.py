@@ -1,6 +1,16 @@
-"""Segmentation (Dice, IoU, HD95 per BraTS region) and grading (AUC, F1, Acc, ECE) metrics."""
+"""Segmentation (Dice, IoU, HD95 per BraTS region) and grading (AUC, F1, Acc, ECE) metrics, and evaluation reports."""
 
+from medsegdiff_monai.metrics.evaluation import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
 
-__all__ = ["BRATS_REGIONS", "expected_calibration_error", "grade_metrics", "segmentation_metrics"]
+__all__ = [
+    "BRATS_REGIONS",
+    "EvaluationResult",
+    "evaluate_subjects",
+    "expected_calibration_error",
+    "format_table",
+    "grade_metrics",
+    "segmentation_metrics",
+    "write_evaluation",
+]

@@ -61,3 +61,29 @@ def stand_in_network():
         return StandInNetwork(**kwargs).eval()
 
     return make
+
+
+class BrainOracle(nn.Module):
+    """Predicts every region on every brain voxel (any channel != 0) and a fixed grade logit; ignores the noise.
+
+    Args:
+        hgg_logit: the grade logits are ``(0, hgg_logit)``, i.e. p(HGG) = sigmoid(hgg_logit).
+    """
+
+    def __init__(self, hgg_logit: float = 1.0) -> None:
+        super().__init__()
+        self.hgg_logit = nn.Parameter(torch.tensor(hgg_logit))
+
+    def encode_condition(self, image: Tensor) -> StandInCondition:
+        brain = (image != 0).any(dim=1, keepdim=True).float().repeat(1, 3, 1, 1)
+        cls_logits = torch.stack([torch.zeros_like(self.hgg_logit), self.hgg_logit]).expand(image.shape[0], 2)
+        return StandInCondition([brain], 20 * brain - 10, cls_logits)
+
+    def denoise(self, x_t: Tensor, t: Tensor, condition: StandInCondition) -> Tensor:
+        return condition.calib_map
+
+
+@pytest.fixture
+def brain_oracle():
+    """Factory of :class:`BrainOracle` networks."""
+    return BrainOracle

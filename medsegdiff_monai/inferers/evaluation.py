@@ -1,0 +1,66 @@
+"""Evaluation workflow: whole-subject inference on labelled subjects, then the metrics report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medsegdiff_monai.inferers.inputs import InputSource, resolve_entries
+from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer
+from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
+
+__all__ = ["run_evaluation"]
+
+
+def run_evaluation(
+    inferer: BratsVolumeInferer,
+    source: InputSource,
+    output_dir: str | Path,
+    datalist_key: str = "validation",
+    data_dir: str | Path | None = None,
+    num_eval_cases: int | None = None,
+    include_hd95: bool = True,
+    print_table: bool = True,
+) -> EvaluationResult:
+    """
+    Run ``inferer`` on labelled subjects and compare its written label maps with the ground truth.
+
+    Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
+    (Dice, IoU, HD95 per region TC/WT/ET and their means, true grade, p_hgg) and ``summary.json`` (mean and std of
+    every metric, AUC, F1, accuracy, ECE and confusion matrix of the grade), and prints the table.
+
+    Args:
+        inferer: the configured whole-subject inferer.
+        source: labelled subjects: a datalist JSON (list ``datalist_key``), a BraTS folder or entries with
+            ``label`` (and ``grade`` for the grade metrics).
+        output_dir: output folder.
+        datalist_key: list of a datalist to evaluate.
+        data_dir: data root of the datalist's relative paths (default: the JSON's folder).
+        num_eval_cases: evaluate only the first ``num_eval_cases`` subjects (None: all).
+        include_hd95: compute HD95 (the slowest metric).
+        print_table: print the per-subject table and the summary.
+
+    Raises:
+        ValueError: naming the subjects without a label file.
+    """
+    entries = resolve_entries(source, datalist_key, data_dir, num_eval_cases)
+    unlabelled = [str(e.get("subject_id", e["image"][0])) for e in entries if not e.get("label")]
+    if unlabelled:
+        raise ValueError(f"evaluation needs a label file for every subject; none for: {', '.join(unlabelled)}.")
+    predictions = inferer.run(entries, output_dir)
+    result = evaluate_subjects(
+        [
+            {
+                "subject_id": prediction.subject_id,
+                "pred_labels": prediction.labels,
+                "label_file": entry["label"],
+                "p_hgg": prediction.p_hgg,
+                "grade": entry.get("grade"),
+            }
+            for prediction, entry in zip(predictions, entries, strict=True)
+        ],
+        include_hd95=include_hd95,
+    )
+    write_evaluation(result, output_dir)
+    if print_table:
+        print(format_table(result))
+    return result

@@ -1,0 +1,150 @@
+"""Evaluation of written predictions against BraTS labels: per-subject table, summary and grade metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+from medsegdiff_monai.metrics.grading import grade_metrics
+from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
+
+__all__ = ["EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
+
+METRICS_CSV = "metrics_per_subject.csv"
+SUMMARY_JSON = "summary.json"
+
+
+class EvaluationResult(dict):
+    """``{"subjects": [row, ...], "summary": {...}}``: one row per subject, and the aggregate figures."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self["subjects"]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self["summary"]
+
+
+def _regions(labels: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) BraTS labels -> (3, X, Y, Z) TC, WT, ET with MONAI's converter."""
+    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(labels[None]), dtype=np.uint8)
+
+
+def evaluate_subjects(
+    predictions: Sequence[dict[str, Any]], include_hd95: bool = True, grade_threshold: float = 0.5
+) -> EvaluationResult:
+    """
+    Per-subject segmentation metrics and subject-level grade metrics.
+
+    Each prediction is ``{"subject_id", "pred_labels" (X, Y, Z) BraTS labels, "label_file" (ground truth NIfTI),
+    "p_hgg" (float or None), "grade" (0/1 or None)}``. Both label maps are turned into regions TC, WT, ET with
+    MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
+    :func:`~medsegdiff_monai.metrics.segmentation_metrics` (HD95 in mm from the label file's voxel size).
+
+    Returns:
+        :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware), the
+        grade metrics of :func:`~medsegdiff_monai.metrics.grade_metrics` (NaN with a warning when undefined), and
+        ``num_subjects``.
+    """
+    rows = []
+    for prediction in predictions:
+        subject_id = prediction["subject_id"]
+        label_image = nib.load(str(prediction["label_file"]))
+        truth = np.asarray(label_image.dataobj)
+        pred = np.asarray(prediction["pred_labels"])
+        if pred.shape != truth.shape:
+            raise ValueError(
+                f"subject {subject_id}: prediction shape {pred.shape} differs from label "
+                f"{prediction['label_file']} shape {truth.shape}."
+            )
+        spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
+        row: dict[str, Any] = {"subject_id": subject_id}
+        row.update(grade=prediction.get("grade"), p_hgg=prediction.get("p_hgg"))
+        row.update(segmentation_metrics(_regions(pred), _regions(truth), BRATS_REGIONS, include_hd95, spacing))
+        rows.append(row)
+    metric_names = [k for k in rows[0] if k not in ("subject_id", "grade", "p_hgg")] if rows else []
+    summary: dict[str, Any] = {"num_subjects": len(rows)}
+    for name in metric_names:
+        values = np.asarray([row[name] for row in rows], dtype=np.float64)
+        finite = values[~np.isnan(values)]
+        summary[name] = {
+            "mean": float(finite.mean()) if finite.size else math.nan,
+            "std": float(finite.std()) if finite.size else math.nan,
+        }
+    graded = [row for row in rows if row["p_hgg"] is not None and row["grade"] is not None]
+    if graded:
+        summary["grade"] = grade_metrics(
+            [row["p_hgg"] for row in graded], [row["grade"] for row in graded], threshold=grade_threshold
+        )
+    else:
+        warnings.warn("evaluation: no subject has both p_hgg and a true grade; grade metrics skipped.", stacklevel=2)
+    return EvaluationResult(subjects=rows, summary=summary)
+
+
+def format_table(result: EvaluationResult, columns: Sequence[str] | None = None) -> str:
+    """A plain-text table: one line per subject, then the mean and std over subjects, then the grade metrics."""
+    rows = result.rows
+    if columns is None:
+        columns = [k for k in (rows[0] if rows else {}) if k.endswith(tuple(f"_{r}" for r in (*BRATS_REGIONS, "mean")))]
+    header = ["subject_id", "grade", "p_hgg", *columns]
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [[cell(row.get(key)) for key in header] for row in rows]
+    lines.append(["mean", "", "", *(cell(result.summary[c]["mean"]) for c in columns)])
+    lines.append(["std", "", "", *(cell(result.summary[c]["std"]) for c in columns)])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    text = [" ".join(h.rjust(w) for h, w in zip(header, widths))]
+    text += [" ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines]
+    grade = result.summary.get("grade")
+    if grade is not None:
+        text.append(
+            "grade: "
+            + " ".join(f"{k}={cell(grade[k])}" for k in ("auc", "f1", "accuracy", "ece"))
+            + f" confusion_matrix={grade['confusion_matrix']} (rows true LGG, HGG; columns predicted)"
+        )
+    return "\n".join(text)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> None (``null``), recursively, so that ``summary.json`` is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics_per_subject.csv`` and ``summary.json`` (NaN written as ``null``) into ``output_dir``.
+
+    Returns:
+        the paths of the CSV and the JSON.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = output_dir / METRICS_CSV, output_dir / SUMMARY_JSON
+    rows = result.rows
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["subject_id"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(json_path, "w") as f:
+        json.dump(_json_safe(result.summary), f, indent=2, allow_nan=False)
+        f.write("\n")
+    return csv_path, json_path

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsegdiff_monai.data import BratsDataError, load_brats_datalist
+from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler
+
+ROI = (64, 64)
+
+
+def _inferer(network, **kwargs) -> BratsVolumeInferer:
+    return BratsVolumeInferer(
+        network, DiffusionSampler(num_inference_steps=2, ensemble_size=2), roi_size=ROI, progress=False, **kwargs
+    )
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_outputs_lie_on_the_input_grid_and_invert_the_crop_exactly(brain_oracle, synthetic_datalist, tmp_path):
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    out = tmp_path / "out"
+    predictions = _inferer(brain_oracle(hgg_logit=2.0), write_overlays=True).run(synthetic_datalist, out)
+    assert [p.subject_id for p in predictions] == [e["subject_id"] for e in entries]
+    for entry in entries:
+        subject_id, t1 = entry["subject_id"], nib.load(entry["image"][0])
+        seg = nib.load(str(out / f"{subject_id}_seg.nii.gz"))
+        uncertainty = nib.load(str(out / f"{subject_id}_uncertainty.nii.gz"))
+        for written in (seg, uncertainty):
+            assert written.shape == t1.shape
+            np.testing.assert_allclose(written.affine, t1.affine)
+        assert seg.get_data_dtype() == np.uint8 and uncertainty.get_data_dtype() == np.float32
+        labels = np.asarray(seg.dataobj)
+        assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+        # the oracle puts every region (so label 4) on every brain voxel: the inverted map is the input's brain mask
+        brain = np.stack([_read(p) for p in entry["image"]]).any(axis=0)
+        np.testing.assert_array_equal(labels, np.where(brain, 4, 0))
+        assert float(np.abs(np.asarray(uncertainty.dataobj)).max()) == 0.0  # members agree
+        png = (out / f"{subject_id}_overlay.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with open(out / "grades.csv") as f:
+        rows = list(csv.reader(f))
+    p_hgg = 1 / (1 + np.exp(-2.0))
+    assert rows == [["subject_id", "p_hgg", "grade"]] + [[e["subject_id"], f"{p_hgg:.6f}", "HGG"] for e in entries]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
+def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, tmp_path):
+    subject = synthetic_brats_dir / "BraTS20_Training_003"
+    files = [subject / f"BraTS20_Training_003_{m}.nii" for m in ("t1", "t1ce", "t2", "flair")]
+    (prediction,) = _inferer(brain_oracle(hgg_logit=-3.0)).run(files, tmp_path / "out")
+    assert prediction.subject_id == "BraTS20_Training_003"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "BraTS20_Training_003_seg.nii.gz",
+        "BraTS20_Training_003_uncertainty.nii.gz",
+        "grades.csv",
+    ]
+    assert (tmp_path / "out" / "grades.csv").read_text().splitlines()[1].endswith(",LGG")
+
+
+def test_folder_input_and_num_cases(stand_in_network, brats_copy, tmp_path):
+    predictions = _inferer(stand_in_network(use_cls_head=False)).run(brats_copy, tmp_path / "out", num_cases=2)
+    assert [p.subject_id for p in predictions] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert all(p.p_hgg is None for p in predictions)
+    assert not (tmp_path / "out" / "grades.csv").exists()  # nothing to grade without a head
+
+
+def _assert_nothing_written(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_modality_fails_naming_it_and_writes_nothing(brain_oracle, brats_copy, tmp_path):
+    (brats_copy / "BraTS20_Training_004" / "BraTS20_Training_004_flair.nii").unlink()
+    with pytest.raises(BratsDataError, match="BraTS20_Training_004.*flair"):
+        _inferer(brain_oracle()).run(brats_copy, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_truncated_file_fails_naming_it_and_writes_nothing(brain_oracle, brats_copy, tmp_path):
+    broken = brats_copy / "BraTS20_Training_006" / "BraTS20_Training_006_t2.nii"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(BratsDataError, match="BraTS20_Training_006_t2.nii"):
+        _inferer(brain_oracle()).run(brats_copy, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_wrong_shape_fails_naming_the_file(brain_oracle, brats_copy, tmp_path):
+    target = brats_copy / "BraTS20_Training_002" / "BraTS20_Training_002_t1ce.nii"
+    original = nib.load(str(target))
+    nib.save(nib.Nifti1Image(np.zeros((40, 48, 32), dtype=np.int16), original.affine), str(target))
+    with pytest.raises(BratsDataError, match="BraTS20_Training_002_t1ce.nii has shape"):
+        _inferer(brain_oracle()).run(brats_copy, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_missing_file_among_four(brain_oracle, synthetic_brats_dir, tmp_path):
+    folder = synthetic_brats_dir / "BraTS20_Training_001"
+    files = [folder / f"BraTS20_Training_001_{m}.nii" for m in ("t1", "t1ce")]
+    files += [tmp_path / "nowhere_t2.nii", folder / "BraTS20_Training_001_flair.nii"]
+    with pytest.raises(FileNotFoundError, match="nowhere_t2.nii"):
+        _inferer(brain_oracle()).run(files, tmp_path / "out")
+    with pytest.raises(ValueError, match="4 modality files"):
+        _inferer(brain_oracle()).run(files[:3], tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+def test_failure_during_inference_leaves_earlier_outputs_untouched(brain_oracle, brats_copy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grades.csv").write_text("previous run\n")
+
+    class FailingOnThirdSubject(BratsVolumeInferer):
+        calls = 0
+
+        def predict(self, entry):
+            type(self).calls += 1
+            if type(self).calls == 3:
+                raise RuntimeError("simulated failure")
+            return super().predict(entry)
+
+    inferer = FailingOnThirdSubject(brain_oracle(), DiffusionSampler(2, ensemble_size=1), roi_size=ROI, progress=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        inferer.run(brats_copy, out)
+    assert sorted(p.name for p in out.iterdir()) == ["grades.csv"]
+    assert (out / "grades.csv").read_text() == "previous run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "out"]
