@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsegdiff_monai.data import load_brats_datalist
+from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler, run_evaluation
+
+
+def test_evaluation_of_the_brain_oracle(brain_oracle, synthetic_datalist, tmp_path, capsys):
+    inferer = BratsVolumeInferer(brain_oracle(hgg_logit=0.5), DiffusionSampler(2, ensemble_size=1), (64, 64))
+    inferer.progress = False
+    result = run_evaluation(inferer, synthetic_datalist, tmp_path / "eval", datalist_key="training", num_eval_cases=3)
+    entries = load_brats_datalist(synthetic_datalist, "training")[:3]
+    assert [row["subject_id"] for row in result.rows] == [e["subject_id"] for e in entries]
+    for row, entry in zip(result.rows, entries):
+        truth = np.asarray(nib.load(entry["label"]).dataobj) > 0
+        brain = np.stack([np.asarray(nib.load(p).dataobj) for p in entry["image"]]).any(axis=0)
+        assert row["dice_WT"] == pytest.approx(2 * (truth & brain).sum() / (truth.sum() + brain.sum()), rel=1e-5)
+        assert row["grade"] == entry["grade"]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_subjects"] == 3
+    assert summary["grade"]["confusion_matrix"][0][0] == 0  # p_hgg = 0.62 for all: every subject called HGG
+    assert (tmp_path / "eval" / "metrics_per_subject.csv").read_text().count("\n") == 4
+    assert (tmp_path / "eval" / "grades.csv").is_file()
+    assert "dice_WT" in capsys.readouterr().out
+
+
+def test_evaluation_needs_labels(brain_oracle, synthetic_brats_dir, tmp_path):
+    folder = synthetic_brats_dir / "BraTS20_Training_001"
+    files = [folder / f"BraTS20_Training_001_{m}.nii" for m in ("t1", "t1ce", "t2", "flair")]
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    with pytest.raises(ValueError, match="label file .* BraTS20_Training_001"):
+        run_evaluation(inferer, files, tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsegdiff_monai.inferers import (
+    DiffusionSampler,
+    export_from_checkpoint,
+    extract_network_state,
+    load_exported_network,
+    load_network_weights,
+)
+from medsegdiff_monai.networks import get_network
+
+TINY = {
+    "channels": (8, 8, 16),
+    "condition_channels": (8, 8, 16),
+    "attention_levels": (False, False, False),
+    "num_head_channels": 8,
+    "norm_num_groups": 4,
+    "cls_hidden_channels": 8,
+}
+
+
+def _tiny_network(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_network("small", **TINY, **kwargs).eval()
+
+
+def test_checkpoint_formats_load_the_same_weights(tmp_path):
+    network = _tiny_network()
+    state = network.state_dict()
+    nested = {"network": state, "optimizer": {"state": {}}}
+    wrapped = {f"_orig_mod.{k}": v for k, v in state.items()}
+    for name, content in (("plain.pt", state), ("nested.pt", nested), ("compiled.pt", wrapped)):
+        torch.save(content, tmp_path / name)
+        loaded = load_network_weights(_tiny_network(use_cls_head=True), tmp_path / name)
+        for key, value in loaded.state_dict().items():
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    assert extract_network_state({"module.a": 1}) == {"a": 1}
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_network_weights(_tiny_network(), tmp_path / "missing.pt")
+    torch.save(_tiny_network(use_cls_head=False).state_dict(), tmp_path / "no_head.pt")
+    with pytest.raises(ValueError, match="use_cls_head"):
+        load_network_weights(_tiny_network(use_cls_head=True), tmp_path / "no_head.pt")
+
+
+def test_exported_network_matches_and_samples(tmp_path):
+    network = _tiny_network()
+    torch.save({"network": network.state_dict()}, tmp_path / "model.pt")
+    paths = export_from_checkpoint(tmp_path / "model.pt", tmp_path / "exported", image_size=(16, 16), **TINY)
+    assert [p.name for p in paths] == ["model_condition.pt2", "model_denoise.pt2"]
+    exported = load_exported_network(tmp_path / "exported")
+    image = torch.randn(3, 4, 16, 16)
+    x_t, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        for got, expected in zip(exported(x_t, t, image), network(x_t, t, image)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        sampler = DiffusionSampler(num_inference_steps=2, ensemble_size=3)
+        torch.testing.assert_close(sampler(exported, image[:1]).probs, sampler(network, image[:1]).probs)
+    with pytest.raises(FileNotFoundError, match="other_condition.pt2"):
+        load_exported_network(tmp_path / "exported", prefix="other")

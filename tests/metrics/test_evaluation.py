@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsegdiff_monai.metrics import evaluate_subjects, format_table, write_evaluation
+
+
+def _label_file(tmp_path, name: str, labels: np.ndarray, zooms=(1.0, 1.0, 1.0)):
+    image = nib.Nifti1Image(labels.astype(np.uint8), np.diag([*zooms, 1.0]))
+    path = tmp_path / f"{name}.nii"
+    nib.save(image, str(path))
+    return path
+
+
+def _labels() -> np.ndarray:
+    labels = np.zeros((12, 12, 8), dtype=np.uint8)
+    labels[2:10, 2:10, 2:6] = 2  # oedema
+    labels[4:8, 4:8, 3:5] = 1  # core
+    labels[5:7, 5:7, 3:5] = 4  # enhancing
+    return labels
+
+
+def test_perfect_and_partial_predictions(tmp_path):
+    truth = _labels()
+    partial = truth.copy()
+    partial[partial == 4] = 1  # ET missed: TC and WT unchanged
+    predictions = [
+        {
+            "subject_id": "s1",
+            "pred_labels": truth,
+            "label_file": _label_file(tmp_path, "s1", truth),
+            "p_hgg": 0.9,
+            "grade": 1,
+        },
+        {
+            "subject_id": "s2",
+            "pred_labels": partial,
+            "label_file": _label_file(tmp_path, "s2", truth),
+            "p_hgg": 0.2,
+            "grade": 0,
+        },
+    ]
+    result = evaluate_subjects(predictions)
+    perfect, missed = result.rows
+    assert [perfect[f"dice_{r}"] for r in ("TC", "WT", "ET", "mean")] == [1.0] * 4
+    assert [perfect[f"hd95_{r}"] for r in ("TC", "WT", "ET", "mean")] == [0.0] * 4
+    assert missed["dice_TC"] == 1.0 and missed["dice_WT"] == 1.0 and missed["dice_ET"] == 0.0
+    assert missed["hd95_ET"] == pytest.approx(math.sqrt(12**2 + 12**2 + 8**2))
+    assert result.summary["dice_ET"] == {"mean": 0.5, "std": 0.5}
+    assert result.summary["grade"]["auc"] == 1.0 and result.summary["grade"]["accuracy"] == 1.0
+    table = format_table(result)
+    assert "s1" in table and "mean" in table and "auc=1.000" in table
+
+    csv_path, json_path = write_evaluation(result, tmp_path / "report")
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["subject_id"] for r in rows] == ["s1", "s2"] and float(rows[1]["dice_ET"]) == 0.0
+    summary = json.loads(json_path.read_text())
+    assert summary["num_subjects"] == 2 and summary["grade"]["confusion_matrix"] == [[1, 0], [0, 1]]
+
+
+def test_one_grade_only_is_nan_in_json(tmp_path):
+    truth = _labels()
+    prediction = {
+        "subject_id": "s",
+        "pred_labels": truth,
+        "label_file": _label_file(tmp_path, "s", truth),
+        "p_hgg": 0.7,
+        "grade": 1,
+    }
+    with pytest.warns(UserWarning, match="AUC is NaN"):
+        result = evaluate_subjects([prediction], include_hd95=False)
+    assert "hd95_mean" not in result.rows[0]
+    _, json_path = write_evaluation(result, tmp_path)
+    assert json.loads(json_path.read_text())["grade"]["auc"] is None  # strict JSON: NaN -> null
+
+
+def test_hd95_uses_the_label_voxel_size(tmp_path):
+    truth = np.zeros((10, 10, 10), dtype=np.uint8)
+    truth[2, 2, 2] = 2
+    pred = np.zeros_like(truth)
+    pred[2, 2, 5] = 2
+    label_file = _label_file(tmp_path, "s", truth, zooms=(1.0, 1.0, 2.5))
+    row = evaluate_subjects([{"subject_id": "s", "pred_labels": pred, "label_file": label_file}]).rows[0]
+    assert row["hd95_WT"] == pytest.approx(7.5)
+
+
+def test_shape_mismatch(tmp_path):
+    truth = _labels()
+    with pytest.raises(ValueError, match="subject s: prediction shape"):
+        label_file = _label_file(tmp_path, "s", truth)
+        evaluate_subjects([{"subject_id": "s", "pred_labels": truth[:5], "label_file": label_file}])
