@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.data import load_decathlon_datalist
-
 from medsegdiff_monai.data.layout import GRADE_TO_INDEX, BratsSubject
 from medsegdiff_monai.data.split import grade_class_weights, stratified_split
 
@@ -104,6 +102,8 @@ def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_
     Returns:
         the list of entries with ``image`` and ``label`` paths joined to ``base_dir``.
     """
+    from monai.data import load_decathlon_datalist  # MONAI (and torch) load lazily, keeping the CLI quick to start
+
     with open(path) as f:
         raw = json.load(f)[data_list_key]
     entries = load_decathlon_datalist(path, data_list_key=data_list_key, base_dir=base_dir)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from monai.data import CacheDataset
+if TYPE_CHECKING:
+    from monai.data import CacheDataset
 
 __all__ = ["make_slice_dataset"]
 
@@ -32,6 +34,8 @@ def make_slice_dataset(
         copy_cache: deep-copy a cached volume before the random steps (MONAI's default); ``False`` saves the copy
             and is safe with the training chain, whose random steps do not modify their input in place.
     """
+    from monai.data import CacheDataset  # MONAI (and torch) load lazily, keeping the CLI quick to start
+
     return CacheDataset(
         data=list(datalist_entries),
         transform=transforms,

@@ -1,0 +1,99 @@
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from medsegdiff_monai import cli
+
+SHAPE = ["24", "24", "16"]
+
+
+def synth(out, subjects=6, lgg_fraction="0.34", seed="1"):
+    args = ["synth", "--out", str(out), "--subjects", str(subjects), "--lgg-fraction", lgg_fraction]
+    return cli.main([*args, "--shape", *SHAPE, "--seed", seed, "--no-progress"])
+
+
+def test_synth_then_datalist(tmp_path, capsys):
+    data = tmp_path / "brats"
+    assert synth(data) == 0
+    out = tmp_path / "lists" / "datalist.json"
+    code = cli.main(["datalist", "--data-dir", str(data), "--val-fraction", "0.34", "--out", str(out), "--no-progress"])
+    assert code == 0
+    # 6 subjects, round(6 * 0.34) = 2 LGG; validation takes round(0.68) = 1 LGG and round(1.36) = 1 HGG
+    assert "n_LGG=1 n_HGG=3 alpha_LGG=2.000 alpha_HGG=0.667" in capsys.readouterr().out
+    datalist = json.loads(out.read_text())
+    assert len(datalist["training"]) == 4 and len(datalist["validation"]) == 2
+    assert all((data / e["label"]).is_file() and not e["label"].startswith("/") for e in datalist["training"])
+
+
+def test_datalist_default_output_next_to_the_data(tmp_path):
+    assert synth(tmp_path, subjects=4, lgg_fraction="0.5") == 0
+    assert cli.main(["datalist", "--data-dir", str(tmp_path), "--val-fraction", "0.0", "--no-progress"]) == 0
+    assert len(json.loads((tmp_path / "datalist.json").read_text())["training"]) == 4
+
+
+def test_synth_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert synth(tmp_path / name, subjects=2) == 0
+    digest = {n: hashlib.sha256(b"".join(p.read_bytes() for p in sorted((tmp_path / n).rglob("*.*")))).hexdigest()
+              for n in ("a", "b")}  # fmt: skip
+    assert digest["a"] == digest["b"]
+
+
+def test_check_lists_every_problem(tmp_path, capsys):
+    assert synth(tmp_path, subjects=4, lgg_fraction="0.5") == 0
+    assert cli.main(["check", "--data-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "4 subjects, no problem found" in capsys.readouterr().out
+    (tmp_path / "BraTS20_Training_001" / "BraTS20_Training_001_t2.nii").unlink()
+    (tmp_path / "BraTS20_Training_003" / "BraTS20_Training_003_seg.nii").write_bytes(b"broken")
+    (tmp_path / "BraTS20_Training_005").mkdir()
+    assert cli.main(["check", "--data-dir", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "subject BraTS20_Training_001: missing modality 't2'" in err
+    assert "subject BraTS20_Training_003: file" in err and "_seg.nii is not a readable NIfTI" in err
+    assert "subject BraTS20_Training_005: folder" in err and "has no row in" in err
+    assert "subject BraTS20_Training_005: missing modality 't1'" in err
+    assert "8 problem(s) found" in err  # 001: 1, 003: 1, 005: no CSV row, four modalities and a label
+
+
+def test_datalist_writes_nothing_on_failure(tmp_path, capsys):
+    assert synth(tmp_path, subjects=4, lgg_fraction="0.5") == 0
+    (tmp_path / "BraTS20_Training_002" / "BraTS20_Training_002_flair.nii").unlink()
+    out = tmp_path / "datalist.json"
+    assert cli.main(["datalist", "--data-dir", str(tmp_path), "--out", str(out), "--no-progress"]) == 1
+    assert "nothing written" in capsys.readouterr().err and not out.exists()
+
+
+def test_datalist_refuses_a_split_without_a_training_class(tmp_path, capsys):
+    assert synth(tmp_path, subjects=3, lgg_fraction="0.34") == 0  # 1 LGG subject
+    out = tmp_path / "datalist.json"
+    args = ["datalist", "--data-dir", str(tmp_path), "--val-fraction", "0.6", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 1
+    assert "no LGG subject" in capsys.readouterr().err and not out.exists()
+
+
+def test_usage(capsys):
+    assert cli.main([]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["synth", "--out", "x", "--lgg-fraction", "2"])
+    assert exit_info.value.code == 2
+
+
+def test_commands_are_extensible(monkeypatch):
+    def register_hello(subparsers):
+        subparsers.add_parser("hello").set_defaults(handler=lambda args: 7)
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, register_hello])
+    assert cli.main(["hello"]) == 7
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "medsegdiff_monai", "check", "--data-dir", str(tmp_path / "missing"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "does not exist" in result.stderr
