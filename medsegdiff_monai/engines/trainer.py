@@ -99,9 +99,9 @@ class DiffusionTrainer(SupervisedTrainer):
             amp=False,
             optim_set_to_none=True,
             decollate=False,
+            event_names=[NonFiniteLossEvents, *(kwargs.pop("event_names", None) or [])],
             **kwargs,
         )
-        self.register_events(*NonFiniteLossEvents)
         self.seg_loss = seg_loss
         self.cls_loss = cls_loss
         self.noise_scheduler = noise_scheduler

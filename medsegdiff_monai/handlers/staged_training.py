@@ -36,9 +36,14 @@ class StagedTraining:
         self.stage_index: int | None = None
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._record_base_lr)
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    @staticmethod
+    def _record_base_lr(engine: Engine) -> None:
+        # a resumed optimizer state brings its own base_lr (loaded after this handler runs)
         for group in engine.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         index, stage = stage_at_epoch(self.stages, engine.state.epoch)

@@ -1,0 +1,53 @@
+import pytest
+
+from medsegdiff_monai.engines import TrainingStage, parse_stages, stage_at_epoch, total_epochs
+
+PLAN = [
+    {"name": "segmentation", "epochs": 2, "train": "backbone", "losses": ["seg"]},
+    {"name": "classification", "epochs": 1, "train": "cls_head", "lr_multiplier": 10.0, "losses": ["cls"]},
+    {
+        "name": "joint",
+        "epochs": 3,
+        "train": "all",
+        "lr_multiplier": 0.1,
+        "losses": ["seg", "cls"],
+        "uncertainty_weighting": True,
+    },
+]
+
+
+def test_parse_and_walk_the_plan():
+    stages = parse_stages(PLAN)
+    assert [s.name for s in stages] == ["segmentation", "classification", "joint"]
+    assert total_epochs(stages) == 6
+    assert [stage_at_epoch(stages, e)[0] for e in range(1, 8)] == [0, 0, 1, 2, 2, 2, 2]
+    assert stages[2] == TrainingStage("joint", 3, "all", 0.1, ("seg", "cls"), True)
+
+
+def test_segmentation_only_plan_drops_head_stages():
+    stages = parse_stages(PLAN, use_cls_head=False)
+    assert [s.name for s in stages] == ["segmentation", "joint"]
+    assert stages[1].losses == ("seg",)
+
+
+def test_single_stage_selection():
+    stages = parse_stages(PLAN, only_stage=2)
+    assert [s.name for s in stages] == ["classification"]
+    with pytest.raises(ValueError, match="only_stage=4"):
+        parse_stages(PLAN, only_stage=4)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"name": "x", "epochs": 1, "train": "decoder"}, "train='decoder'"),
+        ({"name": "x", "epochs": -1, "train": "all"}, "epochs=-1"),
+        ({"name": "x", "epochs": 1, "train": "all", "losses": ["dice"]}, "losses=\\['dice'\\]"),
+        ({"name": "x", "epochs": 1, "train": "all", "lr": 3}, "unknown field"),
+        ({"name": "x", "train": "all"}, "missing field 'epochs'"),
+        ({"name": "x", "epochs": 1, "train": "all", "lr_multiplier": 0}, "lr_multiplier=0"),
+    ],
+)
+def test_bad_stage_names_the_field(bad, message):
+    with pytest.raises(ValueError, match=message):
+        parse_stages([bad])

@@ -1,0 +1,144 @@
+"""DiffusionTrainer + StagedTraining + NonFiniteLossGuard on in-memory batches (no files)."""
+
+import math
+
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+from medsegdiff_monai.engines import DiffusionTrainer, build_optimizer, parse_stages
+from medsegdiff_monai.handlers import NonFiniteLossGuard, StagedTraining
+from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
+from medsegdiff_monai.networks import get_network
+
+SIZE = 32
+
+
+def make_batches(count: int = 3, batch: int = 2) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        image = torch.randn(batch, 4, SIZE, SIZE, generator=generator)
+        label = torch.zeros(batch, 3, SIZE, SIZE)
+        label[:, :, 8:20, 10:22] = 1.0
+        batches.append({"image": image, "label": label, "grade": torch.tensor([0, 1][:batch])})
+    return batches
+
+
+def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=()):
+    torch.manual_seed(0)
+    network = get_network("small", use_cls_head=use_cls_head)
+    weighting = UncertaintyWeightedLoss(tasks=("seg", "cls"))
+    optimizer = build_optimizer(network, weighting, lr=lr, weight_decay=0.1)
+    plan = parse_stages(stages, use_cls_head=use_cls_head)
+    staged = StagedTraining(plan)
+    trainer = DiffusionTrainer(
+        device="cpu",
+        max_epochs=sum(s.epochs for s in plan),
+        train_data_loader=make_batches(),
+        network=network,
+        optimizer=optimizer,
+        loss_function=weighting,
+        seg_loss=seg_loss or SegmentationLoss(),
+        cls_loss=GradeFocalLoss(alpha=(2.0, 0.67)) if use_cls_head else None,
+        noise_scheduler=DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"),
+        stage=plan[0],
+        train_handlers=[staged, *handlers],
+    )
+    return trainer, network, optimizer
+
+
+def snapshot(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefix)}
+
+
+def test_stage2_freezes_backbone_bit_for_bit_and_trains_head():
+    stages = [{"name": "classification", "epochs": 1, "train": "cls_head", "lr_multiplier": 10.0, "losses": ["cls"]}]
+    trainer, network, _ = make_trainer(stages)
+    before = snapshot(network)
+    running_stats = {n: b.clone() for n, b in network.named_buffers()}
+    trainer.run()
+    after = snapshot(network)
+    backbone = [n for n in before if not n.startswith("cls_head.")]
+    head = [n for n in before if n.startswith("cls_head.")]
+    assert backbone and head
+    assert all(torch.equal(before[n], after[n]) for n in backbone), "a frozen backbone weight changed"
+    assert any(not torch.equal(before[n], after[n]) for n in head), "the grade head did not train"
+    assert all(torch.equal(b, running_stats[n]) for n, b in network.named_buffers())
+
+
+def test_stage1_leaves_head_untouched_and_trains_backbone():
+    stages = [{"name": "segmentation", "epochs": 1, "train": "backbone", "losses": ["seg"]}]
+    trainer, network, _ = make_trainer(stages)
+    before = snapshot(network)
+    trainer.run()
+    after = snapshot(network)
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("cls_head."))
+    assert any(not torch.equal(before[n], after[n]) for n in before if not n.startswith("cls_head."))
+    assert math.isnan(float(trainer.state.output["L_cls"]))
+    assert math.isfinite(float(trainer.state.output["L_seg"]))
+
+
+def test_learning_rate_of_each_stage_is_base_times_multiplier():
+    stages = [
+        {"name": "segmentation", "epochs": 1, "train": "backbone", "lr_multiplier": 1.0},
+        {"name": "classification", "epochs": 1, "train": "cls_head", "lr_multiplier": 10.0, "losses": ["cls"]},
+        {"name": "joint", "epochs": 1, "train": "all", "lr_multiplier": 0.1, "losses": ["seg", "cls"]},
+    ]
+    trainer, _, optimizer = make_trainer(stages, lr=2e-4)
+    seen = {}
+
+    @trainer.on(__import__("ignite").engine.Events.EPOCH_COMPLETED)
+    def record(engine):
+        seen[engine.stage.name] = [group["lr"] for group in optimizer.param_groups]
+
+    trainer.run()
+    assert seen["segmentation"] == pytest.approx([2e-4, 2e-4])
+    assert seen["classification"] == pytest.approx([2e-3, 2e-3])
+    assert seen["joint"] == pytest.approx([2e-5, 2e-5])
+
+
+def test_joint_stage_trains_log_sigmas():
+    stages = [{"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "cls"], "uncertainty_weighting": True}]
+    trainer, _, _ = make_trainer(stages, lr=1e-2)
+    before = [p.detach().clone() for p in trainer.loss_function.parameters()]
+    trainer.run()
+    after = list(trainer.loss_function.parameters())
+    assert all(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_non_finite_loss_is_skipped_and_counted():
+    calls = {"n": 0}
+    real_loss = SegmentationLoss()
+
+    def flaky_loss(seg_logits, label, calib_map):
+        calls["n"] += 1
+        loss = real_loss(seg_logits, label, calib_map)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
+    guard = NonFiniteLossGuard(max_consecutive=5)
+    trainer, network, _ = make_trainer(stages, seg_loss=flaky_loss, handlers=[guard])
+    trainer.run()
+    assert trainer.state.skipped_steps == 1
+    assert trainer.state.epoch_skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in network.parameters())
+
+
+def test_guard_stops_a_diverged_run():
+    def nan_loss(seg_logits, label, calib_map):
+        return seg_logits.sum() * float("nan")
+
+    stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
+    trainer, _, _ = make_trainer(stages, seg_loss=nan_loss, handlers=[NonFiniteLossGuard(max_consecutive=2)])
+    with pytest.raises(RuntimeError, match="2 consecutive"):
+        trainer.run()
+
+
+def test_segmentation_only_network_trains():
+    stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
+    trainer, network, _ = make_trainer(stages, use_cls_head=False)
+    before = snapshot(network)
+    trainer.run()
+    assert network.cls_head is None
+    assert any(not torch.equal(before[n], p) for n, p in network.named_parameters())

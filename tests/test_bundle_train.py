@@ -1,0 +1,108 @@
+"""End-to-end training through `python -m monai.bundle run training` on the tiny synthetic data set."""
+
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+FIGURES = ("Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_cls", "L_total", "sigma_seg", "sigma_cls", "alpha_LGG",
+           "alpha_HGG")  # fmt: skip
+
+
+def bundle_command(data_dir: Path, datalist: Path, bundle_root: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--config_file", str(CONFIGS / "train.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+        "--dataset_dir", str(data_dir),
+        "--datalist", str(datalist),
+        "--roi_size", "[32,32]",
+        "--slices_per_volume", "2",
+        "--val_sampling_steps", "1",
+        "--stages#0#epochs", "2",
+        "--stages#1#epochs", "1",
+        "--stages#2#epochs", "1",
+        *overrides,
+    ]  # fmt: skip
+
+
+def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def read_metrics(bundle_root: Path) -> list[dict]:
+    with open(bundle_root / "runs" / "train" / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_staged_training_through_the_bundle(tmp_path, synthetic_brats_dir, synthetic_datalist):
+    result = run(bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path))
+    out = result.stdout
+    assert "n_LGG=" in out and "alpha_LGG=" in out and "parameters:" in out
+    epoch_lines = [line for line in out.splitlines() if " - INFO - epoch " in line]
+    assert len(epoch_lines) == 4
+    for line in epoch_lines:
+        for figure in FIGURES:
+            assert f"{figure}=" in line, (figure, line)
+    rows = read_metrics(tmp_path)
+    assert [r["stage"] for r in rows] == ["segmentation", "segmentation", "classification", "joint"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[1]["L_seg"]) < float(rows[0]["L_seg"]), "segmentation loss did not fall in stage 1"
+    assert rows[2]["L_seg"] == "nan" and float(rows[2]["L_cls"]) > 0
+    for row in rows:
+        assert 0.0 <= float(row["Dice"]) <= 1.0
+        assert float(row["alpha_LGG"]) > float(row["alpha_HGG"])  # fewer LGG subjects in the training split
+    assert float(rows[3]["lr"]) == pytest.approx(1e-4)  # joint stage: 1e-3 x 0.1
+    checkpoint = torch.load(tmp_path / "runs" / "train" / "checkpoints" / "checkpoint_epoch=4.pt", weights_only=True)
+    assert {"network", "optimizer", "loss", "trainer"} <= set(checkpoint)
+    assert checkpoint["trainer"]["iteration"] == 4 * checkpoint["trainer"]["epoch_length"]
+    best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+    assert (tmp_path / "runs" / "train" / "tensorboard").is_dir()
+
+
+def test_segmentation_only_bundle_run(tmp_path, synthetic_brats_dir, synthetic_datalist):
+    result = run(bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--use_cls_head", "false"))
+    rows = read_metrics(tmp_path)
+    assert [r["stage"] for r in rows] == ["segmentation", "segmentation", "joint"]
+    assert all(r["AUC"] == "nan" and r["L_cls"] == "nan" for r in rows)
+    assert all(0.0 <= float(r["Dice"]) <= 1.0 for r in rows)
+    assert "n_LGG=" in result.stdout
+
+
+def test_killed_run_resumes_without_repeating_an_epoch(tmp_path, synthetic_brats_dir, synthetic_datalist):
+    datalist_digest = hashlib.sha256(Path(synthetic_datalist).read_bytes()).hexdigest()
+    command = bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--stages#0#epochs", "4")
+    checkpoints = tmp_path / "runs" / "train" / "checkpoints"
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (checkpoints / "checkpoint_epoch=1.pt").exists():
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(int(r["epoch"]) for r in read_metrics(tmp_path))
+    assert killed_at < 6, "the run finished before the kill"
+
+    result = run(command)
+    assert "resume: loading" in result.stdout
+    resumed_lines = [line for line in result.stdout.splitlines() if " - INFO - epoch " in line]
+    assert resumed_lines and " - INFO - epoch 1 " not in "\n".join(resumed_lines)
+    epochs = [int(r["epoch"]) for r in read_metrics(tmp_path)]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert hashlib.sha256(Path(synthetic_datalist).read_bytes()).hexdigest() == datalist_digest
