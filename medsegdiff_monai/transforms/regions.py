@@ -41,9 +41,12 @@ class CheckBratsLabelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             label = d[key]
-            values = torch.unique(torch.as_tensor(label)).tolist()
-            bad = [v for v in values if v not in BRATS_LABEL_VALUES]
-            if bad:
+            voxels = torch.as_tensor(label)
+            outside = torch.ones_like(voxels, dtype=torch.bool)
+            for value in BRATS_LABEL_VALUES:
+                outside &= voxels != value
+            if outside.any():
+                bad = torch.unique(voxels[outside]).tolist()
                 source = label.meta.get("filename_or_obj", key) if isinstance(label, MetaTensor) else key
                 subject = d.get("subject_id", "?")
                 raise ValueError(
