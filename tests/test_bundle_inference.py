@@ -1,0 +1,141 @@
+"""The inference / evaluation bundle: offline metadata check, CLI runs, and loading in a fresh Python."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import verify_metadata
+
+from medsegdiff_monai.networks import get_network
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+SCHEMA = BUNDLE / "configs" / "schema" / "metadata_schema.json"
+TINY_NETWORK = {
+    "channels": [8, 8, 16],
+    "condition_channels": [8, 8, 16],
+    "attention_levels": [False, False, False],
+    "num_head_channels": 8,
+    "norm_num_groups": 4,
+    "cls_hidden_channels": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory: pytest.TempPathFactory, synthetic_datalist: Path) -> Path:
+    """A working folder holding ``bundle/`` (the repository's configs, a tiny random ``models/model.pt``) and
+    ``args.json`` overriding the configs for a fast CPU run on the synthetic test data."""
+    root = tmp_path_factory.mktemp("bundle_run")
+    shutil.copytree(BUNDLE / "configs", root / "bundle" / "configs")
+    (root / "bundle" / "models").mkdir()
+    torch.manual_seed(0)
+    network = get_network("small", **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_NETWORK.items()})
+    torch.save(network.state_dict(), root / "bundle" / "models" / "model.pt")
+    overrides = {f"network_def#{key}": value for key, value in TINY_NETWORK.items()}
+    overrides.update(
+        dataset_dir=str(synthetic_datalist.parent),
+        roi_size=[64, 64],
+        num_inference_steps=2,
+        ensemble_size=2,
+        device="cpu",
+    )
+    (root / "args.json").write_text(json.dumps(overrides))
+    return root
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("name", ["metadata.json", "metadata.proposed.json"])
+def test_metadata_verifies_offline_against_the_schema_copy(name, tmp_path):
+    meta_file = BUNDLE / "configs" / name
+    if not meta_file.is_file():
+        pytest.skip(f"{name} not present")
+    verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
+    broken = json.loads(meta_file.read_text())
+    del broken["task"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="'task' is a required property"):
+        verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(SCHEMA))
+
+
+def test_inference_bundle_runs_from_the_command_line(bundle_copy, synthetic_datalist):
+    meta = "bundle/configs/metadata.proposed.json"
+    meta = meta if (bundle_copy / meta).is_file() else "bundle/configs/metadata.json"
+    _run(
+        [
+            "-m", "monai.bundle", "run",
+            "--meta_file", meta,
+            "--config_file", "bundle/configs/inference.json",
+            "--logging_file", "bundle/configs/logging.conf",
+            "--args_file", "args.json",
+            "--num_cases", "1",
+        ],
+        cwd=bundle_copy,
+    )  # fmt: skip
+    subject = json.loads(synthetic_datalist.read_text())["validation"][0]
+    out = bundle_copy / "bundle" / "runs" / "inference"
+    seg = nib.load(str(out / f"{subject['subject_id']}_seg.nii.gz"))
+    t1 = nib.load(str(synthetic_datalist.parent / subject["image"][0]))
+    assert seg.shape == t1.shape and np.allclose(seg.affine, t1.affine)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
+    rows = (out / "grades.csv").read_text().splitlines()
+    assert rows[0] == "subject_id,p_hgg,grade" and rows[1].startswith(subject["subject_id"] + ",")
+
+
+FRESH_PYTHON = """
+import json, sys, torch
+import monai.bundle
+from monai.bundle import ConfigParser, ConfigWorkflow
+from medsegdiff_monai.inferers import DiffusionSampler
+
+overrides = json.load(open("args.json"))
+net_override = {k.split("#", 1)[1]: v for k, v in overrides.items() if k.startswith("network_def#")}
+network = monai.bundle.load(
+    name="bundle", bundle_dir=".", workflow_type="inference", model_file="models/model.pt",
+    net_override=net_override, device="cpu",
+)
+parser = ConfigParser()
+parser.read_config("bundle/configs/inference.json")
+parser.update(overrides)
+sampler = parser.get_parsed_content("inferer")
+out = sampler(network.eval(), torch.randn(2, 4, 64, 64))
+own = DiffusionSampler(num_inference_steps=1, ensemble_size=1)(network, torch.randn(1, 4, 64, 64))
+missing = {}
+for config in ("inference", "evaluate"):
+    workflow = ConfigWorkflow(config_file=f"bundle/configs/{config}.json", workflow_type="inference", **overrides)
+    workflow.initialize()
+    missing[config] = workflow.check_properties()
+monai.bundle.run(
+    config_file="bundle/configs/evaluate.json", meta_file="bundle/configs/metadata.json",
+    logging_file="bundle/configs/logging.conf", args_file="args.json", num_eval_cases=1, include_hd95=True,
+)
+print("RESULT" + json.dumps({
+    "network": type(network).__name__, "probs": list(out.probs.shape), "p_hgg": list(out.p_hgg.shape),
+    "steps": sampler.num_inference_steps, "own_probs": list(own.probs.shape), "missing": missing,
+}))
+"""
+
+
+def test_bundle_loads_in_a_fresh_python_and_evaluates(bundle_copy):
+    result = _run(["-c", FRESH_PYTHON], cwd=bundle_copy)
+    report = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert report["network"] == "DiffusionUNetWithClsHead"
+    assert report["probs"] == [2, 3, 64, 64] and report["p_hgg"] == [2] and report["steps"] == 2
+    assert report["own_probs"] == [1, 3, 64, 64]
+    assert report["missing"] == {"inference": [], "evaluate": []}
+    summary = json.loads((bundle_copy / "bundle" / "runs" / "evaluate" / "summary.json").read_text())
+    assert summary["num_subjects"] == 1
+    assert set(summary["dice_WT"]) == {"mean", "std"} and "hd95_ET" in summary
+    assert {"auc", "f1", "accuracy", "ece", "confusion_matrix"} <= set(summary["grade"])
+    assert "dice_WT" in result.stdout  # the printed table
