@@ -76,7 +76,8 @@ def main() -> None:
         start = time.perf_counter()
         dataset = make_slice_dataset(entries, chain)
         cache_s = (time.perf_counter() - start) / len(entries)
-        cached_mb = sum(c["image"].numel() * 4 + c["label"].numel() for c in dataset._cache) / len(entries) / 2**20
+        cached_mb = sum(v.numel() * v.element_size() for c in dataset._cache for v in c.values() if hasattr(v, "numel"))
+        cached_mb /= len(entries) * 2**20
 
         print(f"shape {tuple(args.shape)}, {args.subjects} volumes, roi {tuple(args.roi)}, "
               f"{args.slices_per_volume} slices/volume, batch {args.batch_size}, augment {not args.no_augment}, "
@@ -87,7 +88,7 @@ def main() -> None:
         print(f"| synthetic generator (write) | {synth_s:.2f} s/subject |")
         print(f"| folder validation (headers + voxels) | {validate_s:.2f} s/subject |")
         print(f"| cache fill (decode + volume transforms) | {cache_s:.2f} s/volume |")
-        print(f"| cached volume size (image + label) | {cached_mb:.1f} MB |")
+        print(f"| cached data per volume (image, label, slice centres) | {cached_mb:.1f} MB |")
         for copy_cache in (True, False):
             dataset.copy_cache = copy_cache
             for workers in args.workers:

@@ -2,10 +2,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses, Invertd
 
 from medsegdiff_monai.data import load_brats_datalist
-from medsegdiff_monai.transforms import get_inference_transforms, get_train_transforms, get_val_transforms
+from medsegdiff_monai.transforms import (
+    get_inference_transforms,
+    get_train_transforms,
+    get_val_transforms,
+    regions_to_brats_labels,
+)
 
 FULL_ROI = (48, 48)  # the synthetic volumes are 48 x 48 x 32: no in-plane crop, so no brain voxel is lost
 
@@ -77,6 +83,19 @@ def test_validation_chain_crops_to_the_brain_and_inverts_exactly(entries):
     assert restored.shape == (3, 48, 48, 32)
     np.testing.assert_array_equal(restored.numpy().astype(bool), reference)
     np.testing.assert_array_equal(restored.affine.numpy(), nib.load(entry["label"]).affine)
+
+
+def test_inference_prediction_back_to_a_brats_label_file(entries):
+    entry = entries[5]
+    chain = get_inference_transforms(roi_size=(32, 32))
+    data = chain({"image": entry["image"]})
+    regions = get_val_transforms(roi_size=(32, 32))(entry)["label"].as_tensor()  # a perfect "prediction"
+    data["pred"] = MetaTensor(regions)  # a network output is a bare tensor: wrap it, Invertd reads the image's trace
+    restored = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=True)(data)["pred"]
+    labels = regions_to_brats_labels(restored)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 48, 48, 32)
+    np.testing.assert_array_equal(labels[0].numpy(), raw(entry["label"]))
+    np.testing.assert_array_equal(labels.affine.numpy(), nib.load(entry["label"]).affine)
 
 
 def test_inference_chain_without_label(entries):
