@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ROCAUC, ConfusionMatrix, MeanDice, MeanIoUHandler
 from monai.utils import MetricReduction
@@ -81,6 +82,14 @@ class DiffusionEvaluator(SupervisedEvaluator):
         use_cls_head: add the subject-level grade metrics.
         kwargs: passed to :class:`~monai.engines.SupervisedEvaluator`. Without ``key_val_metric`` the metrics of
             :func:`validation_metrics` are used, mean ``Dice`` as the key metric.
+
+    Under DistributedDataParallel give each rank its share of the subjects (``monai.data.DistributedSampler`` with
+    ``even_divisible=False``): the metric handlers gather the per-subject results of all ranks before reducing, so
+    every rank ends with the figures of the whole validation split. Sampling uses the unwrapped network, so ranks
+    with different numbers of subjects never wait on each other inside the network.
+
+    Raises:
+        ValueError: when ``val_data_loader`` is empty (e.g. fewer validation subjects than processes).
     """
 
     def __init__(
@@ -95,6 +104,16 @@ class DiffusionEvaluator(SupervisedEvaluator):
         use_cls_head: bool = True,
         **kwargs: Any,
     ) -> None:
+        if hasattr(val_data_loader, "__len__") and len(val_data_loader) == 0:
+            where = (
+                f"rank {dist.get_rank()} of {dist.get_world_size()}"
+                if dist.is_available() and dist.is_initialized()
+                else "this process"
+            )
+            raise ValueError(
+                f"the validation data loader of {where} is empty: expected at least one validation subject per "
+                "process (check the datalist's validation split and the number of processes)."
+            )
         if kwargs.get("key_val_metric") is None:
             metrics = validation_metrics(mask_channels, use_cls_head)
             kwargs["key_val_metric"] = {"Dice": metrics.pop("Dice")}

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 __all__ = ["EpochReport", "REPORT_COLUMNS"]
@@ -32,6 +33,10 @@ class EpochReport:
     A figure that is undefined (e.g. AUC with one grade in the validation split, L_cls in a segmentation stage) is
     NaN, with a warning for validation figures. On a resumed run, rows of epochs after the restored one are dropped,
     so no epoch appears twice.
+
+    Under DistributedDataParallel attach it on every rank: the loss means are then over the applied steps of all
+    ranks (one all-reduce per epoch), the validation figures are those the MONAI metric handlers gathered from all
+    ranks, and only rank 0 prints, writes ``metrics.csv`` and TensorBoard.
 
     Args:
         output_dir: folder of ``metrics.csv`` and the TensorBoard events.
@@ -75,6 +80,8 @@ class EpochReport:
         engine.add_event_handler(Events.COMPLETED, self._close)
 
     def _started(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.class_counts is not None:
             self.logger.info(
@@ -85,7 +92,7 @@ class EpochReport:
             self.logger.info(f"parameters: {self.num_parameters:,}")
 
     def _epoch_started(self, engine: Engine) -> None:
-        if not self._trimmed:  # after any checkpoint loader has restored the epoch counter
+        if not self._trimmed and _is_main_process():  # after any checkpoint loader has restored the epoch counter
             self._trim_rows(engine.state.epoch - 1)
             self._trimmed = True
         self._sums, self._count = {}, 0
@@ -102,13 +109,16 @@ class EpochReport:
 
     def _epoch_completed(self, engine: Engine) -> None:
         row = self._collect(engine)
+        if not _is_main_process():
+            return
         self._append_row(row)
         self._log_line(row)
         if self.tensorboard:
             self._write_tensorboard(row, engine.state.epoch)
 
     def _collect(self, engine: Engine) -> dict:
-        sigmas = engine.loss_function.sigmas() if hasattr(engine.loss_function, "sigmas") else {}
+        loss_function = getattr(engine.loss_function, "module", engine.loss_function)  # unwrap DDP
+        sigmas = loss_function.sigmas() if hasattr(loss_function, "sigmas") else {}
         row: dict = {
             "epoch": engine.state.epoch,
             "stage": getattr(getattr(engine, "stage", None), "name", ""),
@@ -120,18 +130,28 @@ class EpochReport:
         for key in sorted(k for k in metrics if k.startswith(("Dice_", "IoU_"))):
             row[key] = _as_float(metrics[key])
         undefined = [k for k in ("Dice", "IoU", "AUC", "F1", "Acc") if k in metrics and math.isnan(row[k])]
-        if undefined:
+        if undefined and _is_main_process():
             warnings.warn(
                 f"epoch {engine.state.epoch}: undefined validation figure(s) {undefined} reported as NaN.", stacklevel=2
             )
-        for key in ("L_seg", "L_cls", "L_total"):
-            row[key] = float(self._sums[key] / self._count) if self._count else math.nan
+        row.update(self._loss_means(engine))
         row["sigma_seg"] = sigmas.get("seg", math.nan)
         row["sigma_cls"] = sigmas.get("cls", math.nan)
         row["alpha_LGG"], row["alpha_HGG"] = self.alpha
         row["skipped_steps"] = getattr(engine.state, "epoch_skipped_steps", 0)
         row["seconds"] = time.perf_counter() - self._epoch_start
         return row
+
+    def _loss_means(self, engine: Engine) -> dict[str, float]:
+        """Means of ``L_seg``, ``L_cls``, ``L_total`` over the epoch's applied steps (of all ranks under DDP)."""
+        keys = ("L_seg", "L_cls", "L_total")
+        device = getattr(engine.state, "device", None) or "cpu"
+        zero = torch.zeros((), device=device)
+        totals = torch.stack([self._sums.get(k, zero).to(device) for k in keys] + [zero + self._count])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        count = float(totals[-1])
+        return {k: float(totals[i] / count) if count else math.nan for i, k in enumerate(keys)}
 
     def _columns(self, row: dict) -> list[str]:
         extra = [k for k in row if k not in REPORT_COLUMNS]
@@ -202,3 +222,8 @@ def _as_float(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _is_main_process() -> bool:
+    """True unless this process is a rank other than 0 of an initialised process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
