@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to try")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="main-process torch threads to try")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--pad-in-cache", action="store_true", help="pad / crop to the roi before caching")
     return parser.parse_args()
 
 
@@ -71,7 +72,10 @@ def main() -> None:
         entries = load_brats_datalist(datalist_path, "training", data_dir)
 
         chain = get_train_transforms(
-            roi_size=args.roi, num_slices_per_volume=args.slices_per_volume, augment=not args.no_augment
+            roi_size=args.roi,
+            num_slices_per_volume=args.slices_per_volume,
+            augment=not args.no_augment,
+            pad_in_cache=args.pad_in_cache,
         )
         start = time.perf_counter()
         dataset = make_slice_dataset(entries, chain)
@@ -81,6 +85,7 @@ def main() -> None:
 
         print(f"shape {tuple(args.shape)}, {args.subjects} volumes, roi {tuple(args.roi)}, "
               f"{args.slices_per_volume} slices/volume, batch {args.batch_size}, augment {not args.no_augment}, "
+              f"pad_in_cache {args.pad_in_cache}, "
               f"{os.cpu_count()} CPU cores")  # fmt: skip
         print()
         print("| step | figure |")

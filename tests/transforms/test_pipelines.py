@@ -134,6 +134,18 @@ def test_training_slices_are_slices_of_the_validation_volume(entries):
         assert sample["label"].sum() > 0  # tumour_fraction 1: every slice is centred on a tumour voxel
 
 
+@pytest.mark.parametrize("roi", [(32, 40), (64, 56)])
+def test_padding_in_cache_gives_the_same_slices(entries, roi):
+    outputs = []
+    for pad_in_cache in (False, True):
+        chain = get_train_transforms(roi_size=roi, num_slices_per_volume=4, augment=True, pad_in_cache=pad_in_cache)
+        chain.set_random_state(7)
+        outputs.append(chain(entries[1]))
+    for per_slice, cached in zip(*outputs, strict=True):
+        for key in ("image", "label", "mask"):
+            assert torch.allclose(per_slice[key], cached[key], atol=1e-5), key
+
+
 def test_background_slices_hold_brain(entries):
     chain = get_train_transforms(roi_size=FULL_ROI, num_slices_per_volume=6, tumour_fraction=0.0, augment=False)
     chain.set_random_state(2)
