@@ -3,7 +3,6 @@
 from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
-from medsegdiff_monai.networks.export import export_network
 from medsegdiff_monai.networks.grade_head import GradeHead
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
@@ -19,6 +18,5 @@ __all__ = [
     "SSFormerBlock",
     "SeparableGaussianBlur",
     "SpectralCrossAttention",
-    "export_network",
     "get_network",
 ]

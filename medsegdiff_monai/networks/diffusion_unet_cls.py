@@ -301,6 +301,7 @@ class DiffusionUNetWithClsHead(nn.Module):
             seg_logits (B, mask_channels, *S): logits of the clean mask.
         """
         self._check_mask_input(x_t, t, condition)
+        t = t.to(x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_embed(get_timestep_embedding(t, self.channels[0]).to(x_t.dtype))

@@ -10,7 +10,6 @@ from medsegdiff_monai.networks import (
     NETWORK_PRESETS,
     ConditionFeatures,
     DiffusionUNetWithClsHead,
-    export_network,
     get_network,
 )
 
@@ -197,10 +196,13 @@ def test_bundle_config_builds_the_network():
     assert seg_logits.shape == (2, 1, 16, 16) and cls_logits is None
 
 
-def test_export_equals_eager_with_dynamic_batch():
+def test_torch_export_of_forward_equals_eager_with_dynamic_batch():
     torch.manual_seed(0)
-    network = get_network("small")
-    program = export_network(network, (2, 4, 32, 32))
+    network = get_network("small").eval()
+    batch_dim = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(
+        network, _inputs(2, 3), dynamic_shapes=({0: batch_dim}, {0: batch_dim}, {0: batch_dim})
+    )
     for batch in (2, 5):
         x_t, t, image = _inputs(batch, 3, seed=batch)
         exported = program.module()(x_t, t, image)
@@ -208,5 +210,3 @@ def test_export_equals_eager_with_dynamic_batch():
             eager = network(x_t, t, image)
         for got, expected in zip(exported, eager):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="image_shape"):
-        export_network(network, (2, 3, 32, 32))
