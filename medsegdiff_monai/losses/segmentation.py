@@ -15,7 +15,8 @@ class SegmentationLoss(_Loss):
 
     ``DiceFocal`` is MONAI's :py:class:`monai.losses.DiceFocalLoss` with ``sigmoid=True`` (one independent sigmoid
     per region channel, TC/WT/ET overlap), ``lambda_dice=1``, ``lambda_focal=lambda_focal`` and ``gamma``; with
-    ``use_focal=False`` it is :py:class:`monai.losses.DiceLoss` alone. Both inputs are logits.
+    ``use_focal=False`` it is :py:class:`monai.losses.DiceLoss` alone. Both inputs are logits; the loss is computed
+    in float32 whatever their dtype (e.g. bf16 under autocast).
 
     ``batch_dice=True`` (the default) computes the Dice over the whole batch per channel (nnU-Net's "batch Dice")
     instead of per sample: on 2D slices a region is often absent (no tumour, no ET in most LGG slices), and the
@@ -75,8 +76,8 @@ class SegmentationLoss(_Loss):
                     f"SegmentationLoss: {name} shape {tuple(logits.shape)} must equal the target shape "
                     f"{tuple(target.shape)} (B, C_mask, *S)."
                 )
-        target = target.to(seg_logits.dtype)
-        loss = self.region_loss(seg_logits, target)
+        target = target.float()
+        loss = self.region_loss(seg_logits.float(), target)
         if calib_map is not None and self.lambda_calib > 0:
-            loss = loss + self.lambda_calib * self.region_loss(calib_map, target)
+            loss = loss + self.lambda_calib * self.region_loss(calib_map.float(), target)
         return loss

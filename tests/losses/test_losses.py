@@ -143,3 +143,12 @@ def test_uncertainty_weighting_skips_missing_tasks_and_clamps():
         weighting({"segmentation": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="at least one loss"):
         weighting({"seg": None})
+
+
+def test_segmentation_loss_is_float32_for_bf16_logits():
+    seg_logits, calib_map, target = _seg_batch(2)
+    loss = SegmentationLoss()
+    low_precision = loss(seg_logits.bfloat16(), target, calib_map.bfloat16())
+    assert low_precision.dtype == torch.float32
+    reference = loss(seg_logits.bfloat16().float(), target, calib_map.bfloat16().float())
+    assert low_precision.item() == pytest.approx(reference.item(), rel=1e-6)
