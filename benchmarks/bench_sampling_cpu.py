@@ -7,10 +7,10 @@ A full-size (240 x 240 x 155) synthetic HGG subject is made in memory, saved as 
 transforms (RAS, crop to the brain, z-score, in-plane pad/crop to ``--roi``); its S axial slices with brain are
 what :func:`medsegdiff_monai.inferers.sample_volume` samples. A whole volume at N steps is
 ``ceil(S / B) * (t_encode + N * t_step)`` for slice batches of B slices: ``t_encode`` (condition network on B slices)
-and ``t_step`` (one denoising step on B x K inputs plus the scheduler update) are measured (median of
-``--repeats`` after a warm-up) and the volume time is computed from them, so no row needs the full run (which takes
-hours on a CPU at 1000 steps). The formula is checked against one real :class:`DiffusionSampler` call on
-``--check-slices`` slices at the smallest N (measured vs predicted is printed).
+and ``t_step`` (one denoising step on B x K inputs plus the scheduler update) are measured, best of ``--repeats``
+after a warm-up (the cores are shared, so the fastest run is the least disturbed), and the volume time is computed
+from them, so no row needs the full run (which takes hours on a CPU at 1000 steps). The formula is checked against
+one real :class:`DiffusionSampler` call on ``--check-slices`` slices at the smallest N (measured vs predicted).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def full_size_volume(roi: int) -> torch.Tensor:
         return get_inference_transforms((roi, roi))({"image": paths})["image"].as_tensor()
 
 
-def median_seconds(function, repeats: int, device: torch.device) -> float:
+def best_seconds(function, repeats: int, device: torch.device) -> float:
     function()  # warm-up
     times = []
     for _ in range(repeats):
@@ -58,7 +57,7 @@ def median_seconds(function, repeats: int, device: torch.device) -> float:
         function()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def main() -> None:
@@ -90,7 +89,7 @@ def main() -> None:
     image = slices[:batch]
     sampler = DiffusionSampler(num_inference_steps=10, ensemble_size=members)
     with torch.no_grad():
-        t_encode = median_seconds(lambda: network.encode_condition(image), args.repeats, device)
+        t_encode = best_seconds(lambda: network.encode_condition(image), args.repeats, device)
         condition = repeat_condition(network.encode_condition(image), members)
         x_t = torch.randn(batch * members, network.mask_channels, args.roi, args.roi, device=device)
         t = torch.full((batch * members,), 500, device=device, dtype=torch.long)
@@ -99,7 +98,7 @@ def main() -> None:
             x0 = torch.tanh(network.denoise(x_t, t, condition) / 2)
             sampler.scheduler.step(x0, 500, x_t)
 
-        t_step = median_seconds(one_step, args.repeats, device)
+        t_step = best_seconds(one_step, args.repeats, device)
     calls = math.ceil(len(brain) / batch)
     print(
         f"measured: condition network {t_encode:.3f} s per {batch} slices; one step {t_step:.3f} s per "
@@ -118,7 +117,7 @@ def main() -> None:
         check = DiffusionSampler(num_inference_steps=steps, ensemble_size=members)
         part = slices[: args.check_slices]
         with torch.no_grad():
-            measured = median_seconds(lambda: check(network, part), 1, device)
+            measured = best_seconds(lambda: check(network, part), 1, device)
         predicted = (t_encode + steps * t_step) * args.check_slices / batch
         print(
             f"\ncheck: DiffusionSampler on {args.check_slices} slices, {steps} steps: measured {measured:.1f} s, "
