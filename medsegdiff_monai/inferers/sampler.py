@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -10,6 +12,10 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 __all__ = ["DiffusionSampler", "SamplerOutput", "repeat_condition"]
+
+# torch.compile'd ``denoise`` per network class, shared by every sampler of the process (one compilation per shape)
+_COMPILED_DENOISE: dict[Callable, Callable] = {}
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 class SamplerOutput(NamedTuple):
@@ -79,6 +85,11 @@ class DiffusionSampler:
         eta: DDIM stochasticity (0 = deterministic given the initial noise).
         return_members: keep every member's probabilities in :attr:`SamplerOutput.member_probs`.
         schedule_args: extra arguments of the noise schedule (e.g. ``beta_start``, ``beta_end``).
+        amp_dtype: autocast dtype of the network passes on CUDA (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``);
+            None runs them in float32. The scheduler update, the noisy sample and every returned tensor stay
+            float32. Ignored on CPU.
+        compile: run ``network.denoise`` through ``torch.compile`` (no graph break; each new input shape compiles
+            once per process, later calls reuse the compiled code). Worth it for whole volumes on a GPU.
 
     Example::
 
@@ -98,6 +109,8 @@ class DiffusionSampler:
         eta: float = 0.0,
         return_members: bool = False,
         schedule_args: dict | None = None,
+        amp_dtype: str | None = None,
+        compile: bool = False,
     ) -> None:
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
@@ -106,6 +119,8 @@ class DiffusionSampler:
                 f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], "
                 f"got {num_inference_steps}."
             )
+        if amp_dtype is not None and str(amp_dtype).lower() not in _AUTOCAST_DTYPES:
+            raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(_AUTOCAST_DTYPES)} or None.")
         schedule_args = dict(schedule_args or {})
         if scheduler == "ddim":
             self.scheduler: DDIMScheduler | DDPMScheduler = DDIMScheduler(
@@ -132,6 +147,8 @@ class DiffusionSampler:
         self.seed = seed
         self.eta = eta
         self.return_members = return_members
+        self.amp_dtype = None if amp_dtype is None else _AUTOCAST_DTYPES[str(amp_dtype).lower()]
+        self.compile = compile
         self.timesteps: list[int] = self.scheduler.timesteps.tolist()
 
     def make_generator(self, device: torch.device | str) -> torch.Generator | None:
@@ -139,6 +156,15 @@ class DiffusionSampler:
         if self.seed is None:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
+
+    def _denoise_function(self, network: nn.Module) -> Callable[..., Tensor]:
+        """``network.denoise``, or its compiled form (one per network class, holding no reference to the network)."""
+        if not self.compile:
+            return network.denoise
+        function = type(network).denoise
+        if function not in _COMPILED_DENOISE:
+            _COMPILED_DENOISE[function] = torch.compile(function)
+        return functools.partial(_COMPILED_DENOISE[function], network)
 
     def _step(self, x0_estimate: Tensor, timestep: int, sample: Tensor, generator: torch.Generator | None) -> Tensor:
         if isinstance(self.scheduler, DDIMScheduler):
@@ -159,7 +185,7 @@ class DiffusionSampler:
         Args:
             network: a module with ``encode_condition(image) -> ConditionFeatures`` and
                 ``denoise(x_t, t, condition) -> seg_logits`` (see ``medsegdiff_monai.networks``). The caller sets
-                its mode (``network.eval()``) and autocast.
+                its mode (``network.eval()``) and, unless ``amp_dtype`` is given, autocast.
             image: (B, 4, H, W) normalised slices.
             generator: random generator on ``image.device``; by default a new one seeded with ``seed``.
             step_callback: called as ``step_callback(timestep, seg_logits)`` after every reverse step, with
@@ -173,7 +199,11 @@ class DiffusionSampler:
         if generator is None:
             generator = self.make_generator(image.device)
         num_slices, members = image.shape[0], self.ensemble_size
-        condition = network.encode_condition(image)
+        use_autocast = self.amp_dtype is not None and image.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if use_autocast else contextlib.nullcontext()
+        denoise = self._denoise_function(network)
+        with autocast:
+            condition = network.encode_condition(image)
         calib_map = condition.calib_map
         member_condition = repeat_condition(condition, members) if members > 1 else condition
         mask_shape = (members * num_slices, calib_map.shape[1], *image.shape[2:])
@@ -181,7 +211,8 @@ class DiffusionSampler:
         seg_logits = sample
         for timestep in self.timesteps:
             t_batch = torch.full((mask_shape[0],), timestep, device=image.device, dtype=torch.long)
-            seg_logits = network.denoise(sample, t_batch, member_condition)
+            with autocast:
+                seg_logits = denoise(sample, t_batch, member_condition)
             if step_callback is not None:
                 step_callback(timestep, seg_logits)
             x0_estimate = torch.tanh(seg_logits.float() / 2)

@@ -1,0 +1,540 @@
+"""GPU figures: training throughput, memory, FLOPs and MFU; whole-volume sampling time; a long bf16 training check.
+
+Sections (``--sections``, in this order; each result is appended to ``<out>/results.json`` and ``results.csv`` as
+soon as it exists, so a run cut short keeps what it measured):
+
+- ``flops``: model FLOPs of one training step (forward + backward of the network, ``FlopCounterMode``) per size,
+  and of one denoising pass / one condition pass per slice at the volume roi.
+- ``train``: ``DiffusionTrainer._iteration`` (noise, forward, losses, backward, clipping, fused AdamW, the finite
+  check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
+  ``+compile`` torch.compile of the network, ``+nobench`` cudnn.benchmark off, ``+blocking`` blocking host-to-device
+  copies); peak memory, slices/s and MFU against ``--peak-tflops``; then the largest batch that fits.
+- ``profile``: GPU busy share and top kernels of the fastest training variant (``torch.profiler``), and the number
+  of host synchronisations in one iteration (``torch.cuda.set_sync_debug_mode``).
+- ``numerics``: up to ``--numerics-steps`` bf16 training steps of the fastest variant on fresh synthetic batches,
+  counting non-finite (skipped) steps, until the deadline.
+- ``sampling``: condition pass and one reverse step (denoise of B x K inputs + DDIM update) per variant.
+- ``volume``: :func:`sample_volume` of a synthetic full-size subject (inference transforms at ``--volume-roi``) with
+  the fastest sampling variant, timed end to end for each DDIM step count; 1000-step DDPM is extrapolated from
+  the measured runs (``T(N) = a + N b``).
+
+GPU (defaults: base preset, 256 and 192, batch 8):
+    python benchmarks/bench_gpu.py --out gpu_results
+CPU tiny mode (the script's own check):
+    python benchmarks/bench_gpu.py --device cpu --preset small --size 64 --batch 2 --warmup 1 --steps 2 \\
+        --train-variants fp32 --other-size-variants --max-batch-variant "" --sampling-variants fp32 \\
+        --sampling-slices 2 --volume-shape 64 64 24 --volume-roi 64 --volume-steps 2 3 --numerics-steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import torch
+from monai.networks.schedulers import DDPMScheduler
+from torch.utils.flop_counter import FlopCounterMode
+
+from medsegdiff_monai.data import MODALITIES, make_synthetic_subject
+from medsegdiff_monai.engines import DiffusionTrainer, build_optimizer
+from medsegdiff_monai.inferers import DiffusionSampler, brain_slice_mask, repeat_condition, sample_volume
+from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
+from medsegdiff_monai.networks import get_network
+from medsegdiff_monai.transforms import get_inference_transforms
+
+VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "nobench", "blocking"}
+
+
+class Bench:
+    """Shared state: arguments, device, deadline, the result rows and their files."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.start = time.perf_counter()
+        self.rows: list[dict] = []
+        self.flops: dict[str, float] = {}
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.best_train: tuple[float, str, DiffusionTrainer | None] = (math.inf, "", None)
+
+    def time_left(self) -> float:
+        return self.args.deadline - (time.perf_counter() - self.start)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else math.nan
+
+    def time_calls(self, function: Callable[[], object], warmup: int, steps: int) -> tuple[float, float]:
+        """(milliseconds per call, seconds of the warm-up) with CUDA events, or a host clock on CPU."""
+        self.sync()
+        begin = time.perf_counter()
+        for _ in range(warmup):
+            function()
+        self.sync()
+        warmup_s = time.perf_counter() - begin
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                function()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / steps, warmup_s
+        begin = time.perf_counter()
+        for _ in range(steps):
+            function()
+        return 1000 * (time.perf_counter() - begin) / steps, warmup_s
+
+    def record(self, **row: object) -> None:
+        row = {"card": self.card, "elapsed_s": round(time.perf_counter() - self.start, 1), **row}
+        self.rows.append(row)
+        print(" | ".join(f"{k}={_short(v)}" for k, v in row.items() if k != "card"), flush=True)
+        (self.out / "results.json").write_text(json.dumps({"flops": self.flops, "rows": self.rows}, indent=1))
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.out / "results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    @property
+    def card(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def parse_variant(variant: str) -> set[str]:
+    flags = set(variant.split("+"))
+    if not flags <= VARIANT_FLAGS or len(flags & {"fp32", "bf16"}) != 1:
+        raise ValueError(f"variant {variant!r}: expected fp32 or bf16 joined by '+' with {sorted(VARIANT_FLAGS)}.")
+    return flags
+
+
+def synthetic_batch(batch: int, size: int, generator: torch.Generator) -> dict:
+    """A training batch on the generator's device whose regions are learnable from the image (TC in WT, ET in TC)."""
+    image = torch.randn(batch, 4, size, size, generator=generator, device=generator.device)
+    smooth = torch.nn.functional.avg_pool2d(image, 9, stride=1, padding=4)
+    whole = smooth[:, 3:4] > 0.1
+    core = whole & (smooth[:, 1:2] > 0.1)
+    enhancing = core & (smooth[:, 2:3] > 0.1)
+    label = torch.cat([core, whole, enhancing], dim=1).float()
+    grade = (smooth[:, 1].mean(dim=(1, 2)) > 0).long()
+    return {"image": image, "label": label, "grade": grade}
+
+
+def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -> DiffusionTrainer:
+    torch.manual_seed(0)
+    channels_last = "cl" in flags
+    network = get_network(bench.args.preset).to(bench.device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    weighting = UncertaintyWeightedLoss(tasks=("seg", "cls")).to(bench.device)
+    compile_network = "compile" in flags
+    return DiffusionTrainer(
+        device=bench.device,
+        max_epochs=1,
+        train_data_loader=[batch],
+        network=network,
+        optimizer=build_optimizer(network, weighting, lr=lr, weight_decay=1e-4),
+        loss_function=weighting,
+        seg_loss=SegmentationLoss(),
+        cls_loss=GradeFocalLoss(alpha=(2.428, 0.630)),
+        noise_scheduler=DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"),
+        amp_dtype="bfloat16" if "bf16" in flags else None,
+        channels_last=channels_last,
+        compile=compile_network,
+        compile_kwargs={"dynamic": False} if compile_network else None,
+        non_blocking="blocking" not in flags,
+    )
+
+
+def count_flops(bench: Bench) -> None:
+    """Training-step FLOPs (network forward + backward) per size at ``--batch``; sampling FLOPs per slice."""
+    args = bench.args
+    network = get_network(args.preset).to(bench.device)
+    generator = torch.Generator(bench.device).manual_seed(0)
+    for size in args.size:
+        batch = synthetic_batch(args.batch, size, generator)
+        x_t = torch.randn(args.batch, network.mask_channels, size, size, device=bench.device)
+        t = torch.randint(0, 1000, (args.batch,), device=bench.device)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            seg_logits, cls_logits, calib_map = network(x_t, t, batch["image"])
+            (seg_logits.mean() + cls_logits.mean() + calib_map.mean()).backward()
+        bench.flops[f"train_step_{size}_batch{args.batch}"] = counter.get_total_flops()
+    network.eval()
+    roi = args.volume_roi
+    image = torch.randn(1, 4, roi, roi, device=bench.device)
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            condition = network.encode_condition(image)
+        bench.flops[f"condition_per_slice_{roi}"] = counter.get_total_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            network.denoise(torch.randn(1, network.mask_channels, roi, roi, device=bench.device), t[:1], condition)
+        bench.flops[f"denoise_per_input_{roi}"] = counter.get_total_flops()
+    parameters = sum(p.numel() for p in network.parameters())
+    bench.record(section="flops", parameters_M=parameters / 1e6, **{k: v / 1e12 for k, v in bench.flops.items()})
+
+
+def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: int, steps: int) -> float:
+    """Time one training variant; returns ms per step (inf on out-of-memory)."""
+    flags = parse_variant(variant)
+    torch.backends.cudnn.benchmark = "nobench" not in flags
+    bench.reset_memory()
+    batch = synthetic_batch(batch_size, size, torch.Generator().manual_seed(0))  # on the host, like a loader's
+    if bench.device.type == "cuda" and "blocking" not in flags:
+        batch = {key: value.pin_memory() for key, value in batch.items()}
+    try:
+        trainer = make_trainer(bench, batch, flags)
+        ms, warmup_s = bench.time_calls(lambda: trainer._iteration(trainer, batch), warmup, steps)
+    except torch.cuda.OutOfMemoryError:
+        trainer = None
+        bench.record(section="train", size=size, batch=batch_size, variant=variant, result="out of memory")
+        bench.reset_memory()
+        return math.inf
+    flops = bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
+    tflops = flops / ms / 1e9
+    bench.record(
+        section="train",
+        size=size,
+        batch=batch_size,
+        variant=variant,
+        ms_per_step=ms,
+        slices_per_s=1000 * batch_size / ms,
+        peak_gib=bench.peak_gib(),
+        warmup_s=warmup_s,
+        tflops_per_s=tflops,
+        mfu=tflops / bench.args.peak_tflops,
+        skipped=trainer.state.skipped_steps,
+    )
+    if size == bench.args.size[0] and batch_size == bench.args.batch and ms < bench.best_train[0]:
+        bench.best_train = (ms, variant, trainer)
+    torch.backends.cudnn.benchmark = True
+    return ms
+
+
+def largest_batch(bench: Bench, variant: str) -> None:
+    """Fit peak memory = a + b * batch on two batches, try the predicted largest multiple of 8, step down on OOM."""
+    args, size = bench.args, bench.args.size[0]
+
+    def peaks() -> dict[int, float]:
+        rows = [r for r in bench.rows if r.get("variant") == variant and r.get("size") == size and "peak_gib" in r]
+        return {r["batch"]: r["peak_gib"] for r in rows}
+
+    if args.batch not in peaks():
+        train_row(bench, size, args.batch, variant, 2, 3)
+    train_row(bench, size, 2 * args.batch, variant, 2, 3)
+    peaks = peaks()
+    if bench.device.type != "cuda" or len(peaks) < 2:
+        return
+    (b0, p0), (b1, p1) = sorted(peaks.items())[:2]
+    per_slice = (p1 - p0) / (b1 - b0)
+    total = torch.cuda.get_device_properties(bench.device).total_memory / 2**30
+    batch = int((0.92 * total - (p0 - per_slice * b0)) / per_slice) // 8 * 8
+    print(f"peak memory {p0 - per_slice * b0:.2f} + {per_slice:.3f} GiB x batch: predicted largest batch {batch}")
+    for _ in range(3):
+        if batch <= b1 or bench.time_left() < 60 or train_row(bench, size, batch, variant, 2, 5) < math.inf:
+            return
+        batch -= 8
+
+
+def profile_train(bench: Bench) -> None:
+    """Host syncs of one iteration and the GPU busy share / top kernels of three, for the fastest variant."""
+    _, variant, trainer = bench.best_train
+    if trainer is None:
+        return
+    batch = trainer.data_loader[0]
+    if bench.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._iteration(trainer, batch)
+    if bench.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bench.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    bench.sync()
+    with torch.profiler.profile(activities=activities) as profiler:
+        begin = time.perf_counter()
+        for _ in range(3):
+            trainer._iteration(trainer, batch)
+        bench.sync()
+        wall_us = 1e6 * (time.perf_counter() - begin)
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = _union_length([(e.time_range.start, e.time_range.end) for e in kernels])
+    table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+    (bench.out / "profile_train.txt").write_text(f"variant {variant}\nsyncs: {syncs}\n\n{table}")
+    bench.record(
+        section="profile",
+        variant=variant,
+        host_syncs_per_iteration=len(syncs),
+        gpu_busy_share=busy_us / wall_us if kernels else math.nan,
+        kernels_per_iteration=len(kernels) / 3,
+    )
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def numerics(bench: Bench) -> None:
+    """Training steps of the fastest variant's trainer (already warm; lr raised to 1e-3) on a fresh synthetic batch
+    each step, until ``--numerics-steps`` or the deadline."""
+    _, variant, trainer = bench.best_train
+    if trainer is None:
+        return
+    args = bench.args
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 1e-3
+    generator = torch.Generator(bench.device).manual_seed(1)
+    losses, skipped, grad_norm_max = [], 0, 0.0
+    begin = time.perf_counter()
+    for step in range(args.numerics_steps):
+        if bench.time_left() < 15:
+            break
+        output = trainer._iteration(trainer, synthetic_batch(args.batch, args.size[0], generator))
+        skipped += int(output["skipped"])
+        losses.append(output["loss"])
+        grad_norm_max = max(grad_norm_max, float(output["grad_norm"])) if step % 50 == 0 else grad_norm_max
+    values = torch.stack(losses).float().cpu()
+    window = min(50, len(values))
+    bench.record(
+        section="numerics",
+        variant=variant,
+        steps=len(values),
+        seconds=time.perf_counter() - begin,
+        skipped_steps=skipped,
+        nonfinite_losses=int((~torch.isfinite(values)).sum()),
+        loss_first=float(values[:window].mean()),
+        loss_last=float(values[-window:].mean()),
+        grad_norm_max_sampled=grad_norm_max,
+    )
+
+
+def sampling(bench: Bench) -> tuple[str, torch.nn.Module | None]:
+    """Condition pass and reverse step times per variant at the volume roi; returns the fastest and its network."""
+    best: tuple[float, str, torch.nn.Module | None] = (math.inf, "", None)
+    for variant in bench.args.sampling_variants:
+        if "compile" in variant and bench.time_left() < 120:
+            continue
+        bench.reset_memory()
+        step_ms, network = sampling_row(bench, variant)
+        if step_ms < best[0]:
+            best = (step_ms, variant, network)
+        del network
+    return best[1], best[2]
+
+
+def sampling_row(bench: Bench, variant: str) -> tuple[float, torch.nn.Module]:
+    """Time the condition pass on B slices and one reverse step on B x K inputs; returns (step ms, network)."""
+    args, flags = bench.args, parse_variant(variant)
+    roi, slices, members = args.volume_roi, args.sampling_slices, args.ensemble
+    inputs = slices * members
+    network, image = _sampling_network(bench, flags, slices, roi)
+    sampler = DiffusionSampler(ensemble_size=members, compile="compile" in flags)
+    denoise = sampler._denoise_function(network)
+    use_bf16 = "bf16" in flags and bench.device.type == "cuda"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        encode_ms, _ = bench.time_calls(lambda: network.encode_condition(image), 2, args.steps)
+        condition = repeat_condition(network.encode_condition(image), members)
+        x_t = torch.randn(inputs, network.mask_channels, roi, roi, device=bench.device)
+        t = torch.full((inputs,), 500, device=bench.device, dtype=torch.long)
+
+        def reverse_step() -> None:
+            x0 = torch.tanh(denoise(x_t, t, condition).float() / 2)
+            sampler.scheduler.step(x0, 500, x_t)
+
+        step_ms, warmup_s = bench.time_calls(reverse_step, 3, args.steps)
+    flops = bench.flops.get(f"denoise_per_input_{roi}", math.nan) * inputs
+    bench.record(
+        section="sampling",
+        size=roi,
+        variant=variant,
+        slices=slices,
+        ensemble=members,
+        condition_ms=encode_ms,
+        step_ms=step_ms,
+        ms_per_input_step=step_ms / inputs,
+        peak_gib=bench.peak_gib(),
+        warmup_s=warmup_s,
+        mfu=flops / step_ms / 1e9 / args.peak_tflops,
+    )
+    return step_ms, network
+
+
+def _sampling_network(bench: Bench, flags: set[str], slices: int, roi: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    network = get_network(bench.args.preset).to(bench.device).eval()
+    image = torch.randn(slices, 4, roi, roi, device=bench.device)
+    if "cl" in flags:
+        network = network.to(memory_format=torch.channels_last)
+        image = image.to(memory_format=torch.channels_last)
+    return network, image
+
+
+def synthetic_volume(shape: tuple[int, int, int], roi: int) -> tuple[torch.Tensor, float]:
+    """A synthetic HGG subject through the inference transforms: ((4, roi, roi, D) image, seconds of the chain)."""
+    subject = make_synthetic_subject(grade=1, shape=shape, seed=0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for modality, volume in zip(MODALITIES, subject.images, strict=True):
+            path = Path(folder) / f"BraTS20_Training_999_{modality}.nii"
+            nib.save(nib.Nifti1Image(volume, subject.affine), str(path))
+            paths.append(str(path))
+        begin = time.perf_counter()
+        image = get_inference_transforms((roi, roi))({"image": paths})["image"].as_tensor()
+        return image, time.perf_counter() - begin
+
+
+def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
+    """End-to-end whole-volume sampling + grade for each DDIM step count; DDPM 1000 extrapolated."""
+    args = bench.args
+    flags = parse_variant(variant)
+    image, transform_s = synthetic_volume(tuple(args.volume_shape), args.volume_roi)
+    image = image.to(bench.device)
+    brain_slices = int(brain_slice_mask(image).sum())
+    if network is None:
+        network, _ = _sampling_network(bench, flags, 1, args.volume_roi)
+
+    def run(steps: int) -> float:
+        sampler = DiffusionSampler(
+            num_inference_steps=steps,
+            ensemble_size=args.ensemble,
+            amp_dtype="bfloat16" if "bf16" in flags else None,
+            compile="compile" in flags,
+        )
+        bench.sync()
+        begin = time.perf_counter()
+        output = sample_volume(network, image, sampler, slice_batch_size=args.sampling_slices)
+        bench.sync()
+        assert output.p_hgg is not None and torch.isfinite(output.probs).all()
+        return time.perf_counter() - begin
+
+    warmup_s = run(1)
+    measured = {}
+    for steps in args.volume_steps:
+        seconds_per_step = max(measured.values(), default=warmup_s) / max(measured or [1])
+        if bench.time_left() < 10 + seconds_per_step * steps:
+            break
+        measured[steps] = run(steps)
+        bench.record(
+            section="volume",
+            size=args.volume_roi,
+            variant=variant,
+            scheduler="ddim",
+            steps=steps,
+            seconds=measured[steps],
+            how="measured end to end (sample_volume, grade included)",
+            depth=image.shape[-1],
+            brain_slices=brain_slices,
+            ensemble=args.ensemble,
+            slice_batch=args.sampling_slices,
+            transform_s=transform_s,
+            warmup_s=warmup_s,
+        )
+    if len(measured) >= 2:
+        (n0, t0), (n1, t1) = sorted(measured.items())[:2]
+        per_step = (t1 - t0) / (n1 - n0)
+        bench.record(
+            section="volume",
+            size=args.volume_roi,
+            variant=variant,
+            scheduler="ddpm",
+            steps=1000,
+            seconds=t0 + (1000 - n0) * per_step,
+            how=f"extrapolated T = a + N b from the measured {n0}- and {n1}-step runs",
+            depth=image.shape[-1],
+            brain_slices=brain_slices,
+            ensemble=args.ensemble,
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sections = ["flops", "train", "profile", "numerics", "sampling", "volume"]
+    parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--size", type=int, nargs="+", default=[256, 192], help="training sizes (first: all variants)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed calls per row")
+    parser.add_argument(
+        "--train-variants", nargs="+", default=["fp32", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile"]
+    )
+    parser.add_argument("--other-size-variants", nargs="*", default=["bf16", "bf16+cl+compile"])
+    parser.add_argument("--extra-variants", nargs="*", default=[], help="further variants at the first size")
+    parser.add_argument("--max-batch-variant", default="bf16+cl", help="'' skips the largest-batch search")
+    parser.add_argument("--numerics-steps", type=int, default=2000)
+    parser.add_argument("--sampling-variants", nargs="+", default=["fp32", "bf16", "bf16+cl", "bf16+cl+compile"])
+    parser.add_argument("--sampling-slices", type=int, default=32, help="slices per sampler call (B)")
+    parser.add_argument("--ensemble", type=int, default=5)
+    parser.add_argument("--volume-shape", type=int, nargs=3, default=[240, 240, 155])
+    parser.add_argument("--volume-roi", type=int, default=192)
+    parser.add_argument("--volume-steps", type=int, nargs="+", default=[10, 25])
+    parser.add_argument("--peak-tflops", type=float, default=989.4, help="H100 SXM dense bf16 peak")
+    parser.add_argument("--deadline", type=float, default=540.0, help="seconds after which no new work starts")
+    parser.add_argument("--out", default="gpu_results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench = Bench(parse_args(argv))
+    args = bench.args
+    torch.backends.cudnn.benchmark = True
+    print(f"torch {torch.__version__}, {bench.card}, preset {args.preset}, sections {args.sections}", flush=True)
+    if "flops" in args.sections:
+        count_flops(bench)
+    if "train" in args.sections:
+        for variant in args.train_variants + args.extra_variants:
+            if bench.time_left() > (150 if "compile" in variant else 30):
+                train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps)
+        for size in args.size[1:]:
+            for variant in args.other_size_variants:
+                if bench.time_left() > (150 if "compile" in variant else 30):
+                    train_row(bench, size, args.batch, variant, args.warmup, args.steps)
+    if "profile" in args.sections:
+        profile_train(bench)
+    if "train" in args.sections and args.max_batch_variant and bench.time_left() > 90:
+        largest_batch(bench, args.max_batch_variant)
+    if "numerics" in args.sections:
+        numerics(bench)
+    bench.best_train = (math.inf, "", None)
+    best_sampling, network = args.sampling_variants[0], None
+    if "sampling" in args.sections:
+        best_sampling, network = sampling(bench)
+    if "volume" in args.sections and bench.time_left() > 30:
+        volume(bench, best_sampling, network)
+    print(f"done in {time.perf_counter() - bench.start:.0f} s; results in {bench.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
