@@ -10,7 +10,7 @@ from medsegdiff_monai.inferers.export import (
     load_exported_network,
 )
 from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
-from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer, SubjectPrediction
+from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer, SubjectOutput, SubjectPrediction
 from medsegdiff_monai.inferers.sampler import DiffusionSampler, SamplerOutput, repeat_condition
 from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
 from medsegdiff_monai.inferers.writers import (
@@ -27,6 +27,7 @@ __all__ = [
     "DiffusionSampler",
     "ExportedDiffusionNetwork",
     "SamplerOutput",
+    "SubjectOutput",
     "SubjectPrediction",
     "VolumeOutput",
     "brain_slice_mask",

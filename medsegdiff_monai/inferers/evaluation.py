@@ -22,7 +22,7 @@ def run_evaluation(
     print_table: bool = True,
 ) -> EvaluationResult:
     """
-    Run ``inferer`` on labelled subjects and compare its written label maps with the ground truth.
+    Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
 
     Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
     (Dice, IoU, HD95 per region TC/WT/ET and their means, true grade, p_hgg) and ``summary.json`` (mean and std of
@@ -46,17 +46,17 @@ def run_evaluation(
     unlabelled = [str(e.get("subject_id", e["image"][0])) for e in entries if not e.get("label")]
     if unlabelled:
         raise ValueError(f"evaluation needs a label file for every subject; none for: {', '.join(unlabelled)}.")
-    predictions = inferer.run(entries, output_dir)
+    outputs = inferer.run(entries, output_dir)
     result = evaluate_subjects(
         [
             {
-                "subject_id": prediction.subject_id,
-                "pred_labels": prediction.labels,
+                "subject_id": output.subject_id,
+                "pred_file": output.files["seg"],
                 "label_file": entry["label"],
-                "p_hgg": prediction.p_hgg,
+                "p_hgg": output.p_hgg,
                 "grade": entry.get("grade"),
             }
-            for prediction, entry in zip(predictions, entries, strict=True)
+            for output, entry in zip(outputs, entries, strict=True)
         ],
         include_hd95=include_hd95,
     )

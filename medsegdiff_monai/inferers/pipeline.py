@@ -25,7 +25,7 @@ from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels
 
-__all__ = ["BratsVolumeInferer", "SubjectPrediction"]
+__all__ = ["BratsVolumeInferer", "SubjectOutput", "SubjectPrediction"]
 
 GRADES_FILENAME = "grades.csv"
 _FLAIR = 3
@@ -33,7 +33,7 @@ _FLAIR = 3
 
 @dataclass
 class SubjectPrediction:
-    """One subject's inference result, on the input's grid.
+    """One subject's inference result, on the input's grid (what :meth:`BratsVolumeInferer.predict` returns).
 
     Attributes:
         subject_id: the subject.
@@ -41,7 +41,6 @@ class SubjectPrediction:
         uncertainty: (X, Y, Z) float32 ensemble std reduced over the regions.
         p_hgg: subject-level p(HGG), or None without a grade head.
         reference: the input file whose affine and shape the outputs share (the t1 image).
-        files: names of the files written for this subject (relative to the output folder).
     """
 
     subject_id: str
@@ -49,7 +48,21 @@ class SubjectPrediction:
     uncertainty: np.ndarray
     p_hgg: float | None
     reference: Path
-    files: list[str]
+
+
+@dataclass
+class SubjectOutput:
+    """What :meth:`BratsVolumeInferer.run` wrote for one subject (the volumes stay on disk, not in memory).
+
+    Attributes:
+        subject_id: the subject.
+        p_hgg: subject-level p(HGG), or None without a grade head.
+        files: ``{"seg": ..., "uncertainty": ...[, "overlay": ...]}`` paths in the output folder.
+    """
+
+    subject_id: str
+    p_hgg: float | None
+    files: dict[str, Path]
 
 
 class BratsVolumeInferer:
@@ -138,19 +151,19 @@ class BratsVolumeInferer:
             uncertainty=inverted["uncertainty"].as_tensor()[0].numpy().astype(np.float32),
             p_hgg=volume.p_hgg,
             reference=Path(entry["image"][0]),
-            files=[],
         )
 
-    def _write_subject(self, prediction: SubjectPrediction, folder: Path, entry: dict[str, Any]) -> None:
+    def _write_subject(self, prediction: SubjectPrediction, folder: Path, entry: dict[str, Any]) -> dict[str, str]:
+        """Write one subject's files into ``folder``; returns their names by kind."""
         reference = nib.load(str(prediction.reference))
-        names = [f"{prediction.subject_id}_seg.nii.gz", f"{prediction.subject_id}_uncertainty.nii.gz"]
-        write_nifti_like(prediction.labels, reference, folder / names[0])
-        write_nifti_like(prediction.uncertainty, reference, folder / names[1])
+        names = {kind: f"{prediction.subject_id}_{kind}.nii.gz" for kind in ("seg", "uncertainty")}
+        write_nifti_like(prediction.labels, reference, folder / names["seg"])
+        write_nifti_like(prediction.uncertainty, reference, folder / names["uncertainty"])
         if self.write_overlays:
-            names.append(f"{prediction.subject_id}_overlay.png")
+            names["overlay"] = f"{prediction.subject_id}_overlay.png"
             flair = np.asarray(nib.load(str(entry["image"][_FLAIR])).dataobj, dtype=np.float32)
-            write_overlay_png(flair, prediction.labels, folder / names[-1])
-        prediction.files = names
+            write_overlay_png(flair, prediction.labels, folder / names["overlay"])
+        return names
 
     def run(
         self,
@@ -159,7 +172,7 @@ class BratsVolumeInferer:
         datalist_key: str = "validation",
         data_dir: str | Path | None = None,
         num_cases: int | None = None,
-    ) -> list[SubjectPrediction]:
+    ) -> list[SubjectOutput]:
         """
         Run inference on every subject of ``source`` and write the outputs into ``output_dir``.
 
@@ -172,7 +185,7 @@ class BratsVolumeInferer:
             num_cases: only the first ``num_cases`` subjects (None: all).
 
         Returns:
-            the predictions, in input order.
+            one :class:`SubjectOutput` per subject, in input order.
 
         Raises:
             FileNotFoundError / ValueError: for bad inputs, naming the file, before anything is written.
@@ -183,12 +196,13 @@ class BratsVolumeInferer:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
         try:
-            predictions = []
+            outputs = []
             for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
                 prediction = self.predict(entry)
-                self._write_subject(prediction, staging, entry)
-                predictions.append(prediction)
-            graded = [(p.subject_id, p.p_hgg) for p in predictions if p.p_hgg is not None]
+                names = self._write_subject(prediction, staging, entry)
+                files = {kind: output_dir / name for kind, name in names.items()}
+                outputs.append(SubjectOutput(prediction.subject_id, prediction.p_hgg, files))
+            graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
             if graded:
                 write_grades_csv(graded, staging / GRADES_FILENAME)
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -196,5 +210,5 @@ class BratsVolumeInferer:
                 os.replace(file, output_dir / file.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.logger.info(f"wrote {len(predictions)} subject(s) to {output_dir}")
-        return predictions
+        self.logger.info(f"wrote {len(outputs)} subject(s) to {output_dir}")
+        return outputs

@@ -177,7 +177,6 @@ class DiffusionSampler:
         network: nn.Module,
         image: Tensor,
         generator: torch.Generator | None = None,
-        step_callback: Callable[[int, Tensor], None] | None = None,
     ) -> SamplerOutput:
         """
         Sample ``ensemble_size`` masks for each slice of ``image``.
@@ -188,8 +187,6 @@ class DiffusionSampler:
                 its mode (``network.eval()``) and, unless ``amp_dtype`` is given, autocast.
             image: (B, 4, H, W) normalised slices.
             generator: random generator on ``image.device``; by default a new one seeded with ``seed``.
-            step_callback: called as ``step_callback(timestep, seg_logits)`` after every reverse step, with
-                ``seg_logits`` of shape (K * B, C, H, W) (member-major); for diagnostics.
 
         Returns:
             :class:`SamplerOutput`.
@@ -213,8 +210,6 @@ class DiffusionSampler:
             t_batch = torch.full((mask_shape[0],), timestep, device=image.device, dtype=torch.long)
             with autocast:
                 seg_logits = denoise(sample, t_batch, member_condition)
-            if step_callback is not None:
-                step_callback(timestep, seg_logits)
             x0_estimate = torch.tanh(seg_logits.float() / 2)
             sample = self._step(x0_estimate, timestep, sample, generator)
         member_probs = torch.sigmoid(seg_logits.float()).view(members, num_slices, *mask_shape[1:])

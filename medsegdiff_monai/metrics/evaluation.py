@@ -46,9 +46,10 @@ def evaluate_subjects(
     """
     Per-subject segmentation metrics and subject-level grade metrics.
 
-    Each prediction is ``{"subject_id", "pred_labels" (X, Y, Z) BraTS labels, "label_file" (ground truth NIfTI),
-    "p_hgg" (float or None), "grade" (0/1 or None)}``. Both label maps are turned into regions TC, WT, ET with
-    MONAI's ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
+    Each prediction is ``{"subject_id", "label_file" (ground truth NIfTI), "p_hgg" (float or None), "grade" (0/1 or
+    None)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or ``"pred_file"`` (a label-map NIfTI, read one
+    subject at a time). Both label maps are turned into regions TC, WT, ET with MONAI's
+    ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
     :func:`~medsegdiff_monai.metrics.segmentation_metrics` (HD95 in mm from the label file's voxel size).
 
     Returns:
@@ -61,7 +62,10 @@ def evaluate_subjects(
         subject_id = prediction["subject_id"]
         label_image = nib.load(str(prediction["label_file"]))
         truth = np.asarray(label_image.dataobj)
-        pred = np.asarray(prediction["pred_labels"])
+        if "pred_labels" in prediction:
+            pred = np.asarray(prediction["pred_labels"])
+        else:
+            pred = np.asarray(nib.load(str(prediction["pred_file"])).dataobj)
         if pred.shape != truth.shape:
             raise ValueError(
                 f"subject {subject_id}: prediction shape {pred.shape} differs from label "

@@ -26,8 +26,13 @@ def _read(path: Path) -> np.ndarray:
 def test_outputs_lie_on_the_input_grid_and_invert_the_crop_exactly(brain_oracle, synthetic_datalist, tmp_path):
     entries = load_brats_datalist(synthetic_datalist, "validation")
     out = tmp_path / "out"
-    predictions = _inferer(brain_oracle(hgg_logit=2.0), write_overlays=True).run(synthetic_datalist, out)
-    assert [p.subject_id for p in predictions] == [e["subject_id"] for e in entries]
+    outputs = _inferer(brain_oracle(hgg_logit=2.0), write_overlays=True).run(synthetic_datalist, out)
+    assert [o.subject_id for o in outputs] == [e["subject_id"] for e in entries]
+    for output in outputs:
+        assert {kind: path.name for kind, path in output.files.items()} == {
+            kind: f"{output.subject_id}_{kind}.{ext}"
+            for kind, ext in (("seg", "nii.gz"), ("uncertainty", "nii.gz"), ("overlay", "png"))
+        }
     for entry in entries:
         subject_id, t1 = entry["subject_id"], nib.load(entry["image"][0])
         seg = nib.load(str(out / f"{subject_id}_seg.nii.gz"))
@@ -54,8 +59,8 @@ def test_outputs_lie_on_the_input_grid_and_invert_the_crop_exactly(brain_oracle,
 def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, tmp_path):
     subject = synthetic_brats_dir / "BraTS20_Training_003"
     files = [subject / f"BraTS20_Training_003_{m}.nii" for m in ("t1", "t1ce", "t2", "flair")]
-    (prediction,) = _inferer(brain_oracle(hgg_logit=-3.0)).run(files, tmp_path / "out")
-    assert prediction.subject_id == "BraTS20_Training_003"
+    (output,) = _inferer(brain_oracle(hgg_logit=-3.0)).run(files, tmp_path / "out")
+    assert output.subject_id == "BraTS20_Training_003"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "BraTS20_Training_003_seg.nii.gz",
         "BraTS20_Training_003_uncertainty.nii.gz",
@@ -65,9 +70,9 @@ def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, t
 
 
 def test_folder_input_and_num_cases(stand_in_network, brats_copy, tmp_path):
-    predictions = _inferer(stand_in_network(use_cls_head=False)).run(brats_copy, tmp_path / "out", num_cases=2)
-    assert [p.subject_id for p in predictions] == ["BraTS20_Training_001", "BraTS20_Training_002"]
-    assert all(p.p_hgg is None for p in predictions)
+    outputs = _inferer(stand_in_network(use_cls_head=False)).run(brats_copy, tmp_path / "out", num_cases=2)
+    assert [o.subject_id for o in outputs] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert all(o.p_hgg is None for o in outputs)
     assert not (tmp_path / "out" / "grades.csv").exists()  # nothing to grade without a head
 
 

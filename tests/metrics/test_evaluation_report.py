@@ -87,7 +87,8 @@ def test_hd95_uses_the_label_voxel_size(tmp_path):
     pred = np.zeros_like(truth)
     pred[2, 2, 5] = 2
     label_file = _label_file(tmp_path, "s", truth, zooms=(1.0, 1.0, 2.5))
-    row = evaluate_subjects([{"subject_id": "s", "pred_labels": pred, "label_file": label_file}]).rows[0]
+    pred_file = _label_file(tmp_path, "s_pred", pred, zooms=(1.0, 1.0, 2.5))  # a written prediction, read from disk
+    row = evaluate_subjects([{"subject_id": "s", "pred_file": pred_file, "label_file": label_file}]).rows[0]
     assert row["hd95_WT"] == pytest.approx(7.5)
 
 
