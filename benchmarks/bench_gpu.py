@@ -324,6 +324,9 @@ def numerics(bench: Bench) -> None:
         skipped += int(output["skipped"])
         losses.append(output["loss"])
         grad_norm_max = max(grad_norm_max, float(output["grad_norm"])) if step % 50 == 0 else grad_norm_max
+    if not losses:
+        print("numerics: no time left before the deadline, no step run", flush=True)
+        return
     values = torch.stack(losses).float().cpu()
     window = min(50, len(values))
     bench.record(

@@ -66,6 +66,9 @@ class DiffusionTrainer(SupervisedTrainer):
         amp_dtype: "bfloat16" or "float16" autocast on CUDA (fp16 adds a gradient scaler); ignored on CPU.
         grad_clip_norm: maximum gradient norm (None disables clipping).
         channels_last: convert 4D inputs to channels-last memory format (pair with a channels-last network).
+        non_blocking: copy batches to the device asynchronously (pair with a ``pin_memory=True`` loader): a blocking
+            copy waits for the previous step's GPU work; measured 10 % faster steps on an H100
+            (docs/performance.md).
         kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
             ``key_train_metric``, ``additional_metrics``, ``compile``, ...).
     """
@@ -85,6 +88,7 @@ class DiffusionTrainer(SupervisedTrainer):
         amp_dtype: str | None = None,
         grad_clip_norm: float | None = 1.0,
         channels_last: bool = False,
+        non_blocking: bool = True,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -99,6 +103,7 @@ class DiffusionTrainer(SupervisedTrainer):
             amp=False,
             optim_set_to_none=True,
             decollate=False,
+            non_blocking=non_blocking,
             event_names=[NonFiniteLossEvents, *(kwargs.pop("event_names", None) or [])],
             **kwargs,
         )
