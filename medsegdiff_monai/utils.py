@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["as_bool"]
+import torch
+
+__all__ = ["AMP_DTYPES", "as_bool", "parse_amp_dtype"]
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "none", "")
@@ -25,3 +29,24 @@ def as_bool(value: bool | int | str | None, name: str = "value") -> bool:
             return False
         raise ValueError(f"{name}={value!r}: expected true/false.")
     return bool(value)
+
+
+def parse_amp_dtype(amp_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Autocast dtype named by a config value: ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``, or
+    None / ``"none"`` / ``"float32"`` / ``"fp32"`` for full precision (returns None).
+
+    Raises:
+        ValueError: on any other value.
+    """
+    if amp_dtype is None or amp_dtype == torch.float32:
+        return None
+    if isinstance(amp_dtype, torch.dtype):
+        if amp_dtype in AMP_DTYPES.values():
+            return amp_dtype
+        raise ValueError(f"amp_dtype={amp_dtype}: expected bfloat16, float16 or None.")
+    key = str(amp_dtype).strip().lower()
+    if key in ("none", "float32", "fp32", ""):
+        return None
+    if key not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(AMP_DTYPES)} or None.")
+    return AMP_DTYPES[key]

@@ -10,4 +10,4 @@ from medsegdiff_monai.engines.stages import (
     stage_at_epoch,
     total_epochs,
 )
-from medsegdiff_monai.engines.trainer import AMP_DTYPES, DiffusionTrainer, NonFiniteLossEvents, resolve_amp_dtype
+from medsegdiff_monai.engines.trainer import DiffusionTrainer, NonFiniteLossEvents

@@ -6,37 +6,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import EventEnum
 from monai.engines import SupervisedTrainer
 from monai.networks.schedulers import Scheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from medsegdiff_monai.engines.stages import TrainingStage
+from medsegdiff_monai.utils import parse_amp_dtype
 
-__all__ = ["DiffusionTrainer", "NonFiniteLossEvents", "AMP_DTYPES", "resolve_amp_dtype"]
-
-from ignite.engine import EventEnum
-
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+__all__ = ["DiffusionTrainer", "NonFiniteLossEvents"]
 
 
 class NonFiniteLossEvents(EventEnum):
     """Fired by :class:`DiffusionTrainer` when a step is skipped because its loss or gradient norm is not finite."""
 
     STEP_SKIPPED = "step_skipped"
-
-
-def resolve_amp_dtype(amp_dtype: str | None, device: torch.device | str) -> torch.dtype | None:
-    """Autocast dtype for ``amp_dtype`` ("bfloat16"/"bf16", "float16"/"fp16", None or "none"/"float32").
-
-    Mixed precision is used on CUDA only; on CPU training runs in fp32 whatever is asked.
-    """
-    if amp_dtype is None or str(amp_dtype).lower() in ("none", "float32", "fp32", ""):
-        return None
-    key = str(amp_dtype).lower()
-    if key not in AMP_DTYPES:
-        raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(AMP_DTYPES)} or None.")
-    return AMP_DTYPES[key] if torch.device(device).type == "cuda" else None
 
 
 class DiffusionTrainer(SupervisedTrainer):
@@ -112,7 +97,9 @@ class DiffusionTrainer(SupervisedTrainer):
         self.noise_scheduler = noise_scheduler
         losses = ("seg", "cls") if cls_loss is not None else ("seg",)
         self.stage = stage or TrainingStage("joint", max_epochs, "all", 1.0, losses, True)
-        self.autocast_dtype = resolve_amp_dtype(amp_dtype, device)
+        # mixed precision on CUDA only: CPU training runs in fp32 whatever is asked
+        autocast_dtype = parse_amp_dtype(amp_dtype)
+        self.autocast_dtype = autocast_dtype if torch.device(device).type == "cuda" else None
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.grad_clip_norm = grad_clip_norm
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

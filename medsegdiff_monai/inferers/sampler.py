@@ -11,11 +11,12 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
+from medsegdiff_monai.utils import parse_amp_dtype
+
 __all__ = ["DiffusionSampler", "SamplerOutput", "repeat_condition"]
 
 # torch.compile'd ``denoise`` per network class, shared by every sampler of the process (one compilation per shape)
 _COMPILED_DENOISE: dict[Callable, Callable] = {}
-_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 class SamplerOutput(NamedTuple):
@@ -119,8 +120,7 @@ class DiffusionSampler:
                 f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], "
                 f"got {num_inference_steps}."
             )
-        if amp_dtype is not None and str(amp_dtype).lower() not in _AUTOCAST_DTYPES:
-            raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(_AUTOCAST_DTYPES)} or None.")
+        self.amp_dtype = parse_amp_dtype(amp_dtype)
         schedule_args = dict(schedule_args or {})
         if scheduler == "ddim":
             self.scheduler: DDIMScheduler | DDPMScheduler = DDIMScheduler(
@@ -147,7 +147,6 @@ class DiffusionSampler:
         self.seed = seed
         self.eta = eta
         self.return_members = return_members
-        self.amp_dtype = None if amp_dtype is None else _AUTOCAST_DTYPES[str(amp_dtype).lower()]
         self.compile = compile
         self.timesteps: list[int] = self.scheduler.timesteps.tolist()
 

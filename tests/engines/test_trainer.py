@@ -25,7 +25,7 @@ def make_batches(count: int = 3, batch: int = 2) -> list[dict]:
     return batches
 
 
-def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=()):
+def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None):
     torch.manual_seed(0)
     network = get_network("small", use_cls_head=use_cls_head)
     weighting = UncertaintyWeightedLoss(tasks=("seg", "cls"))
@@ -43,6 +43,7 @@ def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=())
         cls_loss=GradeFocalLoss(alpha=(2.0, 0.67)) if use_cls_head else None,
         noise_scheduler=DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"),
         stage=plan[0],
+        amp_dtype=amp_dtype,
         train_handlers=[staged, *handlers],
     )
     return trainer, network, optimizer
@@ -142,3 +143,11 @@ def test_segmentation_only_network_trains():
     trainer.run()
     assert network.cls_head is None
     assert any(not torch.equal(before[n], p) for n, p in network.named_parameters())
+
+
+def test_bad_amp_dtype_is_rejected_and_cpu_trains_in_fp32():
+    stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
+    with pytest.raises(ValueError, match="amp_dtype='int8'"):
+        make_trainer(stages, amp_dtype="int8")
+    trainer, _, _ = make_trainer(stages, amp_dtype="bfloat16")
+    assert trainer.autocast_dtype is None

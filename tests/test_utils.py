@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from medsegdiff_monai.inferers import DiffusionSampler
+from medsegdiff_monai.utils import as_bool, parse_amp_dtype
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("false", False), ("True", True), (" no ", False), ("1", True), (0, False)]
+)
+def test_as_bool_reads_command_line_switches(value, expected):
+    assert as_bool(value) is expected
+
+
+def test_as_bool_rejects_garbage_naming_the_key():
+    with pytest.raises(ValueError, match="use_cls_head='maybe'"):
+        as_bool("maybe", "use_cls_head")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("bf16", torch.bfloat16), ("BFloat16", torch.bfloat16), ("fp16", torch.float16), ("none", None), (None, None),
+     ("float32", None), (torch.bfloat16, torch.bfloat16)],
+)  # fmt: skip
+def test_parse_amp_dtype(value, expected):
+    assert parse_amp_dtype(value) == expected
+
+
+def test_bad_amp_dtype_is_rejected_by_the_sampler():
+    with pytest.raises(ValueError, match="amp_dtype='int8'"):
+        DiffusionSampler(num_inference_steps=2, ensemble_size=1, amp_dtype="int8")
+
+
+def test_bf16_sampler_on_cpu_equals_fp32():
+    from medsegdiff_monai.networks import get_network
+
+    torch.manual_seed(0)
+    network = get_network("small").eval()
+    image = torch.randn(2, 4, 32, 32)
+    full = DiffusionSampler(num_inference_steps=2, ensemble_size=2, seed=3)(network, image)
+    mixed = DiffusionSampler(num_inference_steps=2, ensemble_size=2, seed=3, amp_dtype="bf16")(network, image)
+    assert torch.equal(full.probs, mixed.probs)
