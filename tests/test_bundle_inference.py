@@ -56,11 +56,8 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("name", ["metadata.json", "metadata.proposed.json"])
-def test_metadata_verifies_offline_against_the_schema_copy(name, tmp_path):
-    meta_file = BUNDLE / "configs" / name
-    if not meta_file.is_file():
-        pytest.skip(f"{name} not present")
+def test_metadata_verifies_offline_against_the_schema_copy(tmp_path):
+    meta_file = BUNDLE / "configs" / "metadata.json"
     verify_metadata(meta_file=str(meta_file), filepath=str(SCHEMA))
     broken = json.loads(meta_file.read_text())
     del broken["task"]
@@ -70,8 +67,7 @@ def test_metadata_verifies_offline_against_the_schema_copy(name, tmp_path):
 
 
 def test_inference_bundle_runs_from_the_command_line(bundle_copy, synthetic_datalist):
-    meta = "bundle/configs/metadata.proposed.json"
-    meta = meta if (bundle_copy / meta).is_file() else "bundle/configs/metadata.json"
+    meta = "bundle/configs/metadata.json"
     _run(
         [
             "-m", "monai.bundle", "run",
