@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AMP_DTYPES", "as_bool", "parse_amp_dtype"]
+__all__ = ["AMP_DTYPES", "as_bool", "parse_amp_dtype", "unwrap_module"]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -50,3 +50,10 @@ def parse_amp_dtype(amp_dtype: str | torch.dtype | None) -> torch.dtype | None:
     if key not in AMP_DTYPES:
         raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(AMP_DTYPES)} or None.")
     return AMP_DTYPES[key]
+
+
+def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` without its DistributedDataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module

@@ -12,6 +12,7 @@ from monai.handlers import ROCAUC, ConfusionMatrix, MeanDice, MeanIoUHandler
 from monai.utils import MetricReduction
 
 from medsegdiff_monai.inferers import DiffusionSampler, sample_volume
+from medsegdiff_monai.utils import unwrap_module
 
 __all__ = ["DiffusionEvaluator", "validation_metrics", "REGION_NAMES"]
 
@@ -126,9 +127,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
     def _iteration(self, engine: DiffusionEvaluator, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        network = engine.network
-        while hasattr(network, "module") or hasattr(network, "_orig_mod"):
-            network = getattr(network, "module", None) or network._orig_mod
+        network = unwrap_module(engine.network)
         network.eval()
         device = engine.state.device
         images = batchdata["image"]

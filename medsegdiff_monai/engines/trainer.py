@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from medsegdiff_monai.engines.stages import TrainingStage
-from medsegdiff_monai.utils import parse_amp_dtype
+from medsegdiff_monai.utils import parse_amp_dtype, unwrap_module
 
 __all__ = ["DiffusionTrainer", "NonFiniteLossEvents"]
 
@@ -108,10 +108,7 @@ class DiffusionTrainer(SupervisedTrainer):
     @property
     def unwrapped_network(self) -> torch.nn.Module:
         """The network without its DDP / compile wrapper."""
-        network = self.network
-        while hasattr(network, "module") or hasattr(network, "_orig_mod"):
-            network = getattr(network, "module", None) or network._orig_mod
-        return network
+        return unwrap_module(self.network)
 
     def set_train_mode(self) -> None:
         """Train mode for the parts the current stage trains; eval mode (frozen norm/dropout) for the rest."""

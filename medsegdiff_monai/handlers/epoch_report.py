@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from medsegdiff_monai.utils import unwrap_module
+
 __all__ = ["EpochReport", "REPORT_COLUMNS"]
 
 REPORT_COLUMNS = (
@@ -117,7 +119,7 @@ class EpochReport:
             self._write_tensorboard(row, engine.state.epoch)
 
     def _collect(self, engine: Engine) -> dict:
-        loss_function = getattr(engine.loss_function, "module", engine.loss_function)  # unwrap DDP
+        loss_function = unwrap_module(engine.loss_function)
         sigmas = loss_function.sigmas() if hasattr(loss_function, "sigmas") else {}
         row: dict = {
             "epoch": engine.state.epoch,
