@@ -7,10 +7,15 @@ soon as it exists, so a run cut short keeps what it measured):
   and of one denoising pass / one condition pass per slice at the volume roi.
 - ``train``: ``DiffusionTrainer._iteration`` (noise, forward, losses, backward, clipping, fused AdamW, the finite
   check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
-  ``+compile`` torch.compile of the network, ``+nobench`` cudnn.benchmark off, ``+blocking`` blocking host-to-device
-  copies); peak memory, slices/s and MFU against ``--peak-tflops``; then the largest batch that fits.
-- ``profile``: GPU busy share and top kernels of the fastest training variant (``torch.profiler``), and the number
+  ``+compile`` torch.compile of the network, ``+graphs`` the same in ``mode="reduce-overhead"`` (CUDA graphs),
+  ``+nobench`` cudnn.benchmark off, ``+blocking`` blocking host-to-device copies); peak memory, slices/s and MFU
+  against ``--peak-tflops``; then the largest batch that fits.
+- ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
+  layout conversions and the rest, and top kernels of the fastest training variant (``torch.profiler``); the number
   of host synchronisations in one iteration (``torch.cuda.set_sync_debug_mode``).
+- ``loader``: the bundle's training data path on a synthetic full-size release (``make_slice_dataset`` +
+  ``get_train_transforms`` + a pinned-memory ``DataLoader``): slices/s the loader delivers alone per worker count,
+  then the fastest variant's step fed by it (``--loader-workers[0]`` workers), slices/s and GPU busy share.
 - ``numerics``: up to ``--numerics-steps`` bf16 training steps of the fastest variant on fresh synthetic batches,
   counting non-finite (skipped) steps, until the deadline.
 - ``sampling``: condition pass and one reverse step (denoise of B x K inputs + DDIM update) per variant.
@@ -40,17 +45,30 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
+from monai.data import DataLoader
 from monai.networks.schedulers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from medsegdiff_monai.data import MODALITIES, make_synthetic_subject
+from medsegdiff_monai.data import (
+    MODALITIES,
+    build_datalist,
+    load_brats_datalist,
+    make_slice_dataset,
+    make_synthetic_subject,
+    read_brats_folder,
+    write_datalist,
+    write_synthetic_brats,
+)
 from medsegdiff_monai.engines import DiffusionTrainer, build_optimizer
 from medsegdiff_monai.inferers import DiffusionSampler, brain_slice_mask, repeat_condition, sample_volume
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
 from medsegdiff_monai.networks import get_network
-from medsegdiff_monai.transforms import get_inference_transforms
+from medsegdiff_monai.transforms import get_inference_transforms, get_train_transforms
 
-VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "nobench", "blocking"}
+VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "graphs", "nobench", "blocking"}
+# kernel-name fragments of the matrix (convolution / GEMM / attention) kernels and of cuDNN's layout conversions
+MATRIX_KERNELS = ("gemm", "xmma", "conv", "dgrad", "wgrad", "fprop", "cutlass", "flash", "fmha", "sm90_")
+LAYOUT_KERNELS = ("nchwToNhwc", "nhwcToNchw")
 
 
 class Bench:
@@ -65,6 +83,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.best_train: tuple[float, str, DiffusionTrainer | None] = (math.inf, "", None)
+        self.profile_trainers: dict[str, DiffusionTrainer] = {}
 
     def time_left(self) -> float:
         return self.args.deadline - (time.perf_counter() - self.start)
@@ -144,11 +163,12 @@ def synthetic_batch(batch: int, size: int, generator: torch.Generator) -> dict:
 def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -> DiffusionTrainer:
     torch.manual_seed(0)
     channels_last = "cl" in flags
+    compile_network = bool(flags & {"compile", "graphs"})
+    compile_kwargs = {"dynamic": False, "mode": "reduce-overhead"} if "graphs" in flags else {"dynamic": False}
     network = get_network(bench.args.preset).to(bench.device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     weighting = UncertaintyWeightedLoss(tasks=("seg", "cls")).to(bench.device)
-    compile_network = "compile" in flags
     return DiffusionTrainer(
         device=bench.device,
         max_epochs=1,
@@ -162,7 +182,7 @@ def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -
         amp_dtype="bfloat16" if "bf16" in flags else None,
         channels_last=channels_last,
         compile=compile_network,
-        compile_kwargs={"dynamic": False} if compile_network else None,
+        compile_kwargs=compile_kwargs if compile_network else None,
         non_blocking="blocking" not in flags,
     )
 
@@ -208,9 +228,10 @@ def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: in
     try:
         trainer = make_trainer(bench, batch, flags)
         ms, warmup_s = bench.time_calls(lambda: trainer._iteration(trainer, batch), warmup, steps)
-    except torch.cuda.OutOfMemoryError:
+    except Exception as error:  # out of memory, or a variant that fails: recorded, the run goes on
         trainer = None
-        bench.record(section="train", size=size, batch=batch_size, variant=variant, result="out of memory")
+        result = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else f"failed: {error!r}"[:300]
+        bench.record(section="train", size=size, batch=batch_size, variant=variant, result=result)
         bench.reset_memory()
         return math.inf
     flops = bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
@@ -226,12 +247,20 @@ def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: in
         warmup_s=warmup_s,
         tflops_per_s=tflops,
         mfu=tflops / bench.args.peak_tflops,
-        skipped=trainer.state.skipped_steps,
+        skipped=_resolved_skips(trainer),
     )
-    if size == bench.args.size[0] and batch_size == bench.args.batch and ms < bench.best_train[0]:
-        bench.best_train = (ms, variant, trainer)
+    if size == bench.args.size[0] and batch_size == bench.args.batch:
+        if ms < bench.best_train[0]:
+            bench.best_train = (ms, variant, trainer)
+        if variant in bench.args.profile_variants:
+            bench.profile_trainers[variant] = trainer
     torch.backends.cudnn.benchmark = True
     return ms
+
+
+def _resolved_skips(trainer: DiffusionTrainer) -> int:
+    trainer.resolve_skipped_steps()
+    return trainer.state.skipped_steps
 
 
 def largest_batch(bench: Bench, variant: str) -> None:
@@ -260,10 +289,18 @@ def largest_batch(bench: Bench, variant: str) -> None:
 
 
 def profile_train(bench: Bench) -> None:
-    """Host syncs of one iteration and the GPU busy share / top kernels of three, for the fastest variant."""
-    _, variant, trainer = bench.best_train
-    if trainer is None:
-        return
+    """Host syncs of one iteration and the GPU busy share / top kernels of three, for the fastest variant and those of
+    ``--profile-variants``."""
+    _, best, trainer = bench.best_train
+    trainers = {best: trainer} if trainer is not None else {}
+    trainers.update(bench.profile_trainers)
+    for variant, trainer in trainers.items():
+        if bench.time_left() > 20:
+            profile_variant(bench, variant, trainer)
+    bench.profile_trainers.clear()
+
+
+def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> None:
     batch = trainer.data_loader[0]
     if bench.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("warn")
@@ -285,15 +322,32 @@ def profile_train(bench: Bench) -> None:
         wall_us = 1e6 * (time.perf_counter() - begin)
     kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = _union_length([(e.time_range.start, e.time_range.end) for e in kernels])
-    table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
-    (bench.out / "profile_train.txt").write_text(f"variant {variant}\nsyncs: {syncs}\n\n{table}")
+    table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
+    with open(bench.out / "profile_train.txt", "a") as handle:
+        handle.write(f"variant {variant}\nsyncs: {syncs}\n\n{table}\n\n")
+    matrix_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, MATRIX_KERNELS))
+    layout_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, LAYOUT_KERNELS))
+    kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
+    size, batch_size = bench.args.size[0], trainer.data_loader[0]["image"].shape[0]
+    flops = bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
     bench.record(
         section="profile",
         variant=variant,
         host_syncs_per_iteration=len(syncs),
         gpu_busy_share=busy_us / wall_us if kernels else math.nan,
+        wall_ms_per_step=wall_us / 3000,
         kernels_per_iteration=len(kernels) / 3,
+        kernel_ms_per_step=kernel_us / 3000,
+        matrix_ms_per_step=matrix_us / 3000,
+        layout_conversion_ms_per_step=layout_us / 3000,
+        other_ms_per_step=(kernel_us - matrix_us - layout_us) / 3000,
+        matrix_kernel_tflops_per_s=flops / (matrix_us / 3) / 1e6 if matrix_us else math.nan,
     )
+
+
+def _is_kernel(name: str, fragments: tuple[str, ...]) -> bool:
+    lowered = name.lower()
+    return any(fragment.lower() in lowered for fragment in fragments)
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -303,6 +357,94 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def training_loader(bench: Bench, folder: Path, num_workers: int) -> DataLoader:
+    """The bundle's training data path over the synthetic release in ``folder``, ``--batch`` slices per batch."""
+    args = bench.args
+    slices = args.loader_slices_per_volume
+    if not (folder / "datalist.json").exists():
+        write_synthetic_brats(folder, args.loader_subjects, lgg_fraction=0.5, seed=0, progress=False)
+        subjects = read_brats_folder(folder, progress=False)
+        write_datalist(build_datalist(subjects, folder, val_fraction=0.0), folder / "datalist.json")
+    if not hasattr(bench, "slice_dataset"):
+        entries = load_brats_datalist(folder / "datalist.json", "training", folder)
+        chain = get_train_transforms(roi_size=(args.size[0], args.size[0]), num_slices_per_volume=slices)
+        bench.slice_dataset = make_slice_dataset(entries, chain, num_workers=8, copy_cache=False)
+    return DataLoader(
+        bench.slice_dataset,
+        batch_size=max(1, args.batch // slices),
+        shuffle=True,
+        num_workers=num_workers,
+        pin_memory=bench.device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+    )
+
+
+def loader(bench: Bench) -> None:
+    """Slices/s of the training loader alone per worker count, then the fastest training step fed by it."""
+    args = bench.args
+    _, variant, trainer = bench.best_train
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "brats"
+        begin = time.perf_counter()
+        training_loader(bench, folder, 0)
+        print(f"loader: synthetic release + cache of {args.loader_subjects} volumes in "
+              f"{time.perf_counter() - begin:.0f} s", flush=True)  # fmt: skip
+        for workers in args.loader_workers:
+            if bench.time_left() < 30:
+                return
+            batches = iter(_endless(training_loader(bench, folder, workers)))
+            next(batches)
+            count, begin = 0, time.perf_counter()
+            while time.perf_counter() - begin < args.loader_seconds:
+                count += next(batches)["image"].shape[0]
+            bench.record(
+                section="loader",
+                size=args.size[0],
+                workers=workers,
+                slices_per_s=count / (time.perf_counter() - begin),
+                how="loader alone",
+            )
+        if trainer is None or bench.time_left() < 60:
+            return
+        workers = args.loader_workers[0]
+        batches = iter(_endless(training_loader(bench, folder, workers)))
+        for _ in range(3):
+            trainer._iteration(trainer, next(batches))
+        bench.sync()
+        steps, begin = 0, time.perf_counter()
+        while time.perf_counter() - begin < args.loader_seconds:
+            trainer._iteration(trainer, next(batches))
+            steps += 1
+        bench.sync()
+        step_s = (time.perf_counter() - begin) / steps
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profiler:
+            begin = time.perf_counter()
+            for _ in range(10):
+                trainer._iteration(trainer, next(batches))
+            bench.sync()
+            wall_us = 1e6 * (time.perf_counter() - begin)
+        kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = _union_length([(e.time_range.start, e.time_range.end) for e in kernels])
+        bench.record(
+            section="loader",
+            size=args.size[0],
+            workers=workers,
+            variant=variant,
+            ms_per_step=1000 * step_s,
+            slices_per_s=args.batch / step_s,
+            gpu_busy_share=busy_us / wall_us,
+            how="training step fed by the loader",
+            skipped=_resolved_skips(trainer),
+        )
+
+
+def _endless(data_loader: DataLoader):
+    while True:
+        yield from data_loader
 
 
 def numerics(bench: Bench) -> None:
@@ -315,18 +457,21 @@ def numerics(bench: Bench) -> None:
     for group in trainer.optimizer.param_groups:
         group["lr"] = 1e-3
     generator = torch.Generator(bench.device).manual_seed(1)
-    losses, skipped, grad_norm_max = [], 0, 0.0
+    losses, grad_norm_max = [], 0.0
+    trainer.resolve_skipped_steps()
+    skipped_before = trainer.state.skipped_steps
     begin = time.perf_counter()
     for step in range(args.numerics_steps):
         if bench.time_left() < 15:
             break
         output = trainer._iteration(trainer, synthetic_batch(args.batch, args.size[0], generator))
-        skipped += int(output["skipped"])
         losses.append(output["loss"])
         grad_norm_max = max(grad_norm_max, float(output["grad_norm"])) if step % 50 == 0 else grad_norm_max
     if not losses:
         print("numerics: no time left before the deadline, no step run", flush=True)
         return
+    trainer.resolve_skipped_steps()
+    skipped = trainer.state.skipped_steps - skipped_before
     values = torch.stack(losses).float().cpu()
     window = min(50, len(values))
     bench.record(
@@ -482,7 +627,7 @@ def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = ["flops", "train", "profile", "numerics", "sampling", "volume"]
+    sections = ["flops", "train", "profile", "loader", "numerics", "sampling", "volume"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="base")
@@ -495,7 +640,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--other-size-variants", nargs="*", default=["bf16", "bf16+cl+compile"])
     parser.add_argument("--extra-variants", nargs="*", default=[], help="further variants at the first size")
+    parser.add_argument("--profile-variants", nargs="*", default=[], help="profiled besides the fastest")
     parser.add_argument("--max-batch-variant", default="bf16+cl", help="'' skips the largest-batch search")
+    parser.add_argument("--loader-subjects", type=int, default=8, help="synthetic 240 x 240 x 155 volumes")
+    parser.add_argument("--loader-slices-per-volume", type=int, default=4)
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[8, 4, 12], help="first: feeds the step")
+    parser.add_argument("--loader-seconds", type=float, default=15.0, help="seconds per loader measurement")
     parser.add_argument("--numerics-steps", type=int, default=2000)
     parser.add_argument("--sampling-variants", nargs="+", default=["fp32", "bf16", "bf16+cl", "bf16+cl+compile"])
     parser.add_argument("--sampling-slices", type=int, default=32, help="slices per sampler call (B)")
@@ -526,6 +676,8 @@ def main(argv: list[str] | None = None) -> None:
                     train_row(bench, size, args.batch, variant, args.warmup, args.steps)
     if "profile" in args.sections:
         profile_train(bench)
+    if "loader" in args.sections:
+        loader(bench)
     if "train" in args.sections and args.max_batch_variant and bench.time_left() > 90:
         largest_batch(bench, args.max_batch_variant)
     if "numerics" in args.sections:

@@ -31,7 +31,7 @@ RECORDERS = {
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda engine, "
         "path=os.path.join(@output_dir, 'train_rank' + os.environ['RANK'] + '.tsv'): open(path, 'a').write("
         "'\\t'.join([str(engine.state.epoch), str(float(engine.state.output['L_seg'])), "
-        "str(float(engine.state.output['L_total'])), str(engine.state.output['skipped']), "
+        "str(float(engine.state.output['L_total'])), str(not bool(engine.state.output['finite'])), "
         "','.join(engine.state.batch['subject_id'])]) + '\\n'))",
         "$@validate#evaluator.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda engine, "
         "path=os.path.join(@output_dir, 'val_rank' + os.environ['RANK'] + '.tsv'): open(path, 'a').write("

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from ignite.engine import EventEnum
+from ignite.engine import EventEnum, Events
 from monai.engines import SupervisedTrainer
 from monai.networks.schedulers import Scheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -24,14 +24,31 @@ class NonFiniteLossEvents(EventEnum):
     STEP_SKIPPED = "step_skipped"
 
 
+class _PendingFiniteFlag(NamedTuple):
+    """The finite flag of an applied-or-skipped step, on its way to the host (pinned copy + event on CUDA)."""
+
+    finite: torch.Tensor
+    ready: torch.cuda.Event | None
+    epoch: int
+    iteration: int
+
+
 class DiffusionTrainer(SupervisedTrainer):
     """One diffusion training step per iteration, on MONAI's :class:`~monai.engines.SupervisedTrainer`.
 
     Each iteration: draw ``t ~ U{0, T-1}`` and Gaussian noise, noise the [-1, 1] mask with ``noise_scheduler``
     (``x_t = add_noise(mask, noise, t)``), predict ``(seg_logits, cls_logits, calib_map) = network(x_t, t, image)``,
     apply the losses of the current :attr:`stage`, clip the gradient norm, step the optimizer. A step whose loss or
-    gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and announced with
-    :attr:`NonFiniteLossEvents.STEP_SKIPPED`.
+    gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and
+    ``engine.state.consecutive_skipped_steps`` and announced with :attr:`NonFiniteLossEvents.STEP_SKIPPED`
+    (``engine.state.skipped_step`` then holds the skipped step's ``(epoch, iteration)``).
+
+    No host synchronisation in the loop: with an optimizer that takes a ``found_inf`` flag (fused AdamW, as
+    :func:`~medsegdiff_monai.engines.build_optimizer` builds on CUDA) the skip happens on the device, and the host
+    learns of it one iteration later, while the GPU already runs the next step (the skip is then announced during the
+    next iteration, or at the end of the epoch for the last step). Other optimizers, and float16 with its gradient
+    scaler, check the flag at once (one synchronisation per step). The iteration output's ``"finite"`` (a 0-d bool
+    tensor on the device) tells whether that step was applied.
 
     Batch keys: ``"image"`` (B, 4, H, W), ``"label"`` (B, C_mask, H, W) regions in {0, 1}, ``"mask"`` (B, C_mask, H, W)
     in [-1, 1] (derived from ``"label"`` when absent), ``"grade"`` (B,) 0 = LGG, 1 = HGG.
@@ -84,7 +101,6 @@ class DiffusionTrainer(SupervisedTrainer):
             network=network,
             optimizer=optimizer,
             loss_function=loss_function,
-            train_handlers=train_handlers,
             amp=False,
             optim_set_to_none=True,
             decollate=False,
@@ -103,7 +119,55 @@ class DiffusionTrainer(SupervisedTrainer):
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.grad_clip_norm = grad_clip_norm
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._pending_flags: list[_PendingFiniteFlag] = []
+        self._reset_skip_counts()
+        # registered before the train handlers, so that they see the epoch's skipped steps complete
+        self.add_event_handler(Events.STARTED, self._reset_skip_counts)
+        self.add_event_handler(Events.EPOCH_STARTED, self._reset_epoch_skip_count)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self.resolve_skipped_steps)
+        self.add_event_handler(Events.COMPLETED, self.resolve_skipped_steps)
+        if train_handlers is not None:
+            self._register_handlers(train_handlers)
+
+    def _reset_skip_counts(self, *_: Any) -> None:
+        self._pending_flags.clear()
         self.state.skipped_steps = 0
+        self.state.epoch_skipped_steps = 0
+        self.state.consecutive_skipped_steps = 0
+        self.state.skipped_step = None
+
+    def _reset_epoch_skip_count(self, *_: Any) -> None:
+        self.state.epoch_skipped_steps = 0
+
+    def _queue_finite_flag(self, finite: torch.Tensor) -> None:
+        """Start the copy of a step's finite flag to the host, without waiting for it."""
+        ready = None
+        if finite.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            finite = host
+        self._pending_flags.append(_PendingFiniteFlag(finite, ready, self.state.epoch, self.state.iteration))
+
+    def resolve_skipped_steps(self, *_: Any, keep_latest: bool = False) -> None:
+        """Read the queued finite flags (waiting only for the steps they belong to), count and announce the skips.
+
+        Args:
+            keep_latest: leave the newest flag queued (its step may still be running on the GPU).
+        """
+        while len(self._pending_flags) > int(keep_latest):
+            pending = self._pending_flags.pop(0)
+            if pending.ready is not None:
+                pending.ready.synchronize()
+            if bool(pending.finite):
+                self.state.consecutive_skipped_steps = 0
+                continue
+            self.state.skipped_steps += 1
+            self.state.epoch_skipped_steps += 1
+            self.state.consecutive_skipped_steps += 1
+            self.state.skipped_step = (pending.epoch, pending.iteration)
+            self.fire_event(NonFiniteLossEvents.STEP_SKIPPED)
 
     @property
     def unwrapped_network(self) -> torch.nn.Module:
@@ -181,17 +245,8 @@ class DiffusionTrainer(SupervisedTrainer):
             if engine.grad_clip_norm is not None
             else torch.zeros((), device=total.device)
         )
-        finite = bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))  # the step's one host sync
-        if engine.grad_scaler is not None:
-            if finite:
-                engine.grad_scaler.step(engine.optimizer)
-            engine.grad_scaler.update()
-        elif finite:
-            engine.optimizer.step()
-        if not finite:
-            engine.optimizer.zero_grad(set_to_none=True)
-            engine.state.skipped_steps += 1
-            engine.fire_event(NonFiniteLossEvents.STEP_SKIPPED)
+        finite = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
+        engine._optimizer_step(finite)
 
         nan = torch.full((), float("nan"), device=total.device)
         return {
@@ -200,5 +255,30 @@ class DiffusionTrainer(SupervisedTrainer):
             "L_cls": losses["cls"].detach() if "cls" in losses else nan,
             "L_total": total.detach(),
             "grad_norm": grad_norm.detach(),
-            "skipped": not finite,
+            "finite": finite,
         }
+
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """Apply the step only where ``finite`` (0-d bool tensor) holds; queue or resolve the flag."""
+        if self.grad_scaler is None and getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # fused optimizers skip the update (and undo their step count) on the device when found_inf is 1
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self._queue_finite_flag(finite)
+            self.resolve_skipped_steps(keep_latest=True)
+            return
+        applied = bool(finite)  # one host synchronisation
+        if self.grad_scaler is not None:
+            if applied:
+                self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        elif applied:
+            self.optimizer.step()
+        if not applied:
+            self.optimizer.zero_grad(set_to_none=True)
+        flag = torch.tensor(applied)
+        self._pending_flags.append(_PendingFiniteFlag(flag, None, self.state.epoch, self.state.iteration))
+        self.resolve_skipped_steps()

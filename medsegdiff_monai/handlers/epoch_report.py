@@ -101,13 +101,15 @@ class EpochReport:
         self._epoch_start = time.perf_counter()
 
     def _iteration_completed(self, engine: Engine) -> None:
+        # on the device, without a host synchronisation: skipped (non-finite) steps add nothing
         output = engine.state.output
-        if output.get("skipped", False):
-            return
+        finite = output.get("finite", True)
         for key in ("L_seg", "L_cls", "L_total"):
             value = output[key].detach().float()
+            applied = torch.as_tensor(finite, device=value.device)
+            value = torch.where(applied, value, torch.zeros_like(value))
             self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._count += 1
+        self._count = self._count + applied.float()
 
     def _epoch_completed(self, engine: Engine) -> None:
         row = self._collect(engine)
@@ -149,7 +151,8 @@ class EpochReport:
         keys = ("L_seg", "L_cls", "L_total")
         device = getattr(engine.state, "device", None) or "cpu"
         zero = torch.zeros((), device=device)
-        totals = torch.stack([self._sums.get(k, zero).to(device) for k in keys] + [zero + self._count])
+        count = torch.as_tensor(self._count, dtype=torch.float32, device=device)
+        totals = torch.stack([self._sums.get(k, zero).to(device) for k in keys] + [zero + count])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         count = float(totals[-1])

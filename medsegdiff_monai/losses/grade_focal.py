@@ -42,13 +42,11 @@ class GradeFocalLoss(_Loss):
         if gamma < 0:
             raise ValueError(f"GradeFocalLoss gamma must be >= 0, got {gamma}.")
         self.alpha = None if alpha is None else tuple(float(a) for a in alpha)
-        self.focal = FocalLoss(
-            to_onehot_y=True,
-            use_softmax=True,
-            gamma=gamma,
-            weight=None if alpha is None else list(self.alpha),
-            reduction="none",
-        )
+        # alpha is applied here, as alpha[grade], rather than as FocalLoss's ``weight``: MONAI checks and copies that
+        # list on every call (two host synchronisations per step on a GPU)
+        self.register_buffer("alpha_weights", None if alpha is None else torch.tensor(self.alpha), persistent=False)
+        self.alpha_weights: torch.Tensor | None
+        self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=gamma, reduction="none")
 
     def forward(self, cls_logits: torch.Tensor, grade: torch.Tensor) -> torch.Tensor:
         """
@@ -68,5 +66,10 @@ class GradeFocalLoss(_Loss):
             raise ValueError(
                 f"GradeFocalLoss has {len(self.alpha)} alpha weights but cls_logits has {cls_logits.shape[1]} classes."
             )
-        per_class = self.focal(cls_logits, grade.long()[:, None])
-        return per_class.sum(dim=1).mean()
+        grade = grade.long()
+        per_sample = self.focal(cls_logits, grade[:, None]).sum(dim=1)
+        if self.alpha_weights is not None:
+            if self.alpha_weights.device != cls_logits.device:  # once, for a loss module left on the CPU
+                self.alpha_weights = self.alpha_weights.to(cls_logits.device)
+            per_sample = per_sample * self.alpha_weights[grade]
+        return per_sample.mean()

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.networks.schedulers import DDPMScheduler
 
-from medsegdiff_monai.engines import DiffusionTrainer, build_optimizer, parse_stages
+from medsegdiff_monai.engines import DiffusionTrainer, NonFiniteLossEvents, build_optimizer, parse_stages
 from medsegdiff_monai.handlers import NonFiniteLossGuard, StagedTraining
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
 from medsegdiff_monai.networks import get_network
@@ -25,11 +26,11 @@ def make_batches(count: int = 3, batch: int = 2) -> list[dict]:
     return batches
 
 
-def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None):
+def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None, fused=False):
     torch.manual_seed(0)
     network = get_network("small", use_cls_head=use_cls_head)
     weighting = UncertaintyWeightedLoss(tasks=("seg", "cls"))
-    optimizer = build_optimizer(network, weighting, lr=lr, weight_decay=0.1)
+    optimizer = build_optimizer(network, weighting, lr=lr, weight_decay=0.1, fused=fused)
     plan = parse_stages(stages, use_cls_head=use_cls_head)
     staged = StagedTraining(plan)
     trainer = DiffusionTrainer(
@@ -108,7 +109,9 @@ def test_joint_stage_trains_log_sigmas():
     assert all(not torch.equal(b, a) for b, a in zip(before, after))
 
 
-def test_non_finite_loss_is_skipped_and_counted():
+# fused=True: the skip happens inside the fused AdamW (found_inf) and the host learns of it one iteration later
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_loss_is_skipped_and_counted(fused):
     calls = {"n": 0}
     real_loss = SegmentationLoss()
 
@@ -119,19 +122,40 @@ def test_non_finite_loss_is_skipped_and_counted():
 
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
     guard = NonFiniteLossGuard(max_consecutive=5)
-    trainer, network, _ = make_trainer(stages, seg_loss=flaky_loss, handlers=[guard])
+    trainer, network, _ = make_trainer(stages, seg_loss=flaky_loss, handlers=[guard], fused=fused)
+    finite_flags, skipped_seen = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: finite_flags.append(bool(e.state.output["finite"])))
+    trainer.add_event_handler(NonFiniteLossEvents.STEP_SKIPPED, lambda e: skipped_seen.append(e.state.skipped_step))
     trainer.run()
+    assert finite_flags == [True, False, True]
+    assert skipped_seen == [(1, 2)]
     assert trainer.state.skipped_steps == 1
     assert trainer.state.epoch_skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in network.parameters())
 
 
-def test_guard_stops_a_diverged_run():
+@pytest.mark.parametrize("fused", [False, True])
+def test_skipped_steps_leave_weights_and_optimizer_state_untouched(fused):
+    def nan_loss(seg_logits, label, calib_map):
+        return seg_logits.sum() * float("nan")
+
+    stages = [{"name": "segmentation", "epochs": 2, "train": "backbone"}]
+    trainer, network, optimizer = make_trainer(stages, seg_loss=nan_loss, fused=fused)
+    before = snapshot(network)
+    trainer.run()
+    assert trainer.state.skipped_steps == 6 and trainer.state.consecutive_skipped_steps == 6
+    assert all(torch.equal(before[n], p) for n, p in network.named_parameters())
+    assert all(float(state.get("step", 0)) == 0 for state in optimizer.state.values())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_guard_stops_a_diverged_run(fused):
     def nan_loss(seg_logits, label, calib_map):
         return seg_logits.sum() * float("nan")
 
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
-    trainer, _, _ = make_trainer(stages, seg_loss=nan_loss, handlers=[NonFiniteLossGuard(max_consecutive=2)])
+    guard = NonFiniteLossGuard(max_consecutive=2)
+    trainer, _, _ = make_trainer(stages, seg_loss=nan_loss, handlers=[guard], fused=fused)
     with pytest.raises(RuntimeError, match="2 consecutive"):
         trainer.run()
 
