@@ -7,8 +7,8 @@ soon as it exists, so a run cut short keeps what it measured):
   and of one denoising pass / one condition pass per slice at the volume roi.
 - ``train``: ``DiffusionTrainer._iteration`` (noise, forward, losses, backward, clipping, fused AdamW, the finite
   check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
-  ``+compile`` torch.compile of the network, ``+graphs`` the same in ``mode="reduce-overhead"`` (CUDA graphs),
-  ``+nobench`` cudnn.benchmark off, ``+blocking`` blocking host-to-device copies); peak memory, slices/s and MFU
+  ``+compile`` torch.compile of the network, ``+graphs`` the same with CUDA graphs (``mode="reduce-overhead"``),
+  ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench`` cudnn.benchmark off, ``+blocking`` blocking host-to-device copies); peak memory, slices/s and MFU
   against ``--peak-tflops``; then the largest batch that fits.
 - ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
   layout conversions and the rest, and top kernels of the fastest training variant (``torch.profiler``); the number
@@ -65,7 +65,7 @@ from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, Uncertaint
 from medsegdiff_monai.networks import get_network
 from medsegdiff_monai.transforms import get_inference_transforms, get_train_transforms
 
-VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "graphs", "nobench", "blocking"}
+VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "graphs", "forcecl", "nobench", "blocking"}
 # kernel-name fragments of the matrix (convolution / GEMM / attention) kernels and of cuDNN's layout conversions
 MATRIX_KERNELS = ("gemm", "xmma", "conv", "dgrad", "wgrad", "fprop", "cutlass", "flash", "fmha", "sm90_")
 LAYOUT_KERNELS = ("nchwToNhwc", "nhwcToNchw")
@@ -163,8 +163,8 @@ def synthetic_batch(batch: int, size: int, generator: torch.Generator) -> dict:
 def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -> DiffusionTrainer:
     torch.manual_seed(0)
     channels_last = "cl" in flags
-    compile_network = bool(flags & {"compile", "graphs"})
-    compile_kwargs = {"dynamic": False, "mode": "reduce-overhead"} if "graphs" in flags else {"dynamic": False}
+    compile_network = bool(flags & {"compile", "graphs", "forcecl"})
+    compile_kwargs = {"dynamic": False, "options": compile_options(flags)}
     network = get_network(bench.args.preset).to(bench.device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
@@ -185,6 +185,13 @@ def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -
         compile_kwargs=compile_kwargs if compile_network else None,
         non_blocking="blocking" not in flags,
     )
+
+
+def compile_options(flags: set[str]) -> dict[str, bool]:
+    """Inductor options of a variant: ``graphs`` CUDA graphs (what ``mode="reduce-overhead"`` sets), ``forcecl``
+    channels-last layout for every convolution of the compiled graphs (inductor's heuristic otherwise skips it for
+    UNets, whose decoder convolutions have more input than output channels)."""
+    return {"triton.cudagraphs": "graphs" in flags, "force_layout_optimization": "forcecl" in flags}
 
 
 def count_flops(bench: Bench) -> None:
