@@ -8,8 +8,9 @@ soon as it exists, so a run cut short keeps what it measured):
 - ``train``: ``DiffusionTrainer._iteration`` (noise, forward, losses, backward, clipping, fused AdamW, the finite
   check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
   ``+compile`` torch.compile of the network, ``+graphs`` the same with CUDA graphs (``mode="reduce-overhead"``),
-  ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench`` cudnn.benchmark off, ``+blocking`` blocking host-to-device copies); peak memory, slices/s and MFU
-  against ``--peak-tflops``; then the largest batch that fits.
+  ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench``
+  cudnn.benchmark off, ``+blocking`` blocking host-to-device copies); peak memory, slices/s and MFU against
+  ``--peak-tflops``; then the largest batch that fits.
 - ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
   layout conversions and the rest, and top kernels of the fastest training variant (``torch.profiler``); the number
   of host synchronisations in one iteration (``torch.cuda.set_sync_debug_mode``).
