@@ -422,9 +422,12 @@ def loader(bench: Bench) -> None:
         for _ in range(3):
             trainer._iteration(trainer, next(batches))
         bench.sync()
-        steps, begin = 0, time.perf_counter()
+        steps, wait_s, begin = 0, 0.0, time.perf_counter()
         while time.perf_counter() - begin < args.loader_seconds:
-            trainer._iteration(trainer, next(batches))
+            asked = time.perf_counter()
+            batch = next(batches)
+            wait_s += time.perf_counter() - asked
+            trainer._iteration(trainer, batch)
             steps += 1
         bench.sync()
         step_s = (time.perf_counter() - begin) / steps
@@ -445,6 +448,7 @@ def loader(bench: Bench) -> None:
             ms_per_step=1000 * step_s,
             slices_per_s=args.batch / step_s,
             gpu_busy_share=busy_us / wall_us,
+            loader_wait_share=wait_s / (step_s * steps),
             how="training step fed by the loader",
             skipped=_resolved_skips(trainer),
         )
@@ -648,6 +652,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--other-size-variants", nargs="*", default=["bf16", "bf16+cl+compile"])
     parser.add_argument("--extra-variants", nargs="*", default=[], help="further variants at the first size")
+    parser.add_argument("--fallback-variants", nargs="*", default=[], help="tried in turn until one runs, if none did")
     parser.add_argument("--profile-variants", nargs="*", default=[], help="profiled besides the fastest")
     parser.add_argument("--max-batch-variant", default="bf16+cl", help="'' skips the largest-batch search")
     parser.add_argument("--loader-subjects", type=int, default=8, help="synthetic 240 x 240 x 155 volumes")
@@ -661,6 +666,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--volume-roi", type=int, default=192)
     parser.add_argument("--volume-steps", type=int, nargs="+", default=[10, 25])
+    parser.add_argument("--flops-from", help="results.json of an earlier run whose FLOP counts to reuse")
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="H100 SXM dense bf16 peak")
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds after which no new work starts")
     parser.add_argument("--out", default="gpu_results")
@@ -672,11 +678,16 @@ def main(argv: list[str] | None = None) -> None:
     args = bench.args
     torch.backends.cudnn.benchmark = True
     print(f"torch {torch.__version__}, {bench.card}, preset {args.preset}, sections {args.sections}", flush=True)
-    if "flops" in args.sections:
+    if args.flops_from:
+        bench.flops.update(json.loads(Path(args.flops_from).read_text())["flops"])
+    elif "flops" in args.sections:
         count_flops(bench)
     if "train" in args.sections:
         for variant in args.train_variants + args.extra_variants:
             if bench.time_left() > (150 if "compile" in variant else 30):
+                train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps)
+        for variant in args.fallback_variants:
+            if bench.best_train[2] is None and bench.time_left() > 150:
                 train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps)
         for size in args.size[1:]:
             for variant in args.other_size_variants:
