@@ -48,6 +48,7 @@ import nibabel as nib
 import torch
 from monai.data import DataLoader
 from monai.networks.schedulers import DDPMScheduler
+from torch.utils.data import RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from medsegdiff_monai.data import (
@@ -379,10 +380,14 @@ def training_loader(bench: Bench, folder: Path, num_workers: int) -> DataLoader:
         entries = load_brats_datalist(folder / "datalist.json", "training", folder)
         chain = get_train_transforms(roi_size=(args.size[0], args.size[0]), num_slices_per_volume=slices)
         bench.slice_dataset = make_slice_dataset(entries, chain, num_workers=8, copy_cache=False)
+    # volumes drawn with replacement, so that an epoch is as long as a real release's (~150 batches) and every
+    # worker stays busy: with 8 volumes an epoch has 4 batches, and at most 4 workers ever work at once
+    batch_volumes = max(1, args.batch // slices)
+    sampler = RandomSampler(bench.slice_dataset, replacement=True, num_samples=150 * batch_volumes)
     return DataLoader(
         bench.slice_dataset,
-        batch_size=max(1, args.batch // slices),
-        shuffle=True,
+        batch_size=batch_volumes,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=bench.device.type == "cuda",
         persistent_workers=num_workers > 0,

@@ -106,3 +106,22 @@ def test_killed_run_resumes_without_repeating_an_epoch(tmp_path, synthetic_brats
     epochs = [int(r["epoch"]) for r in read_metrics(tmp_path)]
     assert epochs == [1, 2, 3, 4, 5, 6]
     assert hashlib.sha256(Path(synthetic_datalist).read_bytes()).hexdigest() == datalist_digest
+
+
+def test_gpu_overlay_overrides_only_existing_keys():
+    """train_gpu.json changes keys that train.json has (a typo would silently add an unused key) and reaches the
+    trainer: CUDA graphs through torch.compile, one input shape."""
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    base = ConfigParser()
+    base.read_config(str(configs / "train.json"))
+    overlay = ConfigParser.load_config_file(str(configs / "train_gpu.json"))
+    for key in overlay:
+        parent = key.rsplit("#", 1)[0] if "#" in key else ""
+        assert (key in base) or (parent and parent in base), f"train_gpu.json key {key!r} is not in train.json"
+    merged = ConfigParser()
+    merged.read_config([str(configs / "train.json"), str(configs / "train_gpu.json")])
+    assert merged["train#trainer#compile"] == "@compile" and merged["compile"] is True
+    assert merged["train#trainer#compile_kwargs"] == {"dynamic": False, "mode": "reduce-overhead"}
+    assert merged["train#dataloader#drop_last"] is True
