@@ -74,9 +74,6 @@ class SpectralCrossAttention(nn.Module):
         profile = self.frequency_filter.float()
         return profile[:, lower] * (1 - fraction) + profile[:, lower + 1] * fraction
 
-    # Runs outside torch.compile graphs: complex tensors inside a graph stop inductor's channels-last layout pass
-    # (no Triton type for complex64), and these FFTs of the bottleneck map gain nothing from compilation.
-    @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The float32 spectral attention core: q, k, v (B, heads, head_channels, H, W) -> same shape."""
         height, width = q.shape[-2:]
