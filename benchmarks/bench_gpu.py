@@ -29,7 +29,8 @@ GPU (defaults: base preset, 256 and 192, batch 8):
 CPU tiny mode (the script's own check):
     python benchmarks/bench_gpu.py --device cpu --preset small --size 64 --batch 2 --warmup 1 --steps 2 \\
         --train-variants fp32 --other-size-variants --max-batch-variant "" --sampling-variants fp32 \\
-        --sampling-slices 2 --volume-shape 64 64 24 --volume-roi 64 --volume-steps 2 3 --numerics-steps 3
+        --sampling-slices 2 --volume-shape 64 64 24 --volume-roi 64 --volume-steps 2 3 --numerics-steps 3 \\
+        --loader-subjects 2 --loader-workers 0 --loader-seconds 3
 """
 
 from __future__ import annotations
