@@ -175,3 +175,33 @@ def test_bad_amp_dtype_is_rejected_and_cpu_trains_in_fp32():
         make_trainer(stages, amp_dtype="int8")
     trainer, _, _ = make_trainer(stages, amp_dtype="bfloat16")
     assert trainer.autocast_dtype is None
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_epoch_report_means_leave_out_skipped_steps(tmp_path, fused):
+    """The reported L_seg / L_total of an epoch are the means over its applied steps (independent mean here)."""
+    import csv
+
+    from medsegdiff_monai.handlers import EpochReport
+
+    calls = {"n": 0}
+    real_loss = SegmentationLoss()
+
+    def flaky_loss(seg_logits, label, calib_map):
+        calls["n"] += 1
+        loss = real_loss(seg_logits, label, calib_map)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
+    report = EpochReport(tmp_path, alpha=(2.0, 0.67), tensorboard=False)
+    trainer, _, _ = make_trainer(stages, seg_loss=flaky_loss, handlers=[report], fused=fused)
+    applied = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: applied.append(float(e.state.output["L_seg"])) if bool(e.state.output["finite"]) else None,
+    )
+    trainer.run()
+    with open(tmp_path / "metrics.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert len(applied) == 2 and row["skipped_steps"] == "1"
+    assert float(row["L_seg"]) == pytest.approx(sum(applied) / 2, rel=1e-5)
