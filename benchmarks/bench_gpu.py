@@ -140,6 +140,18 @@ class Bench:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
 
+def print_tables(rows: list[dict]) -> None:
+    """One markdown table per section, in the order the sections ran (the run's last output)."""
+    for section in dict.fromkeys(row["section"] for row in rows):
+        section_rows = [row for row in rows if row["section"] == section]
+        keys = [k for k in dict.fromkeys(k for row in section_rows for k in row) if k not in ("card", "section")]
+        print(f"\n{section} ({section_rows[0]['card']})\n")
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---|" * len(keys))
+        for row in section_rows:
+            print("| " + " | ".join(_short(row.get(k, "")) for k in keys) + " |")
+
+
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -713,7 +725,8 @@ def main(argv: list[str] | None = None) -> None:
         best_sampling, network = sampling(bench)
     if "volume" in args.sections and bench.time_left() > 30:
         volume(bench, best_sampling, network)
-    print(f"done in {time.perf_counter() - bench.start:.0f} s; results in {bench.out}", flush=True)
+    print_tables(bench.rows)
+    print(f"\ndone in {time.perf_counter() - bench.start:.0f} s; results in {bench.out}", flush=True)
 
 
 if __name__ == "__main__":
