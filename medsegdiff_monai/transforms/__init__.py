@@ -1,5 +1,6 @@
 """MONAI dictionary transforms and transform chains for BraTS tumour segmentation and grading."""
 
+from medsegdiff_monai.transforms.compose import UntrackedTailCompose, meta_tracking
 from medsegdiff_monai.transforms.grade import (
     AttachGraded,
     LoadGradeFromCSVd,
@@ -24,10 +25,12 @@ __all__ = [
     "MaskToSymmetricd",
     "RegionsToBratsLabelsd",
     "SubjectIdd",
+    "UntrackedTailCompose",
     "get_inference_transforms",
     "get_train_transforms",
     "get_val_transforms",
     "grade_to_tensor",
+    "meta_tracking",
     "regions_to_brats_labels",
     "source_path",
     "subject_id_from_path",
