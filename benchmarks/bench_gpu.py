@@ -665,14 +665,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="timed calls per row")
-    parser.add_argument(
-        "--train-variants", nargs="+", default=["fp32", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile"]
-    )
-    parser.add_argument("--other-size-variants", nargs="*", default=["bf16", "bf16+cl+compile"])
+    parser.add_argument("--train-variants", nargs="+", default=["fp32", "bf16", "bf16+compile", "bf16+graphs"])
+    parser.add_argument("--other-size-variants", nargs="*", default=["bf16+graphs"])
     parser.add_argument("--extra-variants", nargs="*", default=[], help="further variants at the first size")
     parser.add_argument("--fallback-variants", nargs="*", default=[], help="tried in turn until one runs, if none did")
     parser.add_argument("--profile-variants", nargs="*", default=[], help="profiled besides the fastest")
-    parser.add_argument("--max-batch-variant", default="bf16+cl", help="'' skips the largest-batch search")
+    parser.add_argument("--max-batch-variant", default="bf16", help="'' skips the largest-batch search")
     parser.add_argument("--loader-subjects", type=int, default=8, help="synthetic 240 x 240 x 155 volumes")
     parser.add_argument("--loader-slices-per-volume", type=int, default=4)
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[8, 4, 12], help="first: feeds the step")
