@@ -239,6 +239,11 @@ def count_flops(bench: Bench) -> None:
     bench.record(section="flops", parameters_M=parameters / 1e6, **{k: v / 1e12 for k, v in bench.flops.items()})
 
 
+def train_step_flops(bench: Bench, size: int, batch_size: int) -> float:
+    """Counted FLOPs of one training step at ``size`` and ``batch_size`` (scaled from the ``--batch`` count)."""
+    return bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
+
+
 def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: int, steps: int) -> float:
     """Time one training variant; returns ms per step (inf on out-of-memory)."""
     flags = parse_variant(variant)
@@ -256,7 +261,7 @@ def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: in
         bench.record(section="train", size=size, batch=batch_size, variant=variant, result=result)
         bench.reset_memory()
         return math.inf
-    flops = bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
+    flops = train_step_flops(bench, size, batch_size)
     tflops = flops / ms / 1e9
     bench.record(
         section="train",
@@ -332,18 +337,7 @@ def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> No
     if bench.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if bench.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    bench.sync()
-    with torch.profiler.profile(activities=activities) as profiler:
-        begin = time.perf_counter()
-        for _ in range(3):
-            trainer._iteration(trainer, batch)
-        bench.sync()
-        wall_us = 1e6 * (time.perf_counter() - begin)
-    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = _union_length([(e.time_range.start, e.time_range.end) for e in kernels])
+    profiler, kernels, wall_us, busy_us = profile_steps(bench, lambda: trainer._iteration(trainer, batch), 3)
     table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
     with open(bench.out / "profile_train.txt", "a") as handle:
         handle.write(f"variant {variant}\nsyncs: {syncs}\n\n{table}\n\n")
@@ -351,7 +345,7 @@ def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> No
     layout_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, LAYOUT_KERNELS))
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
     size, batch_size = bench.args.size[0], trainer.data_loader[0]["image"].shape[0]
-    flops = bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
+    flops = train_step_flops(bench, size, batch_size)
     bench.record(
         section="profile",
         variant=variant,
@@ -370,6 +364,25 @@ def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> No
 def _is_kernel(name: str, fragments: tuple[str, ...]) -> bool:
     lowered = name.lower()
     return any(fragment.lower() in lowered for fragment in fragments)
+
+
+def profile_steps(
+    bench: Bench, step: Callable[[], object], count: int
+) -> tuple[torch.profiler.profile, list, float, float]:
+    """Run ``step`` ``count`` times under ``torch.profiler``: (profiler, GPU kernel events, wall us, GPU busy us)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bench.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    bench.sync()
+    with torch.profiler.profile(activities=activities) as profiler:
+        begin = time.perf_counter()
+        for _ in range(count):
+            step()
+        bench.sync()
+        wall_us = 1e6 * (time.perf_counter() - begin)
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = _union_length([(e.time_range.start, e.time_range.end) for e in kernels])
+    return profiler, kernels, wall_us, busy_us
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -449,15 +462,7 @@ def loader(bench: Bench) -> None:
             steps += 1
         bench.sync()
         step_s = (time.perf_counter() - begin) / steps
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as profiler:
-            begin = time.perf_counter()
-            for _ in range(10):
-                trainer._iteration(trainer, next(batches))
-            bench.sync()
-            wall_us = 1e6 * (time.perf_counter() - begin)
-        kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy_us = _union_length([(e.time_range.start, e.time_range.end) for e in kernels])
+        _, _, wall_us, busy_us = profile_steps(bench, lambda: trainer._iteration(trainer, next(batches)), 10)
         bench.record(
             section="loader",
             size=args.size[0],

@@ -103,10 +103,9 @@ class EpochReport:
     def _iteration_completed(self, engine: Engine) -> None:
         # on the device, without a host synchronisation: skipped (non-finite) steps add nothing
         output = engine.state.output
-        finite = output.get("finite", True)
+        applied = torch.as_tensor(output.get("finite", True), device=output["L_total"].device)
         for key in ("L_seg", "L_cls", "L_total"):
             value = output[key].detach().float()
-            applied = torch.as_tensor(finite, device=value.device)
             value = torch.where(applied, value, torch.zeros_like(value))
             self._sums[key] = self._sums[key] + value if key in self._sums else value
         self._count = self._count + applied.float()

@@ -50,6 +50,24 @@ def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(),
     return trainer, network, optimizer
 
 
+def nan_on_second_call():
+    """The real segmentation loss, except NaN on its second call (a single non-finite step)."""
+    calls = {"n": 0}
+    real_loss = SegmentationLoss()
+
+    def flaky_loss(seg_logits, label, calib_map):
+        calls["n"] += 1
+        loss = real_loss(seg_logits, label, calib_map)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    return flaky_loss
+
+
+def nan_seg_loss(seg_logits, label, calib_map):
+    """A segmentation loss that is always NaN (a diverged run)."""
+    return seg_logits.sum() * float("nan")
+
+
 def snapshot(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if n.startswith(prefix)}
 
@@ -112,14 +130,7 @@ def test_joint_stage_trains_log_sigmas():
 # fused=True: the skip happens inside the fused AdamW (found_inf) and the host learns of it one iteration later
 @pytest.mark.parametrize("fused", [False, True])
 def test_non_finite_loss_is_skipped_and_counted(fused):
-    calls = {"n": 0}
-    real_loss = SegmentationLoss()
-
-    def flaky_loss(seg_logits, label, calib_map):
-        calls["n"] += 1
-        loss = real_loss(seg_logits, label, calib_map)
-        return loss * float("nan") if calls["n"] == 2 else loss
-
+    flaky_loss = nan_on_second_call()
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
     guard = NonFiniteLossGuard(max_consecutive=5)
     trainer, network, _ = make_trainer(stages, seg_loss=flaky_loss, handlers=[guard], fused=fused)
@@ -136,11 +147,8 @@ def test_non_finite_loss_is_skipped_and_counted(fused):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_skipped_steps_leave_weights_and_optimizer_state_untouched(fused):
-    def nan_loss(seg_logits, label, calib_map):
-        return seg_logits.sum() * float("nan")
-
     stages = [{"name": "segmentation", "epochs": 2, "train": "backbone"}]
-    trainer, network, optimizer = make_trainer(stages, seg_loss=nan_loss, fused=fused)
+    trainer, network, optimizer = make_trainer(stages, seg_loss=nan_seg_loss, fused=fused)
     before = snapshot(network)
     trainer.run()
     assert trainer.state.skipped_steps == 6 and trainer.state.consecutive_skipped_steps == 6
@@ -150,12 +158,9 @@ def test_skipped_steps_leave_weights_and_optimizer_state_untouched(fused):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_guard_stops_a_diverged_run(fused):
-    def nan_loss(seg_logits, label, calib_map):
-        return seg_logits.sum() * float("nan")
-
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
     guard = NonFiniteLossGuard(max_consecutive=2)
-    trainer, _, _ = make_trainer(stages, seg_loss=nan_loss, handlers=[guard], fused=fused)
+    trainer, _, _ = make_trainer(stages, seg_loss=nan_seg_loss, handlers=[guard], fused=fused)
     with pytest.raises(RuntimeError, match="2 consecutive"):
         trainer.run()
 
@@ -184,14 +189,7 @@ def test_epoch_report_means_leave_out_skipped_steps(tmp_path, fused):
 
     from medsegdiff_monai.handlers import EpochReport
 
-    calls = {"n": 0}
-    real_loss = SegmentationLoss()
-
-    def flaky_loss(seg_logits, label, calib_map):
-        calls["n"] += 1
-        loss = real_loss(seg_logits, label, calib_map)
-        return loss * float("nan") if calls["n"] == 2 else loss
-
+    flaky_loss = nan_on_second_call()
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
     report = EpochReport(tmp_path, alpha=(2.0, 0.67), tensorboard=False)
     trainer, _, _ = make_trainer(stages, seg_loss=flaky_loss, handlers=[report], fused=fused)
