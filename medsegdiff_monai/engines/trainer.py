@@ -279,6 +279,5 @@ class DiffusionTrainer(SupervisedTrainer):
             self.optimizer.step()
         if not applied:
             self.optimizer.zero_grad(set_to_none=True)
-        flag = torch.tensor(applied)
-        self._pending_flags.append(_PendingFiniteFlag(flag, None, self.state.epoch, self.state.iteration))
+        self._queue_finite_flag(torch.tensor(applied))
         self.resolve_skipped_steps()
