@@ -5,12 +5,17 @@ soon as it exists, so a run cut short keeps what it measured):
 
 - ``flops``: model FLOPs of one training step (forward + backward of the network, ``FlopCounterMode``) per size,
   and of one denoising pass / one condition pass per slice at the volume roi.
+- ``kernels``: the fused channels-last GroupNorm (+ SiLU) Triton kernels (:py:class:`FusedGroupNorm`) on the
+  ``base`` preset's largest norm shapes, forward + backward: error against a float64 reference, and time against
+  ``nn.GroupNorm`` + SiLU in eager NCHW and ``torch.compile`` NCHW (inductor's fused kernels), with
+  the bytes each must move and the achieved bandwidth.
 - ``train``: ``DiffusionTrainer._iteration`` (noise, forward, losses, backward, clipping, fused AdamW, the finite
   check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
   ``+compile`` torch.compile of the network, ``+graphs`` the same with CUDA graphs (``mode="reduce-overhead"``),
   ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench``
-  cudnn.benchmark off, ``+blocking`` blocking host-to-device copies); peak memory, slices/s and MFU against
-  ``--peak-tflops``; then the largest batch that fits.
+  cudnn.benchmark off, ``+blocking`` blocking host-to-device copies, ``+nofuse`` plain ``nn.GroupNorm`` + SiLU
+  instead of :py:class:`FusedGroupNorm`, ``+fftout`` the SS-Former's FFT core outside the compiled graphs); peak
+  memory, slices/s and MFU against ``--peak-tflops``; then the largest batch that fits.
 - ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
   layout conversions and the rest, and top kernels of the fastest training variant (``torch.profiler``); the number
   of host synchronisations in one iteration (``torch.cuda.set_sync_debug_mode``).
@@ -65,10 +70,10 @@ from medsegdiff_monai.data import (
 from medsegdiff_monai.engines import DiffusionTrainer, build_optimizer
 from medsegdiff_monai.inferers import DiffusionSampler, brain_slice_mask, repeat_condition, sample_volume
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
-from medsegdiff_monai.networks import get_network
+from medsegdiff_monai.networks import FusedGroupNorm, SpectralCrossAttention, get_network
 from medsegdiff_monai.transforms import get_inference_transforms, get_train_transforms
 
-VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "graphs", "forcecl", "nobench", "blocking"}
+VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "graphs", "forcecl", "nobench", "blocking", "nofuse", "fftout"}
 # kernel-name fragments of the matrix (convolution / GEMM / attention) kernels and of cuDNN's layout conversions
 MATRIX_KERNELS = ("gemm", "xmma", "conv", "dgrad", "wgrad", "fprop", "cutlass", "flash", "fmha", "sm90_")
 LAYOUT_KERNELS = ("nchwToNhwc", "nhwcToNchw")
@@ -180,7 +185,11 @@ def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -
     channels_last = "cl" in flags
     compile_network = bool(flags & {"compile", "graphs", "forcecl"})
     compile_kwargs = {"dynamic": False, "options": compile_options(flags)}
-    network = get_network(bench.args.preset).to(bench.device)
+    network = get_network(bench.args.preset, fused_norm="nofuse" not in flags).to(bench.device)
+    if "fftout" in flags:
+        for module in network.modules():
+            if isinstance(module, SpectralCrossAttention):
+                module.attend = torch.compiler.disable(module.attend)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     weighting = UncertaintyWeightedLoss(tasks=("seg", "cls")).to(bench.device)
@@ -207,6 +216,93 @@ def compile_options(flags: set[str]) -> dict[str, bool]:
     channels-last layout for every convolution of the compiled graphs (inductor's heuristic otherwise skips it for
     UNets, whose decoder convolutions have more input than output channels)."""
     return {"triton.cudagraphs": "graphs" in flags, "force_layout_optimization": "forcecl" in flags}
+
+
+def kernels(bench: Bench) -> None:
+    """Fused GroupNorm + SiLU kernels: float64-referenced error and forward + backward time per implementation."""
+    generator = torch.Generator(bench.device).manual_seed(0)
+    for shape_name in bench.args.kernel_shapes:
+        batch, channels, size = map(int, shape_name.split("x"))
+        norm = FusedGroupNorm(32, channels, eps=1e-6, silu=True).to(bench.device)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(channels, device=bench.device, generator=generator))
+            norm.bias.copy_(0.1 * torch.randn(channels, device=bench.device, generator=generator))
+        shape = (batch, channels, size, size)
+        x = (2 * torch.randn(shape, device=bench.device, generator=generator) + 1).to(torch.bfloat16)
+        grad = torch.randn(shape, device=bench.device, generator=generator).to(torch.bfloat16)
+        x_last, grad_last = (
+            x.contiguous(memory_format=torch.channels_last),
+            grad.contiguous(memory_format=torch.channels_last),
+        )
+        errors = _kernel_errors(norm, x_last, grad_last)
+
+        def plain(inputs: torch.Tensor, norm: FusedGroupNorm = norm) -> torch.Tensor:
+            return torch.nn.functional.silu(
+                torch.nn.functional.group_norm(inputs, 32, norm.weight, norm.bias, norm.eps).to(inputs.dtype)
+            )
+
+        compiled = torch.compile(plain, dynamic=False)
+        implementations = {
+            "fused kernel, channels-last": (norm, x_last, grad_last),
+            "eager, NCHW": (plain, x, grad),
+            "torch.compile, NCHW": (compiled, x, grad),
+        }
+        # fewest bytes: forward reads x twice (statistics, then normalisation) and writes y; backward reads x and dy
+        # twice and writes dx (bf16), 8 passes over the tensor in all
+        floor_bytes = 8 * x.numel() * x.element_size()
+        for name, (function, inputs, output_grad) in implementations.items():
+            leaf = inputs.detach().requires_grad_()
+
+            def step(function=function, leaf=leaf, output_grad=output_grad) -> None:
+                with torch.autocast(bench.device.type, dtype=torch.bfloat16):
+                    output = function(leaf)
+                output.backward(output_grad)
+
+            ms, _ = bench.time_calls(step, 3, 20)
+            if name.startswith("fused") and bench.device.type == "cuda":
+                _, launched, _, _ = profile_steps(bench, step, 3)
+                per_kernel: dict[str, float] = {}
+                for event in launched:
+                    per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.time_range.elapsed_us() / 3
+                print("  kernel us per call: " + ", ".join(f"{k[:40]} {v:.0f}" for k, v in per_kernel.items()))
+            bench.record(
+                section="kernels",
+                shape="x".join(map(str, shape)),
+                implementation=name,
+                fwd_bwd_ms=ms,
+                bytes_floor_gb=floor_bytes / 1e9,
+                effective_tb_per_s=floor_bytes / ms / 1e9,
+                **(errors if name.startswith("fused") else {}),
+            )
+
+
+def _kernel_errors(norm: FusedGroupNorm, x: torch.Tensor, grad: torch.Tensor) -> dict[str, float]:
+    """Relative L2 error of the fused kernel's y, dx, dweight, dbias against float64 autograd on the same inputs."""
+    if not norm.uses_kernel(x):
+        return {"error": "kernel path not taken (no CUDA or Triton)"}
+    leaf = x.detach().requires_grad_()
+    norm.zero_grad(set_to_none=True)
+    y = norm(leaf)
+    y.backward(grad)
+    reference_input = x.detach().double().requires_grad_()
+    weight = norm.weight.detach().double().requires_grad_()
+    bias = norm.bias.detach().double().requires_grad_()
+    reference = torch.nn.functional.silu(
+        torch.nn.functional.group_norm(reference_input, norm.num_groups, weight, bias, norm.eps)
+    )
+    reference.backward(grad.double())
+
+    def relative(value: torch.Tensor, target: torch.Tensor) -> float:
+        return float((value.double() - target).norm() / target.norm())
+
+    return {
+        "rel_err_y": relative(y, reference.detach()),
+        "rel_err_dx": relative(leaf.grad, reference_input.grad),
+        "rel_err_dweight": relative(norm.weight.grad, weight.grad),
+        "rel_err_dbias": relative(norm.bias.grad, bias.grad),
+        "y_strides_kept": y.stride() == x.stride(),
+        "all_finite": bool(torch.isfinite(y).all() and torch.isfinite(leaf.grad).all()),
+    }
 
 
 def count_flops(bench: Bench) -> None:
@@ -662,7 +758,7 @@ def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = ["flops", "train", "profile", "loader", "numerics", "sampling", "volume"]
+    sections = ["flops", "kernels", "train", "profile", "loader", "numerics", "sampling", "volume"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="base")
@@ -670,10 +766,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="timed calls per row")
+    parser.add_argument(
+        "--kernel-shapes",
+        nargs="+",
+        default=["8x128x256", "8x256x128", "8x512x32"],
+        help="BxCxS GroupNorm inputs of the kernels section (the base preset's at 256 x 256, batch 8)",
+    )
     parser.add_argument("--train-variants", nargs="+", default=["fp32", "bf16", "bf16+compile", "bf16+graphs"])
     parser.add_argument("--other-size-variants", nargs="*", default=["bf16+graphs"])
     parser.add_argument("--extra-variants", nargs="*", default=[], help="further variants at the first size")
-    parser.add_argument("--fallback-variants", nargs="*", default=[], help="tried in turn until one runs, if none did")
+    parser.add_argument(
+        "--fallback-variants", nargs="*", default=[], help="tried in turn until one runs, if a variant failed"
+    )
     parser.add_argument("--profile-variants", nargs="*", default=[], help="profiled besides the fastest")
     parser.add_argument("--max-batch-variant", default="bf16", help="'' skips the largest-batch search")
     parser.add_argument("--loader-subjects", type=int, default=8, help="synthetic 240 x 240 x 155 volumes")
@@ -703,13 +807,16 @@ def main(argv: list[str] | None = None) -> None:
         bench.flops.update(json.loads(Path(args.flops_from).read_text())["flops"])
     elif "flops" in args.sections:
         count_flops(bench)
+    if "kernels" in args.sections:
+        kernels(bench)
     if "train" in args.sections:
+        failed = False
         for variant in args.train_variants + args.extra_variants:
             if bench.time_left() > (150 if "compile" in variant else 30):
-                train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps)
+                failed |= train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps) == math.inf
         for variant in args.fallback_variants:
-            if bench.best_train[2] is None and bench.time_left() > 150:
-                train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps)
+            if failed and bench.time_left() > 150:
+                failed = train_row(bench, args.size[0], args.batch, variant, args.warmup, args.steps) == math.inf
         for size in args.size[1:]:
             for variant in args.other_size_variants:
                 if bench.time_left() > (150 if "compile" in variant else 30):

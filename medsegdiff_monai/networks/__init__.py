@@ -3,6 +3,7 @@
 from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
+from medsegdiff_monai.networks.fused_norm import FusedGroupNorm, SiLULinear, fuse_group_norms, triton_available
 from medsegdiff_monai.networks.grade_head import GradeHead
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
@@ -14,9 +15,13 @@ __all__ = [
     "ConditionResBlock",
     "ConditionUNet",
     "DiffusionUNetWithClsHead",
+    "FusedGroupNorm",
     "GradeHead",
     "SSFormerBlock",
     "SeparableGaussianBlur",
+    "SiLULinear",
     "SpectralCrossAttention",
+    "fuse_group_norms",
     "get_network",
+    "triton_available",
 ]

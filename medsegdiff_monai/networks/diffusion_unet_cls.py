@@ -13,6 +13,7 @@ from monai.utils import ensure_tuple_rep
 
 from medsegdiff_monai.networks.anchor import AnchorGate
 from medsegdiff_monai.networks.condition_unet import ConditionUNet
+from medsegdiff_monai.networks.fused_norm import fuse_group_norms
 from medsegdiff_monai.networks.grade_head import GradeHead
 from medsegdiff_monai.networks.ss_former import SSFormerBlock
 
@@ -78,6 +79,9 @@ class DiffusionUNetWithClsHead(nn.Module):
         ss_former_filter_bins: radial bins of the SS-Former's learnable frequency filter.
         norm_eps: GroupNorm epsilon.
         use_flash_attention: use ``torch.nn.functional.scaled_dot_product_attention`` in MONAI's attention blocks.
+        fused_norm: swap every GroupNorm (and the SiLU after it) for a ``FusedGroupNorm``, which runs fused Triton
+            kernels on CUDA inputs in channels-last memory and is exactly ``nn.GroupNorm`` (+ SiLU) otherwise
+            (``fuse_group_norms``; the same parameters and state-dict keys either way).
 
     Example::
 
@@ -110,6 +114,7 @@ class DiffusionUNetWithClsHead(nn.Module):
         ss_former_filter_bins: int = 8,
         norm_eps: float = 1e-6,
         use_flash_attention: bool = False,
+        fused_norm: bool = True,
     ) -> None:
         super().__init__()
         channels = tuple(channels)
@@ -242,6 +247,8 @@ class DiffusionUNetWithClsHead(nn.Module):
             nn.SiLU(),
             Convolution(spatial_dims, channels[0], mask_channels, kernel_size=3, padding=1, conv_only=True),
         )
+        if fused_norm:
+            fuse_group_norms(self)
 
     def _check_image(self, image: torch.Tensor) -> None:
         if image.ndim != self.spatial_dims + 2 or image.shape[1] != self.in_channels:

@@ -77,9 +77,11 @@ class SpectralCrossAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The float32 spectral attention core: q, k, v (B, heads, head_channels, H, W) -> same shape."""
         height, width = q.shape[-2:]
-        q_spec = torch.fft.rfft2(q.float())
-        k_spec = torch.fft.rfft2(k.float())
-        v_spec = torch.fft.rfft2(v.float())
+        # contiguous real inputs: from a channels-last network q, k and v are strided views, and the complex tensors
+        # the FFTs would then return in odd layouts made inductor emit complex64 copies it cannot compile
+        q_spec = torch.fft.rfft2(q.float().contiguous())
+        k_spec = torch.fft.rfft2(k.float().contiguous())
+        v_spec = torch.fft.rfft2(v.float().contiguous())
         affinity_spec = (q_spec * k_spec.conj()).sum(dim=2) * self.filter_response(height, width, q.device)
         affinity = torch.fft.irfft2(affinity_spec, s=(height, width))
         scale = 1.0 / (height * width * self.head_channels**0.5)

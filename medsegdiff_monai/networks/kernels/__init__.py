@@ -1,0 +1,1 @@
+"""Hand-written GPU kernels (Triton) of the networks; imported lazily, only where Triton is installed."""

@@ -1,0 +1,489 @@
+"""Triton kernels of GroupNorm (optionally fused with SiLU) for 2D feature maps stored channels-last.
+
+A (N, C, H, W) tensor in channels-last memory is a (N, H*W, C) array whose channels are contiguous, so a group's
+``C/G`` channels are a short contiguous run in every pixel. Reducing per group along the channel dimension (as the
+NCHW kernels of PyTorch and inductor do) would read it with a stride of ``C`` elements; these kernels instead read
+tiles of (rows of pixels) x (all channels), fully coalesced, and keep everything per channel; only the two small
+kernels that merge the per-chunk sums know about groups:
+
+- forward: ``stats`` (per pixel chunk and channel: mean and centred sum of squares, summed around a shift close to
+  the mean, so no ``E[x^2] - E[x]^2`` cancellation), ``combine`` (per sample and group, Chan's parallel formula over
+  the chunks and channels of the group: mean and 1/std), ``apply`` (``y = x * scale + shift`` per channel, SiLU,
+  cast back);
+- backward: ``partial`` (per chunk and channel, the sums of ``dz`` and ``dz * x_hat``, where ``dz`` is the gradient
+  entering the affine normalisation, i.e. after the SiLU backward), ``reduce`` (per group: the two sums per sample, the
+  weight and bias gradients over the batch, in a fixed order so the result is deterministic), ``dx``.
+
+Every kernel takes explicit strides, so any layout whose two spatial dimensions collapse into one (channels-last or
+contiguous) is correct; channels-last is the fast one. The arithmetic is float32 whatever the input dtype; outputs
+have the input's dtype, weight and bias gradients the parameters' dtype.
+
+These functions are plain launchers: they run on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1``), which is how the tests check them on a machine without a GPU. The autograd wiring and the
+dispatch live in :py:mod:`medsegdiff_monai.networks.fused_norm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["group_norm_backward", "group_norm_forward"]
+
+# elements of one (rows x groups x channels-per-group) tile held in registers by one program
+_TILE_ELEMENTS = 4096
+# programs per sample and launch: enough to fill the GPU several times over at batch 8
+_PROGRAMS_PER_LAUNCH = 1024
+_MAX_CHUNKS = 512
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr,
+    partial_ptr,
+    num_rows,
+    rows_per_chunk,
+    num_chunks,
+    stride_xn,
+    stride_xr,
+    stride_xc,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    channel = tl.arange(0, BLOCK_C)
+    channel_mask = (channel < C)[None, :]
+    base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
+    row_offset = tl.arange(0, BLOCK_R)[:, None]
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    # per channel, sums are taken around a shift (the chunk's first tile's mean), so that the variance comes without
+    # the cancellation of E[x^2] - E[x]^2; the loop accumulates element-wise and reduces across threads once at the end
+    first_rows = row_start + row_offset
+    first = tl.load(
+        base + first_rows.to(tl.int64) * stride_xr, mask=(first_rows < row_end) & channel_mask, other=0.0
+    ).to(tl.float32)
+    shift = (tl.sum(first, axis=0) / tl.minimum(row_end - row_start, BLOCK_R))[None, :]
+    sum_centred = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    sum_squares = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for start in range(row_start, row_end, BLOCK_R):
+        rows = start + row_offset
+        mask = (rows < row_end) & channel_mask
+        x = tl.load(base + rows.to(tl.int64) * stride_xr, mask=mask, other=0.0).to(tl.float32)
+        centred = tl.where(mask, x - shift, 0.0)
+        sum_centred += centred
+        sum_squares += centred * centred
+    count = row_end - row_start
+    total_centred = tl.sum(sum_centred, axis=0)
+    mean = tl.sum(shift, axis=0) + total_centred / count
+    m2 = tl.sum(sum_squares, axis=0) - total_centred * total_centred / count
+    out = partial_ptr + (sample * num_chunks + chunk) * 2 * C + channel
+    tl.store(out, mean, mask=channel < C)
+    tl.store(out + C, m2, mask=channel < C)
+
+
+@triton.jit
+def _combine_kernel(
+    partial_ptr,
+    mean_ptr,
+    rstd_ptr,
+    num_rows,
+    rows_per_chunk,
+    num_chunks,
+    eps,
+    G: tl.constexpr,
+    CG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    group = tl.program_id(1)
+    chunks = tl.arange(0, BLOCK_S)[:, None]
+    within = tl.arange(0, BLOCK_CG)[None, :]
+    mask = (chunks < num_chunks) & (within < CG)
+    base = partial_ptr + (sample * num_chunks + chunks) * 2 * (G * CG) + group * CG + within
+    chunk_mean = tl.load(base, mask=mask, other=0.0)
+    chunk_m2 = tl.load(base + G * CG, mask=mask, other=0.0)
+    count = tl.where(mask, tl.minimum(rows_per_chunk, num_rows - chunks * rows_per_chunk), 0).to(tl.float32)
+    total = num_rows * CG
+    mean = tl.sum(tl.sum(count * chunk_mean, axis=1), axis=0) / total
+    delta = chunk_mean - mean
+    m2 = tl.sum(tl.sum(chunk_m2 + count * delta * delta, axis=1), axis=0)
+    tl.store(mean_ptr + sample * G + group, mean)
+    tl.store(rstd_ptr + sample * G + group, 1.0 / tl.sqrt(m2 / total + eps))
+
+
+@triton.jit
+def _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G: tl.constexpr, C: tl.constexpr):
+    """Per channel of one sample: its group's mean and 1/std, and the affine weight and bias (float32, (1, BLOCK_C))."""
+    channel_mask = channel < C
+    group = sample * G + channel // (C // G)
+    mean = tl.load(mean_ptr + group, mask=channel_mask, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + group, mask=channel_mask, other=0.0)[None, :]
+    weight = tl.load(weight_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
+    bias = tl.load(bias_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
+    return mean, rstd, weight, bias
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr,
+    y_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    num_rows,
+    rows_per_chunk,
+    stride_xn,
+    stride_xr,
+    stride_xc,
+    stride_yn,
+    stride_yr,
+    stride_yc,
+    SILU: tl.constexpr,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    channel = tl.arange(0, BLOCK_C)
+    mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
+    scale = rstd * weight
+    shift = bias - mean * scale
+    x_base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
+    y_base = y_ptr + sample.to(tl.int64) * stride_yn + (channel * stride_yc)[None, :]
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    for start in range(row_start, row_end, BLOCK_R):
+        rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
+        mask = (rows < row_end) & (channel < C)[None, :]
+        x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
+        y = x * scale + shift
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_base + rows * stride_yr, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalized_and_grad(x, dy, mean, rstd, weight, bias, SILU: tl.constexpr):
+    """x_hat and the gradient dz entering the affine normalisation (after the SiLU backward)."""
+    x_hat = (x - mean) * rstd
+    if SILU:
+        z = x_hat * weight + bias
+        gate = tl.sigmoid(z)
+        dz = dy * gate * (1.0 + z * (1.0 - gate))
+    else:
+        dz = dy
+    return x_hat, dz
+
+
+@triton.jit
+def _backward_partial_kernel(
+    dy_ptr,
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    partial_ptr,
+    num_rows,
+    rows_per_chunk,
+    num_chunks,
+    stride_xn,
+    stride_xr,
+    stride_xc,
+    stride_dn,
+    stride_dr,
+    stride_dc,
+    SILU: tl.constexpr,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    channel = tl.arange(0, BLOCK_C)
+    mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
+    x_base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
+    dy_base = dy_ptr + sample.to(tl.int64) * stride_dn + (channel * stride_dc)[None, :]
+    sum_dz = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    sum_dz_x_hat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    for start in range(row_start, row_end, BLOCK_R):
+        rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
+        mask = (rows < row_end) & (channel < C)[None, :]
+        x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + rows * stride_dr, mask=mask, other=0.0).to(tl.float32)
+        x_hat, dz = _normalized_and_grad(x, dy, mean, rstd, weight, bias, SILU)
+        dz = tl.where(mask, dz, 0.0)
+        sum_dz += dz
+        sum_dz_x_hat += dz * x_hat
+    out = partial_ptr + (sample * num_chunks + chunk) * 2 * C + channel
+    tl.store(out, tl.sum(sum_dz, axis=0), mask=channel < C)
+    tl.store(out + C, tl.sum(sum_dz_x_hat, axis=0), mask=channel < C)
+
+
+@triton.jit
+def _backward_reduce_kernel(
+    partial_ptr,
+    weight_ptr,
+    coefficient_ptr,
+    dweight_ptr,
+    dbias_ptr,
+    num_samples,
+    num_chunks,
+    G: tl.constexpr,
+    CG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    group = tl.program_id(0)
+    chunks = tl.arange(0, BLOCK_S)[:, None]
+    within = tl.arange(0, BLOCK_CG)
+    mask = (chunks < num_chunks) & (within[None, :] < CG)
+    channel = group * CG + within
+    weight = tl.load(weight_ptr + channel, mask=within < CG, other=0.0).to(tl.float32)
+    dweight = tl.zeros([BLOCK_CG], tl.float32)
+    dbias = tl.zeros([BLOCK_CG], tl.float32)
+    for sample in range(num_samples):
+        base = partial_ptr + (sample * num_chunks + chunks) * 2 * (G * CG) + channel[None, :]
+        sum_dz = tl.sum(tl.load(base, mask=mask, other=0.0), axis=0)
+        sum_dz_x_hat = tl.sum(tl.load(base + G * CG, mask=mask, other=0.0), axis=0)
+        dbias += sum_dz
+        dweight += sum_dz_x_hat
+        out = coefficient_ptr + (sample * G + group) * 2
+        tl.store(out, tl.sum(weight * sum_dz, axis=0))
+        tl.store(out + 1, tl.sum(weight * sum_dz_x_hat, axis=0))
+    tl.store(dweight_ptr + channel, dweight.to(dweight_ptr.dtype.element_ty), mask=within < CG)
+    tl.store(dbias_ptr + channel, dbias.to(dbias_ptr.dtype.element_ty), mask=within < CG)
+
+
+@triton.jit
+def _backward_dx_kernel(
+    dy_ptr,
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    coefficient_ptr,
+    dx_ptr,
+    num_rows,
+    rows_per_chunk,
+    stride_xn,
+    stride_xr,
+    stride_xc,
+    stride_dn,
+    stride_dr,
+    stride_dc,
+    stride_gn,
+    stride_gr,
+    stride_gc,
+    SILU: tl.constexpr,
+    G: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    chunk = tl.program_id(1)
+    channel = tl.arange(0, BLOCK_C)
+    mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
+    inverse_count = 1.0 / (num_rows * (C // G))
+    coefficient = coefficient_ptr + (sample * G + channel // (C // G)) * 2
+    mean_grad = (tl.load(coefficient, mask=channel < C, other=0.0) * inverse_count)[None, :]
+    mean_grad_x_hat = (tl.load(coefficient + 1, mask=channel < C, other=0.0) * inverse_count)[None, :]
+    x_base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
+    dy_base = dy_ptr + sample.to(tl.int64) * stride_dn + (channel * stride_dc)[None, :]
+    dx_base = dx_ptr + sample.to(tl.int64) * stride_gn + (channel * stride_gc)[None, :]
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    for start in range(row_start, row_end, BLOCK_R):
+        rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
+        mask = (rows < row_end) & (channel < C)[None, :]
+        x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + rows * stride_dr, mask=mask, other=0.0).to(tl.float32)
+        x_hat, dz = _normalized_and_grad(x, dy, mean, rstd, weight, bias, SILU)
+        dx = rstd * (weight * dz - mean_grad - x_hat * mean_grad_x_hat)
+        tl.store(dx_base + rows * stride_gr, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class _Launch:
+    """Block sizes and the pixel chunking of one (N, C, H, W) input with ``num_groups`` groups."""
+
+    def __init__(self, x: torch.Tensor, num_groups: int) -> None:
+        batch, channels, height, width = x.shape
+        self.num_samples = batch
+        self.num_rows = height * width
+        self.channels = channels
+        self.groups = num_groups
+        self.channels_per_group = channels // num_groups
+        self.block_c = triton.next_power_of_2(channels)
+        self.block_cg = triton.next_power_of_2(self.channels_per_group)
+        self.block_r = max(1, min(triton.next_power_of_2(self.num_rows), _TILE_ELEMENTS // self.block_c))
+        chunks = max(
+            1, min(triton.cdiv(self.num_rows, self.block_r), triton.cdiv(_PROGRAMS_PER_LAUNCH, batch), _MAX_CHUNKS)
+        )
+        self.rows_per_chunk = triton.cdiv(triton.cdiv(self.num_rows, chunks), self.block_r) * self.block_r
+        self.num_chunks = triton.cdiv(self.num_rows, self.rows_per_chunk)
+        self.block_s = triton.next_power_of_2(self.num_chunks)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.num_samples, self.num_chunks)
+
+    @property
+    def tile(self) -> dict[str, int]:
+        return {"C": self.channels, "BLOCK_R": self.block_r, "BLOCK_C": self.block_c}
+
+    @property
+    def group_blocks(self) -> dict[str, int]:
+        return {"G": self.groups, "CG": self.channels_per_group, "BLOCK_S": self.block_s, "BLOCK_CG": self.block_cg}
+
+
+def _row_strides(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """(sample, pixel, channel) strides of a (N, C, H, W) tensor whose H and W collapse into one pixel index."""
+    return tensor.stride(0), tensor.stride(3), tensor.stride(1)
+
+
+def as_row_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if its two spatial dimensions collapse into one pixel index (channels-last or contiguous), else a
+    channels-last copy."""
+    if tensor.shape[2] == 1 or tensor.stride(2) == tensor.shape[3] * tensor.stride(3):
+        return tensor
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
+def group_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    GroupNorm (then SiLU if ``silu``) of a 2D feature map.
+
+    Args:
+        x: (N, C, H, W), C divisible by ``num_groups``; spatial dimensions collapsible (see :py:func:`as_row_layout`).
+        weight: (C,) affine scale.
+        bias: (C,) affine shift.
+        num_groups: number of groups G.
+        eps: added to the variance.
+        silu: apply SiLU to the normalised output.
+
+    Returns:
+        ``(y, mean, rstd)``: y with the shape, strides and dtype of ``x``; mean and 1/std per (sample, group),
+        (N, G) float32.
+    """
+    x = as_row_layout(x)
+    launch = _Launch(x, num_groups)
+    partial = torch.empty((launch.num_samples, launch.num_chunks, 2, x.shape[1]), device=x.device, dtype=torch.float32)
+    mean = torch.empty((launch.num_samples, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)
+    _stats_kernel[launch.grid](
+        x, partial, launch.num_rows, launch.rows_per_chunk, launch.num_chunks, *_row_strides(x), **launch.tile
+    )
+    _combine_kernel[(launch.num_samples, num_groups)](
+        partial, mean, rstd, launch.num_rows, launch.rows_per_chunk, launch.num_chunks, eps, **launch.group_blocks
+    )
+    _apply_kernel[launch.grid](
+        x,
+        y,
+        weight,
+        bias,
+        mean,
+        rstd,
+        launch.num_rows,
+        launch.rows_per_chunk,
+        *_row_strides(x),
+        *_row_strides(y),
+        SILU=silu,
+        G=num_groups,
+        **launch.tile,
+    )
+    return y, mean, rstd
+
+
+def group_norm_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Gradients of :py:func:`group_norm_forward`.
+
+    Args:
+        grad_y: gradient of the output y, (N, C, H, W), any collapsible layout.
+        x, weight, bias, num_groups, silu: the forward's inputs.
+        mean, rstd: the forward's (N, G) statistics.
+
+    Returns:
+        ``(grad_x, grad_weight, grad_bias)``: grad_x with the shape, strides and dtype of ``x``; the others (C,) with
+        the parameters' dtype.
+    """
+    x = as_row_layout(x)
+    grad_y = as_row_layout(grad_y)
+    launch = _Launch(x, num_groups)
+    channels = x.shape[1]
+    partial = torch.empty((launch.num_samples, launch.num_chunks, 2, channels), device=x.device, dtype=torch.float32)
+    coefficients = torch.empty((launch.num_samples, num_groups, 2), device=x.device, dtype=torch.float32)
+    grad_x = torch.empty_like(x)
+    grad_weight = torch.empty_like(weight)
+    grad_bias = torch.empty_like(bias)
+    _backward_partial_kernel[launch.grid](
+        grad_y,
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        partial,
+        launch.num_rows,
+        launch.rows_per_chunk,
+        launch.num_chunks,
+        *_row_strides(x),
+        *_row_strides(grad_y),
+        SILU=silu,
+        G=num_groups,
+        **launch.tile,
+    )
+    _backward_reduce_kernel[(num_groups,)](
+        partial,
+        weight,
+        coefficients,
+        grad_weight,
+        grad_bias,
+        launch.num_samples,
+        launch.num_chunks,
+        **launch.group_blocks,
+    )
+    _backward_dx_kernel[launch.grid](
+        grad_y,
+        x,
+        weight,
+        bias,
+        mean,
+        rstd,
+        coefficients,
+        grad_x,
+        launch.num_rows,
+        launch.rows_per_chunk,
+        *_row_strides(x),
+        *_row_strides(grad_y),
+        *_row_strides(grad_x),
+        SILU=silu,
+        G=num_groups,
+        **launch.tile,
+    )
+    return grad_x, grad_weight, grad_bias
