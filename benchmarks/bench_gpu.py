@@ -19,11 +19,11 @@ soon as it exists, so a run cut short keeps what it measured):
 - ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
   layout conversions and the rest, and top kernels of the fastest training variant (``torch.profiler``); the number
   of host synchronisations in one iteration (``torch.cuda.set_sync_debug_mode``).
+- ``numerics``: up to ``--numerics-steps`` bf16 training steps of the fastest variant on fresh synthetic batches,
+  counting non-finite (skipped) steps, until the deadline.
 - ``loader``: the bundle's training data path on a synthetic full-size release (``make_slice_dataset`` +
   ``get_train_transforms`` + a pinned-memory ``DataLoader``): slices/s the loader delivers alone per worker count,
   then the fastest variant's step fed by it (``--loader-workers[0]`` workers), slices/s and GPU busy share.
-- ``numerics``: up to ``--numerics-steps`` bf16 training steps of the fastest variant on fresh synthetic batches,
-  counting non-finite (skipped) steps, until the deadline.
 - ``sampling``: condition pass and one reverse step (denoise of B x K inputs + DDIM update) per variant.
 - ``volume``: :func:`sample_volume` of a synthetic full-size subject (inference transforms at ``--volume-roi``) with
   the fastest sampling variant, timed end to end for each DDIM step count; 1000-step DDPM is extrapolated from
@@ -762,7 +762,7 @@ def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sections = ["flops", "kernels", "train", "profile", "loader", "numerics", "sampling", "volume"]
+    sections = ["flops", "kernels", "train", "profile", "numerics", "loader", "sampling", "volume"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="base")
@@ -827,12 +827,12 @@ def main(argv: list[str] | None = None) -> None:
                     train_row(bench, size, args.batch, variant, args.warmup, args.steps)
     if "profile" in args.sections:
         profile_train(bench)
+    if "numerics" in args.sections:
+        numerics(bench)
     if "loader" in args.sections:
         loader(bench)
     if "train" in args.sections and args.max_batch_variant and bench.time_left() > 90:
         largest_batch(bench, args.max_batch_variant)
-    if "numerics" in args.sections:
-        numerics(bench)
     bench.best_train = (math.inf, "", None)
     best_sampling, network = args.sampling_variants[0], None
     if "sampling" in args.sections:
