@@ -435,12 +435,8 @@ def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> No
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
     profiler, kernels, wall_us, busy_us = profile_steps(bench, lambda: trainer._iteration(trainer, batch), 3)
     table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
-    # which tensors the copy / layout kernels move: operators by input shape, largest device time first
-    by_shape = profiler.key_averages(group_by_input_shape=True).table(
-        sort_by="device_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=100
-    )
     with open(bench.out / "profile_train.txt", "a") as handle:
-        handle.write(f"variant {variant}\nsyncs: {syncs}\n\n{table}\n\nby input shape\n{by_shape}\n\n")
+        handle.write(f"variant {variant}\nsyncs: {syncs}\n\n{table}\n\n")
     matrix_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, MATRIX_KERNELS))
     layout_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, LAYOUT_KERNELS))
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
@@ -474,7 +470,7 @@ def profile_steps(
     if bench.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     bench.sync()
-    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+    with torch.profiler.profile(activities=activities) as profiler:
         begin = time.perf_counter()
         for _ in range(count):
             step()

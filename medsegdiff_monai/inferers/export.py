@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def export_network(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if any(p.ndim == 4 and not p.is_contiguous() for p in network.parameters()):
+        network = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
     was_training = network.training
     network.eval()
     parameter = next(network.parameters())

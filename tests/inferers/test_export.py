@@ -6,6 +6,7 @@ import torch
 from medsegdiff_monai.inferers import (
     DiffusionSampler,
     export_from_checkpoint,
+    export_network,
     extract_network_state,
     load_exported_network,
     load_network_weights,
@@ -63,3 +64,17 @@ def test_exported_network_matches_and_samples(tmp_path):
         torch.testing.assert_close(sampler(exported, image[:1]).probs, sampler(network, image[:1]).probs)
     with pytest.raises(FileNotFoundError, match="other_condition.pt2"):
         load_exported_network(tmp_path / "exported", prefix="other")
+
+
+def test_channels_last_network_is_exported_from_a_contiguous_copy(tmp_path):
+    network = _tiny_network().to(memory_format=torch.channels_last)
+    export_network(network, tmp_path, image_size=(16, 16))
+    convolution_weights = [p for p in network.parameters() if p.ndim == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convolution_weights)  # left as it was
+    exported = load_exported_network(tmp_path)
+    program_ops = {str(node.target) for node in exported.condition_program.graph.nodes}
+    assert not any("medsegdiff" in op for op in program_ops)
+    image, x_t, t = torch.randn(2, 4, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    with torch.no_grad():
+        for got, expected in zip(exported(x_t, t, image), network(x_t, t, image)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
