@@ -1,20 +1,24 @@
 """Run the GroupNorm Triton kernels on the CPU under the Triton interpreter and print their errors as JSON.
 
 Started by ``test_fused_norm.py`` in a fresh process, because ``TRITON_INTERPRET`` must be set before Triton compiles
-(decorates) any kernel. Each case compares the kernels (launchers, and the ``medsegdiff::group_norm`` custom op through
-autograd) with float64 ``F.group_norm`` (+ SiLU) autograd on the same random inputs.
+(decorates) any kernel. ``python interpreted_group_norm.py`` compares the kernels (launchers, and the
+``medsegdiff::group_norm`` custom op through autograd) with float64 ``F.group_norm`` (+ SiLU) autograd on the same
+random inputs; ``python interpreted_group_norm.py network`` runs a tiny channels-last network with every eligible
+norm forced onto the kernel path (the CPU stands in for CUDA) against the same network on the ``F.group_norm`` path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from medsegdiff_monai.networks import FusedGroupNorm, get_network  # noqa: E402
 from medsegdiff_monai.networks.fused_norm import group_norm  # noqa: E402
 from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_backward, group_norm_forward  # noqa: E402
 
@@ -71,5 +75,58 @@ def run_case(batch, channels, height, width, groups, silu, dtype, channels_last,
     }
 
 
+def run_network() -> dict:
+    """Outputs and parameter gradients of a channels-last network, kernel path vs ``F.group_norm`` path, and how many
+    norm calls took the kernel path (inputs that arrive channels-last)."""
+    tiny = {
+        "channels": (8, 8, 16),
+        "condition_channels": (8, 8, 16),
+        "attention_levels": (False, False, True),
+        "num_head_channels": 8,
+        "norm_num_groups": 4,
+        "cls_hidden_channels": 8,
+    }
+    torch.manual_seed(0)
+    network = get_network("small", **tiny).eval().to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 4, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    x_t = torch.randn(2, 3, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([7, 650])
+    calls = {"kernel": 0, "fallback": 0}
+
+    def uses_kernel_on_cpu(self: FusedGroupNorm, x: torch.Tensor) -> bool:
+        eligible = self.affine and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        calls["kernel" if eligible else "fallback"] += 1
+        return eligible
+
+    def run(kernel: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        FusedGroupNorm.uses_kernel = uses_kernel_on_cpu if kernel else lambda self, x: False
+        network.zero_grad(set_to_none=True)
+        outputs = network(x_t, t, image)
+        sum(output.square().mean() for output in outputs).backward()
+        return [output.detach() for output in outputs], [p.grad.clone() for p in network.parameters()]
+
+    kernel_outputs, kernel_grads = run(kernel=True)
+    counted = dict(calls)
+    plain_outputs, plain_grads = run(kernel=False)
+    # attention key biases (and what feeds them) get gradients that are zero but for rounding (the softmax ignores a
+    # shift of all keys): their relative error is noise over noise, so per parameter only gradients above 1e-6 of the
+    # whole gradient's norm are compared
+    whole = torch.cat([g.flatten() for g in plain_grads]).norm()
+    return {
+        "calls": counted,
+        "outputs": [relative_error(k, p) for k, p in zip(kernel_outputs, plain_outputs)],
+        "whole_grad_error": relative_error(
+            torch.cat([g.flatten() for g in kernel_grads]), torch.cat([g.flatten() for g in plain_grads])
+        ),
+        "largest_grad_error": max(
+            relative_error(k, p) for k, p in zip(kernel_grads, plain_grads) if p.norm() > 1e-6 * whole
+        ),
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps([run_case(*case) for case in CASES]))
+    if sys.argv[1:] == ["network"]:
+        print(json.dumps(run_network()))
+    else:
+        print(json.dumps([run_case(*case) for case in CASES]))

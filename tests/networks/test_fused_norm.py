@@ -80,12 +80,21 @@ def test_kernel_path_needs_cuda_channels_last():
     assert not norm.uses_kernel(x)  # CPU: never the kernel, whatever the layout
 
 
-@pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install triton)")
-def test_triton_kernels_match_float64_reference_under_interpreter():
+def _interpreted(*arguments: str):
+    """JSON printed by ``interpreted_group_norm.py`` run in a fresh process under the Triton interpreter."""
     script = Path(__file__).with_name("interpreted_group_norm.py")
-    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False)
+    command = [sys.executable, str(script), *arguments]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install triton)")
+
+
+@needs_triton
+def test_triton_kernels_match_float64_reference_under_interpreter():
+    results = _interpreted()
     assert len(results) == 6
     for result in results:
         dtype, offset = result["case"][6], result["case"][8]
@@ -99,3 +108,13 @@ def test_triton_kernels_match_float64_reference_under_interpreter():
         assert result["same_strides"], result
         assert result["dtypes"] == [f"torch.{dtype}", f"torch.{dtype}", "torch.float32"], result
         assert result["mean_error"] < 1e-5 * max(1.0, offset), result
+
+
+@needs_triton
+def test_channels_last_network_on_the_kernel_path_matches_the_plain_path():
+    result = _interpreted("network")
+    # a channels-last network keeps its norm inputs channels-last (the rest: attention blocks' reshaped tensors)
+    assert result["calls"]["kernel"] >= 4 * result["calls"]["fallback"] > 0, result
+    assert max(result["outputs"]) < 1e-5, result
+    assert result["whole_grad_error"] < 1e-5, result
+    assert result["largest_grad_error"] < 1e-4, result
