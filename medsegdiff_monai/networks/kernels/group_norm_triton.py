@@ -31,11 +31,31 @@ import triton.language as tl
 
 __all__ = ["group_norm_backward", "group_norm_forward"]
 
-# elements of one (rows x groups x channels-per-group) tile held in registers by one program
+# elements of one (pixel rows x channels) tile held in registers by one program
 _TILE_ELEMENTS = 4096
-# programs per sample and launch: enough to fill the GPU several times over at batch 8
+# programs of one launch over all samples: enough to fill the GPU several times over
 _PROGRAMS_PER_LAUNCH = 1024
 _MAX_CHUNKS = 512
+
+
+@triton.jit
+def _chunk_rows(chunk, rows_per_chunk, num_rows):
+    """First and one-past-last pixel row of a chunk: the one partition of the rows that every kernel uses."""
+    row_start = chunk * rows_per_chunk
+    return row_start, tl.minimum(row_start + rows_per_chunk, num_rows)
+
+
+@triton.jit
+def _row_tile(start, row_end, channel, C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows ``start .. start + BLOCK_R`` as an int64 (BLOCK_R, 1) column, and the mask of the (rows x channels) tile."""
+    rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
+    return rows, (rows < row_end) & (channel < C)[None, :]
+
+
+@triton.jit
+def _sample_base(pointer, sample, channel, stride_n, stride_c):
+    """Pointers to pixel row 0 of one sample, one per channel ((1, BLOCK_C))."""
+    return pointer + sample.to(tl.int64) * stride_n + (channel * stride_c)[None, :]
 
 
 @triton.jit
@@ -55,24 +75,18 @@ def _stats_kernel(
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     channel = tl.arange(0, BLOCK_C)
-    channel_mask = (channel < C)[None, :]
-    base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
-    row_offset = tl.arange(0, BLOCK_R)[:, None]
-    row_start = chunk * rows_per_chunk
-    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
+    row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
     # per channel, sums are taken around a shift (the chunk's first tile's mean), so that the variance comes without
     # the cancellation of E[x^2] - E[x]^2; the loop accumulates element-wise and reduces across threads once at the end
-    first_rows = row_start + row_offset
-    first = tl.load(
-        base + first_rows.to(tl.int64) * stride_xr, mask=(first_rows < row_end) & channel_mask, other=0.0
-    ).to(tl.float32)
+    first_rows, first_mask = _row_tile(row_start, row_end, channel, C, BLOCK_R)
+    first = tl.load(base + first_rows * stride_xr, mask=first_mask, other=0.0).to(tl.float32)
     shift = (tl.sum(first, axis=0) / tl.minimum(row_end - row_start, BLOCK_R))[None, :]
     sum_centred = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     sum_squares = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for start in range(row_start, row_end, BLOCK_R):
-        rows = start + row_offset
-        mask = (rows < row_end) & channel_mask
-        x = tl.load(base + rows.to(tl.int64) * stride_xr, mask=mask, other=0.0).to(tl.float32)
+        rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
+        x = tl.load(base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         centred = tl.where(mask, x - shift, 0.0)
         sum_centred += centred
         sum_squares += centred * centred
@@ -156,13 +170,11 @@ def _apply_kernel(
     mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
     scale = rstd * weight
     shift = bias - mean * scale
-    x_base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
-    y_base = y_ptr + sample.to(tl.int64) * stride_yn + (channel * stride_yc)[None, :]
-    row_start = chunk * rows_per_chunk
-    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    x_base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
+    y_base = _sample_base(y_ptr, sample, channel, stride_yn, stride_yc)
+    row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
     for start in range(row_start, row_end, BLOCK_R):
-        rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
-        mask = (rows < row_end) & (channel < C)[None, :]
+        rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         y = x * scale + shift
         if SILU:
@@ -211,15 +223,13 @@ def _backward_partial_kernel(
     chunk = tl.program_id(1)
     channel = tl.arange(0, BLOCK_C)
     mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
-    x_base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
-    dy_base = dy_ptr + sample.to(tl.int64) * stride_dn + (channel * stride_dc)[None, :]
+    x_base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
+    dy_base = _sample_base(dy_ptr, sample, channel, stride_dn, stride_dc)
     sum_dz = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     sum_dz_x_hat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    row_start = chunk * rows_per_chunk
-    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
     for start in range(row_start, row_end, BLOCK_R):
-        rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
-        mask = (rows < row_end) & (channel < C)[None, :]
+        rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + rows * stride_dr, mask=mask, other=0.0).to(tl.float32)
         x_hat, dz = _normalized_and_grad(x, dy, mean, rstd, weight, bias, SILU)
@@ -301,14 +311,12 @@ def _backward_dx_kernel(
     coefficient = coefficient_ptr + (sample * G + channel // (C // G)) * 2
     mean_grad = (tl.load(coefficient, mask=channel < C, other=0.0) * inverse_count)[None, :]
     mean_grad_x_hat = (tl.load(coefficient + 1, mask=channel < C, other=0.0) * inverse_count)[None, :]
-    x_base = x_ptr + sample.to(tl.int64) * stride_xn + (channel * stride_xc)[None, :]
-    dy_base = dy_ptr + sample.to(tl.int64) * stride_dn + (channel * stride_dc)[None, :]
-    dx_base = dx_ptr + sample.to(tl.int64) * stride_gn + (channel * stride_gc)[None, :]
-    row_start = chunk * rows_per_chunk
-    row_end = tl.minimum(row_start + rows_per_chunk, num_rows)
+    x_base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
+    dy_base = _sample_base(dy_ptr, sample, channel, stride_dn, stride_dc)
+    dx_base = _sample_base(dx_ptr, sample, channel, stride_gn, stride_gc)
+    row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
     for start in range(row_start, row_end, BLOCK_R):
-        rows = (start + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
-        mask = (rows < row_end) & (channel < C)[None, :]
+        rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + rows * stride_dr, mask=mask, other=0.0).to(tl.float32)
         x_hat, dz = _normalized_and_grad(x, dy, mean, rstd, weight, bias, SILU)
@@ -382,7 +390,9 @@ def group_norm_forward(
     """
     x = as_row_layout(x)
     launch = _Launch(x, num_groups)
-    partial = torch.empty((launch.num_samples, launch.num_chunks, 2, x.shape[1]), device=x.device, dtype=torch.float32)
+    partial = torch.empty(
+        (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
+    )
     mean = torch.empty((launch.num_samples, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
@@ -435,8 +445,9 @@ def group_norm_backward(
     x = as_row_layout(x)
     grad_y = as_row_layout(grad_y)
     launch = _Launch(x, num_groups)
-    channels = x.shape[1]
-    partial = torch.empty((launch.num_samples, launch.num_chunks, 2, channels), device=x.device, dtype=torch.float32)
+    partial = torch.empty(
+        (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
+    )
     coefficients = torch.empty((launch.num_samples, num_groups, 2), device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x)
     grad_weight = torch.empty_like(weight)
