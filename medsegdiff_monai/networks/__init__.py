@@ -7,6 +7,7 @@ from medsegdiff_monai.networks.fused_norm import FusedGroupNorm, SiLULinear, fus
 from medsegdiff_monai.networks.grade_head import GradeHead
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
+from medsegdiff_monai.networks.upsample import NearestUpsample, replace_nearest_upsampling
 
 __all__ = [
     "NETWORK_PRESETS",
@@ -17,11 +18,13 @@ __all__ = [
     "DiffusionUNetWithClsHead",
     "FusedGroupNorm",
     "GradeHead",
+    "NearestUpsample",
     "SSFormerBlock",
     "SeparableGaussianBlur",
     "SiLULinear",
     "SpectralCrossAttention",
     "fuse_group_norms",
     "get_network",
+    "replace_nearest_upsampling",
     "triton_available",
 ]

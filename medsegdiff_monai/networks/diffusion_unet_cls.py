@@ -16,6 +16,7 @@ from medsegdiff_monai.networks.condition_unet import ConditionUNet
 from medsegdiff_monai.networks.fused_norm import fuse_group_norms
 from medsegdiff_monai.networks.grade_head import GradeHead
 from medsegdiff_monai.networks.ss_former import SSFormerBlock
+from medsegdiff_monai.networks.upsample import replace_nearest_upsampling
 
 __all__ = ["ConditionFeatures", "DiffusionUNetWithClsHead"]
 
@@ -82,6 +83,9 @@ class DiffusionUNetWithClsHead(nn.Module):
         fused_norm: swap every GroupNorm (and the SiLU after it) for a ``FusedGroupNorm``, which runs fused Triton
             kernels on CUDA inputs in channels-last memory and is exactly ``nn.GroupNorm`` (+ SiLU) otherwise
             (``fuse_group_norms``; the same parameters and state-dict keys either way).
+
+    Every nearest-neighbour upsampling runs as a broadcast (:py:class:`~medsegdiff_monai.networks.NearestUpsample`,
+    the same output as ``nn.Upsample``), whose gradient is a block sum rather than a scatter-add.
 
     Example::
 
@@ -247,6 +251,7 @@ class DiffusionUNetWithClsHead(nn.Module):
             nn.SiLU(),
             Convolution(spatial_dims, channels[0], mask_channels, kernel_size=3, padding=1, conv_only=True),
         )
+        replace_nearest_upsampling(self)
         if fused_norm:
             fuse_group_norms(self)
 

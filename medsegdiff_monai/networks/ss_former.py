@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from medsegdiff_monai.networks.real_fft import complex_multiply, irfft2_real, rfft2_real
+
 __all__ = ["SSFormerBlock", "SpectralCrossAttention"]
 
 
@@ -75,18 +77,22 @@ class SpectralCrossAttention(nn.Module):
         return profile[:, lower] * (1 - fraction) + profile[:, lower + 1] * fraction
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The float32 spectral attention core: q, k, v (B, heads, head_channels, H, W) -> same shape."""
+        """The float32 spectral attention core: q, k, v (B, heads, head_channels, H, W) -> same shape.
+
+        The spectra are real tensors with a trailing (real, imaginary) pair (:py:mod:`.real_fft`), so that
+        ``torch.compile`` fuses the spectral products and their gradients instead of running complex kernels eagerly.
+        """
         height, width = q.shape[-2:]
-        # contiguous real inputs: from a channels-last network q, k and v are strided views, and the complex tensors
-        # the FFTs would then return in odd layouts made inductor emit complex64 copies it cannot compile
-        q_spec = torch.fft.rfft2(q.float().contiguous())
-        k_spec = torch.fft.rfft2(k.float().contiguous())
-        v_spec = torch.fft.rfft2(v.float().contiguous())
-        affinity_spec = (q_spec * k_spec.conj()).sum(dim=2) * self.filter_response(height, width, q.device)
-        affinity = torch.fft.irfft2(affinity_spec, s=(height, width))
+        # contiguous real inputs: from a channels-last network q, k and v are strided views
+        q_spec = rfft2_real(q.float().contiguous())
+        k_spec = rfft2_real(k.float().contiguous())
+        v_spec = rfft2_real(v.float().contiguous())
+        affinity_spec = complex_multiply(q_spec, k_spec, conjugate_b=True).sum(dim=2)
+        affinity_spec = affinity_spec * self.filter_response(height, width, q.device)[..., None]
+        affinity = irfft2_real(affinity_spec, (height, width))
         scale = 1.0 / (height * width * self.head_channels**0.5)
         weights = torch.softmax(affinity.flatten(2) * scale, dim=-1).reshape(affinity.shape)
-        return torch.fft.irfft2(torch.fft.rfft2(weights).unsqueeze(2) * v_spec, s=(height, width))
+        return irfft2_real(complex_multiply(rfft2_real(weights).unsqueeze(2), v_spec), (height, width))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
