@@ -47,6 +47,7 @@ import math
 import tempfile
 import time
 import warnings
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -436,7 +437,7 @@ def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> No
     profiler, kernels, wall_us, busy_us = profile_steps(bench, lambda: trainer._iteration(trainer, batch), 3)
     table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
     with open(bench.out / "profile_train.txt", "a") as handle:
-        handle.write(f"variant {variant}\nsyncs: {syncs}\n\n{table}\n\n")
+        handle.write(f"variant {variant}\nsyncs: {syncs}\n\n{table}\n\n{kernel_table(profiler, kernels, 3)}\n\n")
     matrix_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, MATRIX_KERNELS))
     layout_us = sum(e.time_range.elapsed_us() for e in kernels if _is_kernel(e.name, LAYOUT_KERNELS))
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
@@ -455,6 +456,27 @@ def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> No
         other_ms_per_step=(kernel_us - matrix_us - layout_us) / 3000,
         matrix_kernel_tflops_per_s=flops / (matrix_us / 3) / 1e6 if matrix_us else math.nan,
     )
+
+
+def kernel_table(profiler: torch.profiler.profile, kernels: list, steps: int, limit: int = 25) -> str:
+    """The ``limit`` longest GPU kernels other than matrix kernels, by full (untruncated) name: ms and launches per
+    step, and the host operators that launched them (empty for kernels replayed from a CUDA graph)."""
+    time_us, launches = defaultdict(float), Counter()
+    for event in kernels:
+        time_us[event.name] += event.time_range.elapsed_us()
+        launches[event.name] += 1
+    launchers = defaultdict(Counter)
+    for event in profiler.events():
+        for kernel in getattr(event, "kernels", ()):
+            launchers[kernel.name][event.name] += 1
+    lines = ["kernels other than matrix kernels, longest first: ms/step, launches/step, name <- launching operators"]
+    others = sorted((name for name in time_us if not _is_kernel(name, MATRIX_KERNELS)), key=lambda n: -time_us[n])
+    for name in others[:limit]:
+        by = ", ".join(f"{op} x{count / steps:g}" for op, count in launchers[name].most_common(3))
+        lines.append(
+            f"{time_us[name] / steps / 1000:8.3f} {launches[name] / steps:7.1f}  {name}" + (f"  <- {by}" if by else "")
+        )
+    return "\n".join(lines)
 
 
 def _is_kernel(name: str, fragments: tuple[str, ...]) -> bool:
