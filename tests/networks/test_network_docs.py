@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from pathlib import Path
+
+from medsegdiff_monai.networks import DiffusionUNetWithClsHead
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "network.md"
 
@@ -15,3 +19,14 @@ def test_docs_python_snippet_runs():
     exec(compile(blocks[0], str(DOC), "exec"), namespace)
     assert namespace["probabilities"].shape == (2, 3, 32, 32)
     assert namespace["loss"].ndim == 0
+
+
+def test_docs_api_listing_has_the_constructor_signature():
+    """The ``DiffusionUNetWithClsHead(...)`` line of the Public API listing names every argument with its default."""
+    listing = re.search(r"DiffusionUNetWithClsHead\((.*?)\)\n\s+\.forward", DOC.read_text(), flags=re.DOTALL)
+    assert listing, f"no DiffusionUNetWithClsHead(...) listing in {DOC}"
+    call = ast.parse(f"f({' '.join(listing.group(1).split())})", mode="eval").body
+    documented = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    parameters = inspect.signature(DiffusionUNetWithClsHead).parameters.values()
+    actual = {p.name: p.default for p in parameters}
+    assert documented == actual
