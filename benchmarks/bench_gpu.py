@@ -424,16 +424,21 @@ def profile_train(bench: Bench) -> None:
     bench.profile_trainers.clear()
 
 
-def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> None:
-    batch = trainer.data_loader[0]
+def host_syncs(bench: Bench, step: Callable[[], object]) -> list[str]:
+    """The first line of every host synchronisation warning that one call of ``step`` raises."""
     if bench.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer._iteration(trainer, batch)
+        step()
     if bench.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+
+def profile_variant(bench: Bench, variant: str, trainer: DiffusionTrainer) -> None:
+    batch = trainer.data_loader[0]
+    syncs = host_syncs(bench, lambda: trainer._iteration(trainer, batch))
     profiler, kernels, wall_us, busy_us = profile_steps(bench, lambda: trainer._iteration(trainer, batch), 3)
     table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
     with open(bench.out / "profile_train.txt", "a") as handle:
@@ -570,6 +575,10 @@ def loader(bench: Bench) -> None:
         batches = iter(_endless(training_loader(bench, folder, workers)))
         for _ in range(3):
             trainer._iteration(trainer, next(batches))
+        # a pageable (unpinned) batch makes the "non-blocking" copy wait for the queued GPU work, draining the queue
+        first = next(batches)
+        pinned = all(value.is_pinned() for value in first.values() if isinstance(value, torch.Tensor))
+        fed_syncs = host_syncs(bench, lambda: trainer._iteration(trainer, first))
         bench.sync()
         steps, wait_s, begin = 0, 0.0, time.perf_counter()
         while time.perf_counter() - begin < args.loader_seconds:
@@ -592,6 +601,8 @@ def loader(bench: Bench) -> None:
             loader_wait_share=wait_s / (step_s * steps),
             how="training step fed by the loader",
             skipped=_resolved_skips(trainer),
+            batch_pinned=pinned,
+            host_syncs_per_iteration=len(fed_syncs),
         )
 
 
