@@ -47,8 +47,9 @@ class TrainingCheckpointSaver:
 
     - ``checkpoint_epoch=N.pt``: every object of ``save_dict`` (network, optimizer, loss module with the
       log-sigmas, trainer state, stage handler); the last ``n_saved`` are kept, so one complete file always exists.
-    - ``best_filename`` (default ``model.pt``): ``{"network": state_dict}`` of the epoch with the best
-      :func:`validation_score` of ``evaluator`` (mean of Dice and, with a grade head, AUC).
+    - ``best_filename`` (default ``model.pt``): the network's bare state dict (Ignite saves a single object
+      unwrapped) of the epoch with the best :func:`validation_score` of ``evaluator`` (mean of Dice and, with a
+      grade head, AUC).
 
     All files load with ``torch.load(path, weights_only=True)``. Under DDP only rank 0 writes.
 

@@ -15,7 +15,8 @@ class GradeFocalLoss(_Loss):
     """
     Softmax focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017,
     https://arxiv.org/abs/1708.02002) with per-class weights, on MONAI's :py:class:`monai.losses.FocalLoss`
-    (``use_softmax=True, to_onehot_y=True, weight=alpha``):
+    (``use_softmax=True, to_onehot_y=True, reduction="none"``; the weight ``alpha[y_b]`` of each sample's target class
+    is applied after it, which equals FocalLoss's ``weight=alpha`` without its per-call host synchronisations):
 
     ``L = (1/B) * sum_b alpha[y_b] * (1 - p_b[y_b])**gamma * (-log p_b[y_b])``, ``p_b = softmax(cls_logits_b)``.
 
