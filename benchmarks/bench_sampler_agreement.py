@@ -140,10 +140,12 @@ def main() -> None:
     args = parse_args()
     reference_name = args.samplers[-1]
     stored = json.loads(Path(args.reference).read_text()) if args.reference else {}
-    results = {name: stored[name] if name in stored else evaluate(args, name) for name in args.samplers}
-    reference = results[reference_name]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "agreement.json").write_text(json.dumps(results, indent=1))
+    results = {}
+    for name in args.samplers:  # saved after each sampler: a run cut short keeps what it finished
+        results[name] = stored[name] if name in stored else evaluate(args, name)
+        (Path(args.out) / "agreement.json").write_text(json.dumps(results, indent=1))
+    reference = results[reference_name]
     print(f"\nensemble {args.ensemble}, {reference['num_subjects']} subjects, reference {reference_name}\n")
     print("| sampler | seconds | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | max abs Dice difference |")
     print("|---|---|" + "---|" * len(REGIONS) + "---|")
