@@ -7,14 +7,22 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import Convolution
-from monai.networks.nets.diffusion_model_unet import get_down_block, get_mid_block, get_timestep_embedding, get_up_block
+from monai.networks.blocks import Convolution, SpatialAttentionBlock, UpSample
+from monai.networks.nets.diffusion_model_unet import (
+    DiffusionUnetDownsample,
+    DiffusionUNetResnetBlock,
+    get_down_block,
+    get_mid_block,
+    get_timestep_embedding,
+    get_up_block,
+)
 from monai.utils import ensure_tuple_rep
 
 from medsegdiff_monai.networks.anchor import AnchorGate
-from medsegdiff_monai.networks.condition_unet import ConditionUNet
+from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.fused_norm import fuse_group_norms
 from medsegdiff_monai.networks.grade_head import GradeHead
+from medsegdiff_monai.networks.gradient_layout import densify_block_gradients
 from medsegdiff_monai.networks.ss_former import SSFormerBlock
 from medsegdiff_monai.networks.upsample import replace_nearest_upsampling
 
@@ -85,7 +93,9 @@ class DiffusionUNetWithClsHead(nn.Module):
             (``fuse_group_norms``; the same parameters and state-dict keys either way).
 
     Every nearest-neighbour upsampling runs as a broadcast (:py:class:`~medsegdiff_monai.networks.NearestUpsample`,
-    the same output as ``nn.Upsample``), whose gradient is a block sum rather than a scatter-add.
+    the same output as ``nn.Upsample``), whose gradient is a block sum rather than a scatter-add, and the outputs of
+    the blocks that feed the decoders' concatenations pass through ``dense_gradient`` (identity; their gradients,
+    channel slices of the concatenation's, are made dense once before the convolutions read them).
 
     Example::
 
@@ -254,6 +264,11 @@ class DiffusionUNetWithClsHead(nn.Module):
         replace_nearest_upsampling(self)
         if fused_norm:
             fuse_group_norms(self)
+        # the blocks whose outputs the decoders concatenate with skip features (docs/network.md, speed section)
+        densify_block_gradients(
+            self,
+            (DiffusionUNetResnetBlock, ConditionResBlock, DiffusionUnetDownsample, UpSample, SpatialAttentionBlock),
+        )
 
     def _check_image(self, image: torch.Tensor) -> None:
         if image.ndim != self.spatial_dims + 2 or image.shape[1] != self.in_channels:
