@@ -17,8 +17,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tiny_network import tiny_network  # noqa: E402
 
-from medsegdiff_monai.networks import FusedGroupNorm, get_network  # noqa: E402
+from medsegdiff_monai.networks import FusedGroupNorm  # noqa: E402
 from medsegdiff_monai.networks.fused_norm import group_norm  # noqa: E402
 from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_backward, group_norm_forward  # noqa: E402
 
@@ -78,16 +79,7 @@ def run_case(batch, channels, height, width, groups, silu, dtype, channels_last,
 def run_network() -> dict:
     """Outputs and parameter gradients of a channels-last network, kernel path vs ``F.group_norm`` path, and how many
     norm calls took the kernel path (inputs that arrive channels-last)."""
-    tiny = {
-        "channels": (8, 8, 16),
-        "condition_channels": (8, 8, 16),
-        "attention_levels": (False, False, True),
-        "num_head_channels": 8,
-        "norm_num_groups": 4,
-        "cls_hidden_channels": 8,
-    }
-    torch.manual_seed(0)
-    network = get_network("small", **tiny).eval().to(memory_format=torch.channels_last)
+    network = tiny_network(channels_last=True)
     generator = torch.Generator().manual_seed(1)
     image = torch.randn(2, 4, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
     x_t = torch.randn(2, 3, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)

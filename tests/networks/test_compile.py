@@ -8,23 +8,12 @@ costs a separate replay and host round trip; the ``aot_eager`` backend traces ex
 from __future__ import annotations
 
 import torch
-
-from medsegdiff_monai.networks import get_network
-
-TINY = {
-    "channels": (8, 8, 16),
-    "condition_channels": (8, 8, 16),
-    "attention_levels": (False, False, True),
-    "num_head_channels": 8,
-    "norm_num_groups": 4,
-    "cls_hidden_channels": 8,
-}
+from tiny_network import tiny_network
 
 
 def test_forward_backward_and_denoise_compile_without_graph_breaks():
-    torch.manual_seed(0)
-    # eval: the grade head's dropout would draw different masks in the two runs
-    network = get_network("small", **TINY).eval().to(memory_format=torch.channels_last)
+    # eval (tiny_network's): the grade head's dropout would draw different masks in the two runs
+    network = tiny_network(channels_last=True)
     generator = torch.Generator().manual_seed(1)
     image = torch.randn(2, 4, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
     x_t = torch.randn(2, 3, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_network import tiny_network
 
-from medsegdiff_monai.networks import get_network
 from medsegdiff_monai.networks.gradient_layout import dense_gradient
-
-TINY = {
-    "channels": (8, 8, 16),
-    "condition_channels": (8, 8, 16),
-    "attention_levels": (False, False, True),
-    "num_head_channels": 8,
-    "norm_num_groups": 4,
-    "cls_hidden_channels": 8,
-}
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
@@ -45,8 +36,7 @@ def test_forward_is_the_identity_without_a_copy():
 
 
 def test_network_hooks_change_neither_outputs_nor_gradients():
-    torch.manual_seed(0)
-    network = get_network("small", **TINY).eval().to(memory_format=torch.channels_last)
+    network = tiny_network(channels_last=True)
     image = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
     x_t = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     t = torch.tensor([4, 800])

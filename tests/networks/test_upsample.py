@@ -7,17 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UpSample
+from tiny_network import tiny_network
 
-from medsegdiff_monai.networks import NearestUpsample, get_network, replace_nearest_upsampling
-
-TINY = {
-    "channels": (8, 8, 16),
-    "condition_channels": (8, 8, 16),
-    "attention_levels": (False, False, True),
-    "num_head_channels": 8,
-    "norm_num_groups": 4,
-    "cls_hidden_channels": 8,
-}
+from medsegdiff_monai.networks import NearestUpsample, replace_nearest_upsampling
 
 
 @pytest.mark.parametrize(
@@ -73,8 +65,7 @@ def test_rewrite_replaces_only_integer_nearest_upsampling():
 
 
 def test_network_has_no_interpolating_upsample_left_and_matches_plain_upsampling():
-    torch.manual_seed(0)
-    network = get_network("small", **TINY).eval()
+    network = tiny_network()
     assert not any(type(module) is nn.Upsample for module in network.modules())
     replaced = [module for module in network.modules() if isinstance(module, NearestUpsample)]
     assert len(replaced) >= 2  # condition UNet decoder and diffusion UNet up blocks
