@@ -14,10 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["dense_gradient", "densify_block_gradients"]
+__all__ = ["dense_gradient", "densify_block_gradients", "memory_format_of"]
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` / ``torch.channels_last_3d`` for a (N, C, H, W) / (N, C, D, H, W) tensor stored
+    channels-last (and not also plain contiguous, as with C == 1), else ``torch.contiguous_format``."""
     if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
@@ -28,7 +30,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 class _DenseGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.memory_format = _memory_format(x)
+        ctx.memory_format = memory_format_of(x)
         return x.view_as(x)
 
     @staticmethod

@@ -14,16 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from medsegdiff_monai.networks.gradient_layout import memory_format_of
+
 __all__ = ["NearestUpsample", "replace_nearest_upsampling"]
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` (N, C, *S) is stored channels-last (and not also plain contiguous, as with C == 1)."""
-    if x.ndim == 4:
-        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if x.ndim == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return False
 
 
 def upsample_nearest(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
@@ -39,16 +32,15 @@ def upsample_nearest(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
         (N, C, *(s * scale_factor for s in S)), channels-last if ``x`` is.
     """
     spatial = x.shape[2:]
-    if _channels_last(x):
-        # (N, *S, C) is a contiguous view of a channels-last tensor: broadcast there, then view back
-        moved = x.movedim(1, -1)
-        expanded = moved.reshape(x.shape[0], *(d for s in spatial for d in (s, 1)), x.shape[1])
-        target = (x.shape[0], *(d for s in spatial for d in (s, scale_factor)), x.shape[1])
-        upsampled = expanded.expand(target).reshape(x.shape[0], *(s * scale_factor for s in spatial), x.shape[1])
-        return upsampled.movedim(-1, 1)
-    expanded = x.reshape(*x.shape[:2], *(d for s in spatial for d in (s, 1)))
-    target = (*x.shape[:2], *(d for s in spatial for d in (s, scale_factor)))
-    return expanded.expand(target).reshape(*x.shape[:2], *(s * scale_factor for s in spatial))
+    channels_last = memory_format_of(x) != torch.contiguous_format
+    # broadcast in memory order, (N, *S, C) for a channels-last tensor (a contiguous view of it) or (N, C, *S),
+    # so that the result is laid out like x
+    lead, trail = ((x.shape[0],), (x.shape[1],)) if channels_last else (tuple(x.shape[:2]), ())
+    ordered = x.movedim(1, -1) if channels_last else x
+    expanded = ordered.reshape(*lead, *(d for s in spatial for d in (s, 1)), *trail)
+    target = (*lead, *(d for s in spatial for d in (s, scale_factor)), *trail)
+    upsampled = expanded.expand(target).reshape(*lead, *(s * scale_factor for s in spatial), *trail)
+    return upsampled.movedim(-1, 1) if channels_last else upsampled
 
 
 class NearestUpsample(nn.Module):
