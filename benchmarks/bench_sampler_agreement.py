@@ -113,12 +113,12 @@ def print_paired_table(args: argparse.Namespace, results: dict) -> dict:
     )
     print("| family | seeds | region | mean difference | 95 % interval | agrees |")
     print("|---|---|---|---|---|---|")
+    reference_dice = {region: family_dice(results, families[reference_family], region) for region in REGIONS}
     for name, members in families.items():
         if name == reference_family:
             continue
         for region in REGIONS:
-            ours = family_dice(results, members, region)
-            reference = family_dice(results, families[reference_family], region)
+            ours, reference = family_dice(results, members, region), reference_dice[region]
             common = ours.index.intersection(reference.index)
             mean, low, high = paired_difference((ours[common] - reference[common]).to_numpy(), args.bootstrap)
             agrees = -args.tolerance <= low and high <= args.tolerance
