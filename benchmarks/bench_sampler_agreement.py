@@ -8,8 +8,9 @@ the README's synthetic data set (write it first with README command 1's ``synth`
     python benchmarks/bench_sampler_agreement.py --samplers ddim:10 ddim:25 ddpm:1000 --out agreement
 
 A sampler is ``scheduler:steps[:eta[:seed]]`` (eta: DDIM stochasticity, seed: the sampler's noise seed, default 0).
-``--reference`` reuses every sampler stored in an earlier run's ``agreement.json`` instead of running it again
-(a 1000-step DDPM run is the slow one).
+``--reference`` reuses every sampler stored in earlier runs' ``agreement.json`` files instead of running it again
+(a 1000-step DDPM run is the slow one); a sampler stored by several of them, e.g. runs on disjoint subsets of the
+subjects (``"datalist"`` override), is merged subject by subject.
 
 Samplers that differ only in their seed form one *family* (the last family is the reference). A second table pairs
 each family with the reference subject by subject: per subject, the Dice averaged over the family's seeds minus the
@@ -44,7 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bundle/configs/evaluate.json")
     parser.add_argument("--samplers", nargs="+", default=["ddim:10", "ddpm:1000"], help="see above; last = reference")
-    parser.add_argument("--reference", help="agreement.json of an earlier run: its samplers are reused, not run again")
+    parser.add_argument(
+        "--reference", nargs="*", default=[], help="agreement.json files of earlier runs: samplers reused, not run"
+    )
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--out", default="sampler_agreement")
     parser.add_argument("--overrides", default="{}", help="JSON dict of further evaluate.json overrides")
@@ -75,6 +78,32 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
     metrics = pd.read_csv(output_dir / "metrics_per_subject.csv").set_index("subject_id")
     per_subject = {region: metrics[f"dice_{region}"].astype(float).to_dict() for region in REGIONS}
     return {**summary, "per_subject_dice": per_subject, "seconds": time.perf_counter() - begin}
+
+
+def merge_stored(paths: list[str]) -> dict:
+    """Samplers of several ``agreement.json`` files; one stored by several is merged subject by subject, its mean Dice
+    per region recomputed over the union of the subjects and its seconds summed."""
+    merged: dict = {}
+    for path in paths:
+        for name, result in json.loads(Path(path).read_text()).items():
+            if name not in merged:
+                merged[name] = result
+                continue
+            if "per_subject_dice" not in result or "per_subject_dice" not in merged[name]:
+                raise ValueError(f"{path}: {name} is stored twice, once without per-subject Dice: cannot merge")
+            combined = {
+                region: {**merged[name]["per_subject_dice"][region], **result["per_subject_dice"][region]}
+                for region in REGIONS
+            }
+            merged[name] = {
+                "num_subjects": len(combined["mean"]),
+                **{
+                    f"dice_{region}": {"mean": float(np.nanmean(list(combined[region].values())))} for region in REGIONS
+                },
+                "per_subject_dice": combined,
+                "seconds": merged[name]["seconds"] + result["seconds"],
+            }
+    return merged
 
 
 def family(sampler: str) -> str:
@@ -139,7 +168,7 @@ def print_paired_table(args: argparse.Namespace, results: dict) -> dict:
 def main() -> None:
     args = parse_args()
     reference_name = args.samplers[-1]
-    stored = json.loads(Path(args.reference).read_text()) if args.reference else {}
+    stored = merge_stored(args.reference)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.samplers:  # saved after each sampler: a run cut short keeps what it finished

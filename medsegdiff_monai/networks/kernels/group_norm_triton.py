@@ -25,17 +25,35 @@ dispatch live in :py:mod:`medsegdiff_monai.networks.fused_norm`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["group_norm_backward", "group_norm_forward"]
+__all__ = ["LaunchConfig", "group_norm_backward", "group_norm_forward"]
 
-# elements of one (pixel rows x channels) tile held in registers by one program
-_TILE_ELEMENTS = 4096
-# programs of one launch over all samples: enough to fill the GPU several times over
-_PROGRAMS_PER_LAUNCH = 1024
 _MAX_CHUNKS = 512
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """
+    How a launcher tiles a (N, C, H, W) input; every value only changes speed, never the result's definition.
+
+    Args:
+        tile_elements: elements of the (pixel rows x channels) tile one program holds in registers per loop step.
+        programs: programs of one launch over all samples, i.e. the number of pixel chunks times N (at most
+            ``512 N``, at least N).
+        num_warps: warps per program of the pixel-chunk kernels.
+        reduce_tile_elements: elements of the (samples x chunks x channels of a group) tile of the backward's
+            reduce kernel (one program per group).
+    """
+
+    tile_elements: int = 4096
+    programs: int = 1024
+    num_warps: int = 4
+    reduce_tile_elements: int = 4096
 
 
 @triton.jit
@@ -252,26 +270,30 @@ def _backward_reduce_kernel(
     num_chunks,
     G: tl.constexpr,
     CG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_CG: tl.constexpr,
 ):
+    # one program per group; BLOCK_N samples at a time as a (samples x chunks x channels) tile, so that all of a
+    # block's loads are in flight together
     group = tl.program_id(0)
-    chunks = tl.arange(0, BLOCK_S)[:, None]
+    chunks = tl.arange(0, BLOCK_S)[None, :, None]
     within = tl.arange(0, BLOCK_CG)
-    mask = (chunks < num_chunks) & (within[None, :] < CG)
     channel = group * CG + within
-    weight = tl.load(weight_ptr + channel, mask=within < CG, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + channel, mask=within < CG, other=0.0).to(tl.float32)[None, :]
     dweight = tl.zeros([BLOCK_CG], tl.float32)
     dbias = tl.zeros([BLOCK_CG], tl.float32)
-    for sample in range(num_samples):
-        base = partial_ptr + (sample * num_chunks + chunks) * 2 * (G * CG) + channel[None, :]
-        sum_dz = tl.sum(tl.load(base, mask=mask, other=0.0), axis=0)
-        sum_dz_x_hat = tl.sum(tl.load(base + G * CG, mask=mask, other=0.0), axis=0)
-        dbias += sum_dz
-        dweight += sum_dz_x_hat
-        out = coefficient_ptr + (sample * G + group) * 2
-        tl.store(out, tl.sum(weight * sum_dz, axis=0))
-        tl.store(out + 1, tl.sum(weight * sum_dz_x_hat, axis=0))
+    for sample_start in range(0, num_samples, BLOCK_N):
+        samples = sample_start + tl.arange(0, BLOCK_N)
+        mask = (samples[:, None, None] < num_samples) & (chunks < num_chunks) & (within[None, None, :] < CG)
+        base = partial_ptr + (samples[:, None, None] * num_chunks + chunks) * 2 * (G * CG) + channel[None, None, :]
+        sum_dz = tl.sum(tl.load(base, mask=mask, other=0.0), axis=1)
+        sum_dz_x_hat = tl.sum(tl.load(base + G * CG, mask=mask, other=0.0), axis=1)
+        dbias += tl.sum(sum_dz, axis=0)
+        dweight += tl.sum(sum_dz_x_hat, axis=0)
+        out = coefficient_ptr + (samples * G + group) * 2
+        tl.store(out, tl.sum(weight * sum_dz, axis=1), mask=samples < num_samples)
+        tl.store(out + 1, tl.sum(weight * sum_dz_x_hat, axis=1), mask=samples < num_samples)
     tl.store(dweight_ptr + channel, dweight.to(dweight_ptr.dtype.element_ty), mask=within < CG)
     tl.store(dbias_ptr + channel, dbias.to(dbias_ptr.dtype.element_ty), mask=within < CG)
 
@@ -327,22 +349,25 @@ def _backward_dx_kernel(
 class _Launch:
     """Block sizes and the pixel chunking of one (N, C, H, W) input with ``num_groups`` groups."""
 
-    def __init__(self, x: torch.Tensor, num_groups: int) -> None:
+    def __init__(self, x: torch.Tensor, num_groups: int, config: LaunchConfig | None) -> None:
+        config = config or LaunchConfig()
         batch, channels, height, width = x.shape
         self.num_samples = batch
         self.num_rows = height * width
         self.channels = channels
         self.groups = num_groups
         self.channels_per_group = channels // num_groups
+        self.num_warps = config.num_warps
         self.block_c = triton.next_power_of_2(channels)
         self.block_cg = triton.next_power_of_2(self.channels_per_group)
-        self.block_r = max(1, min(triton.next_power_of_2(self.num_rows), _TILE_ELEMENTS // self.block_c))
-        chunks = max(
-            1, min(triton.cdiv(self.num_rows, self.block_r), triton.cdiv(_PROGRAMS_PER_LAUNCH, batch), _MAX_CHUNKS)
-        )
+        self.block_r = max(1, min(triton.next_power_of_2(self.num_rows), config.tile_elements // self.block_c))
+        chunks = max(1, min(triton.cdiv(self.num_rows, self.block_r), triton.cdiv(config.programs, batch), _MAX_CHUNKS))
         self.rows_per_chunk = triton.cdiv(triton.cdiv(self.num_rows, chunks), self.block_r) * self.block_r
         self.num_chunks = triton.cdiv(self.num_rows, self.rows_per_chunk)
         self.block_s = triton.next_power_of_2(self.num_chunks)
+        self.block_n = max(
+            1, min(triton.next_power_of_2(batch), config.reduce_tile_elements // (self.block_s * self.block_cg))
+        )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -350,7 +375,7 @@ class _Launch:
 
     @property
     def tile(self) -> dict[str, int]:
-        return {"C": self.channels, "BLOCK_R": self.block_r, "BLOCK_C": self.block_c}
+        return {"C": self.channels, "BLOCK_R": self.block_r, "BLOCK_C": self.block_c, "num_warps": self.num_warps}
 
     @property
     def group_blocks(self) -> dict[str, int]:
@@ -371,7 +396,13 @@ def as_row_layout(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def group_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     GroupNorm (then SiLU if ``silu``) of a 2D feature map.
@@ -383,13 +414,14 @@ def group_norm_forward(
         num_groups: number of groups G.
         eps: added to the variance.
         silu: apply SiLU to the normalised output.
+        config: tiling of the launches (default :py:class:`LaunchConfig`).
 
     Returns:
         ``(y, mean, rstd)``: y with the shape, strides and dtype of ``x``; mean and 1/std per (sample, group),
         (N, G) float32.
     """
     x = as_row_layout(x)
-    launch = _Launch(x, num_groups)
+    launch = _Launch(x, num_groups, config)
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
     )
@@ -429,6 +461,7 @@ def group_norm_backward(
     rstd: torch.Tensor,
     num_groups: int,
     silu: bool,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Gradients of :py:func:`group_norm_forward`.
@@ -437,6 +470,7 @@ def group_norm_backward(
         grad_y: gradient of the output y, (N, C, H, W), any collapsible layout.
         x, weight, bias, num_groups, silu: the forward's inputs.
         mean, rstd: the forward's (N, G) statistics.
+        config: tiling of the launches (default :py:class:`LaunchConfig`; need not be the forward's).
 
     Returns:
         ``(grad_x, grad_weight, grad_bias)``: grad_x with the shape, strides and dtype of ``x``; the others (C,) with
@@ -444,7 +478,7 @@ def group_norm_backward(
     """
     x = as_row_layout(x)
     grad_y = as_row_layout(grad_y)
-    launch = _Launch(x, num_groups)
+    launch = _Launch(x, num_groups, config)
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
     )
@@ -477,6 +511,7 @@ def group_norm_backward(
         grad_bias,
         launch.num_samples,
         launch.num_chunks,
+        BLOCK_N=launch.block_n,
         **launch.group_blocks,
     )
     _backward_dx_kernel[launch.grid](

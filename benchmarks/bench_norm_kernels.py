@@ -1,0 +1,229 @@
+"""Tiling sweep of the channels-last GroupNorm (+ SiLU) Triton kernels on the norm inputs of one training step.
+
+The GroupNorm kernels are the largest block of memory-bound time in the compiled training step
+(``docs/performance.md``). This script finds the inputs they see: one forward of the network (``--preset``, channels
+last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``) with a hook on every :py:class:`FusedGroupNorm`, counting
+each distinct (shape, groups, SiLU). For each such input it times the forward launcher (statistics, combine, apply)
+and the backward launcher (partial sums, reduce, dx) for every :py:class:`LaunchConfig` of the grid
+``--tiles x --programs x --warps``, with CUDA events, and prints per input: the default config's times, the best
+config's and its bandwidth; then the whole step's GroupNorm time (each input times its count) for the default, for
+the best config per input, and for the best single config. Rows go to ``<out>/results.json`` and ``results.csv``.
+
+GPU:
+    python benchmarks/bench_norm_kernels.py --out norm_sweep
+CPU check of the script (the kernels under the Triton interpreter, times meaningless):
+    TRITON_INTERPRET=1 python benchmarks/bench_norm_kernels.py --device cpu --preset small --size 16 --batch 2 \\
+        --tiles 256 --programs 8 --warps 4 --repeats 1 --out /tmp/norm_sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from medsegdiff_monai.networks import FusedGroupNorm, get_network
+from medsegdiff_monai.networks.kernels.group_norm_triton import LaunchConfig, group_norm_backward, group_norm_forward
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--programs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per launcher and config")
+    parser.add_argument("--deadline", type=float, default=300.0, help="seconds after which no new input starts")
+    parser.add_argument("--out", default="norm_sweep")
+    return parser.parse_args(argv)
+
+
+def step_norm_inputs(args: argparse.Namespace) -> Counter:
+    """(N, C, H, W, groups, silu, eps) of every FusedGroupNorm call in one forward, with their counts."""
+    device = torch.device(args.device)
+    network = get_network(args.preset).to(device).to(memory_format=torch.channels_last)
+    seen: Counter = Counter()
+
+    def record(module: FusedGroupNorm, inputs: tuple[torch.Tensor]) -> None:
+        if module.uses_kernel(inputs[0]) or device.type == "cpu":
+            seen[(*inputs[0].shape, module.num_groups, module.silu, module.eps)] += 1
+
+    hooks = [m.register_forward_pre_hook(record) for m in network.modules() if isinstance(m, FusedGroupNorm)]
+    shape = (args.batch, args.size, args.size)
+    image = torch.randn(shape[0], network.in_channels, *shape[1:], device=device)
+    x_t = torch.randn(shape[0], network.mask_channels, *shape[1:], device=device)
+    timesteps = torch.randint(0, 1000, (args.batch,), device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        network(
+            x_t.contiguous(memory_format=torch.channels_last),
+            timesteps,
+            image.contiguous(memory_format=torch.channels_last),
+        )
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def input_name(key: tuple) -> str:
+    """``8x128x256x256/g32/silu``: shape, groups and whether SiLU follows, of a ``step_norm_inputs`` key."""
+    return "x".join(map(str, key[:4])) + f"/g{key[4]}" + ("/silu" if key[5] else "")
+
+
+def time_call(device: torch.device, function: Callable[[], object], repeats: int) -> float:
+    """Microseconds per call after two warm-up calls (CUDA events on the GPU, the host clock otherwise)."""
+    for _ in range(2):
+        function()
+    if device.type != "cuda":
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        return 1e6 * (time.perf_counter() - begin) / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    end.synchronize()
+    return 1000 * start.elapsed_time(end) / repeats
+
+
+def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig]) -> list[dict]:
+    """Forward and backward launcher microseconds of one norm input for every config."""
+    batch, channels, height, width, groups, silu, eps = key
+    device = torch.device(args.device)
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (batch, channels, height, width)
+    x = (2 * torch.randn(shape, device=device, generator=generator) + 1).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn(shape, device=device, generator=generator).to(torch.bfloat16)
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    weight = 1 + 0.1 * torch.randn(channels, device=device, generator=generator)
+    bias = 0.1 * torch.randn(channels, device=device, generator=generator)
+    _, mean, rstd = group_norm_forward(x, weight, bias, groups, eps, silu)
+    tensor_bytes = x.numel() * x.element_size()
+    rows = []
+    for config in configs:
+        forward_us = time_call(
+            device, lambda config=config: group_norm_forward(x, weight, bias, groups, eps, silu, config), args.repeats
+        )
+        backward_us = time_call(
+            device,
+            lambda config=config: group_norm_backward(grad_y, x, weight, bias, mean, rstd, groups, silu, config),
+            args.repeats,
+        )
+        rows.append(
+            {
+                "input": input_name(key),
+                **vars(config),
+                "forward_us": forward_us,
+                "backward_us": backward_us,
+                # forward: x read twice, y written; backward: x and dy read twice, dx written
+                "forward_tb_per_s": 3 * tensor_bytes / forward_us / 1e6,
+                "backward_tb_per_s": 5 * tensor_bytes / backward_us / 1e6,
+            }
+        )
+    return rows
+
+
+def summarise(rows: list[dict], counts: dict[str, int], default: LaunchConfig) -> list[dict]:
+    """Per input: default and best times; then the step totals (each input weighted by its count per step)."""
+    config_keys = list(vars(default))
+    is_default = {
+        key: [r for r in rows if r["input"] == key and all(r[k] == vars(default)[k] for k in config_keys)]
+        for key in counts
+    }
+    summary = []
+    print(
+        "\n| input | calls/step | default fwd / bwd us | best fwd us (config) | best bwd us (config) | "
+        "best fwd / bwd TB/s |"
+    )
+    print("|---|---|---|---|---|---|")
+    totals = {"default": 0.0, "best per input": 0.0}
+    for key, count in counts.items():
+        mine = [r for r in rows if r["input"] == key]
+        if not mine:
+            continue
+        best_forward = min(mine, key=lambda r: r["forward_us"])
+        best_backward = min(mine, key=lambda r: r["backward_us"])
+        default_row = is_default[key][0] if is_default[key] else None
+        if default_row:
+            totals["default"] += count * (default_row["forward_us"] + default_row["backward_us"])
+        totals["best per input"] += count * (best_forward["forward_us"] + best_backward["backward_us"])
+        summary.append(
+            {
+                "input": key,
+                "calls_per_step": count,
+                "default": default_row,
+                "best_forward": best_forward,
+                "best_backward": best_backward,
+            }
+        )
+        described = {
+            name: "/".join(str(r[k]) for k in config_keys[:3])
+            for name, r in (("forward", best_forward), ("backward", best_backward))
+        }
+        default_cell = (
+            f"{default_row['forward_us']:.1f} / {default_row['backward_us']:.1f}" if default_row else "not run"
+        )
+        print(
+            f"| {key} | {count} | {default_cell} | {best_forward['forward_us']:.1f} ({described['forward']}) | "
+            f"{best_backward['backward_us']:.1f} ({described['backward']}) | "
+            f"{best_forward['forward_tb_per_s']:.2f} / {best_backward['backward_tb_per_s']:.2f} |"
+        )
+    single = Counter()
+    for row in rows:
+        config = "/".join(str(row[k]) for k in config_keys[:3])
+        single[config] += counts[row["input"]] * (row["forward_us"] + row["backward_us"])
+    config, best_single = min(single.items(), key=lambda item: item[1])
+    totals[f"best single config ({config})"] = best_single
+    print("\nGroupNorm time of one step (forward + backward launchers, tile/programs/warps):")
+    for name, micros in totals.items():
+        print(f"  {name}: {micros / 1000:.2f} ms")
+    summary.append({"totals_ms": {name: micros / 1000 for name, micros in totals.items()}})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    begin = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seen = step_norm_inputs(args)
+    counts = {input_name(key): count for key, count in seen.items()}
+    print(f"{sum(seen.values())} GroupNorm calls per forward, {len(seen)} distinct inputs", flush=True)
+    default = LaunchConfig()
+    configs = [
+        LaunchConfig(tile_elements=tile, programs=programs, num_warps=warps)
+        for tile, programs, warps in itertools.product(args.tiles, args.programs, args.warps)
+    ]
+    configs = list(dict.fromkeys([default, *configs]))
+    rows: list[dict] = []
+    for key in sorted(seen, key=lambda k: -k[0] * k[1] * k[2] * k[3] * seen[k]):
+        if time.perf_counter() - begin > args.deadline:
+            print(f"deadline: {key} not swept", flush=True)
+            continue
+        rows.extend(sweep_input(args, key, configs))
+        print(f"{input_name(key)} swept at {time.perf_counter() - begin:.0f} s", flush=True)
+        (out / "results.json").write_text(json.dumps({"counts": counts, "rows": rows}, indent=1))
+    summary = summarise(rows, counts, default)
+    (out / "results.json").write_text(json.dumps({"counts": counts, "rows": rows, "summary": summary}, indent=1))
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\ndone in {time.perf_counter() - begin:.0f} s; results in {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
