@@ -5,9 +5,11 @@ The GroupNorm kernels are the largest block of memory-bound time in the compiled
 last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``) with a hook on every :py:class:`FusedGroupNorm`, counting
 each distinct (shape, groups, SiLU). For each such input it times the forward launcher (statistics, combine, apply)
 and the backward launcher (partial sums, reduce, dx) for every :py:class:`LaunchConfig` of the grid
-``--tiles x --programs x --warps``, with CUDA events, and prints per input: the default config's times, the best
-config's and its bandwidth; then the whole step's GroupNorm time (each input times its count) for the default, for
-the best config per input, and for the best single config. Rows go to ``<out>/results.json`` and ``results.csv``.
+``--tiles x --programs x --warps``, captured in CUDA graphs and timed with CUDA events (GPU time, as in the
+compiled, graph-captured training step; the launchers' host overhead exceeds the kernels' time on most inputs). It
+prints per input the default config's times, the best config's and its bandwidth; then the whole step's GroupNorm
+time (each input times its count) for the default, for the best config per input, and for the best single config.
+Rows go to ``<out>/results.json`` and ``results.csv``.
 
 GPU:
     python benchmarks/bench_norm_kernels.py --out norm_sweep
@@ -80,21 +82,27 @@ def input_name(key: tuple) -> str:
 
 
 def time_call(device: torch.device, function: Callable[[], object], repeats: int) -> float:
-    """Microseconds per call after two warm-up calls (CUDA events on the GPU, the host clock otherwise)."""
-    for _ in range(2):
+    """Microseconds of GPU time per call: ``repeats`` calls captured in one CUDA graph, replayed and timed with CUDA
+    events. Without CUDA: the host clock (under the Triton interpreter)."""
+    for _ in range(2):  # compiles the kernels, which a graph capture cannot
         function()
     if device.type != "cuda":
         begin = time.perf_counter()
         for _ in range(repeats):
             function()
         return 1e6 * (time.perf_counter() - begin) / repeats
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            function()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(repeats):
-        function()
+    graph.replay()
     end.record()
     end.synchronize()
+    del graph
     return 1000 * start.elapsed_time(end) / repeats
 
 
