@@ -4,11 +4,12 @@ The GroupNorm kernels are the largest block of memory-bound time in the compiled
 (``docs/performance.md``). This script finds the inputs they see: one forward of the network (``--preset``, channels
 last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``) with a hook on every :py:class:`FusedGroupNorm`, counting
 each distinct (shape, groups, SiLU). For each such input it times the forward launcher (statistics, combine, apply)
-and the backward launcher (partial sums, reduce, dx) for every :py:class:`LaunchConfig` of the grid
+and the backward launcher (partial sums, reduce, dx) with the launchers' own tiling (``rule``,
+:py:meth:`LaunchConfig.for_input`), with ``LaunchConfig()`` and with every config of the grid
 ``--tiles x --programs x --warps``, captured in CUDA graphs and timed with CUDA events (GPU time, as in the
 compiled, graph-captured training step; the launchers' host overhead exceeds the kernels' time on most inputs). It
-prints per input the default config's times, the best config's and its bandwidth; then the whole step's GroupNorm
-time (each input times its count) for the default, for the best config per input, and for the best single config.
+prints per input the rule's and ``LaunchConfig()``'s times, the best config's and its bandwidth; then the whole step's
+GroupNorm time (each input times its count) for each of them and for the best single config.
 Rows go to ``<out>/results.json`` and ``results.csv``.
 
 GPU:
@@ -106,7 +107,12 @@ def time_call(device: torch.device, function: Callable[[], object], repeats: int
     return 1000 * start.elapsed_time(end) / repeats
 
 
-def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig]) -> list[dict]:
+def config_name(config: LaunchConfig | None) -> str:
+    """``tile/programs/warps``, or ``rule`` for the launchers' own choice (:py:meth:`LaunchConfig.for_input`)."""
+    return "rule" if config is None else f"{config.tile_elements}/{config.programs}/{config.num_warps}"
+
+
+def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig | None]) -> list[dict]:
     """Forward and backward launcher microseconds of one norm input for every config."""
     batch, channels, height, width, groups, silu, eps = key
     device = torch.device(args.device)
@@ -133,7 +139,7 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
         rows.append(
             {
                 "input": input_name(key),
-                **vars(config),
+                "config": config_name(config),
                 "forward_us": forward_us,
                 "backward_us": backward_us,
                 # forward: x read twice, y written; backward: x and dy read twice, dx written
@@ -144,62 +150,42 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
     return rows
 
 
-def summarise(rows: list[dict], counts: dict[str, int], default: LaunchConfig) -> list[dict]:
-    """Per input: default and best times; then the step totals (each input weighted by its count per step)."""
-    config_keys = list(vars(default))
-    is_default = {
-        key: [r for r in rows if r["input"] == key and all(r[k] == vars(default)[k] for k in config_keys)]
-        for key in counts
-    }
-    summary = []
+def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
+    """Per input: the rule's, the uniform default's and the best times; then the step totals (each input weighted by
+    its calls per step) of the rule, of ``LaunchConfig()`` everywhere, of the best config per input and pass, and of
+    the best single config."""
+    uniform = config_name(LaunchConfig())
     print(
-        "\n| input | calls/step | default fwd / bwd us | best fwd us (config) | best bwd us (config) | "
-        "best fwd / bwd TB/s |"
+        f"\n| input | calls/step | rule fwd / bwd us | {uniform} fwd / bwd us | best fwd us (config) | "
+        "best bwd us (config) | best fwd / bwd TB/s |"
     )
-    print("|---|---|---|---|---|---|")
-    totals = {"default": 0.0, "best per input": 0.0}
+    print("|---|---|---|---|---|---|---|")
+    totals: Counter = Counter()
     for key, count in counts.items():
-        mine = [r for r in rows if r["input"] == key]
+        mine = {row["config"]: row for row in rows if row["input"] == key}
         if not mine:
             continue
-        best_forward = min(mine, key=lambda r: r["forward_us"])
-        best_backward = min(mine, key=lambda r: r["backward_us"])
-        default_row = is_default[key][0] if is_default[key] else None
-        if default_row:
-            totals["default"] += count * (default_row["forward_us"] + default_row["backward_us"])
-        totals["best per input"] += count * (best_forward["forward_us"] + best_backward["backward_us"])
-        summary.append(
-            {
-                "input": key,
-                "calls_per_step": count,
-                "default": default_row,
-                "best_forward": best_forward,
-                "best_backward": best_backward,
-            }
-        )
-        described = {
-            name: "/".join(str(r[k]) for k in config_keys[:3])
-            for name, r in (("forward", best_forward), ("backward", best_backward))
-        }
-        default_cell = (
-            f"{default_row['forward_us']:.1f} / {default_row['backward_us']:.1f}" if default_row else "not run"
-        )
+        best_forward = min(mine.values(), key=lambda r: r["forward_us"])
+        best_backward = min(mine.values(), key=lambda r: r["backward_us"])
+        totals["rule"] += count * (mine["rule"]["forward_us"] + mine["rule"]["backward_us"])
+        totals[uniform] += count * (mine[uniform]["forward_us"] + mine[uniform]["backward_us"])
+        totals["best per input and pass"] += count * (best_forward["forward_us"] + best_backward["backward_us"])
+        cells = [f"{mine[name]['forward_us']:.1f} / {mine[name]['backward_us']:.1f}" for name in ("rule", uniform)]
         print(
-            f"| {key} | {count} | {default_cell} | {best_forward['forward_us']:.1f} ({described['forward']}) | "
-            f"{best_backward['backward_us']:.1f} ({described['backward']}) | "
+            f"| {key} | {count} | {' | '.join(cells)} | {best_forward['forward_us']:.1f} ({best_forward['config']}) | "
+            f"{best_backward['backward_us']:.1f} ({best_backward['config']}) | "
             f"{best_forward['forward_tb_per_s']:.2f} / {best_backward['backward_tb_per_s']:.2f} |"
         )
-    single = Counter()
+    single: Counter = Counter()
     for row in rows:
-        config = "/".join(str(row[k]) for k in config_keys[:3])
-        single[config] += counts[row["input"]] * (row["forward_us"] + row["backward_us"])
+        if row["config"] != "rule":
+            single[row["config"]] += counts[row["input"]] * (row["forward_us"] + row["backward_us"])
     config, best_single = min(single.items(), key=lambda item: item[1])
     totals[f"best single config ({config})"] = best_single
-    print("\nGroupNorm time of one step (forward + backward launchers, tile/programs/warps):")
+    print("\nGroupNorm GPU time of one step (forward + backward launchers; configs as tile/programs/warps):")
     for name, micros in totals.items():
         print(f"  {name}: {micros / 1000:.2f} ms")
-    summary.append({"totals_ms": {name: micros / 1000 for name, micros in totals.items()}})
-    return summary
+    return {name: micros / 1000 for name, micros in totals.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,12 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     seen = step_norm_inputs(args)
     counts = {input_name(key): count for key, count in seen.items()}
     print(f"{sum(seen.values())} GroupNorm calls per forward, {len(seen)} distinct inputs", flush=True)
-    default = LaunchConfig()
     configs = [
         LaunchConfig(tile_elements=tile, programs=programs, num_warps=warps)
         for tile, programs, warps in itertools.product(args.tiles, args.programs, args.warps)
     ]
-    configs = list(dict.fromkeys([default, *configs]))
+    configs = [None, *dict.fromkeys([LaunchConfig(), *configs])]
     rows: list[dict] = []
     for key in sorted(seen, key=lambda k: -k[0] * k[1] * k[2] * k[3] * seen[k]):
         if time.perf_counter() - begin > args.deadline:
@@ -224,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(sweep_input(args, key, configs))
         print(f"{input_name(key)} swept at {time.perf_counter() - begin:.0f} s", flush=True)
         (out / "results.json").write_text(json.dumps({"counts": counts, "rows": rows}, indent=1))
-    summary = summarise(rows, counts, default)
-    (out / "results.json").write_text(json.dumps({"counts": counts, "rows": rows, "summary": summary}, indent=1))
+    totals_ms = summarise(rows, counts)
+    (out / "results.json").write_text(json.dumps({"counts": counts, "rows": rows, "totals_ms": totals_ms}, indent=1))
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

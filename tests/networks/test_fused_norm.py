@@ -118,3 +118,22 @@ def test_channels_last_network_on_the_kernel_path_matches_the_plain_path():
     assert max(result["outputs"]) < 1e-5, result
     assert result["whole_grad_error"] < 1e-5, result
     assert result["largest_grad_error"] < 1e-4, result
+
+
+@needs_triton
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(8, 128, 256, 256), (8, 768, 32, 32), (8, 512, 16, 16), (1, 64, 7, 5), (160, 256, 24, 24)]
+)
+def test_default_tiling_covers_every_pixel_row_once(shape, backward):
+    from medsegdiff_monai.networks.kernels.group_norm_triton import LaunchConfig, _Launch
+
+    config = LaunchConfig.for_input(shape, backward)
+    launch = _Launch(torch.empty(shape, device="meta"), 32 if shape[1] % 32 == 0 else 1, config)
+    rows = shape[2] * shape[3]
+    # chunks of whole tiles that cover the rows, none empty, within the reduce kernels' block sizes
+    assert launch.rows_per_chunk % launch.block_r == 0
+    assert (launch.num_chunks - 1) * launch.rows_per_chunk < rows <= launch.num_chunks * launch.rows_per_chunk
+    assert launch.num_chunks <= launch.block_s and launch.block_r * launch.block_c <= max(config.tile_elements, 1024)
+    assert launch.block_n == 1 or launch.block_n * launch.block_s * launch.block_cg <= config.reduce_tile_elements
+    assert launch.num_warps == config.num_warps

@@ -55,6 +55,25 @@ class LaunchConfig:
     num_warps: int = 4
     reduce_tile_elements: int = 4096
 
+    @classmethod
+    def for_input(cls, shape: torch.Size | tuple[int, ...], backward: bool) -> LaunchConfig:
+        """
+        The tiling the launchers use unless given one, chosen from ``benchmarks/bench_norm_kernels.py``'s sweep of a
+        training step's norm inputs on an H200 (``docs/performance.md``): inputs of up to 2^22 elements run as few
+        programs of one large tile each; larger ones as small tiles (1,024 elements over 8 warps from 256 channels
+        on, 2,048 below) looped over the pixel chunks.
+
+        Args:
+            shape: (N, C, H, W) of the input.
+            backward: for the backward launcher (8 warps from 128 channels on) instead of the forward.
+        """
+        batch, channels, height, width = shape
+        if batch * channels * height * width <= 2**22:
+            return cls(tile_elements=8192, programs=2048, num_warps=4)
+        if channels >= 256:
+            return cls(tile_elements=1024, programs=1024, num_warps=8)
+        return cls(tile_elements=2048, programs=1024, num_warps=8 if backward and channels >= 128 else 4)
+
 
 @triton.jit
 def _chunk_rows(chunk, rows_per_chunk, num_rows):
@@ -349,8 +368,7 @@ def _backward_dx_kernel(
 class _Launch:
     """Block sizes and the pixel chunking of one (N, C, H, W) input with ``num_groups`` groups."""
 
-    def __init__(self, x: torch.Tensor, num_groups: int, config: LaunchConfig | None) -> None:
-        config = config or LaunchConfig()
+    def __init__(self, x: torch.Tensor, num_groups: int, config: LaunchConfig) -> None:
         batch, channels, height, width = x.shape
         self.num_samples = batch
         self.num_rows = height * width
@@ -414,14 +432,14 @@ def group_norm_forward(
         num_groups: number of groups G.
         eps: added to the variance.
         silu: apply SiLU to the normalised output.
-        config: tiling of the launches (default :py:class:`LaunchConfig`).
+        config: tiling of the launches (default :py:meth:`LaunchConfig.for_input`).
 
     Returns:
         ``(y, mean, rstd)``: y with the shape, strides and dtype of ``x``; mean and 1/std per (sample, group),
         (N, G) float32.
     """
     x = as_row_layout(x)
-    launch = _Launch(x, num_groups, config)
+    launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=False))
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
     )
@@ -470,7 +488,7 @@ def group_norm_backward(
         grad_y: gradient of the output y, (N, C, H, W), any collapsible layout.
         x, weight, bias, num_groups, silu: the forward's inputs.
         mean, rstd: the forward's (N, G) statistics.
-        config: tiling of the launches (default :py:class:`LaunchConfig`; need not be the forward's).
+        config: tiling of the launches (default :py:meth:`LaunchConfig.for_input`; need not be the forward's).
 
     Returns:
         ``(grad_x, grad_weight, grad_bias)``: grad_x with the shape, strides and dtype of ``x``; the others (C,) with
@@ -478,7 +496,7 @@ def group_norm_backward(
     """
     x = as_row_layout(x)
     grad_y = as_row_layout(grad_y)
-    launch = _Launch(x, num_groups, config)
+    launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=True))
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
     )
