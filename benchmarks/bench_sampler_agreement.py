@@ -34,9 +34,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
-from monai.bundle import run
+from monai.bundle import ConfigParser, run
+
+from medsegdiff_monai.metrics import evaluate_subjects
+from medsegdiff_monai.transforms import suppress_small_enhancing
 
 REGIONS = ("TC", "WT", "ET", "mean")
 
@@ -53,6 +57,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overrides", default="{}", help="JSON dict of further evaluate.json overrides")
     parser.add_argument("--tolerance", type=float, default=0.01, help="agreement margin on the mean Dice difference")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples of the subjects")
+    parser.add_argument(
+        "--min-enhancing-voxels", type=int, default=0, help="ET predictions of fewer voxels become core (label 1)"
+    )
+    parser.add_argument(
+        "--rescore-from", help="score the label maps an earlier run wrote under this folder instead of sampling again"
+    )
     return parser.parse_args()
 
 
@@ -71,6 +81,7 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
         seed=seed,
         ensemble_size=args.ensemble,
         include_hd95=False,
+        min_enhancing_voxels=args.min_enhancing_voxels,
         output_dir=str(output_dir),
         **json.loads(args.overrides),
     )
@@ -104,6 +115,34 @@ def merge_stored(paths: list[str]) -> dict:
                 "seconds": merged[name]["seconds"] + result["seconds"],
             }
     return merged
+
+
+def rescore(args: argparse.Namespace, sampler: str) -> dict:
+    """Score again the label maps of ``sampler`` that an earlier run wrote (``<subject_id>_seg.nii.gz`` in a folder
+    named after the sampler, anywhere under ``--rescore-from``), after ``--min-enhancing-voxels``; the subjects are
+    those of ``evaluate.json`` with the overrides, those without a stored map are left out."""
+    parser = ConfigParser()
+    parser.read_config(args.config)
+    parser.update(json.loads(args.overrides))
+    folder = sampler.replace(":", "_")
+    predictions = []
+    for entry in parser.get_parsed_content("dataset#data"):
+        stored = sorted(Path(args.rescore_from).glob(f"**/{folder}/{entry['subject_id']}_seg.nii.gz"))
+        if stored:
+            labels = np.asarray(nib.load(str(stored[0])).dataobj)
+            predictions.append(
+                {
+                    "subject_id": entry["subject_id"],
+                    "label_file": entry["label"],
+                    "pred_labels": suppress_small_enhancing(labels, args.min_enhancing_voxels),
+                    "grade": entry.get("grade"),
+                }
+            )
+    if not predictions:
+        raise FileNotFoundError(f"no label maps of {sampler} under {args.rescore_from}/**/{folder}/")
+    result = evaluate_subjects(predictions, include_hd95=False)
+    per_subject = {region: {row["subject_id"]: row[f"dice_{region}"] for row in result.rows} for region in REGIONS}
+    return {**result.summary, "per_subject_dice": per_subject, "seconds": 0.0, "rescored_from": args.rescore_from}
 
 
 def family(sampler: str) -> str:
@@ -172,7 +211,10 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.samplers:  # saved after each sampler: a run cut short keeps what it finished
-        results[name] = stored[name] if name in stored else evaluate(args, name)
+        if name in stored:
+            results[name] = stored[name]
+        else:
+            results[name] = rescore(args, name) if args.rescore_from else evaluate(args, name)
         (Path(args.out) / "agreement.json").write_text(json.dumps(results, indent=1))
     reference = results[reference_name]
     print(f"\nensemble {args.ensemble}, {reference['num_subjects']} subjects, reference {reference_name}\n")

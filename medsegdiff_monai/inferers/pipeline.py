@@ -23,7 +23,7 @@ from medsegdiff_monai.inferers.inputs import InputSource, check_inference_inputs
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
-from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels
+from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 
 __all__ = ["BratsVolumeInferer", "SubjectOutput", "SubjectPrediction"]
 
@@ -73,7 +73,8 @@ class BratsVolumeInferer:
     :func:`~medsegdiff_monai.inferers.sample_volume` over the axial slices, then MONAI ``Invertd`` of the same
     transforms, so the outputs lie exactly on the input's grid (shape and affine). Files written in ``output_dir``:
 
-    - ``<subject_id>_seg.nii.gz``: uint8 BraTS labels (ET -> 4, TC \\ ET -> 1, WT \\ TC -> 2) at ``threshold``;
+    - ``<subject_id>_seg.nii.gz``: uint8 BraTS labels (ET -> 4, TC \\ ET -> 1, WT \\ TC -> 2) at ``threshold``,
+      an ET of fewer than ``min_enhancing_voxels`` voxels relabelled 1 (:func:`suppress_small_enhancing`);
     - ``<subject_id>_uncertainty.nii.gz``: float32 std of the ensemble's probabilities, reduced over the regions
       by ``uncertainty_reduction`` (``"max"`` or ``"mean"``);
     - ``<subject_id>_overlay.png`` (with ``write_overlays``): FLAIR slice with the most tumour, without and with
@@ -91,6 +92,8 @@ class BratsVolumeInferer:
         roi_size: in-plane size of the transforms (the training ``roi_size``).
         slice_batch_size: slices sampled together (times ``ensemble_size`` network inputs per step).
         threshold: probability above which a voxel belongs to a region.
+        min_enhancing_voxels: an ET prediction of fewer voxels becomes necrotic / non-enhancing core (label 1);
+            0 (default) keeps every prediction.
         device: where to run the network (default: the network's device).
         uncertainty_reduction: ``"max"`` or ``"mean"`` of the per-region std.
         write_overlays: also write a PNG overlay per subject.
@@ -105,12 +108,15 @@ class BratsVolumeInferer:
         roi_size: Sequence[int] = (192, 192),
         slice_batch_size: int = 32,
         threshold: float = 0.5,
+        min_enhancing_voxels: int = 0,
         device: str | torch.device | None = None,
         uncertainty_reduction: str = "max",
         write_overlays: bool = False,
         progress: bool = True,
         transforms: Compose | None = None,
     ) -> None:
+        if min_enhancing_voxels < 0:
+            raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
         if uncertainty_reduction not in ("max", "mean"):
             raise ValueError(f"uncertainty_reduction must be 'max' or 'mean', got {uncertainty_reduction!r}.")
         if device is None:
@@ -121,6 +127,7 @@ class BratsVolumeInferer:
         self.sampler = sampler
         self.slice_batch_size = slice_batch_size
         self.threshold = threshold
+        self.min_enhancing_voxels = min_enhancing_voxels
         self.uncertainty_reduction = uncertainty_reduction
         self.write_overlays = write_overlays
         self.progress = progress
@@ -145,6 +152,7 @@ class BratsVolumeInferer:
             data[key] = MetaTensor(value.float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
         inverted = self.inverter(data)
         labels = regions_to_brats_labels(inverted["probs"].as_tensor(), self.threshold)[0]
+        labels = suppress_small_enhancing(labels, self.min_enhancing_voxels)
         return SubjectPrediction(
             subject_id=str(data["subject_id"]),
             labels=labels.numpy().astype(np.uint8),

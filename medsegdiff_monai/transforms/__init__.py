@@ -15,7 +15,13 @@ from medsegdiff_monai.transforms.pipelines import (
     get_val_transforms,
     volume_transforms,
 )
-from medsegdiff_monai.transforms.regions import CheckBratsLabelsd, RegionsToBratsLabelsd, regions_to_brats_labels
+from medsegdiff_monai.transforms.regions import (
+    CheckBratsLabelsd,
+    RegionsToBratsLabelsd,
+    SuppressSmallEnhancingd,
+    regions_to_brats_labels,
+    suppress_small_enhancing,
+)
 from medsegdiff_monai.transforms.subject import SubjectIdd
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "MaskToSymmetricd",
     "RegionsToBratsLabelsd",
     "SubjectIdd",
+    "SuppressSmallEnhancingd",
     "UntrackedTailCompose",
     "get_inference_transforms",
     "get_train_transforms",
@@ -34,5 +41,6 @@ __all__ = [
     "regions_to_brats_labels",
     "source_path",
     "subject_id_from_path",
+    "suppress_small_enhancing",
     "volume_transforms",
 ]

@@ -20,7 +20,16 @@ from monai.utils import convert_to_dst_type
 
 from medsegdiff_monai.data.layout import BRATS_LABEL_VALUES
 
-__all__ = ["CheckBratsLabelsd", "RegionsToBratsLabelsd", "regions_to_brats_labels"]
+__all__ = [
+    "CheckBratsLabelsd",
+    "RegionsToBratsLabelsd",
+    "SuppressSmallEnhancingd",
+    "regions_to_brats_labels",
+    "suppress_small_enhancing",
+]
+
+# BraTS label values of the enhancing tumour and of the necrotic / non-enhancing core
+_ENHANCING, _NECROTIC = 4, 1
 
 
 class CheckBratsLabelsd(MapTransform):
@@ -100,4 +109,59 @@ class RegionsToBratsLabelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = regions_to_brats_labels(d[key], self.threshold)
+        return d
+
+
+def suppress_small_enhancing(labels: NdarrayOrTensor, min_voxels: int) -> NdarrayOrTensor:
+    """Relabel the enhancing tumour of a BraTS label map as necrotic / non-enhancing core (4 -> 1) when it has fewer
+    than ``min_voxels`` voxels; otherwise return the labels unchanged.
+
+    BraTS scores an empty ET as Dice 1 when the reference has none and 0 when it has some, so a few stray ET voxels
+    on a subject without enhancement (most LGG) cost a whole subject's ET Dice. Several BraTS challenge entries
+    (e.g. nnU-Net's) therefore drop an ET prediction below a volume threshold; the voxels stay tumour core, so TC and
+    WT are unchanged.
+
+    Args:
+        labels: BraTS label map (any shape, values in {0, 1, 2, 4}; numpy or torch).
+        min_voxels: smallest ET voxel count kept; 0 keeps every prediction.
+
+    Returns:
+        The label map, of the input's type (a copy when relabelled).
+
+    Example::
+
+        >>> suppress_small_enhancing(torch.tensor([0, 4, 4, 1, 2]), min_voxels=3)
+        tensor([0, 1, 1, 1, 2])
+    """
+    if min_voxels < 0:
+        raise ValueError(f"min_voxels must be >= 0, got {min_voxels}.")
+    enhancing = torch.as_tensor(labels) == _ENHANCING
+    count = int(enhancing.sum())
+    if count == 0 or count >= min_voxels:
+        return labels
+    relabelled = torch.as_tensor(labels).clone()
+    relabelled[enhancing] = _NECROTIC
+    out, *_ = convert_to_dst_type(relabelled, dst=labels)
+    return out
+
+
+class SuppressSmallEnhancingd(MapTransform):
+    """Dictionary wrapper of :func:`suppress_small_enhancing` (per label map, ET below ``min_voxels`` -> label 1).
+
+    Args:
+        keys: keys of the BraTS label maps.
+        min_voxels: smallest ET voxel count kept; 0 keeps every prediction.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, min_voxels: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if min_voxels < 0:
+            raise ValueError(f"min_voxels must be >= 0, got {min_voxels}.")
+        self.min_voxels = min_voxels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = suppress_small_enhancing(d[key], self.min_voxels)
         return d

@@ -56,6 +56,18 @@ def test_outputs_lie_on_the_input_grid_and_invert_the_crop_exactly(brain_oracle,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
 
+def test_min_enhancing_voxels_relabels_a_small_enhancing_prediction(brain_oracle, synthetic_datalist, tmp_path):
+    # the oracle predicts ET on every brain voxel: kept at a threshold of 1 voxel, core (1) above the brain's size
+    entry = load_brats_datalist(synthetic_datalist, "validation")[0]
+    brain = np.stack([_read(p) for p in entry["image"]]).any(axis=0)
+    for min_voxels, label in ((1, 4), (int(brain.sum()) + 1, 1)):
+        out = tmp_path / f"min_{min_voxels}"
+        _inferer(brain_oracle(), min_enhancing_voxels=min_voxels).run([entry], out)
+        np.testing.assert_array_equal(_read(out / f"{entry['subject_id']}_seg.nii.gz"), np.where(brain, label, 0))
+    with pytest.raises(ValueError, match="min_enhancing_voxels must be >= 0"):
+        _inferer(brain_oracle(), min_enhancing_voxels=-1)
+
+
 def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, tmp_path):
     subject = synthetic_brats_dir / "BraTS20_Training_003"
     files = [subject / f"BraTS20_Training_003_{m}.nii" for m in ("t1", "t1ce", "t2", "flair")]

@@ -8,7 +8,9 @@ from medsegdiff_monai.transforms import (
     CheckBratsLabelsd,
     MaskToSymmetricd,
     RegionsToBratsLabelsd,
+    SuppressSmallEnhancingd,
     regions_to_brats_labels,
+    suppress_small_enhancing,
 )
 
 
@@ -63,3 +65,31 @@ def test_mask_to_symmetric():
     assert out["label"] is label
     two = MaskToSymmetricd(["a", "b"], mask_keys=["ma", "mb"])({"a": np.ones(2), "b": np.zeros(2)})
     assert two["ma"].tolist() == [1.0, 1.0] and two["mb"].tolist() == [-1.0, -1.0]
+
+
+def test_small_enhancing_tumour_becomes_core():
+    labels = np.array([[0, 4, 4], [1, 2, 0]], dtype=np.uint8)  # 2 ET voxels
+    below = suppress_small_enhancing(labels, min_voxels=3)
+    assert isinstance(below, np.ndarray) and below.dtype == np.uint8
+    np.testing.assert_array_equal(below, [[0, 1, 1], [1, 2, 0]])
+    np.testing.assert_array_equal(labels, [[0, 4, 4], [1, 2, 0]])  # input untouched
+    for kept in (0, 1, 2):  # 2 voxels are kept from a threshold of 2 down; 0 keeps everything
+        np.testing.assert_array_equal(suppress_small_enhancing(labels, kept), labels)
+    # TC = {1, 4} and WT = {1, 2, 4} do not change, ET empties
+    regions, regions_after = (ConvertToMultiChannelBasedOnBratsClasses()(x) for x in (labels, below))
+    np.testing.assert_array_equal(regions[:2], regions_after[:2])
+    assert regions[2].sum() == 2 and regions_after[2].sum() == 0
+    tensor = suppress_small_enhancing(torch.as_tensor(labels), 3)
+    assert isinstance(tensor, torch.Tensor) and tensor.tolist() == below.tolist()
+
+
+def test_dict_suppression_keeps_metadata_and_rejects_negative_threshold():
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    labels = MetaTensor(torch.tensor([[[[4, 0], [2, 1]]]], dtype=torch.uint8), affine=affine)
+    out = SuppressSmallEnhancingd("pred", min_voxels=5)({"pred": labels})["pred"]
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, affine)
+    assert out.flatten().tolist() == [1, 0, 2, 1]
+    with pytest.raises(ValueError, match="min_voxels must be >= 0"):
+        SuppressSmallEnhancingd("pred", min_voxels=-1)
+    with pytest.raises(ValueError, match="min_voxels must be >= 0"):
+        suppress_small_enhancing(labels, -1)
