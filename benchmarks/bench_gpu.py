@@ -752,9 +752,10 @@ def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
 
     warmup_s = run(1)
     # a second 1-step run, without the first one's start-up costs, bounds the seconds per step from above
-    measured = {1: run(1)}
+    one_step_s = run(1)
+    measured = {}
     for steps in args.volume_steps:
-        seconds_per_step = max(measured.values()) / max(measured)
+        seconds_per_step = max(measured.values()) / max(measured) if measured else one_step_s
         if bench.time_left() < 10 + seconds_per_step * steps:
             break
         measured[steps] = run(steps)
@@ -773,7 +774,6 @@ def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
             transform_s=transform_s,
             warmup_s=warmup_s,
         )
-    measured.pop(1)
     if len(measured) >= 2:
         (n0, t0), (n1, t1) = sorted(measured.items())[:2]
         per_step = (t1 - t0) / (n1 - n0)

@@ -66,11 +66,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def sampler_folder(sampler: str) -> str:
+    """The output folder of one sampler's evaluation: ``ddim:10:0:2`` -> ``ddim_10_0_2``."""
+    return sampler.replace(":", "_")
+
+
 def evaluate(args: argparse.Namespace, sampler: str) -> dict:
     """Run ``evaluate.json`` with one sampler; returns its summary plus the seconds it took."""
     scheduler, steps, *rest = sampler.split(":")
     eta, seed = (float(rest[0]) if rest else 0.0), (int(rest[1]) if len(rest) > 1 else 0)
-    output_dir = Path(args.out) / sampler.replace(":", "_")
+    output_dir = Path(args.out) / sampler_folder(sampler)
     begin = time.perf_counter()
     run(
         run_id="run",
@@ -124,12 +129,14 @@ def rescore(args: argparse.Namespace, sampler: str) -> dict:
     parser = ConfigParser()
     parser.read_config(args.config)
     parser.update(json.loads(args.overrides))
-    folder = sampler.replace(":", "_")
+    folder = sampler_folder(sampler)
+    stored = {}  # subject id -> label map; the first found in path order
+    for path in sorted(Path(args.rescore_from).glob(f"**/{folder}/*_seg.nii.gz")):
+        stored.setdefault(path.name.removesuffix("_seg.nii.gz"), path)
     predictions = []
     for entry in parser.get_parsed_content("dataset#data"):
-        stored = sorted(Path(args.rescore_from).glob(f"**/{folder}/{entry['subject_id']}_seg.nii.gz"))
-        if stored:
-            labels = np.asarray(nib.load(str(stored[0])).dataobj)
+        if entry["subject_id"] in stored:
+            labels = np.asarray(nib.load(str(stored[entry["subject_id"]])).dataobj)
             predictions.append(
                 {
                     "subject_id": entry["subject_id"],

@@ -112,6 +112,11 @@ class RegionsToBratsLabelsd(MapTransform):
         return d
 
 
+def _check_min_voxels(min_voxels: int) -> None:
+    if min_voxels < 0:
+        raise ValueError(f"min_voxels must be >= 0, got {min_voxels}.")
+
+
 def suppress_small_enhancing(labels: NdarrayOrTensor, min_voxels: int) -> NdarrayOrTensor:
     """Relabel the enhancing tumour of a BraTS label map as necrotic / non-enhancing core (4 -> 1) when it has fewer
     than ``min_voxels`` voxels; otherwise return the labels unchanged.
@@ -133,13 +138,13 @@ def suppress_small_enhancing(labels: NdarrayOrTensor, min_voxels: int) -> Ndarra
         >>> suppress_small_enhancing(torch.tensor([0, 4, 4, 1, 2]), min_voxels=3)
         tensor([0, 1, 1, 1, 2])
     """
-    if min_voxels < 0:
-        raise ValueError(f"min_voxels must be >= 0, got {min_voxels}.")
-    enhancing = torch.as_tensor(labels) == _ENHANCING
+    _check_min_voxels(min_voxels)
+    voxels = torch.as_tensor(labels)
+    enhancing = voxels == _ENHANCING
     count = int(enhancing.sum())
     if count == 0 or count >= min_voxels:
         return labels
-    relabelled = torch.as_tensor(labels).clone()
+    relabelled = voxels.clone()
     relabelled[enhancing] = _NECROTIC
     out, *_ = convert_to_dst_type(relabelled, dst=labels)
     return out
@@ -156,8 +161,7 @@ class SuppressSmallEnhancingd(MapTransform):
 
     def __init__(self, keys: KeysCollection, min_voxels: int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        if min_voxels < 0:
-            raise ValueError(f"min_voxels must be >= 0, got {min_voxels}.")
+        _check_min_voxels(min_voxels)
         self.min_voxels = min_voxels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
