@@ -6,7 +6,7 @@ last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``) with a hook on every
 each distinct (shape, groups, SiLU). For each such input it times the forward launcher (statistics, combine, apply)
 and the backward launcher (partial sums, reduce, dx) with the launchers' own tiling (``rule``,
 :py:meth:`LaunchConfig.for_input`), with ``LaunchConfig()`` and with every config of the grid
-``--tiles x --programs x --warps``, captured in CUDA graphs and timed with CUDA events (GPU time, as in the
+``--tiles x --programs x --warps x --stages``, captured in CUDA graphs and timed with CUDA events (GPU time, as in the
 compiled, graph-captured training step; the launchers' host overhead exceeds the kernels' time on most inputs). It
 prints per input the rule's and ``LaunchConfig()``'s times, the best config's and its bandwidth; then the whole step's
 GroupNorm time (each input times its count) for each of them and for the best single config.
@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--programs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1], help="software-pipelining depths of the loops")
+    parser.add_argument(
+        "--min-elements", type=int, default=0, help="sweep only the inputs of at least this many elements"
+    )
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per launcher and config")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds after which no new input starts")
     parser.add_argument("--out", default="norm_sweep")
@@ -108,8 +112,10 @@ def time_call(device: torch.device, function: Callable[[], object], repeats: int
 
 
 def config_name(config: LaunchConfig | None) -> str:
-    """``tile/programs/warps``, or ``rule`` for the launchers' own choice (:py:meth:`LaunchConfig.for_input`)."""
-    return "rule" if config is None else f"{config.tile_elements}/{config.programs}/{config.num_warps}"
+    """``tile/programs/warps/stages``, or ``rule`` for the launchers' own choice (:py:meth:`LaunchConfig.for_input`)."""
+    if config is None:
+        return "rule"
+    return f"{config.tile_elements}/{config.programs}/{config.num_warps}/{config.num_stages}"
 
 
 def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig | None]) -> list[dict]:
@@ -182,7 +188,7 @@ def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
             single[row["config"]] += counts[row["input"]] * (row["forward_us"] + row["backward_us"])
     config, best_single = min(single.items(), key=lambda item: item[1])
     totals[f"best single config ({config})"] = best_single
-    print("\nGroupNorm GPU time of one step (forward + backward launchers; configs as tile/programs/warps):")
+    print("\nGroupNorm GPU time of one step (forward + backward launchers; configs as tile/programs/warps/stages):")
     for name, micros in totals.items():
         print(f"  {name}: {micros / 1000:.2f} ms")
     return {name: micros / 1000 for name, micros in totals.items()}
@@ -197,12 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     counts = {input_name(key): count for key, count in seen.items()}
     print(f"{sum(seen.values())} GroupNorm calls per forward, {len(seen)} distinct inputs", flush=True)
     configs = [
-        LaunchConfig(tile_elements=tile, programs=programs, num_warps=warps)
-        for tile, programs, warps in itertools.product(args.tiles, args.programs, args.warps)
+        LaunchConfig(tile_elements=tile, programs=programs, num_warps=warps, num_stages=stages)
+        for tile, programs, warps, stages in itertools.product(args.tiles, args.programs, args.warps, args.stages)
     ]
     configs = [None, *dict.fromkeys([LaunchConfig(), *configs])]
     rows: list[dict] = []
     for key in sorted(seen, key=lambda k: -k[0] * k[1] * k[2] * k[3] * seen[k]):
+        if key[0] * key[1] * key[2] * key[3] < args.min_elements:
+            continue
         if time.perf_counter() - begin > args.deadline:
             print(f"deadline: {key} not swept", flush=True)
             continue

@@ -136,4 +136,4 @@ def test_default_tiling_covers_every_pixel_row_once(shape, backward):
     assert (launch.num_chunks - 1) * launch.rows_per_chunk < rows <= launch.num_chunks * launch.rows_per_chunk
     assert launch.num_chunks <= launch.block_s and launch.block_r * launch.block_c <= max(config.tile_elements, 1024)
     assert launch.block_n == 1 or launch.block_n * launch.block_s * launch.block_cg <= config.reduce_tile_elements
-    assert launch.num_warps == config.num_warps
+    assert (launch.num_warps, launch.num_stages) == (config.num_warps, config.num_stages)

@@ -48,31 +48,38 @@ class LaunchConfig:
         num_warps: warps per program of the pixel-chunk kernels.
         reduce_tile_elements: elements of the (samples x chunks x channels of a group) tile of the backward's
             reduce kernel (one program per group).
+        num_stages: software-pipelining depth of the pixel-chunk kernels' row loops (``tl.range(num_stages=...)``:
+            the loads of the next ``num_stages - 1`` tiles are issued, through shared memory, before the current
+            tile is used); 1 issues each tile's loads when it is used.
     """
 
     tile_elements: int = 4096
     programs: int = 1024
     num_warps: int = 4
     reduce_tile_elements: int = 4096
+    num_stages: int = 1
 
     @classmethod
     def for_input(cls, shape: torch.Size | tuple[int, ...], backward: bool) -> LaunchConfig:
         """
-        The tiling the launchers use unless given one, chosen from ``benchmarks/bench_norm_kernels.py``'s sweep of a
+        The tiling the launchers use unless given one, chosen from ``benchmarks/bench_norm_kernels.py``'s sweeps of a
         training step's norm inputs on an H200 (``docs/performance.md``): inputs of up to 2^22 elements run as few
-        programs of one large tile each; larger ones as small tiles (1,024 elements over 8 warps from 256 channels
-        on, 2,048 below) looped over the pixel chunks.
+        programs of one large tile each; larger ones as small tiles looped over the pixel chunks, software-pipelined
+        (backward: 2,048 elements, 4 warps, 3 stages; forward: 1,024 elements over 8 warps without pipelining from
+        256 channels on, 2,048 elements, 4 warps, 4 stages below).
 
         Args:
             shape: (N, C, H, W) of the input.
-            backward: for the backward launcher (8 warps from 128 channels on) instead of the forward.
+            backward: for the backward launcher instead of the forward.
         """
         batch, channels, height, width = shape
         if batch * channels * height * width <= 2**22:
             return cls(tile_elements=8192, programs=2048, num_warps=4)
+        if backward:
+            return cls(tile_elements=2048, programs=1024, num_warps=4, num_stages=3)
         if channels >= 256:
             return cls(tile_elements=1024, programs=1024, num_warps=8)
-        return cls(tile_elements=2048, programs=1024, num_warps=8 if backward and channels >= 128 else 4)
+        return cls(tile_elements=2048, programs=1024, num_warps=4, num_stages=4)
 
 
 @triton.jit
@@ -108,6 +115,7 @@ def _stats_kernel(
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -121,7 +129,7 @@ def _stats_kernel(
     shift = (tl.sum(first, axis=0) / tl.minimum(row_end - row_start, BLOCK_R))[None, :]
     sum_centred = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     sum_squares = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for start in range(row_start, row_end, BLOCK_R):
+    for start in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         centred = tl.where(mask, x - shift, 0.0)
@@ -200,6 +208,7 @@ def _apply_kernel(
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -210,7 +219,7 @@ def _apply_kernel(
     x_base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
     y_base = _sample_base(y_ptr, sample, channel, stride_yn, stride_yc)
     row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
-    for start in range(row_start, row_end, BLOCK_R):
+    for start in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         y = x * scale + shift
@@ -255,6 +264,7 @@ def _backward_partial_kernel(
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -265,7 +275,7 @@ def _backward_partial_kernel(
     sum_dz = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     sum_dz_x_hat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
-    for start in range(row_start, row_end, BLOCK_R):
+    for start in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + rows * stride_dr, mask=mask, other=0.0).to(tl.float32)
@@ -343,6 +353,7 @@ def _backward_dx_kernel(
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -356,7 +367,7 @@ def _backward_dx_kernel(
     dy_base = _sample_base(dy_ptr, sample, channel, stride_dn, stride_dc)
     dx_base = _sample_base(dx_ptr, sample, channel, stride_gn, stride_gc)
     row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
-    for start in range(row_start, row_end, BLOCK_R):
+    for start in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
         x = tl.load(x_base + rows * stride_xr, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + rows * stride_dr, mask=mask, other=0.0).to(tl.float32)
@@ -376,6 +387,7 @@ class _Launch:
         self.groups = num_groups
         self.channels_per_group = channels // num_groups
         self.num_warps = config.num_warps
+        self.num_stages = config.num_stages
         self.block_c = triton.next_power_of_2(channels)
         self.block_cg = triton.next_power_of_2(self.channels_per_group)
         self.block_r = max(1, min(triton.next_power_of_2(self.num_rows), config.tile_elements // self.block_c))
@@ -393,7 +405,13 @@ class _Launch:
 
     @property
     def tile(self) -> dict[str, int]:
-        return {"C": self.channels, "BLOCK_R": self.block_r, "BLOCK_C": self.block_c, "num_warps": self.num_warps}
+        return {
+            "C": self.channels,
+            "BLOCK_R": self.block_r,
+            "BLOCK_C": self.block_c,
+            "NUM_STAGES": self.num_stages,
+            "num_warps": self.num_warps,
+        }
 
     @property
     def group_blocks(self) -> dict[str, int]:
