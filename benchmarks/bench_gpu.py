@@ -15,7 +15,8 @@ soon as it exists, so a run cut short keeps what it measured):
   ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench``
   cudnn.benchmark off, ``+blocking`` blocking host-to-device copies, ``+nofuse`` plain ``nn.GroupNorm`` + SiLU
   instead of :py:class:`FusedGroupNorm`, ``+fftout`` the SS-Former's FFT core outside the compiled graphs); peak
-  memory, slices/s and MFU against ``--peak-tflops``; then the largest batch that fits.
+  memory, slices/s and MFU against ``--peak-tflops``; the first variant at ``--extra-batches``; then the largest
+  batch that fits.
 - ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
   layout conversions and the rest, and top kernels of the fastest training variant (``torch.profiler``); the number
   of host synchronisations in one iteration (``torch.cuda.set_sync_debug_mode``).
@@ -811,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--other-size-variants", nargs="*", default=["bf16+graphs"])
     parser.add_argument("--extra-variants", nargs="*", default=[], help="further variants at the first size")
     parser.add_argument(
+        "--extra-batches", type=int, nargs="*", default=[], help="further batch sizes of the first variant, first size"
+    )
+    parser.add_argument(
         "--fallback-variants", nargs="*", default=[], help="tried in turn until one runs, if a variant failed"
     )
     parser.add_argument("--profile-variants", nargs="*", default=[], help="profiled besides the fastest")
@@ -856,6 +860,10 @@ def main(argv: list[str] | None = None) -> None:
             for variant in args.other_size_variants:
                 if bench.time_left() > (150 if "compile" in variant else 30):
                     train_row(bench, size, args.batch, variant, args.warmup, args.steps)
+        variant = args.train_variants[0]
+        for batch_size in args.extra_batches:
+            if bench.time_left() > (150 if "compile" in variant else 30):
+                train_row(bench, args.size[0], batch_size, variant, args.warmup, args.steps)
     if "profile" in args.sections:
         profile_train(bench)
     if "numerics" in args.sections:

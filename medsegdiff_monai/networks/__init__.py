@@ -3,7 +3,13 @@
 from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
-from medsegdiff_monai.networks.fused_norm import FusedGroupNorm, SiLULinear, fuse_group_norms, triton_available
+from medsegdiff_monai.networks.fused_norm import (
+    FusedGroupNorm,
+    FusedResnetBlock,
+    SiLULinear,
+    fuse_group_norms,
+    triton_available,
+)
 from medsegdiff_monai.networks.grade_head import GradeHead
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
@@ -17,6 +23,7 @@ __all__ = [
     "ConditionUNet",
     "DiffusionUNetWithClsHead",
     "FusedGroupNorm",
+    "FusedResnetBlock",
     "GradeHead",
     "NearestUpsample",
     "SSFormerBlock",

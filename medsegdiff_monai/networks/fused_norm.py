@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 
-__all__ = ["FusedGroupNorm", "SiLULinear", "fuse_group_norms", "triton_available"]
+__all__ = ["FusedGroupNorm", "FusedResnetBlock", "SiLULinear", "fuse_group_norms", "triton_available"]
 
 
 # looked up once: a call inside forward would be a graph break for torch.compile
@@ -36,16 +36,23 @@ def triton_available() -> bool:
 
 @torch.library.custom_op("medsegdiff::group_norm", mutates_args=())
 def group_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    offset: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm (+ SiLU) of a (N, C, H, W) map: ``(y, mean, rstd)``, see ``group_norm_triton.group_norm_forward``."""
+    """GroupNorm (+ SiLU) of a (N, C, H, W) map plus an optional (N, C) offset: ``(y, mean, rstd)``, see
+    ``group_norm_triton.group_norm_forward``."""
     from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_forward
 
-    return group_norm_forward(x, weight, bias, num_groups, eps, silu)
+    return group_norm_forward(x, weight, bias, num_groups, eps, silu, offset=offset)
 
 
 @group_norm.register_fake
-def _group_norm_fake(x, weight, bias, num_groups, eps, silu):
+def _group_norm_fake(x, weight, bias, offset, num_groups, eps, silu):
     statistics = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return torch.empty_like(x), statistics, torch.empty_like(statistics)
 
@@ -56,34 +63,42 @@ def group_norm_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
+    offset: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     num_groups: int,
     silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_weight, grad_bias)`` of :py:func:`group_norm`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias, grad_offset)`` of :py:func:`group_norm`; grad_offset is an empty tensor
+    when ``offset`` is ``None`` (a custom op returns tensors only)."""
     from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_backward as backward
 
-    return backward(grad_y, x, weight, bias, mean, rstd, num_groups, silu)
+    grad_x, grad_weight, grad_bias, grad_offset = backward(
+        grad_y, x, weight, bias, mean, rstd, num_groups, silu, offset=offset
+    )
+    return grad_x, grad_weight, grad_bias, x.new_empty(0) if grad_offset is None else grad_offset
 
 
 @group_norm_backward.register_fake
-def _group_norm_backward_fake(grad_y, x, weight, bias, mean, rstd, num_groups, silu):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+def _group_norm_backward_fake(grad_y, x, weight, bias, offset, mean, rstd, num_groups, silu):
+    grad_offset = x.new_empty(0) if offset is None else torch.empty_like(offset)
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), grad_offset
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, num_groups, _, silu = inputs
+    x, weight, bias, offset, num_groups, _, silu = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, offset, mean, rstd)
     ctx.num_groups, ctx.silu = num_groups, silu
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = group_norm_backward(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
-    return grad_x, grad_weight, grad_bias, None, None, None
+    x, weight, bias, offset, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias, grad_offset = group_norm_backward(
+        grad_y, x, weight, bias, offset, mean, rstd, ctx.num_groups, ctx.silu
+    )
+    return grad_x, grad_weight, grad_bias, None if offset is None else grad_offset, None, None, None
 
 
 group_norm.register_autograd(_backward, setup_context=_setup_context)
@@ -104,7 +119,8 @@ class FusedGroupNorm(nn.GroupNorm):
         affine: learnable per-channel scale and shift (the kernel path needs them).
         silu: apply SiLU to the output.
 
-    Input (N, C, *S); output the same shape.
+    Input (N, C, *S) and optionally an ``offset`` (N, C) added to every element of each sample's channel before the
+    norm (the kernel path never stores that sum); output the same shape as the input.
     """
 
     def __init__(
@@ -131,9 +147,11 @@ class FusedGroupNorm(nn.GroupNorm):
             and _TRITON_AVAILABLE
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         if self.uses_kernel(x):
-            return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, self.silu)[0]
+            return group_norm(x, self.weight, self.bias, offset, self.num_groups, self.eps, self.silu)[0]
+        if offset is not None:
+            x = x + offset.reshape(*offset.shape, *(1,) * (x.ndim - 2))
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.silu else y
 
@@ -155,22 +173,55 @@ class SiLULinear(nn.Linear):
         return super().forward(F.silu(x))
 
 
-def _fuse_resnet_block(block: DiffusionUNetResnetBlock) -> None:
-    """MONAI's block applies its one ``nonlinearity`` after ``norm1``, after ``norm2`` and to the timestep embedding
-    before ``time_emb_proj``: move each use into the module before it and make ``nonlinearity`` the identity."""
-    block.norm1 = FusedGroupNorm.from_group_norm(block.norm1, silu=True)
-    block.norm2 = FusedGroupNorm.from_group_norm(block.norm2, silu=True)
-    block.time_emb_proj = SiLULinear.from_linear(block.time_emb_proj)
-    block.nonlinearity = nn.Identity()
+class FusedResnetBlock(DiffusionUNetResnetBlock):
+    """
+    MONAI's ``DiffusionUNetResnetBlock`` as :py:func:`fuse_group_norms` leaves it: its ``nonlinearity`` (the
+    identity now) lives in ``norm1``, ``norm2`` and ``time_emb_proj``, and the projected timestep embedding and
+    ``conv1``'s bias reach ``norm2`` as its per-channel ``offset`` instead of being added to ``conv1``'s output.
+    The output is the same; on the kernel path the sum ``conv1(h) + bias + temb`` is never written and read back,
+    and the gradients of the bias and the embedding come out of the norm's backward, not from a reduction over the
+    feature map.
+
+    Same submodules, parameters and state-dict keys as the block; made by :py:meth:`from_block` only.
+    """
+
+    @classmethod
+    def from_block(cls, block: DiffusionUNetResnetBlock) -> FusedResnetBlock:
+        """``block`` itself, turned into a :py:class:`FusedResnetBlock` in place (its hooks and parameters kept)."""
+        block.norm1 = FusedGroupNorm.from_group_norm(block.norm1, silu=True)
+        block.norm2 = FusedGroupNorm.from_group_norm(block.norm2, silu=True)
+        block.time_emb_proj = SiLULinear.from_linear(block.time_emb_proj)
+        block.nonlinearity = nn.Identity()
+        block.__class__ = cls
+        return block
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+            h = self.upsample(h)
+        elif self.downsample is not None:
+            x = self.downsample(x)
+            h = self.downsample(h)
+        conv = self.conv1.conv
+        h = conv._conv_forward(h, conv.weight, None)
+        offset = self.time_emb_proj(emb)
+        if conv.bias is not None:
+            offset = offset + conv.bias
+        h = self.norm2(h, offset)
+        output: torch.Tensor = self.skip_connection(x) + self.conv2(h)
+        return output
 
 
 def fuse_group_norms(network: nn.Module) -> nn.Module:
     """
     Replace, in place, every ``nn.GroupNorm`` of ``network`` by a :py:class:`FusedGroupNorm` sharing its parameters
     (state-dict keys unchanged), folding the SiLU that follows it where the module structure says it always does:
-    MONAI ``DiffusionUNetResnetBlock`` (``norm1``/``norm2`` then ``nonlinearity``),
+    MONAI ``DiffusionUNetResnetBlock`` (``norm1``/``norm2`` then ``nonlinearity``; the block becomes a
+    :py:class:`FusedResnetBlock`, which also hands its timestep embedding and ``conv1``'s bias to ``norm2``),
     :py:class:`~medsegdiff_monai.networks.ConditionResBlock` (``norm1``/``norm2`` then ``act``) and
-    ``nn.Sequential(..., GroupNorm, SiLU, ...)``. The outputs are unchanged (exactly, on the non-kernel path).
+    ``nn.Sequential(..., GroupNorm, SiLU, ...)``. The outputs are unchanged (on the non-kernel path exactly but for
+    the order in which a resnet block's bias and timestep embedding are added).
 
     Returns:
         ``network`` itself.
@@ -178,8 +229,8 @@ def fuse_group_norms(network: nn.Module) -> nn.Module:
     from medsegdiff_monai.networks.condition_unet import ConditionResBlock
 
     for module in list(network.modules()):
-        if isinstance(module, DiffusionUNetResnetBlock) and isinstance(module.nonlinearity, nn.SiLU):
-            _fuse_resnet_block(module)
+        if type(module) is DiffusionUNetResnetBlock and isinstance(module.nonlinearity, nn.SiLU):
+            FusedResnetBlock.from_block(module)
         elif isinstance(module, ConditionResBlock) and isinstance(module.act, nn.SiLU):
             module.norm1 = FusedGroupNorm.from_group_norm(module.norm1, silu=True)
             module.norm2 = FusedGroupNorm.from_group_norm(module.norm2, silu=True)

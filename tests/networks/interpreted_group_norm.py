@@ -27,18 +27,21 @@ from medsegdiff_monai.networks.kernels.group_norm_triton import (  # noqa: E402
     group_norm_forward,
 )
 
-# (N, C, H, W, groups, silu, dtype, channels_last, offset, launch config): non-power-of-two channels per group (12, 6),
-# several pixel chunks (33 x 33), both layouts, bf16, inputs far from zero mean (offset) for the variance's
-# cancellation, and a tiling other than the default: small tiles, a chunk count that does not divide the rows, and a
-# reduce kernel that takes the 3 samples in blocks of 2 (the last one masked), with the row loops software-pipelined
+# (N, C, H, W, groups, silu, dtype, channels_last, mean shift, launch config, channel offset): non-power-of-two
+# channels per group (12, 6), several pixel chunks (33 x 33), both layouts, bf16, inputs far from zero mean (mean
+# shift) for the variance's cancellation, a tiling other than the default: small tiles, a chunk count that does not
+# divide the rows, and a reduce kernel that takes the 3 samples in blocks of 2 (the last one masked), with the row
+# loops software-pipelined; and a per-(sample, channel) offset added before the norm, with both tilings
 CASES = [
-    (2, 8, 5, 7, 2, False, "float32", True, 0.0, None),
-    (3, 24, 4, 6, 2, True, "float32", True, 0.0, None),
-    (2, 48, 6, 6, 8, True, "float32", False, 0.0, None),
-    (1, 16, 33, 33, 4, True, "float32", True, 0.0, None),
-    (2, 32, 8, 8, 4, True, "float32", True, 1000.0, None),
-    (2, 96, 6, 6, 8, True, "bfloat16", True, 0.0, None),
-    (3, 16, 13, 11, 4, True, "float32", True, 0.0, LaunchConfig(128, 21, 8, 64, num_stages=3)),
+    (2, 8, 5, 7, 2, False, "float32", True, 0.0, None, False),
+    (3, 24, 4, 6, 2, True, "float32", True, 0.0, None, False),
+    (2, 48, 6, 6, 8, True, "float32", False, 0.0, None, False),
+    (1, 16, 33, 33, 4, True, "float32", True, 0.0, None, False),
+    (2, 32, 8, 8, 4, True, "float32", True, 1000.0, None, False),
+    (2, 96, 6, 6, 8, True, "bfloat16", True, 0.0, None, False),
+    (3, 16, 13, 11, 4, True, "float32", True, 0.0, LaunchConfig(128, 21, 8, 64, num_stages=3), False),
+    (2, 24, 5, 7, 4, True, "float32", True, 0.0, None, True),
+    (3, 16, 13, 11, 4, False, "bfloat16", True, 0.0, LaunchConfig(128, 21, 8, 64, num_stages=3), True),
 ]
 
 
@@ -46,9 +49,11 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.detach().double() - reference.detach()).norm() / reference.detach().norm())
 
 
-def run_case(batch, channels, height, width, groups, silu, dtype, channels_last, offset, config) -> dict:
+def run_case(
+    batch, channels, height, width, groups, silu, dtype, channels_last, mean_shift, config, channel_offset
+) -> dict:
     generator = torch.Generator().manual_seed(batch * channels + height)
-    x = (torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64) * 2 + offset).to(
+    x = (torch.randn(batch, channels, height, width, generator=generator, dtype=torch.float64) * 2 + mean_shift).to(
         getattr(torch, dtype)
     )
     if channels_last:
@@ -56,30 +61,48 @@ def run_case(batch, channels, height, width, groups, silu, dtype, channels_last,
     weight = 1 + 0.5 * torch.randn(channels, generator=generator)
     bias = torch.randn(channels, generator=generator)
     grad_y = torch.randn(x.shape, generator=generator).to(x.dtype)
+    offset = 3 * torch.randn(batch, channels, generator=generator) if channel_offset else None
 
-    y, mean, rstd = group_norm_forward(x, weight, bias, groups, 1e-5, silu, config)
-    grad_x, grad_weight, grad_bias = group_norm_backward(grad_y, x, weight, bias, mean, rstd, groups, silu, config)
+    y, mean, rstd = group_norm_forward(x, weight, bias, groups, 1e-5, silu, config, offset=offset)
+    grad_x, grad_weight, grad_bias, grad_offset = group_norm_backward(
+        grad_y, x, weight, bias, mean, rstd, groups, silu, config, offset=offset
+    )
 
-    leaf, weight_leaf, bias_leaf = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    op_y = group_norm(leaf, weight_leaf, bias_leaf, groups, 1e-5, silu)[0]
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    offset_leaf = None if offset is None else offset.clone().requires_grad_()
+    op_y = group_norm(*leaves, offset_leaf, groups, 1e-5, silu)[0]
     op_y.backward(grad_y)
 
     reference_x, reference_weight, reference_bias = (t.double().requires_grad_() for t in (x, weight, bias))
-    reference = F.group_norm(reference_x, groups, reference_weight, reference_bias, 1e-5)
+    reference_input = reference_x
+    if offset is not None:
+        reference_offset = offset.double().requires_grad_()
+        reference_input = reference_x + reference_offset[:, :, None, None]
+    reference = F.group_norm(reference_input, groups, reference_weight, reference_bias, 1e-5)
     reference = F.silu(reference) if silu else reference
     reference.backward(grad_y.double())
+    reference_mean = (
+        (reference_input.detach() if offset is not None else x.double()).reshape(batch, groups, -1).mean(-1)
+    )
+    offset_errors = {}
+    if offset is not None:
+        offset_errors = {
+            "grad_offset": relative_error(grad_offset, reference_offset.grad),
+            "op_grad_offset": relative_error(offset_leaf.grad, reference_offset.grad),
+        }
     return {
-        "case": [batch, channels, height, width, groups, silu, dtype, channels_last, offset],
+        "case": [batch, channels, height, width, groups, silu, dtype, channels_last, mean_shift, channel_offset],
         "y": relative_error(y, reference.detach()),
         "grad_x": relative_error(grad_x, reference_x.grad),
         "grad_weight": relative_error(grad_weight, reference_weight.grad),
         "grad_bias": relative_error(grad_bias, reference_bias.grad),
         "op_y": relative_error(op_y, reference.detach()),
-        "op_grad_x": relative_error(leaf.grad, reference_x.grad),
-        "op_grad_weight": relative_error(weight_leaf.grad, reference_weight.grad),
+        "op_grad_x": relative_error(leaves[0].grad, reference_x.grad),
+        "op_grad_weight": relative_error(leaves[1].grad, reference_weight.grad),
+        **offset_errors,
         "same_strides": y.stride() == x.stride() and grad_x.stride() == x.stride() and op_y.stride() == x.stride(),
         "dtypes": [str(y.dtype), str(grad_x.dtype), str(grad_weight.dtype)],
-        "mean_error": float((mean.double() - x.double().reshape(batch, groups, -1).mean(-1)).abs().max()),
+        "mean_error": float((mean.double() - reference_mean).abs().max()),
     }
 
 

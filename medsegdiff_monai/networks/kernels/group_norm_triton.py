@@ -147,12 +147,14 @@ def _stats_kernel(
 @triton.jit
 def _combine_kernel(
     partial_ptr,
+    offset_ptr,
     mean_ptr,
     rstd_ptr,
     num_rows,
     rows_per_chunk,
     num_chunks,
     eps,
+    HAS_OFFSET: tl.constexpr,
     G: tl.constexpr,
     CG: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -166,6 +168,10 @@ def _combine_kernel(
     base = partial_ptr + (sample * num_chunks + chunks) * 2 * (G * CG) + group * CG + within
     chunk_mean = tl.load(base, mask=mask, other=0.0)
     chunk_m2 = tl.load(base + G * CG, mask=mask, other=0.0)
+    if HAS_OFFSET:
+        # a per-channel offset moves every chunk's channel mean and leaves its centred sum of squares
+        offset = tl.load(offset_ptr + sample * G * CG + group * CG + within, mask=within < CG, other=0.0)
+        chunk_mean += offset.to(tl.float32)
     count = tl.where(mask, tl.minimum(rows_per_chunk, num_rows - chunks * rows_per_chunk), 0).to(tl.float32)
     total = num_rows * CG
     mean = tl.sum(tl.sum(count * chunk_mean, axis=1), axis=0) / total
@@ -176,11 +182,26 @@ def _combine_kernel(
 
 
 @triton.jit
-def _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G: tl.constexpr, C: tl.constexpr):
-    """Per channel of one sample: its group's mean and 1/std, and the affine weight and bias (float32, (1, BLOCK_C))."""
+def _channel_parameters(
+    mean_ptr,
+    rstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    offset_ptr,
+    sample,
+    channel,
+    HAS_OFFSET: tl.constexpr,
+    G: tl.constexpr,
+    C: tl.constexpr,
+):
+    """Per channel of one sample, float32 (1, BLOCK_C): the value that the input's elements are centred by (the
+    group's mean, less the channel's offset when there is one), the group's 1/std, the affine weight and bias."""
     channel_mask = channel < C
     group = sample * G + channel // (C // G)
-    mean = tl.load(mean_ptr + group, mask=channel_mask, other=0.0)[None, :]
+    mean = tl.load(mean_ptr + group, mask=channel_mask, other=0.0)
+    if HAS_OFFSET:
+        mean -= tl.load(offset_ptr + sample * C + channel, mask=channel_mask, other=0.0).to(tl.float32)
+    mean = mean[None, :]
     rstd = tl.load(rstd_ptr + group, mask=channel_mask, other=0.0)[None, :]
     weight = tl.load(weight_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
     bias = tl.load(bias_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
@@ -195,6 +216,7 @@ def _apply_kernel(
     bias_ptr,
     mean_ptr,
     rstd_ptr,
+    offset_ptr,
     num_rows,
     rows_per_chunk,
     stride_xn,
@@ -204,6 +226,7 @@ def _apply_kernel(
     stride_yr,
     stride_yc,
     SILU: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     G: tl.constexpr,
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -213,7 +236,9 @@ def _apply_kernel(
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     channel = tl.arange(0, BLOCK_C)
-    mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
+    mean, rstd, weight, bias = _channel_parameters(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, offset_ptr, sample, channel, HAS_OFFSET, G, C
+    )
     scale = rstd * weight
     shift = bias - mean * scale
     x_base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
@@ -249,6 +274,7 @@ def _backward_partial_kernel(
     bias_ptr,
     mean_ptr,
     rstd_ptr,
+    offset_ptr,
     partial_ptr,
     num_rows,
     rows_per_chunk,
@@ -260,6 +286,7 @@ def _backward_partial_kernel(
     stride_dr,
     stride_dc,
     SILU: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     G: tl.constexpr,
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -269,11 +296,14 @@ def _backward_partial_kernel(
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     channel = tl.arange(0, BLOCK_C)
-    mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
+    mean, rstd, weight, bias = _channel_parameters(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, offset_ptr, sample, channel, HAS_OFFSET, G, C
+    )
     x_base = _sample_base(x_ptr, sample, channel, stride_xn, stride_xc)
     dy_base = _sample_base(dy_ptr, sample, channel, stride_dn, stride_dc)
     sum_dz = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     sum_dz_x_hat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    sum_x_hat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     row_start, row_end = _chunk_rows(chunk, rows_per_chunk, num_rows)
     for start in tl.range(row_start, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows, mask = _row_tile(start, row_end, channel, C, BLOCK_R)
@@ -283,20 +313,28 @@ def _backward_partial_kernel(
         dz = tl.where(mask, dz, 0.0)
         sum_dz += dz
         sum_dz_x_hat += dz * x_hat
-    out = partial_ptr + (sample * num_chunks + chunk) * 2 * C + channel
+        if HAS_OFFSET:
+            sum_x_hat += tl.where(mask, x_hat, 0.0)
+    out = partial_ptr + (sample * num_chunks + chunk) * (2 + HAS_OFFSET) * C + channel
     tl.store(out, tl.sum(sum_dz, axis=0), mask=channel < C)
     tl.store(out + C, tl.sum(sum_dz_x_hat, axis=0), mask=channel < C)
+    if HAS_OFFSET:
+        tl.store(out + 2 * C, tl.sum(sum_x_hat, axis=0), mask=channel < C)
 
 
 @triton.jit
 def _backward_reduce_kernel(
     partial_ptr,
     weight_ptr,
+    rstd_ptr,
     coefficient_ptr,
     dweight_ptr,
     dbias_ptr,
+    doffset_ptr,
     num_samples,
+    num_rows,
     num_chunks,
+    HAS_OFFSET: tl.constexpr,
     G: tl.constexpr,
     CG: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -315,14 +353,27 @@ def _backward_reduce_kernel(
     for sample_start in range(0, num_samples, BLOCK_N):
         samples = sample_start + tl.arange(0, BLOCK_N)
         mask = (samples[:, None, None] < num_samples) & (chunks < num_chunks) & (within[None, None, :] < CG)
-        base = partial_ptr + (samples[:, None, None] * num_chunks + chunks) * 2 * (G * CG) + channel[None, None, :]
+        rows = (samples[:, None, None] * num_chunks + chunks) * (2 + HAS_OFFSET)
+        base = partial_ptr + rows * (G * CG) + channel[None, None, :]
         sum_dz = tl.sum(tl.load(base, mask=mask, other=0.0), axis=1)
         sum_dz_x_hat = tl.sum(tl.load(base + G * CG, mask=mask, other=0.0), axis=1)
         dbias += tl.sum(sum_dz, axis=0)
         dweight += tl.sum(sum_dz_x_hat, axis=0)
+        coefficient = tl.sum(weight * sum_dz, axis=1)
+        coefficient_x_hat = tl.sum(weight * sum_dz_x_hat, axis=1)
         out = coefficient_ptr + (samples * G + group) * 2
-        tl.store(out, tl.sum(weight * sum_dz, axis=1), mask=samples < num_samples)
-        tl.store(out + 1, tl.sum(weight * sum_dz_x_hat, axis=1), mask=samples < num_samples)
+        tl.store(out, coefficient, mask=samples < num_samples)
+        tl.store(out + 1, coefficient_x_hat, mask=samples < num_samples)
+        if HAS_OFFSET:
+            # the offset's gradient is the sum over the channel's pixels of the dx kernel's formula
+            sum_x_hat = tl.sum(tl.load(base + 2 * G * CG, mask=mask, other=0.0), axis=1)
+            rstd = tl.load(rstd_ptr + samples * G + group, mask=samples < num_samples, other=0.0)[:, None]
+            doffset = rstd * (
+                weight * sum_dz - coefficient[:, None] / CG - coefficient_x_hat[:, None] * sum_x_hat / (num_rows * CG)
+            )
+            doffset_mask = (samples[:, None] < num_samples) & (within[None, :] < CG)
+            doffset_out = doffset_ptr + samples[:, None] * (G * CG) + channel[None, :]
+            tl.store(doffset_out, doffset.to(doffset_ptr.dtype.element_ty), mask=doffset_mask)
     tl.store(dweight_ptr + channel, dweight.to(dweight_ptr.dtype.element_ty), mask=within < CG)
     tl.store(dbias_ptr + channel, dbias.to(dbias_ptr.dtype.element_ty), mask=within < CG)
 
@@ -335,6 +386,7 @@ def _backward_dx_kernel(
     bias_ptr,
     mean_ptr,
     rstd_ptr,
+    offset_ptr,
     coefficient_ptr,
     dx_ptr,
     num_rows,
@@ -349,6 +401,7 @@ def _backward_dx_kernel(
     stride_gr,
     stride_gc,
     SILU: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     G: tl.constexpr,
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -358,7 +411,9 @@ def _backward_dx_kernel(
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     channel = tl.arange(0, BLOCK_C)
-    mean, rstd, weight, bias = _channel_parameters(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, sample, channel, G, C)
+    mean, rstd, weight, bias = _channel_parameters(
+        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, offset_ptr, sample, channel, HAS_OFFSET, G, C
+    )
     inverse_count = 1.0 / (num_rows * (C // G))
     coefficient = coefficient_ptr + (sample * G + channel // (C // G)) * 2
     mean_grad = (tl.load(coefficient, mask=channel < C, other=0.0) * inverse_count)[None, :]
@@ -431,6 +486,17 @@ def as_row_layout(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
+def _checked_offset(offset: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``offset`` as a contiguous (N, C) tensor, after checking its shape against the (N, C, H, W) input."""
+    if offset is None:
+        return None
+    if tuple(offset.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"offset must have shape (N, C) = {tuple(x.shape[:2])} of the input, got {tuple(offset.shape)}."
+        )
+    return offset.contiguous()
+
+
 def group_norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -439,9 +505,11 @@ def group_norm_forward(
     eps: float,
     silu: bool,
     config: LaunchConfig | None = None,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    GroupNorm (then SiLU if ``silu``) of a 2D feature map.
+    GroupNorm (then SiLU if ``silu``) of a 2D feature map, optionally of the map plus a per-channel offset:
+    ``GroupNorm(x + offset[:, :, None, None])`` without that sum ever being stored.
 
     Args:
         x: (N, C, H, W), C divisible by ``num_groups``; spatial dimensions collapsible (see :py:func:`as_row_layout`).
@@ -451,12 +519,15 @@ def group_norm_forward(
         eps: added to the variance.
         silu: apply SiLU to the normalised output.
         config: tiling of the launches (default :py:meth:`LaunchConfig.for_input`).
+        offset: (N, C) added to every pixel of each sample's channel before the norm (e.g. a timestep embedding and
+            the bias of the convolution before the norm), any float dtype; ``None``: no offset.
 
     Returns:
-        ``(y, mean, rstd)``: y with the shape, strides and dtype of ``x``; mean and 1/std per (sample, group),
-        (N, G) float32.
+        ``(y, mean, rstd)``: y with the shape, strides and dtype of ``x``; mean and 1/std per (sample, group) of
+        ``x + offset``, (N, G) float32.
     """
     x = as_row_layout(x)
+    offset = _checked_offset(offset, x)
     launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=False))
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
@@ -468,7 +539,16 @@ def group_norm_forward(
         x, partial, launch.num_rows, launch.rows_per_chunk, launch.num_chunks, *_row_strides(x), **launch.tile
     )
     _combine_kernel[(launch.num_samples, num_groups)](
-        partial, mean, rstd, launch.num_rows, launch.rows_per_chunk, launch.num_chunks, eps, **launch.group_blocks
+        partial,
+        x if offset is None else offset,
+        mean,
+        rstd,
+        launch.num_rows,
+        launch.rows_per_chunk,
+        launch.num_chunks,
+        eps,
+        HAS_OFFSET=offset is not None,
+        **launch.group_blocks,
     )
     _apply_kernel[launch.grid](
         x,
@@ -477,11 +557,13 @@ def group_norm_forward(
         bias,
         mean,
         rstd,
+        x if offset is None else offset,
         launch.num_rows,
         launch.rows_per_chunk,
         *_row_strides(x),
         *_row_strides(y),
         SILU=silu,
+        HAS_OFFSET=offset is not None,
         G=num_groups,
         **launch.tile,
     )
@@ -498,7 +580,8 @@ def group_norm_backward(
     num_groups: int,
     silu: bool,
     config: LaunchConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """
     Gradients of :py:func:`group_norm_forward`.
 
@@ -507,21 +590,27 @@ def group_norm_backward(
         x, weight, bias, num_groups, silu: the forward's inputs.
         mean, rstd: the forward's (N, G) statistics.
         config: tiling of the launches (default :py:meth:`LaunchConfig.for_input`; need not be the forward's).
+        offset: the forward's (N, C) offset, or ``None``.
 
     Returns:
-        ``(grad_x, grad_weight, grad_bias)``: grad_x with the shape, strides and dtype of ``x``; the others (C,) with
-        the parameters' dtype.
+        ``(grad_x, grad_weight, grad_bias, grad_offset)``: grad_x with the shape, strides and dtype of ``x``;
+        grad_weight and grad_bias (C,) with the parameters' dtype; grad_offset (N, C) with the offset's dtype, or
+        ``None`` without an offset.
     """
     x = as_row_layout(x)
     grad_y = as_row_layout(grad_y)
+    offset = _checked_offset(offset, x)
+    has_offset = offset is not None
+    offset_or_x = offset if has_offset else x
     launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=True))
     partial = torch.empty(
-        (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
+        (launch.num_samples, launch.num_chunks, 2 + has_offset, launch.channels), device=x.device, dtype=torch.float32
     )
     coefficients = torch.empty((launch.num_samples, num_groups, 2), device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x)
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.empty_like(bias)
+    grad_offset = torch.empty_like(offset) if has_offset else None
     _backward_partial_kernel[launch.grid](
         grad_y,
         x,
@@ -529,6 +618,7 @@ def group_norm_backward(
         bias,
         mean,
         rstd,
+        offset_or_x,
         partial,
         launch.num_rows,
         launch.rows_per_chunk,
@@ -536,17 +626,22 @@ def group_norm_backward(
         *_row_strides(x),
         *_row_strides(grad_y),
         SILU=silu,
+        HAS_OFFSET=has_offset,
         G=num_groups,
         **launch.tile,
     )
     _backward_reduce_kernel[(num_groups,)](
         partial,
         weight,
+        rstd,
         coefficients,
         grad_weight,
         grad_bias,
+        grad_offset if has_offset else grad_bias,
         launch.num_samples,
+        launch.num_rows,
         launch.num_chunks,
+        HAS_OFFSET=has_offset,
         BLOCK_N=launch.block_n,
         **launch.group_blocks,
     )
@@ -557,6 +652,7 @@ def group_norm_backward(
         bias,
         mean,
         rstd,
+        offset_or_x,
         coefficients,
         grad_x,
         launch.num_rows,
@@ -565,7 +661,8 @@ def group_norm_backward(
         *_row_strides(grad_y),
         *_row_strides(grad_x),
         SILU=silu,
+        HAS_OFFSET=has_offset,
         G=num_groups,
         **launch.tile,
     )
-    return grad_x, grad_weight, grad_bias
+    return grad_x, grad_weight, grad_bias, grad_offset
