@@ -338,8 +338,14 @@ def count_flops(bench: Bench) -> None:
 
 
 def train_step_flops(bench: Bench, size: int, batch_size: int) -> float:
-    """Counted FLOPs of one training step at ``size`` and ``batch_size`` (scaled from the ``--batch`` count)."""
-    return bench.flops.get(f"train_step_{size}_batch{bench.args.batch}", math.nan) * batch_size / bench.args.batch
+    """Counted FLOPs of one training step at ``size`` and ``batch_size``, scaled from a count at ``size`` and any batch
+    (the step's FLOPs are linear in the batch); NaN without one."""
+    prefix = f"train_step_{size}_batch"
+    counted = {int(key[len(prefix) :]): flops for key, flops in bench.flops.items() if key.startswith(prefix)}
+    if not counted:
+        return math.nan
+    batch, flops = min(counted.items(), key=lambda item: abs(item[0] - batch_size))
+    return flops * batch_size / batch
 
 
 def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: int, steps: int) -> float:
