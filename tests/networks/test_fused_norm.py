@@ -188,3 +188,12 @@ def test_default_tiling_covers_every_pixel_row_once(shape, backward):
     assert launch.num_chunks <= launch.block_s and launch.block_r * launch.block_c <= max(config.tile_elements, 1024)
     assert launch.block_n == 1 or launch.block_n * launch.block_s * launch.block_cg <= config.reduce_tile_elements
     assert (launch.num_warps, launch.num_stages) == (config.num_warps, config.num_stages)
+
+
+@needs_triton
+def test_kernel_launchers_reject_an_offset_of_the_wrong_shape():
+    from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_forward
+
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"offset must have shape \(N, C\) = \(2, 8\).*\(8,\)"):
+        group_norm_forward(x, torch.ones(8), torch.zeros(8), 4, 1e-5, True, offset=torch.zeros(8))

@@ -487,13 +487,16 @@ def as_row_layout(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _checked_offset(offset: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``offset`` as a contiguous (N, C) tensor, after checking its shape against the (N, C, H, W) input."""
+    """``offset`` as a contiguous (N, C) tensor, after checking its shape and device against the (N, C, H, W)
+    input."""
     if offset is None:
         return None
     if tuple(offset.shape) != tuple(x.shape[:2]):
         raise ValueError(
             f"offset must have shape (N, C) = {tuple(x.shape[:2])} of the input, got {tuple(offset.shape)}."
         )
+    if offset.device != x.device:
+        raise ValueError(f"offset is on {offset.device}, the input on {x.device}.")
     return offset.contiguous()
 
 
