@@ -46,7 +46,8 @@ class EpochReport:
         class_counts: ``(n_LGG, n_HGG)`` of the training split.
         alpha: ``(alpha_LGG, alpha_HGG)`` used by the grade loss.
         num_parameters: parameter count printed at start.
-        tensorboard: also write TensorBoard scalars.
+        tensorboard: also write TensorBoard scalars (turned off, with a warning, when TensorBoard cannot be
+            imported or cannot write; ``metrics.csv`` is always written).
         name: logger name.
     """
 
@@ -205,9 +206,18 @@ class EpochReport:
 
     def _write_tensorboard(self, row: dict, epoch: int) -> None:
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+                self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            except Exception as error:  # an optional sink: a missing or broken TensorBoard must not end the run
+                warnings.warn(
+                    f"TensorBoard scalars are off for this run ({type(error).__name__}: {error}); "
+                    f"{self.csv_path} has every figure.",
+                    stacklevel=2,
+                )
+                self.tensorboard = False
+                return
         for key, value in row.items():
             if key not in ("epoch", "stage") and isinstance(value, int | float):
                 self._writer.add_scalar(key, value, epoch)

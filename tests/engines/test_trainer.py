@@ -203,3 +203,23 @@ def test_epoch_report_means_leave_out_skipped_steps(tmp_path, fused):
         row = next(csv.DictReader(handle))
     assert len(applied) == 2 and row["skipped_steps"] == "1"
     assert float(row["L_seg"]) == pytest.approx(sum(applied) / 2, rel=1e-5)
+
+
+def test_epoch_report_without_tensorboard_warns_and_keeps_training(tmp_path, monkeypatch):
+    """A missing (or broken) TensorBoard turns the TensorBoard scalars off with one warning; every epoch still
+    reaches metrics.csv and the run completes."""
+    import csv
+    import sys
+
+    from medsegdiff_monai.handlers import EpochReport
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    stages = [{"name": "segmentation", "epochs": 2, "train": "backbone"}]
+    report = EpochReport(tmp_path, alpha=(2.0, 0.67), tensorboard=True)
+    trainer, _, _ = make_trainer(stages, handlers=[report])
+    with pytest.warns(UserWarning, match="TensorBoard scalars are off") as caught:
+        trainer.run()
+    assert sum("TensorBoard" in str(w.message) for w in caught) == 1
+    with open(tmp_path / "metrics.csv") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
+    assert not report.tensorboard and not (tmp_path / "tensorboard").exists()
