@@ -14,6 +14,11 @@ kernels that merge the per-chunk sums know about groups:
   entering the affine normalisation, i.e. after the SiLU backward), ``reduce`` (per group: the two sums per sample, the
   weight and bias gradients over the batch, in a fixed order so the result is deterministic), ``dx``.
 
+An optional (N, C) ``offset`` is added to every pixel of each sample's channel before the norm without the sum being
+stored: it moves the chunks' channel means in ``combine`` and the centring value in ``apply``, ``partial`` and ``dx``;
+its gradient comes from one more per-channel sum in ``partial`` (of ``x_hat``), finished in ``reduce``. The row loops
+of the pixel-chunk kernels are software-pipelined ``LaunchConfig.num_stages`` deep.
+
 Every kernel takes explicit strides, so any layout whose two spatial dimensions collapse into one (channels-last or
 contiguous) is correct; channels-last is the fast one. The arithmetic is float32 whatever the input dtype; outputs
 have the input's dtype, weight and bias gradients the parameters' dtype.
