@@ -28,8 +28,8 @@ __all__ = [
     "suppress_small_enhancing",
 ]
 
-# BraTS label values of the enhancing tumour and of the necrotic / non-enhancing core
-_ENHANCING, _NECROTIC = 4, 1
+# BraTS label values of the enhancing tumour, the necrotic / non-enhancing core and the oedema
+_ENHANCING, _NECROTIC, _OEDEMA = 4, 1, 2
 
 
 class CheckBratsLabelsd(MapTransform):
@@ -84,9 +84,9 @@ def regions_to_brats_labels(regions: NdarrayOrTensor, threshold: float = 0.5) ->
         raise ValueError(f"regions must have shape (3, *spatial) with channels TC, WT, ET, got {tuple(regions.shape)}.")
     tc, wt, et = (torch.as_tensor(regions[i]) > threshold for i in range(3))
     labels = torch.zeros((1, *regions.shape[1:]), dtype=torch.uint8, device=tc.device)
-    labels[0][wt] = 2
-    labels[0][tc] = 1
-    labels[0][et] = 4
+    labels[0][wt] = _OEDEMA
+    labels[0][tc] = _NECROTIC
+    labels[0][et] = _ENHANCING
     dtype = torch.uint8 if isinstance(regions, torch.Tensor) else np.uint8
     out, *_ = convert_to_dst_type(labels, dst=regions, dtype=dtype)
     return out

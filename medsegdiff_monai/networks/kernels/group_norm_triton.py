@@ -536,6 +536,7 @@ def group_norm_forward(
     """
     x = as_row_layout(x)
     offset = _checked_offset(offset, x)
+    offset_or_x = x if offset is None else offset  # the kernels need a pointer even where HAS_OFFSET is off
     launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=False))
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
@@ -548,7 +549,7 @@ def group_norm_forward(
     )
     _combine_kernel[(launch.num_samples, num_groups)](
         partial,
-        x if offset is None else offset,
+        offset_or_x,
         mean,
         rstd,
         launch.num_rows,
@@ -565,7 +566,7 @@ def group_norm_forward(
         bias,
         mean,
         rstd,
-        x if offset is None else offset,
+        offset_or_x,
         launch.num_rows,
         launch.rows_per_chunk,
         *_row_strides(x),
@@ -609,7 +610,7 @@ def group_norm_backward(
     grad_y = as_row_layout(grad_y)
     offset = _checked_offset(offset, x)
     has_offset = offset is not None
-    offset_or_x = offset if has_offset else x
+    offset_or_x = offset if has_offset else x  # the kernels need a pointer even where HAS_OFFSET is off
     launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=True))
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2 + has_offset, launch.channels), device=x.device, dtype=torch.float32
