@@ -12,6 +12,7 @@ from medsegdiff_monai.data.layout import (
     BratsSubject,
 )
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
+from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
 from medsegdiff_monai.data.split import class_balance_line, grade_class_weights, stratified_split
 from medsegdiff_monai.data.synthetic import (
@@ -41,6 +42,7 @@ __all__ = [
     "NameMapping",
     "SubjectFiles",
     "SyntheticSubject",
+    "ThreadSafeNibabelReader",
     "brats_affine",
     "build_datalist",
     "check_subject_volumes",

@@ -1,10 +1,11 @@
 """Transform chains for training (2D axial slices), validation and inference (whole volumes).
 
-All chains start with the same deterministic volume-level steps: load the four modalities and the label (nibabel),
-channel first, RAS orientation, label values checked and turned into nested regions (TC, WT, ET), subject id and
-grade attached, crop to the brain's bounding box, z-score per channel over brain voxels. In training these are
-followed only by random steps, so :class:`monai.data.CacheDataset` keeps the decoded, cropped, normalised volume and
-each epoch only draws slices and augments them.
+All chains start with the same deterministic volume-level steps: load the four modalities and the label (nibabel,
+through :class:`~medsegdiff_monai.data.ThreadSafeNibabelReader`, which the threads of a
+:class:`monai.data.CacheDataset` fill can share), channel first, RAS orientation, label values checked and turned into
+nested regions (TC, WT, ET), subject id and grade attached, crop to the brain's bounding box, z-score per channel over
+brain voxels. In training these are followed only by random steps, so :class:`monai.data.CacheDataset` keeps the
+decoded, cropped, normalised volume and each epoch only draws slices and augments them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from monai.transforms import (
 )
 from monai.transforms.transform import Transform
 
+from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
 from medsegdiff_monai.transforms.compose import UntrackedTailCompose
 from medsegdiff_monai.transforms.grade import AttachGraded
 from medsegdiff_monai.transforms.mask import MaskToSymmetricd
@@ -64,7 +66,7 @@ def volume_transforms(label_optional: bool = False) -> list[Transform]:
     """
     keys = [IMAGE, LABEL]
     return [
-        LoadImaged(keys, reader="NibabelReader", image_only=True, allow_missing_keys=label_optional),
+        LoadImaged(keys, reader=ThreadSafeNibabelReader, image_only=True, allow_missing_keys=label_optional),
         EnsureChannelFirstd(keys, allow_missing_keys=label_optional),
         Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=label_optional),
         SubjectIdd(SUBJECT, image_key=IMAGE),

@@ -1,0 +1,194 @@
+"""The bundle's training workflow end to end: ``train.json`` (+ ``train_gpu.json``) through MONAI's ConfigWorkflow.
+
+Optionally writes a synthetic BraTS release and its datalist first, then builds the workflow exactly as
+``python -m monai.bundle run training`` does, times every epoch's training iterations (Ignite's epoch time, without
+the validation that runs after it) and every validation run, and prints a table of seconds, steps and slices per
+second per epoch. On a failure the whole traceback (with its chained causes) goes to stderr and the epochs that
+finished are still written.
+
+    python benchmarks/bench_bundle_training.py --synth-subjects 24 --shape 64 64 48 \
+        --set run_stage=1 roi_size=[64,64] num_workers=4 'stages#0#epochs=3' --out /tmp/bundle_run
+    python benchmarks/bench_bundle_training.py --configs bundle/configs/train.json --set compile=false ...
+
+Writes ``<out>/bundle_training.json`` (arguments, card, epochs, the error if any) beside the run's own
+``metrics.csv`` and checkpoints (``output_dir`` and ``model_dir`` point into ``<out>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datalist, write_synthetic_brats
+
+BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "train_gpu.json")],
+        help="bundle config files, merged in order",
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=JSON", help="config overrides; values are JSON (else strings)"
+    )
+    parser.add_argument("--data-dir", default=None, help="dataset folder (default: <out>/data)")
+    parser.add_argument("--synth-subjects", type=int, default=0, help="write this many synthetic subjects first")
+    parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], help="synthetic volume shape")
+    parser.add_argument("--lgg-fraction", type=float, default=0.35)
+    parser.add_argument("--val-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+    return parser.parse_args()
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a#b=3", "name=text"]`` -> ``{"a#b": 3, "name": "text"}`` (values JSON where they parse)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def prepare_data(args: argparse.Namespace, data_dir: Path) -> None:
+    """Write ``args.synth_subjects`` synthetic subjects and a subject-level datalist into ``data_dir``."""
+    start = time.perf_counter()
+    write_synthetic_brats(
+        data_dir,
+        num_subjects=args.synth_subjects,
+        lgg_fraction=args.lgg_fraction,
+        shape=args.shape,
+        seed=args.seed,
+        progress=False,
+    )
+    datalist = build_datalist(read_brats_folder(data_dir), data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    write_datalist(datalist, data_dir / "datalist.json")
+    print(f"wrote {args.synth_subjects} synthetic subjects {args.shape} in {time.perf_counter() - start:.1f} s")
+
+
+class EpochTimes:
+    """Records per epoch the training seconds (Ignite's epoch time), steps, slices and the validation seconds."""
+
+    def __init__(self, trainer, evaluator) -> None:
+        self.epochs: list[dict] = []
+        self._slices = 0
+        self._steps = 0
+        self._validation_seconds = 0.0
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count_step)
+        # registered after the workflow's handlers: runs once the epoch's validation finished
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._finish_epoch)
+        if evaluator is not None:
+            evaluator.add_event_handler(Events.COMPLETED, self._finish_validation)
+
+    def _start_epoch(self, engine) -> None:
+        self._slices = 0
+        self._steps = 0
+        self._validation_seconds = 0.0
+
+    def _count_step(self, engine) -> None:
+        self._steps += 1
+        self._slices += int(engine.state.batch["image"].shape[0])
+
+    def _finish_validation(self, engine) -> None:
+        self._validation_seconds += engine.state.times[Events.COMPLETED.name]
+
+    def _finish_epoch(self, engine) -> None:
+        train_seconds = engine.state.times[Events.EPOCH_COMPLETED.name]
+        self.epochs.append(
+            {
+                "epoch": engine.state.epoch,
+                "steps": self._steps,
+                "slices": self._slices,
+                "train_seconds": train_seconds,
+                "slices_per_second": self._slices / train_seconds if train_seconds else float("nan"),
+                "validation_seconds": self._validation_seconds,
+                "skipped_steps": getattr(engine.state, "epoch_skipped_steps", 0),
+            }
+        )
+        row = self.epochs[-1]
+        print(
+            f"[bench] epoch {row['epoch']}: {row['steps']} steps, {row['slices']} slices in "
+            f"{train_seconds:.2f} s ({row['slices_per_second']:.1f} slices/s), validation "
+            f"{row['validation_seconds']:.2f} s",
+            flush=True,
+        )
+
+
+def print_table(epochs: list[dict]) -> None:
+    header = f"{'epoch':>5} {'steps':>6} {'slices':>7} {'train s':>9} {'slices/s':>9} {'val s':>8} {'skipped':>8}"
+    print(header)
+    for row in epochs:
+        print(
+            f"{row['epoch']:>5} {row['steps']:>6} {row['slices']:>7} {row['train_seconds']:>9.2f} "
+            f"{row['slices_per_second']:>9.1f} {row['validation_seconds']:>8.2f} {row['skipped_steps']:>8}"
+        )
+
+
+def main() -> int:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir) if args.data_dir else out / "data"
+    if args.synth_subjects:
+        prepare_data(args, data_dir)
+    overrides = {
+        "dataset_dir": str(data_dir),
+        "output_dir": str(out / "run"),
+        "model_dir": str(out / "models"),
+        **parse_overrides(args.set),
+    }
+    report: dict = {
+        "configs": args.configs,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "epochs": [],
+        "error": None,
+    }
+    start = time.perf_counter()
+    times = None
+    try:
+        workflow = ConfigWorkflow(
+            config_file=args.configs,
+            meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+            logging_file=str(BUNDLE_CONFIGS / "logging.conf"),
+            workflow_type="train",
+            **overrides,
+        )
+        workflow.initialize()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        times = EpochTimes(trainer, workflow.parser.get_parsed_content("validate#evaluator"))
+        workflow.run()
+        workflow.finalize()
+    except Exception as error:  # noqa: BLE001 - the benchmark reports any failure with its full traceback
+        traceback.print_exc()
+        report["error"] = "".join(traceback.format_exception_only(error)).strip()
+    report["wall_seconds"] = time.perf_counter() - start
+    if times is not None:
+        report["epochs"] = times.epochs
+        print_table(times.epochs)
+    (out / "bundle_training.json").write_text(json.dumps(report, indent=2))
+    print(f"wall {report['wall_seconds']:.1f} s; {'failed: ' + report['error'] if report['error'] else 'completed'}")
+    return 1 if report["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
