@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
+from ignite.handlers import BasicTimeProfiler
 from monai.bundle import ConfigWorkflow
 
 from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datalist, write_synthetic_brats
@@ -49,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lgg-fraction", type=float, default=0.35)
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile", action="store_true", help="split each epoch's time into loader wait, step and handlers (Ignite)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     return parser.parse_args()
 
@@ -84,10 +88,18 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> None:
 
 
 class EpochTimes:
-    """Records per epoch the training seconds (Ignite's epoch time), steps, slices and the validation seconds."""
+    """Records per epoch the training seconds (Ignite's epoch time), steps, slices and the validation seconds.
 
-    def __init__(self, trainer, evaluator) -> None:
+    With ``profiler`` (an Ignite :class:`~ignite.handlers.BasicTimeProfiler` attached to the trainer) each epoch also
+    gets where its iterations' time went: ``data_seconds`` waiting for the loader, ``step_seconds`` in the trainer's
+    iteration (which waits for the previous step's GPU work: the GPU-bound share), ``handler_seconds`` in the
+    iteration and batch event handlers.
+    """
+
+    def __init__(self, trainer, evaluator, profiler: BasicTimeProfiler | None = None) -> None:
         self.epochs: list[dict] = []
+        self.profiler = profiler
+        self._first_iteration = 0
         self._slices = 0
         self._steps = 0
         self._validation_seconds = 0.0
@@ -99,6 +111,7 @@ class EpochTimes:
             evaluator.add_event_handler(Events.COMPLETED, self._finish_validation)
 
     def _start_epoch(self, engine) -> None:
+        self._first_iteration = engine.state.iteration
         self._slices = 0
         self._steps = 0
         self._validation_seconds = 0.0
@@ -124,6 +137,8 @@ class EpochTimes:
             }
         )
         row = self.epochs[-1]
+        if self.profiler is not None:
+            row.update(self._profile(engine.state.iteration))
         print(
             f"[bench] epoch {row['epoch']}: {row['steps']} steps, {row['slices']} slices in "
             f"{train_seconds:.2f} s ({row['slices_per_second']:.1f} slices/s), validation "
@@ -131,15 +146,29 @@ class EpochTimes:
             flush=True,
         )
 
+    def _profile(self, last_iteration: int) -> dict:
+        """Seconds of the epoch's iterations ``(self._first_iteration, last_iteration]`` by where they went."""
+        window = slice(self._first_iteration, last_iteration)
+        handlers = self.profiler.event_handlers_times
+        per_iteration = (Events.ITERATION_STARTED, Events.ITERATION_COMPLETED, Events.GET_BATCH_STARTED)
+        return {
+            "data_seconds": float(self.profiler.dataflow_times[window].sum()),
+            "step_seconds": float(self.profiler.processing_times[window].sum()),
+            "handler_seconds": float(sum(handlers[event][window].sum() for event in per_iteration))
+            + float(handlers[Events.GET_BATCH_COMPLETED][window].sum()),
+        }
+
 
 def print_table(epochs: list[dict]) -> None:
+    profiled = ("data_seconds", "step_seconds", "handler_seconds")
     header = f"{'epoch':>5} {'steps':>6} {'slices':>7} {'train s':>9} {'slices/s':>9} {'val s':>8} {'skipped':>8}"
-    print(header)
+    print(header + ("   data s   step s handler s" if epochs and "data_seconds" in epochs[0] else ""))
     for row in epochs:
-        print(
+        line = (
             f"{row['epoch']:>5} {row['steps']:>6} {row['slices']:>7} {row['train_seconds']:>9.2f} "
             f"{row['slices_per_second']:>9.1f} {row['validation_seconds']:>8.2f} {row['skipped_steps']:>8}"
         )
+        print(line + "".join(f" {row[key]:>8.2f}" for key in profiled if key in row))
 
 
 def main() -> int:
@@ -175,7 +204,11 @@ def main() -> int:
         )
         workflow.initialize()
         trainer = workflow.parser.get_parsed_content("train#trainer")
-        times = EpochTimes(trainer, workflow.parser.get_parsed_content("validate#evaluator"))
+        profiler = None
+        if args.profile:
+            profiler = BasicTimeProfiler()
+            profiler.attach(trainer)
+        times = EpochTimes(trainer, workflow.parser.get_parsed_content("validate#evaluator"), profiler)
         workflow.run()
         workflow.finalize()
     except Exception as error:  # noqa: BLE001 - the benchmark reports any failure with its full traceback
