@@ -101,10 +101,9 @@ class EpochTimes:
         self.profiler = profiler
         self._first_iteration = 0
         self._slices = 0
-        self._steps = 0
         self._validation_seconds = 0.0
         trainer.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count_step)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count_slices)
         # registered after the workflow's handlers: runs once the epoch's validation finished
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._finish_epoch)
         if evaluator is not None:
@@ -113,11 +112,9 @@ class EpochTimes:
     def _start_epoch(self, engine) -> None:
         self._first_iteration = engine.state.iteration
         self._slices = 0
-        self._steps = 0
         self._validation_seconds = 0.0
 
-    def _count_step(self, engine) -> None:
-        self._steps += 1
+    def _count_slices(self, engine) -> None:
         self._slices += int(engine.state.batch["image"].shape[0])
 
     def _finish_validation(self, engine) -> None:
@@ -128,7 +125,7 @@ class EpochTimes:
         self.epochs.append(
             {
                 "epoch": engine.state.epoch,
-                "steps": self._steps,
+                "steps": engine.state.iteration - self._first_iteration,
                 "slices": self._slices,
                 "train_seconds": train_seconds,
                 "slices_per_second": self._slices / train_seconds if train_seconds else float("nan"),
@@ -150,12 +147,16 @@ class EpochTimes:
         """Seconds of the epoch's iterations ``(self._first_iteration, last_iteration]`` by where they went."""
         window = slice(self._first_iteration, last_iteration)
         handlers = self.profiler.event_handlers_times
-        per_iteration = (Events.ITERATION_STARTED, Events.ITERATION_COMPLETED, Events.GET_BATCH_STARTED)
+        per_iteration = (
+            Events.ITERATION_STARTED,
+            Events.ITERATION_COMPLETED,
+            Events.GET_BATCH_STARTED,
+            Events.GET_BATCH_COMPLETED,
+        )
         return {
             "data_seconds": float(self.profiler.dataflow_times[window].sum()),
             "step_seconds": float(self.profiler.processing_times[window].sum()),
-            "handler_seconds": float(sum(handlers[event][window].sum() for event in per_iteration))
-            + float(handlers[Events.GET_BATCH_COMPLETED][window].sum()),
+            "handler_seconds": float(sum(handlers[event][window].sum() for event in per_iteration)),
         }
 
 
