@@ -2,7 +2,7 @@
 """Train-step timing of the public MedSegDiff-V2 code (KidsWithTokens/MedSegDiff @ 60850bf), for the side-by-side
 figures of ``docs/performance.md``; the public code itself is not part of this repository (``--repo``).
 
-Measurement method (shared/BASELINES.md): the repo's V2 network (`UNetModel_newpreview`) in the
+Measurement method: the repo's V2 network (`UNetModel_newpreview`) in the
 README's BraTS configuration (scripts/segmentation_train.py defaults + README flags:
 --image_size 256 --num_channels 128 --class_cond False --num_res_blocks 2 --num_heads 1
 --learn_sigma True --use_scale_shift_norm False --attention_resolutions 16 --diffusion_steps 1000

@@ -21,7 +21,7 @@ def build_optimizer(
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW with two groups: weight decay on conv/linear weights (ndim > 1); none on biases, norm parameters and
-    the loss module's log-sigmas (DESIGN.md section 5).
+    the loss module's log-sigmas (`docs/design.md`, section 2).
 
     Args:
         network: the model.

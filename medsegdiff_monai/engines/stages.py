@@ -13,7 +13,7 @@ LOSS_NAMES = ("seg", "cls")
 
 @dataclass(frozen=True)
 class TrainingStage:
-    """One stage of the plan (DESIGN.md section 6).
+    """One stage of the plan (`docs/design.md`, section 1).
 
     Args:
         name: a label printed and saved with the metrics (e.g. ``"segmentation"``).

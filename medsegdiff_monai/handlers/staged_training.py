@@ -13,7 +13,7 @@ __all__ = ["StagedTraining"]
 
 
 class StagedTraining:
-    """Switch the trainer to the stage of the plan that each epoch belongs to (DESIGN.md section 6).
+    """Switch the trainer to the stage of the plan that each epoch belongs to (`docs/design.md`, section 1).
 
     At the start of every epoch, when the stage changes (and at the first epoch of a run or a resume):
 
