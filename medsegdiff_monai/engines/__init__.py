@@ -10,4 +10,4 @@ from medsegdiff_monai.engines.stages import (
     stage_at_epoch,
     total_epochs,
 )
-from medsegdiff_monai.engines.trainer import DiffusionTrainer, NonFiniteLossEvents
+from medsegdiff_monai.engines.trainer import DiffusionTrainer, NoisyMaskPrepareBatch, NonFiniteLossEvents

@@ -8,14 +8,16 @@ from typing import Any, NamedTuple
 import torch
 from ignite.engine import EventEnum, Events
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import DiffusionPrepareBatch, IterationEvents
 from monai.networks.schedulers import Scheduler
+from monai.utils import CommonKeys as Keys
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from medsegdiff_monai.engines.stages import TrainingStage
 from medsegdiff_monai.utils import parse_amp_dtype, unwrap_module
 
-__all__ = ["DiffusionTrainer", "NonFiniteLossEvents"]
+__all__ = ["DiffusionTrainer", "NoisyMaskPrepareBatch", "NonFiniteLossEvents"]
 
 
 class NonFiniteLossEvents(EventEnum):
@@ -33,12 +35,74 @@ class _PendingFiniteFlag(NamedTuple):
     iteration: int
 
 
+def _to_device(tensor: Any, device: str | torch.device | None, non_blocking: bool, **kwargs: Any) -> torch.Tensor:
+    """A plain tensor (MetaTensor metadata dropped) on ``device``; ``kwargs`` go to ``Tensor.to``."""
+    tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
+    return tensor.to(device, non_blocking=non_blocking, **kwargs)
+
+
+class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
+    """MONAI's :class:`~monai.engines.utils.DiffusionPrepareBatch` for a mask diffusion conditioned on the image.
+
+    Moves a batch to the device, draws ``t ~ U{0, T-1}`` (:meth:`get_timesteps`) and Gaussian noise
+    (:meth:`get_noise`) per sample, and noises the [-1, 1] mask with the training scheduler:
+    ``x_t = noise_scheduler.add_noise(mask, noise, t)``. Returns ``(x_t, targets, (t, image), {})``, the
+    ``(inputs, targets, args, kwargs)`` of MONAI's trainers, so that the trainer's inferer calls
+    ``network(x_t, t, image)``.
+
+    Batch keys: ``"image"`` (B, 4, H, W), ``"label"`` (B, C_mask, H, W) regions in {0, 1}, ``"mask"`` (B, C_mask,
+    H, W) in [-1, 1] (``2 * label - 1`` when absent), ``"grade"`` (B,) 0 = LGG, 1 = HGG (optional). ``targets`` is
+    ``{"label": float label, "grade": long (B,) grade or None}``.
+
+    Args:
+        noise_scheduler: the MONAI scheduler of training (``num_train_timesteps``, ``add_noise``).
+        memory_format: memory format of the image and the noisy mask (``torch.channels_last`` for a channels-last
+            network).
+    """
+
+    def __init__(
+        self, noise_scheduler: Scheduler, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> None:
+        super().__init__(num_train_timesteps=noise_scheduler.num_train_timesteps, condition_name="image")
+        self.noise_scheduler = noise_scheduler
+        self.memory_format = memory_format
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor], dict]:
+        image = _to_device(batchdata["image"], device, non_blocking, memory_format=self.memory_format, **kwargs)
+        label = _to_device(batchdata["label"], device, non_blocking, **kwargs).float()
+        mask = (
+            _to_device(batchdata["mask"], device, non_blocking, **kwargs).float()
+            if "mask" in batchdata
+            else 2.0 * label - 1.0
+        )
+        grade = batchdata.get("grade")
+        if grade is not None:
+            grade = _to_device(grade, device, non_blocking, **kwargs).long().view(-1)
+        timesteps = self.get_timesteps(mask)
+        noise = self.get_noise(mask)
+        noisy_mask = self.noise_scheduler.add_noise(original_samples=mask, noise=noise, timesteps=timesteps)
+        targets = {"label": label, "grade": grade}
+        return noisy_mask.to(memory_format=self.memory_format), targets, (timesteps, image), {}
+
+
 class DiffusionTrainer(SupervisedTrainer):
     """One diffusion training step per iteration, on MONAI's :class:`~monai.engines.SupervisedTrainer`.
 
-    Each iteration: draw ``t ~ U{0, T-1}`` and Gaussian noise, noise the [-1, 1] mask with ``noise_scheduler``
-    (``x_t = add_noise(mask, noise, t)``), predict ``(seg_logits, cls_logits, calib_map) = network(x_t, t, image)``,
-    apply the losses of the current :attr:`stage`, clip the gradient norm, step the optimizer. A step whose loss or
+    Each iteration runs MONAI's trainer steps: ``prepare_batch`` (by default :class:`NoisyMaskPrepareBatch`: draw
+    ``t ~ U{0, T-1}`` and Gaussian noise, noise the [-1, 1] mask with ``noise_scheduler``), the ``inferer`` (by
+    default ``network(x_t, t, image) -> (seg_logits, cls_logits, calib_map)``), the losses of the current
+    :attr:`stage`, backward, gradient clipping, the optimizer step. It fires MONAI's
+    :class:`~monai.engines.utils.IterationEvents` as :class:`~monai.engines.SupervisedTrainer` does:
+    ``FORWARD_COMPLETED`` (``engine.state.output`` holds ``"image"`` = x_t, ``"label"`` = the targets dict and
+    ``"pred"`` = the network's tuple), ``LOSS_COMPLETED`` (``"loss"``), ``BACKWARD_COMPLETED`` and
+    ``MODEL_COMPLETED`` (after the optimizer step). A stage without the segmentation loss runs only the condition
+    UNet (``pred`` is then ``(None, cls_logits, None)``). A step whose loss or
     gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and
     ``engine.state.consecutive_skipped_steps`` and announced with :attr:`NonFiniteLossEvents.STEP_SKIPPED`
     (``engine.state.skipped_step`` then holds the skipped step's ``(epoch, iteration)``).
@@ -50,8 +114,7 @@ class DiffusionTrainer(SupervisedTrainer):
     scaler, check the flag at once (one synchronisation per step). The iteration output's ``"finite"`` (a 0-d bool
     tensor on the device) tells whether that step was applied.
 
-    Batch keys: ``"image"`` (B, 4, H, W), ``"label"`` (B, C_mask, H, W) regions in {0, 1}, ``"mask"`` (B, C_mask, H, W)
-    in [-1, 1] (derived from ``"label"`` when absent), ``"grade"`` (B,) 0 = LGG, 1 = HGG.
+    Batch keys: those of :class:`NoisyMaskPrepareBatch`.
 
     Args:
         device: where to train.
@@ -69,10 +132,13 @@ class DiffusionTrainer(SupervisedTrainer):
         grad_clip_norm: maximum gradient norm (None disables clipping).
         channels_last: convert 4D inputs to channels-last memory format (pair with a channels-last network).
         non_blocking: copy batches to the device asynchronously (pair with a ``pin_memory=True`` loader): a blocking
-            copy waits for the previous step's GPU work; measured 10 % faster steps on an H100
-            (docs/performance.md).
+            copy waits for the previous step's GPU work.
+        prepare_batch: MONAI prepare-batch callable returning ``(inputs, targets, args, kwargs)`` as
+            :class:`NoisyMaskPrepareBatch` does (``targets`` a dict of ``"label"`` and ``"grade"``, ``args`` the
+            timesteps and the image); None builds :class:`NoisyMaskPrepareBatch` over ``noise_scheduler``
+            (in the channels-last format when ``channels_last``).
         kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
-            ``key_train_metric``, ``additional_metrics``, ``compile``, ...).
+            ``key_train_metric``, ``additional_metrics``, ``inferer``, ``compile``, ...).
     """
 
     def __init__(
@@ -91,9 +157,11 @@ class DiffusionTrainer(SupervisedTrainer):
         grad_clip_norm: float | None = 1.0,
         channels_last: bool = False,
         non_blocking: bool = True,
+        prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -105,6 +173,7 @@ class DiffusionTrainer(SupervisedTrainer):
             optim_set_to_none=True,
             decollate=False,
             non_blocking=non_blocking,
+            prepare_batch=prepare_batch or NoisyMaskPrepareBatch(noise_scheduler, memory_format=memory_format),
             event_names=[NonFiniteLossEvents, *(kwargs.pop("event_names", None) or [])],
             **kwargs,
         )
@@ -118,7 +187,6 @@ class DiffusionTrainer(SupervisedTrainer):
         self.autocast_dtype = autocast_dtype if torch.device(device).type == "cuda" else None
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.grad_clip_norm = grad_clip_norm
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._pending_flags: list[_PendingFiniteFlag] = []
         self._reset_skip_counts()
         # registered before the train handlers, so that they see the epoch's skipped steps complete
@@ -186,41 +254,41 @@ class DiffusionTrainer(SupervisedTrainer):
         elif self.stage.train == "backbone" and head is not None:
             head.eval()
 
-    def _to_device(self, tensor: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
-        return tensor.to(self.state.device, non_blocking=self.non_blocking, **kwargs)
+    def _forward_losses(
+        self, inputs: torch.Tensor, targets: dict[str, torch.Tensor | None], args: tuple, kwargs: dict
+    ) -> dict[str, torch.Tensor]:
+        """Run the network on the prepared batch and return the stage's loss terms (``"seg"``, ``"cls"``).
 
-    def _forward_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Noise the mask, run the network and return the stage's loss terms (``"seg"``, ``"cls"``)."""
-        image = self._to_device(batch["image"], memory_format=self.memory_format)
-        label = self._to_device(batch["label"]).float()
-        mask = self._to_device(batch["mask"]).float() if "mask" in batch else 2.0 * label - 1.0
+        Fires ``IterationEvents.FORWARD_COMPLETED`` once ``engine.state.output["pred"]`` holds the network's output.
+        """
         losses: dict[str, torch.Tensor] = {}
         use_seg = "seg" in self.stage.losses
         use_cls = "cls" in self.stage.losses and self.cls_loss is not None
-        grade = self._to_device(batch["grade"]).long().view(-1) if use_cls else None
         if not use_seg and not isinstance(self.network, DistributedDataParallel):
             # the grade needs only the condition UNet: skip the diffusion UNet entirely
+            image = args[1]  # the prepared (timesteps, image)
             cls_logits = self.unwrapped_network.encode_condition(image).cls_logits
-            losses["cls"] = self.cls_loss(cls_logits.float(), grade)
+            self.state.output[Keys.PRED] = (None, cls_logits, None)
+            self.fire_event(IterationEvents.FORWARD_COMPLETED)
+            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"])
             return losses
-        timesteps = torch.randint(
-            0, self.noise_scheduler.num_train_timesteps, (image.shape[0],), device=image.device, dtype=torch.long
+        seg_logits, cls_logits, calib_map = self.state.output[Keys.PRED] = self.inferer(
+            inputs, self.network, *args, **kwargs
         )
-        noise = torch.randn_like(mask)
-        noisy_mask = self.noise_scheduler.add_noise(original_samples=mask, noise=noise, timesteps=timesteps)
-        seg_logits, cls_logits, calib_map = self.network(
-            noisy_mask.to(memory_format=self.memory_format), timesteps, image
-        )
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
         if use_seg:
-            losses["seg"] = self.seg_loss(seg_logits.float(), label, calib_map.float())
+            losses["seg"] = self.seg_loss(seg_logits.float(), targets["label"], calib_map.float())
         if use_cls:
-            losses["cls"] = self.cls_loss(cls_logits.float(), grade)
+            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"])
         return losses
 
     def _iteration(self, engine: DiffusionTrainer, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        inputs, targets, args, kwargs = engine.prepare_batch(
+            batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
+        )
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.set_train_mode()
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(
@@ -228,18 +296,22 @@ class DiffusionTrainer(SupervisedTrainer):
             dtype=engine.autocast_dtype or torch.float32,
             enabled=engine.autocast_dtype is not None,
         ):
-            losses = engine._forward_losses(batchdata)
+            losses = engine._forward_losses(inputs, targets, args, kwargs)
         if engine.stage.uncertainty_weighting:
             total = engine.loss_function(losses)
         else:
             total = torch.stack(list(losses.values())).sum()
+        engine.state.output[Keys.LOSS] = total
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.requires_grad]
         if engine.grad_scaler is not None:
             engine.grad_scaler.scale(total).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.grad_scaler.unscale_(engine.optimizer)
         else:
             total.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm, foreach=True)
             if engine.grad_clip_norm is not None
@@ -247,10 +319,12 @@ class DiffusionTrainer(SupervisedTrainer):
         )
         finite = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
         engine._optimizer_step(finite)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
+        # the step's output: loss terms only (the network's outputs are not kept past the step)
         nan = torch.full((), float("nan"), device=total.device)
         return {
-            "loss": total.detach(),
+            Keys.LOSS: total.detach(),
             "L_seg": losses["seg"].detach() if "seg" in losses else nan,
             "L_cls": losses["cls"].detach() if "cls" in losses else nan,
             "L_total": total.detach(),

@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 from ignite.engine import Events
+from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import DDPMScheduler
 
-from medsegdiff_monai.engines import DiffusionTrainer, NonFiniteLossEvents, build_optimizer, parse_stages
+from medsegdiff_monai.engines import (
+    DiffusionTrainer,
+    NoisyMaskPrepareBatch,
+    NonFiniteLossEvents,
+    build_optimizer,
+    parse_stages,
+)
 from medsegdiff_monai.handlers import NonFiniteLossGuard, StagedTraining
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
 from medsegdiff_monai.networks import get_network
@@ -223,3 +230,60 @@ def test_epoch_report_without_tensorboard_warns_and_keeps_training(tmp_path, mon
     with open(tmp_path / "metrics.csv") as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["1", "2"]
     assert not report.tensorboard and not (tmp_path / "tensorboard").exists()
+
+
+def test_iteration_fires_monai_iteration_events_in_order():
+    """A user handler on each of MONAI's IterationEvents sees the step's state at that point."""
+    trainer, network, _ = make_trainer([{"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "cls"]}])
+    trainer.state.epoch_length = 1  # one step
+    seen = []
+    weight = next(p for n, p in network.named_parameters() if n.endswith("weight") and p.ndim == 4)
+    before = weight.detach().clone()
+
+    def on_forward(engine):
+        seg_logits, cls_logits, calib_map = engine.state.output["pred"]
+        assert seg_logits.shape == (2, 3, SIZE, SIZE) and calib_map.shape == seg_logits.shape
+        assert cls_logits.shape == (2, 2)
+        assert engine.state.output["image"].shape == (2, 3, SIZE, SIZE)  # the noisy mask
+        assert torch.equal(engine.state.output["label"]["grade"], torch.tensor([0, 1]))
+        seen.append("forward")
+
+    def on_loss(engine):
+        assert engine.state.output["loss"].ndim == 0 and weight.grad is None
+        seen.append("loss")
+
+    def on_backward(engine):
+        assert weight.grad is not None and torch.equal(weight.detach(), before)
+        seen.append("backward")
+
+    def on_model(engine):
+        assert not torch.equal(weight.detach(), before)  # the optimizer stepped
+        seen.append("model")
+
+    for event, handler in (
+        (IterationEvents.FORWARD_COMPLETED, on_forward),
+        (IterationEvents.LOSS_COMPLETED, on_loss),
+        (IterationEvents.BACKWARD_COMPLETED, on_backward),
+        (IterationEvents.MODEL_COMPLETED, on_model),
+    ):
+        trainer.add_event_handler(event, handler)
+    trainer.run()
+    assert seen == ["forward", "loss", "backward", "model"]
+
+
+def test_prepare_batch_noises_the_mask_as_ddpm_defines():
+    """x_t = sqrt(abar_t) * mask + sqrt(1 - abar_t) * noise with the linear betas 1e-4 .. 0.02, computed by hand."""
+    batch = make_batches(count=1)[0]
+    prepare = NoisyMaskPrepareBatch(DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"))
+    torch.manual_seed(3)
+    noisy, targets, (timesteps, image), kwargs = prepare(batch, "cpu")
+    torch.manual_seed(3)
+    expected_t = torch.randint(0, 1000, (2,))
+    noise = torch.randn(2, 3, SIZE, SIZE)
+    abar = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[expected_t].view(-1, 1, 1, 1)
+    mask = 2.0 * batch["label"].double() - 1.0
+    expected = abar.sqrt() * mask + (1.0 - abar).sqrt() * noise.double()
+    assert torch.equal(timesteps, expected_t) and kwargs == {}
+    torch.testing.assert_close(noisy.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(image, batch["image"]) and torch.equal(targets["label"], batch["label"])
+    assert targets["grade"].dtype == torch.long
