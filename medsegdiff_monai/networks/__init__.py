@@ -11,6 +11,7 @@ from medsegdiff_monai.networks.fused_norm import (
     triton_available,
 )
 from medsegdiff_monai.networks.grade_head import GradeHead
+from medsegdiff_monai.networks.inferer_adapter import DiffusionInfererAdapter
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
 from medsegdiff_monai.networks.upsample import NearestUpsample, replace_nearest_upsampling
@@ -21,6 +22,7 @@ __all__ = [
     "ConditionFeatures",
     "ConditionResBlock",
     "ConditionUNet",
+    "DiffusionInfererAdapter",
     "DiffusionUNetWithClsHead",
     "FusedGroupNorm",
     "FusedResnetBlock",
