@@ -13,6 +13,9 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
+from medsegdiff_monai.inferers.checkpoint import load_network_weights
+from medsegdiff_monai.utils import unwrap_module
+
 __all__ = [
     "TrainingCheckpointSaver",
     "ResumeFromCheckpoint",
@@ -149,7 +152,8 @@ class LoadNetworkWeights:
     """Load network weights before training starts, e.g. stage 1's ``model.pt`` for a run of stage 2 alone.
 
     Accepts a file of :class:`TrainingCheckpointSaver` (``{"network": ...}`` with or without other entries) or a
-    plain state dict. Does nothing when ``path`` is None, so a config can always attach it.
+    plain state dict (:func:`~medsegdiff_monai.inferers.load_network_weights` loads it at ``Events.STARTED``). Does
+    nothing when ``path`` is None, so a config can always attach it.
 
     Args:
         path: checkpoint file or None.
@@ -166,6 +170,7 @@ class LoadNetworkWeights:
 
     def attach(self, engine: Engine) -> None:
         if self.path is not None:
-            CheckpointLoader(
-                load_path=str(self.path), load_dict={"network": self.network}, map_location="cpu", strict=self.strict
-            ).attach(engine)
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        load_network_weights(unwrap_module(self.network), self.path, strict=self.strict)

@@ -15,7 +15,7 @@ from medsegdiff_monai.engines import (
     build_optimizer,
     parse_stages,
 )
-from medsegdiff_monai.handlers import NonFiniteLossGuard, StagedTraining
+from medsegdiff_monai.handlers import LoadNetworkWeights, NonFiniteLossGuard, StagedTraining
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
 from medsegdiff_monai.networks import get_network
 
@@ -287,3 +287,23 @@ def test_prepare_batch_noises_the_mask_as_ddpm_defines():
     torch.testing.assert_close(noisy.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(image, batch["image"]) and torch.equal(targets["label"], batch["label"])
     assert targets["grade"].dtype == torch.long
+
+
+def test_initial_weights_load_before_the_first_step(tmp_path):
+    """LoadNetworkWeights reads a multi-entry checkpoint of a compiled network into the trainer's network."""
+    torch.manual_seed(1)
+    trained = get_network("small").state_dict()
+    path = tmp_path / "model.pt"
+    torch.save({"network": {f"_orig_mod.{k}": v for k, v in trained.items()}, "optimizer": {}}, path)
+    trainer, network, _ = make_trainer([{"name": "segmentation", "epochs": 1, "train": "backbone"}])
+    LoadNetworkWeights(path, network).attach(trainer)
+    loaded = {}
+
+    def record_and_stop(engine):
+        loaded.update({k: v.detach().clone() for k, v in network.state_dict().items()})
+        engine.terminate()
+
+    trainer.add_event_handler(Events.STARTED, record_and_stop)
+    trainer.run()
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
