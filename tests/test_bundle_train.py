@@ -125,6 +125,6 @@ def test_gpu_overlay_overrides_only_existing_keys():
     assert merged["train#trainer#compile"] == "@compile" and merged["compile"] is True
     assert merged["train#trainer#compile_kwargs"] == {"dynamic": False, "mode": "reduce-overhead"}
     assert merged["train#dataloader#drop_last"] is True
-    # the design rates for the real release (docs/design.md): 1e-4, the grade stage at 10 x (the CPU demo runs 1e-3 and 1 x)
+    # docs/design.md rates for the real release: 1e-4, the grade stage at 10 x (the CPU demo: 1e-3 and 1 x)
     assert merged["lr"] == 1e-4 and base["lr"] == 1e-3
     assert [stage["lr_multiplier"] for stage in merged["stages"]] == [1.0, 10.0, 0.1]
