@@ -20,6 +20,7 @@ def run_evaluation(
     num_eval_cases: int | None = None,
     include_hd95: bool = True,
     print_table: bool = True,
+    hd95_convention: str = "brats",
 ) -> EvaluationResult:
     """
     Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
@@ -38,6 +39,8 @@ def run_evaluation(
         num_eval_cases: evaluate only the first ``num_eval_cases`` subjects (None: all).
         include_hd95: compute HD95 (the slowest metric).
         print_table: print the per-subject table and the summary.
+        hd95_convention: ``"brats"`` (pooled 95th percentile, 373.13 mm for one empty region: the BraTS
+            leaderboards) or ``"monai"`` (the larger directed 95th percentile, the volume's diagonal).
 
     Raises:
         ValueError: naming the subjects without a label file.
@@ -59,6 +62,7 @@ def run_evaluation(
             for output, entry in zip(outputs, entries, strict=True)
         ],
         include_hd95=include_hd95,
+        hd95_convention=hd95_convention,
     )
     write_evaluation(result, output_dir)
     if print_table:

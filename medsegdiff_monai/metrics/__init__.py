@@ -2,15 +2,24 @@
 
 from medsegdiff_monai.metrics.evaluation import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
-from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
+from medsegdiff_monai.metrics.segmentation import (
+    BRATS_EMPTY_HD95,
+    BRATS_REGIONS,
+    HD95_CONVENTIONS,
+    hd95,
+    segmentation_metrics,
+)
 
 __all__ = [
+    "BRATS_EMPTY_HD95",
     "BRATS_REGIONS",
+    "HD95_CONVENTIONS",
     "EvaluationResult",
     "evaluate_subjects",
     "expected_calibration_error",
     "format_table",
     "grade_metrics",
+    "hd95",
     "segmentation_metrics",
     "write_evaluation",
 ]

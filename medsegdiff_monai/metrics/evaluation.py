@@ -41,7 +41,10 @@ def _regions(labels: np.ndarray) -> np.ndarray:
 
 
 def evaluate_subjects(
-    predictions: Sequence[dict[str, Any]], include_hd95: bool = True, grade_threshold: float = 0.5
+    predictions: Sequence[dict[str, Any]],
+    include_hd95: bool = True,
+    grade_threshold: float = 0.5,
+    hd95_convention: str = "brats",
 ) -> EvaluationResult:
     """
     Per-subject segmentation metrics and subject-level grade metrics.
@@ -50,7 +53,9 @@ def evaluate_subjects(
     None)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or ``"pred_file"`` (a label-map NIfTI, read one
     subject at a time). Both label maps are turned into regions TC, WT, ET with MONAI's
     ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
-    :func:`~medsegdiff_monai.metrics.segmentation_metrics` (HD95 in mm from the label file's voxel size).
+    :func:`~medsegdiff_monai.metrics.segmentation_metrics` (BraTS Dice convention; HD95 in mm from the label file's
+    voxel size, in ``hd95_convention``: ``"brats"`` pooled percentile and 373.13 for one empty region, or
+    ``"monai"``).
 
     Returns:
         :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware), the
@@ -74,7 +79,9 @@ def evaluate_subjects(
         spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
         row: dict[str, Any] = {"subject_id": subject_id}
         row.update(grade=prediction.get("grade"), p_hgg=prediction.get("p_hgg"))
-        row.update(segmentation_metrics(_regions(pred), _regions(truth), BRATS_REGIONS, include_hd95, spacing))
+        row.update(
+            segmentation_metrics(_regions(pred), _regions(truth), BRATS_REGIONS, include_hd95, spacing, hd95_convention)
+        )
         rows.append(row)
     metric_names = [k for k in rows[0] if k not in ("subject_id", "grade", "p_hgg")] if rows else []
     summary: dict[str, Any] = {"num_subjects": len(rows)}
