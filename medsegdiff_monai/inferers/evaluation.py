@@ -21,12 +21,14 @@ def run_evaluation(
     include_hd95: bool = True,
     print_table: bool = True,
     hd95_convention: str = "brats",
+    lesion_challenge: str | None = "BraTS-GLI",
 ) -> EvaluationResult:
     """
     Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
 
     Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
-    (Dice, IoU, HD95 per region TC/WT/ET and their means, true grade, p_hgg) and ``summary.json`` (mean and std of
+    (Dice, IoU, HD95, lesion-wise Dice and HD95 per region TC/WT/ET and their means, true grade, p_hgg) and
+    ``summary.json`` (mean and std of
     every metric, AUC, F1, accuracy, ECE and confusion matrix of the grade), and prints the table.
 
     Args:
@@ -41,6 +43,8 @@ def run_evaluation(
         print_table: print the per-subject table and the summary.
         hd95_convention: ``"brats"`` (pooled 95th percentile, 373.13 mm for one empty region: the BraTS
             leaderboards) or ``"monai"`` (the larger directed 95th percentile, the volume's diagonal).
+        lesion_challenge: parameters of the lesion-wise Dice and HD95 (``"BraTS-GLI"``: dilation 3, lesions over
+            50 mm^3; see :data:`~medsegdiff_monai.metrics.LESION_WISE_PARAMETERS`); ``None`` leaves them out.
 
     Raises:
         ValueError: naming the subjects without a label file.
@@ -63,6 +67,7 @@ def run_evaluation(
         ],
         include_hd95=include_hd95,
         hd95_convention=hd95_convention,
+        lesion_challenge=lesion_challenge,
     )
     write_evaluation(result, output_dir)
     if print_table:

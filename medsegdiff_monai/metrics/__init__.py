@@ -2,6 +2,12 @@
 
 from medsegdiff_monai.metrics.evaluation import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics.lesion_wise import (
+    LESION_MISS_HD95,
+    LESION_WISE_PARAMETERS,
+    lesion_wise_metrics,
+    lesion_wise_scores,
+)
 from medsegdiff_monai.metrics.segmentation import (
     BRATS_EMPTY_HD95,
     BRATS_REGIONS,
@@ -14,12 +20,16 @@ __all__ = [
     "BRATS_EMPTY_HD95",
     "BRATS_REGIONS",
     "HD95_CONVENTIONS",
+    "LESION_MISS_HD95",
+    "LESION_WISE_PARAMETERS",
     "EvaluationResult",
     "evaluate_subjects",
     "expected_calibration_error",
     "format_table",
     "grade_metrics",
     "hd95",
+    "lesion_wise_metrics",
+    "lesion_wise_scores",
     "segmentation_metrics",
     "write_evaluation",
 ]

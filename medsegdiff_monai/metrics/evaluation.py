@@ -14,7 +14,9 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
+from medsegdiff_monai.data.layout import RELEASE_TITLES, convert_label_convention, label_convention
 from medsegdiff_monai.metrics.grading import grade_metrics
+from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
 
 __all__ = ["EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
@@ -35,9 +37,23 @@ class EvaluationResult(dict):
         return self["summary"]
 
 
-def _regions(labels: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) BraTS labels -> (3, X, Y, Z) TC, WT, ET with MONAI's converter."""
-    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(labels[None]), dtype=np.uint8)
+def _regions(labels: np.ndarray, release: str) -> np.ndarray:
+    """(X, Y, Z) BraTS labels of ``release`` -> (3, X, Y, Z) TC, WT, ET with MONAI's converter."""
+    internal = convert_label_convention(labels, release, "brats2020")
+    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(internal[None]), dtype=np.uint8)
+
+
+def _pair_release(pred: np.ndarray, truth: np.ndarray, pred_source: Any, truth_source: Any) -> str:
+    """The label convention shared by a prediction and its reference (BraTS 2018-2022 when neither has ET)."""
+    found = {
+        source: label_convention(np.unique(labels).tolist(), source)
+        for labels, source in ((truth, truth_source), (pred, pred_source))
+    }
+    releases = {release for release in found.values() if release is not None}
+    if len(releases) > 1:
+        described = ", ".join(f"{source}: {RELEASE_TITLES[release]}" for source, release in found.items())
+        raise ValueError(f"prediction and reference follow different BraTS label conventions ({described}).")
+    return releases.pop() if releases else "brats2020"
 
 
 def evaluate_subjects(
@@ -45,17 +61,21 @@ def evaluate_subjects(
     include_hd95: bool = True,
     grade_threshold: float = 0.5,
     hd95_convention: str = "brats",
+    lesion_challenge: str | None = "BraTS-GLI",
 ) -> EvaluationResult:
     """
     Per-subject segmentation metrics and subject-level grade metrics.
 
     Each prediction is ``{"subject_id", "label_file" (ground truth NIfTI), "p_hgg" (float or None), "grade" (0/1 or
     None)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or ``"pred_file"`` (a label-map NIfTI, read one
-    subject at a time). Both label maps are turned into regions TC, WT, ET with MONAI's
+    subject at a time). The label convention (enhancing tumour 4 in BraTS 2018-2022, 3 in BraTS 2023+) is detected
+    from the values of both maps, which must agree. Both label maps are turned into regions TC, WT, ET with MONAI's
     ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
     :func:`~medsegdiff_monai.metrics.segmentation_metrics` (BraTS Dice convention; HD95 in mm from the label file's
     voxel size, in ``hd95_convention``: ``"brats"`` pooled percentile and 373.13 for one empty region, or
-    ``"monai"``).
+    ``"monai"``), and the lesion-wise Dice and HD95 of the BraTS 2023+ ranking
+    (:func:`~medsegdiff_monai.metrics.lesion_wise_metrics` with the parameters of ``lesion_challenge``; ``None``
+    leaves them out).
 
     Returns:
         :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware), the
@@ -69,19 +89,25 @@ def evaluate_subjects(
         truth = np.asarray(label_image.dataobj)
         if "pred_labels" in prediction:
             pred = np.asarray(prediction["pred_labels"])
+            pred_source = f"subject {subject_id} prediction"
         else:
             pred = np.asarray(nib.load(str(prediction["pred_file"])).dataobj)
+            pred_source = prediction["pred_file"]
         if pred.shape != truth.shape:
             raise ValueError(
                 f"subject {subject_id}: prediction shape {pred.shape} differs from label "
                 f"{prediction['label_file']} shape {truth.shape}."
             )
+        release = _pair_release(pred, truth, pred_source, prediction["label_file"])
         spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
         row: dict[str, Any] = {"subject_id": subject_id}
         row.update(grade=prediction.get("grade"), p_hgg=prediction.get("p_hgg"))
+        pred_regions, truth_regions = _regions(pred, release), _regions(truth, release)
         row.update(
-            segmentation_metrics(_regions(pred), _regions(truth), BRATS_REGIONS, include_hd95, spacing, hd95_convention)
+            segmentation_metrics(pred_regions, truth_regions, BRATS_REGIONS, include_hd95, spacing, hd95_convention)
         )
+        if lesion_challenge is not None:
+            row.update(lesion_wise_metrics(pred_regions, truth_regions, BRATS_REGIONS, spacing, lesion_challenge))
         rows.append(row)
     metric_names = [k for k in rows[0] if k not in ("subject_id", "grade", "p_hgg")] if rows else []
     summary: dict[str, Any] = {"num_subjects": len(rows)}

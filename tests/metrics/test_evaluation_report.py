@@ -96,3 +96,23 @@ def test_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match="subject s: prediction shape"):
         label_file = _label_file(tmp_path, "s", truth)
         evaluate_subjects([{"subject_id": "s", "pred_labels": truth[:5], "label_file": label_file}])
+
+
+def test_brats2023_label_maps_score_like_brats2020(tmp_path):
+    truth = np.pad(_labels(), ((0, 10), (0, 0), (0, 0)))
+    pred = truth.copy()
+    pred[5:7, 5:7, 3] = 1  # half of ET missed
+    pred[21, 0, 0] = 2  # a stray oedema voxel far from the tumour: one false-positive WT lesion
+    as_2023 = {name: np.where(a == 4, 3, a) for name, a in (("truth", truth), ("pred", pred))}
+    rows = [
+        evaluate_subjects(
+            [{"subject_id": "s", "pred_labels": p, "label_file": _label_file(tmp_path, name, t)}], include_hd95=True
+        ).rows[0]
+        for name, (p, t) in {"2020": (pred, truth), "2023": (as_2023["pred"], as_2023["truth"])}.items()
+    ]
+    assert rows[0] == rows[1]
+    assert rows[1]["dice_ET"] == pytest.approx(2 * 4 / (4 + 8))  # ET = label 3 is not lost
+    # WT: the lesion is exact (Dice 1, HD95 0) and the stray voxel is a false positive (0, 374)
+    assert rows[1]["lesion_fp_WT"] == 1 and rows[1]["lesion_dice_WT"] == 0.5 and rows[1]["lesion_hd95_WT"] == 187.0
+    with pytest.raises(ValueError, match=r"different BraTS label conventions .*2020.nii: BraTS 2018-2022"):
+        evaluate_subjects([{"subject_id": "s", "pred_labels": as_2023["pred"], "label_file": tmp_path / "2020.nii"}])
