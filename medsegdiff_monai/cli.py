@@ -114,6 +114,16 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_synth)
 
 
+def _write_segmentation_datalist(args: argparse.Namespace, report: FolderReport) -> int:
+    """``datalist`` for subjects without grades: a plain seeded split, segmentation only."""
+    _print_report(report, f"{len(report.subjects)} subjects valid, without grades (segmentation only).", "")
+    datalist = build_datalist(report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    out = args.out if args.out is not None else args.data_dir / "datalist.json"
+    write_datalist(datalist, out)
+    print(f"wrote {out}: {len(datalist['training'])} training and {len(datalist['validation'])} validation subjects")
+    return 0
+
+
 def _run_datalist(args: argparse.Namespace) -> int:
     report = validate_brats_folder(
         args.data_dir,
@@ -122,6 +132,8 @@ def _run_datalist(args: argparse.Namespace) -> int:
         skip_unmatched=args.skip_unmatched,
         progress=not args.no_progress,
     )
+    if report.ok and report.subjects and all(s.grade is None for s in report.subjects):
+        return _write_segmentation_datalist(args, report)
     if _print_report(report, f"{len(report.subjects)} subjects valid.", "; nothing written") != 0:
         return 1
     datalist = build_datalist(report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed)

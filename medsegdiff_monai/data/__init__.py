@@ -1,6 +1,12 @@
 """Reading, validating and splitting BraTS data, and synthetic BraTS-like data in the real on-disk layout."""
 
-from medsegdiff_monai.data.datalist import build_datalist, load_brats_datalist, subject_entry, write_datalist
+from medsegdiff_monai.data.datalist import (
+    build_datalist,
+    build_segmentation_datalist,
+    load_brats_datalist,
+    subject_entry,
+    write_datalist,
+)
 from medsegdiff_monai.data.dataset import make_slice_dataset
 from medsegdiff_monai.data.layout import (
     BRATS_LABEL_VALUES,
@@ -59,6 +65,7 @@ __all__ = [
     "ThreadSafeNibabelReader",
     "brats_affine",
     "build_datalist",
+    "build_segmentation_datalist",
     "check_subject_volumes",
     "class_balance_line",
     "convert_label_convention",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -151,3 +152,24 @@ def test_cli_synth_and_check(layout, tmp_path, capsys):
     assert main(["check", "--data-dir", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "segmentation only" in printed and "2 subjects, no problem found" in printed
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
+def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path, capsys):
+    out = tmp_path / "datalist.json"
+    args = ["--data-dir", str(layouts[layout]), "--val-fraction", "0.34", "--out", str(out), "--no-progress"]
+    assert main(["datalist", *args]) == 0
+    assert "without grades (segmentation only)" in capsys.readouterr().out
+    datalist = json.loads(out.read_text())
+    entries = datalist["training"] + datalist["validation"]
+    assert (len(datalist["training"]), len(datalist["validation"])) == (2, 1) and "class_balance" not in datalist
+    assert all("grade" not in e for e in entries)
+    assert sorted(e["subject_id"] for e in entries) == sorted(p.name for p in layouts[layout].iterdir())
+    assert entries[0]["image"][0].endswith("_t1.nii.gz" if layout == "brats2021" else "-t1n.nii.gz")
+    # with a grade table of one's own, the datalist is graded again
+    table = tmp_path / "grades.csv"
+    ids = sorted(p.name for p in layouts[layout].iterdir())
+    table.write_text("subject_id,grade\n" + "".join(f"{s},{g}\n" for s, g in zip(ids, ["LGG", "HGG", "HGG"])))
+    assert main(["datalist", *args, "--grades", str(table)]) == 0
+    graded = json.loads(out.read_text())
+    assert sorted(e["grade"] for e in graded["training"] + graded["validation"]) == [0, 1, 1]
