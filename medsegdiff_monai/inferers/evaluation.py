@@ -22,14 +22,16 @@ def run_evaluation(
     print_table: bool = True,
     hd95_convention: str = "brats",
     lesion_challenge: str | None = "BraTS-GLI",
+    bootstrap_resamples: int = 2000,
 ) -> EvaluationResult:
     """
     Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
 
     Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
     (Dice, IoU, HD95, lesion-wise Dice and HD95 per region TC/WT/ET and their means, true grade, p_hgg) and
-    ``summary.json`` (mean and std of
-    every metric, AUC, F1, accuracy, ECE and confusion matrix of the grade), and prints the table.
+    ``summary.json`` (mean and std of every metric, 95 % bootstrap intervals of every Dice; AUC, F1, accuracy, ECE,
+    Brier and confusion matrix of the grade, with intervals), ``reliability.png`` where the grade is scored, and
+    prints the table. A BraTS folder's grades come from its ``name_mapping.csv``.
 
     Args:
         inferer: the configured whole-subject inferer.
@@ -45,6 +47,7 @@ def run_evaluation(
             leaderboards) or ``"monai"`` (the larger directed 95th percentile, the volume's diagonal).
         lesion_challenge: parameters of the lesion-wise Dice and HD95 (``"BraTS-GLI"``: dilation 3, lesions over
             50 mm^3; see :data:`~medsegdiff_monai.metrics.LESION_WISE_PARAMETERS`); ``None`` leaves them out.
+        bootstrap_resamples: resamples of the 95 % intervals of Dice, AUC, ECE and Brier (0: none).
 
     Raises:
         ValueError: naming the subjects without a label file.
@@ -68,6 +71,7 @@ def run_evaluation(
         include_hd95=include_hd95,
         hd95_convention=hd95_convention,
         lesion_challenge=lesion_challenge,
+        bootstrap_resamples=bootstrap_resamples,
     )
     write_evaluation(result, output_dir)
     if print_table:
