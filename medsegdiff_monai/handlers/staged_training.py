@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from ignite.engine import Engine, Events
 
-from medsegdiff_monai.engines.stages import TrainingStage, parse_stages, stage_at_epoch, total_epochs
+from medsegdiff_monai.engines.stages import TrainingStage, parse_stages, stage_at_epoch
 
 __all__ = ["StagedTraining"]
 
@@ -58,7 +58,8 @@ class StagedTraining:
             return
         kept = parse_stages([stage.__dict__ for stage in self.stages], use_cls_head=False)
         skipped = [stage.name for stage in self.stages if stage.train == "cls_head" or stage.losses == ("cls",)]
-        engine.state.max_epochs = max(engine.state.max_epochs - (total_epochs(self.stages) - total_epochs(kept)), 1)
+        skipped_epochs = sum(stage.epochs for stage in self.stages) - sum(stage.epochs for stage in kept)
+        engine.state.max_epochs = max(engine.state.max_epochs - skipped_epochs, 1)
         self.logger.warning(
             f"the training data has no grades: segmentation only. Grade stage(s) {skipped} skipped and the 'cls' "
             f"loss dropped, {engine.state.max_epochs} epoch(s) in all; the grade head is not trained. Give a grade "
