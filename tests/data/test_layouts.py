@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medsegdiff_monai.cli import main
 from medsegdiff_monai.data import (
@@ -173,3 +174,22 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
     assert main(["datalist", *args, "--grades", str(table)]) == 0
     graded = json.loads(out.read_text())
     assert sorted(e["grade"] for e in graded["training"] + graded["validation"]) == [0, 1, 1]
+
+
+def test_training_targets_of_brats2023_equal_those_of_brats2020(layouts):
+    from medsegdiff_monai.data import subject_entry
+    from medsegdiff_monai.transforms import get_val_transforms
+
+    def sample(layout: str) -> dict:
+        subject = read_brats_folder(layouts[layout], progress=False)[1]
+        entry = subject_entry(subject, layouts[layout])
+        entry.update(
+            image=[str(layouts[layout] / p) for p in entry["image"]], label=str(layouts[layout] / entry["label"])
+        )
+        return get_val_transforms((32, 32))(entry)
+
+    old, new = sample("brats2020"), sample("brats2023")
+    assert "grade" not in new and int(old["grade"]) in (0, 1)  # no grade table: segmentation-only sample
+    assert new["label"].shape[0] == 3 and new["label"][2].sum() > 0  # ET (label 3 on disk) is kept
+    assert torch.equal(new["label"].as_tensor(), old["label"].as_tensor())
+    assert torch.equal(new["image"].as_tensor(), old["image"].as_tensor())
