@@ -134,3 +134,34 @@ def test_few_step_ddim_agrees_with_1000_step_ddpm(stand_in_network):
     agreement = (ddim == ddpm).float().mean()
     assert agreement > 0.95, f"DDIM-10 and DDPM-1000 agree on {float(agreement):.3f} of voxels"
     assert (ddim == target).float().mean() > 0.9
+
+
+class _NaNNetwork(torch.nn.Module):
+    """Wraps a network and makes its denoising pass return NaN, as an overflowing solver would."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def encode_condition(self, image):
+        return self.network.encode_condition(image)
+
+    def denoise(self, x_t, t, condition):
+        return torch.full_like(self.network.denoise(x_t, t, condition), float("nan"))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_nan_probabilities_are_caught_and_named(stand_in_network, scheduler):
+    sampler = DiffusionSampler(scheduler=scheduler, num_inference_steps=3, ensemble_size=2)
+    with pytest.raises(FloatingPointError, match=f"scheduler '{scheduler}' with 3 steps produced NaN"):
+        sampler(_NaNNetwork(stand_in_network()), _image())
+
+
+def test_few_step_dpm_solver_agrees_with_1000_step_ddpm(stand_in_network):
+    network = stand_in_network()
+    _train_disc_model(network)
+    image = _image(batch=4, seed=3)
+    solver = DiffusionSampler(scheduler="dpmpp_2m", num_inference_steps=5, ensemble_size=2)(network, image).probs
+    ddpm = DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, ensemble_size=2)(network, image).probs
+    agreement = ((solver > 0.5) == (ddpm > 0.5)).float().mean()
+    assert agreement > 0.95, f"DPM-Solver++(2M) 5 steps and DDPM-1000 agree on {float(agreement):.3f} of voxels"
