@@ -264,7 +264,8 @@ class DiffusionSampler:
             t_batch = torch.full((mask_shape[0],), timestep, device=image.device, dtype=torch.long)
             with autocast:
                 seg_logits = denoise(sample, t_batch, member_condition)
-            x0_estimate = torch.tanh(seg_logits.float() / 2)
+            # contiguous: the network may answer in channels-last, and one layout of x_t keeps one compiled graph
+            x0_estimate = torch.tanh(seg_logits.float() / 2).contiguous()
             sample = self._step(x0_estimate, timestep, sample, generator)
         member_probs = torch.sigmoid(seg_logits.float()).view(members, num_slices, *mask_shape[1:])
         if bool(torch.isnan(member_probs).any()):

@@ -165,3 +165,12 @@ def test_few_step_dpm_solver_agrees_with_1000_step_ddpm(stand_in_network):
     ddpm = DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, ensemble_size=2)(network, image).probs
     agreement = ((solver > 0.5) == (ddpm > 0.5)).float().mean()
     assert agreement > 0.95, f"DPM-Solver++(2M) 5 steps and DDPM-1000 agree on {float(agreement):.3f} of voxels"
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_every_step_gets_the_same_layout_from_a_channels_last_network(stand_in_network, scheduler):
+    # a compiled denoise recompiles when the strides of x_t change between steps
+    network = stand_in_network().to(memory_format=torch.channels_last)
+    image = _image().contiguous(memory_format=torch.channels_last)
+    DiffusionSampler(scheduler=scheduler, num_inference_steps=3, ensemble_size=2)(network, image)
+    assert [x_t.is_contiguous() for x_t, _ in network.denoise_inputs] == [True] * 3
