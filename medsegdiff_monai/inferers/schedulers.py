@@ -110,7 +110,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         scheduler = DPMSolverMultistepScheduler(prediction_type="sample")
         scheduler.set_timesteps(6)
         for t in scheduler.timesteps:
-            sample, _ = scheduler.step(network(sample, t), int(t), sample)
+            sample, _ = scheduler.step(network(sample, t), t, sample)
     """
 
     def __init__(
@@ -177,16 +177,19 @@ class DPMSolverMultistepScheduler(Scheduler):
 
         Args:
             model_output: the network's output at ``(sample, timestep)``, of ``prediction_type``; any shape.
-            timestep: one of ``timesteps``, in order.
+            timestep: one of ``timesteps`` (an int or a 0-d tensor), in order.
             sample: the current noisy sample ``x_s``, ``model_output``'s shape.
             generator: unused (the solver is deterministic); kept for MONAI's ``step`` signature.
 
         Returns:
             ``(x_t, x0)``: the sample at the next timestep and the prediction of the clean data.
         """
+        timestep = int(timestep)
         if timestep not in self._next_timestep:
-            raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps {self.timesteps.tolist()}.")
-        if timestep == int(self.timesteps[0]):
+            raise ValueError(
+                f"timestep {timestep} is not one of the scheduler's timesteps {list(self._next_timestep)}."
+            )
+        if timestep == next(iter(self._next_timestep)):  # the first timestep: a new trajectory
             self._previous = None
         x0 = self._x0(model_output, timestep, sample)
         next_timestep = self._next_timestep[timestep]

@@ -19,7 +19,7 @@ def _run(scheduler, x0_of, sample: torch.Tensor, steps: int) -> torch.Tensor:
     scheduler.set_timesteps(steps)
     if isinstance(scheduler, DDIMScheduler):
         scheduler.timesteps = leading_timesteps(steps, scheduler.num_train_timesteps)
-    for timestep in scheduler.timesteps.tolist():
+    for timestep in scheduler.timesteps:  # 0-d tensors, as in MONAI's loops
         sample = scheduler.step(x0_of(sample, timestep), timestep, sample)[0]
     return sample
 
