@@ -26,16 +26,18 @@ soon as it exists, so a run cut short keeps what it measured):
   ``get_train_transforms`` + a pinned-memory ``DataLoader``): slices/s the loader delivers alone per worker count,
   then the fastest variant's step fed by it (``--loader-workers[0]`` workers), slices/s and GPU busy share.
 - ``sampling``: condition pass and one reverse step (denoise of B x K inputs + DDIM update) per variant.
-- ``volume``: :func:`sample_volume` of a synthetic full-size subject (inference transforms at ``--volume-roi``) with
-  the fastest sampling variant, timed end to end for each DDIM step count; 1000-step DDPM is extrapolated from
-  the measured runs (``T(N) = a + N b``).
+- ``volume``: :func:`sample_volume` of a synthetic full-size subject (inference transforms at ``--volume-roi``),
+  grade included, timed end to end for each ``--volume-variants`` (eager and compiled), ``--volume-slice-batches``
+  and ``--volume-samplers`` (``scheduler:steps``, e.g. ``ddim:10``, ``dpmpp_2m:6``), after a 1-step warm-up run
+  that holds any compilation; 1000-step DDPM is extrapolated from two DDIM runs (``T(N) = a + N b``).
 
 GPU (defaults: base preset, 256 and 192, batch 8):
     python benchmarks/bench_gpu.py --out gpu_results
 CPU tiny mode (the script's own check):
     python benchmarks/bench_gpu.py --device cpu --preset small --size 64 --batch 2 --warmup 1 --steps 2 \\
         --train-variants fp32 --other-size-variants --max-batch-variant "" --sampling-variants fp32 \\
-        --sampling-slices 2 --volume-shape 64 64 24 --volume-roi 64 --volume-steps 2 3 --numerics-steps 3 \\
+        --sampling-slices 2 --volume-shape 64 64 24 --volume-roi 64 --volume-samplers ddim:2 ddim:3 dpmpp_2m:2 \\
+        --volume-variants fp32 --numerics-steps 3 \\
         --loader-subjects 2 --loader-workers 0 --loader-seconds 3
 """
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import tempfile
@@ -658,22 +661,17 @@ def numerics(bench: Bench) -> None:
     )
 
 
-def sampling(bench: Bench) -> tuple[str, torch.nn.Module | None]:
-    """Condition pass and reverse step times per variant at the volume roi; returns the fastest and its network."""
-    best: tuple[float, str, torch.nn.Module | None] = (math.inf, "", None)
+def sampling(bench: Bench) -> None:
+    """Condition pass and reverse step times per variant at the volume roi."""
     for variant in bench.args.sampling_variants:
         if "compile" in variant and bench.time_left() < 120:
             continue
         bench.reset_memory()
-        step_ms, network = sampling_row(bench, variant)
-        if step_ms < best[0]:
-            best = (step_ms, variant, network)
-        del network
-    return best[1], best[2]
+        sampling_row(bench, variant)
 
 
-def sampling_row(bench: Bench, variant: str) -> tuple[float, torch.nn.Module]:
-    """Time the condition pass on B slices and one reverse step on B x K inputs; returns (step ms, network)."""
+def sampling_row(bench: Bench, variant: str) -> None:
+    """Time the condition pass on B slices and one reverse step on B x K inputs."""
     args, flags = bench.args, parse_variant(variant)
     roi, slices, members = args.volume_roi, args.sampling_slices, args.ensemble
     inputs = slices * members
@@ -706,7 +704,6 @@ def sampling_row(bench: Bench, variant: str) -> tuple[float, torch.nn.Module]:
         warmup_s=warmup_s,
         mfu=flops / step_ms / 1e9 / args.peak_tflops,
     )
-    return step_ms, network
 
 
 def _sampling_network(bench: Bench, flags: set[str], slices: int, roi: int) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -733,69 +730,97 @@ def synthetic_volume(shape: tuple[int, int, int], roi: int) -> tuple[torch.Tenso
         return image, time.perf_counter() - begin
 
 
-def volume(bench: Bench, variant: str, network: torch.nn.Module | None) -> None:
-    """End-to-end whole-volume sampling + grade for each DDIM step count; DDPM 1000 extrapolated."""
+def parse_sampler(sampler: str) -> tuple[str, int]:
+    """``"dpmpp_2m:6"`` -> ``("dpmpp_2m", 6)``."""
+    name, steps = sampler.split(":")
+    return name, int(steps)
+
+
+def volume_seconds(
+    bench: Bench,
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    flags: set[str],
+    slice_batch: int,
+    name: str,
+    steps: int,
+) -> float:
+    """Seconds of one :func:`sample_volume` call (grade included) with the sampler ``name`` at ``steps`` steps."""
+    sampler = DiffusionSampler(
+        num_inference_steps=steps,
+        scheduler=name,
+        ensemble_size=bench.args.ensemble,
+        amp_dtype="bfloat16" if "bf16" in flags else None,
+        compile="compile" in flags,
+    )
+    bench.sync()
+    begin = time.perf_counter()
+    output = sample_volume(network, image, sampler, slice_batch_size=slice_batch)
+    bench.sync()
+    assert output.p_hgg is not None and torch.isfinite(output.probs).all()
+    return time.perf_counter() - begin
+
+
+def volume(bench: Bench) -> None:
+    """Whole-volume sampling + grade per variant, slice batch and sampler (``--volume-samplers``), end to end.
+
+    Per variant and slice batch: one network, a 1-step warm-up run (compilation included: ``warmup_s``), then each
+    sampler once, timed. With two DDIM rows of a variant, 1000-step DDPM is extrapolated (``T(N) = a + N b``).
+    """
     args = bench.args
-    flags = parse_variant(variant)
     image, transform_s = synthetic_volume(tuple(args.volume_shape), args.volume_roi)
     image = image.to(bench.device)
     brain_slices = int(brain_slice_mask(image).sum())
-    if network is None:
-        network, _ = _sampling_network(bench, flags, 1, args.volume_roi)
+    for variant in args.volume_variants:
+        flags = parse_variant(variant)
+        for slice_batch in args.volume_slice_batches:
+            if bench.time_left() < (60 if "compile" in flags else 30):  # compiling the base preset: ~30 s
+                return
+            bench.reset_memory()
+            network, _ = _sampling_network(bench, flags, 1, args.volume_roi)
 
-    def run(steps: int) -> float:
-        sampler = DiffusionSampler(
-            num_inference_steps=steps,
-            ensemble_size=args.ensemble,
-            amp_dtype="bfloat16" if "bf16" in flags else None,
-            compile="compile" in flags,
-        )
-        bench.sync()
-        begin = time.perf_counter()
-        output = sample_volume(network, image, sampler, slice_batch_size=args.sampling_slices)
-        bench.sync()
-        assert output.p_hgg is not None and torch.isfinite(output.probs).all()
-        return time.perf_counter() - begin
-
-    warmup_s = run(1)
-    # a second 1-step run, without the first one's start-up costs, bounds the seconds per step from above
-    one_step_s = run(1)
-    measured = {}
-    for steps in args.volume_steps:
-        seconds_per_step = max(measured.values()) / max(measured) if measured else one_step_s
-        if bench.time_left() < 10 + seconds_per_step * steps:
-            break
-        measured[steps] = run(steps)
-        bench.record(
-            section="volume",
-            size=args.volume_roi,
-            variant=variant,
-            scheduler="ddim",
-            steps=steps,
-            seconds=measured[steps],
-            how="measured end to end (sample_volume, grade included)",
-            depth=image.shape[-1],
-            brain_slices=brain_slices,
-            ensemble=args.ensemble,
-            slice_batch=args.sampling_slices,
-            transform_s=transform_s,
-            warmup_s=warmup_s,
-        )
-    if len(measured) >= 2:
-        (n0, t0), (n1, t1) = sorted(measured.items())[:2]
-        per_step = (t1 - t0) / (n1 - n0)
-        bench.record(
-            section="volume",
-            size=args.volume_roi,
-            variant=variant,
-            scheduler="ddpm",
-            steps=1000,
-            seconds=t0 + (1000 - n0) * per_step,
-            how=f"extrapolated T = a + N b from the measured {n0}- and {n1}-step runs",
-            depth=image.shape[-1],
-            brain_slices=brain_slices,
-            ensemble=args.ensemble,
-        )
+            run = functools.partial(volume_seconds, bench, network, image, flags, slice_batch)
+            warmup_s = run("ddim", 1)
+            one_step_s = run("ddim", 1)  # without the start-up costs: bounds the seconds per step from above
+            measured: dict[str, float] = {}
+            for sampler in args.volume_samplers:
+                name, steps = parse_sampler(sampler)
+                if bench.time_left() < 10 + one_step_s * steps:
+                    break
+                measured[sampler] = run(name, steps)
+                bench.record(
+                    section="volume",
+                    size=args.volume_roi,
+                    variant=variant,
+                    scheduler=name,
+                    steps=steps,
+                    seconds=measured[sampler],
+                    how="measured end to end (sample_volume, grade included)",
+                    depth=image.shape[-1],
+                    brain_slices=brain_slices,
+                    ensemble=args.ensemble,
+                    slice_batch=slice_batch,
+                    transform_s=transform_s,
+                    warmup_s=warmup_s,
+                    peak_gib=bench.peak_gib(),
+                )
+            ddim = sorted((parse_sampler(k)[1], v) for k, v in measured.items() if k.startswith("ddim:"))
+            if len(ddim) >= 2:
+                (n0, t0), (n1, t1) = ddim[:2]
+                bench.record(
+                    section="volume",
+                    size=args.volume_roi,
+                    variant=variant,
+                    scheduler="ddpm",
+                    steps=1000,
+                    seconds=t0 + (1000 - n0) * (t1 - t0) / (n1 - n0),
+                    how=f"extrapolated T = a + N b from the measured DDIM {n0}- and {n1}-step runs",
+                    depth=image.shape[-1],
+                    brain_slices=brain_slices,
+                    ensemble=args.ensemble,
+                    slice_batch=slice_batch,
+                )
+            del network, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -835,7 +860,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--volume-shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--volume-roi", type=int, default=192)
-    parser.add_argument("--volume-steps", type=int, nargs="+", default=[10, 25])
+    parser.add_argument(
+        "--volume-samplers",
+        nargs="+",
+        default=["ddim:10", "ddim:25", "dpmpp_2m:5", "dpmpp_2m:8", "dpmpp_2m:10"],
+        help="scheduler:steps of the whole-volume runs",
+    )
+    parser.add_argument("--volume-variants", nargs="+", default=["bf16+cl", "bf16+cl+compile"])
+    parser.add_argument("--volume-slice-batches", type=int, nargs="+", default=[32], help="slices per sampler call")
     parser.add_argument("--flops-from", help="results.json of an earlier run whose FLOP counts to reuse")
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="H100 SXM dense bf16 peak")
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds after which no new work starts")
@@ -879,11 +911,10 @@ def main(argv: list[str] | None = None) -> None:
     if "train" in args.sections and args.max_batch_variant and bench.time_left() > 90:
         largest_batch(bench, args.max_batch_variant)
     bench.best_train = (math.inf, "", None)
-    best_sampling, network = args.sampling_variants[0], None
     if "sampling" in args.sections:
-        best_sampling, network = sampling(bench)
+        sampling(bench)
     if "volume" in args.sections and bench.time_left() > 30:
-        volume(bench, best_sampling, network)
+        volume(bench)
     print_tables(bench.rows)
     print(f"\ndone in {time.perf_counter() - bench.start:.0f} s; results in {bench.out}", flush=True)
 

@@ -5,9 +5,10 @@ sampler's seconds and mean Dice per region, and the difference to the reference 
 With the defaults it evaluates the committed demo checkpoint ``bundle/models/model.pt`` on the validation split of
 the README's synthetic data set (write it first with README command 1's ``synth`` and ``datalist`` steps):
 
-    python benchmarks/bench_sampler_agreement.py --samplers ddim:10 ddim:25 ddpm:1000 --out agreement
+    python benchmarks/bench_sampler_agreement.py --samplers dpmpp_2m:8 ddim:10 ddpm:1000 --out agreement
 
-A sampler is ``scheduler:steps[:eta[:seed]]`` (eta: DDIM stochasticity, seed: the sampler's noise seed, default 0).
+A sampler is ``scheduler:steps[:eta[:seed]]`` (scheduler: ``ddim``, ``dpmpp_2m`` or ``ddpm``; eta: DDIM
+stochasticity; seed: the sampler's noise seed, default 0).
 ``--reference`` reuses every sampler stored in earlier runs' ``agreement.json`` files instead of running it again
 (a 1000-step DDPM run is the slow one); a sampler stored by several of them, e.g. runs on disjoint subsets of the
 subjects (``"datalist"`` override), is merged subject by subject.
@@ -48,7 +49,9 @@ REGIONS = ("TC", "WT", "ET", "mean")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bundle/configs/evaluate.json")
-    parser.add_argument("--samplers", nargs="+", default=["ddim:10", "ddpm:1000"], help="see above; last = reference")
+    parser.add_argument(
+        "--samplers", nargs="+", default=["dpmpp_2m:8", "ddpm:1000"], help="see above; last = reference"
+    )
     parser.add_argument(
         "--reference", nargs="*", default=[], help="agreement.json files of earlier runs: samplers reused, not run"
     )

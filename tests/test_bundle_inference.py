@@ -135,3 +135,21 @@ def test_bundle_loads_in_a_fresh_python_and_evaluates(bundle_copy):
     assert set(summary["dice_WT"]) == {"mean", "std", "ci95"} and "hd95_ET" in summary and "lesion_dice_ET" in summary
     assert {"auc", "f1", "accuracy", "ece", "confusion_matrix"} <= set(summary["grade"])
     assert "dice_WT" in result.stdout  # the printed table
+
+
+def test_gpu_inference_overlay_overrides_only_existing_keys():
+    """inference_gpu.json changes keys that inference.json has and builds the fast compiled sampler."""
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    base = ConfigParser()
+    base.read_config(str(configs / "inference.json"))
+    overlay = ConfigParser.load_config_file(str(configs / "inference_gpu.json"))
+    assert all(key in base for key in overlay), (
+        f"inference_gpu.json keys not in inference.json: {set(overlay) - set(base.config)}"
+    )
+    merged = ConfigParser()
+    merged.read_config([str(configs / "inference.json"), str(configs / "inference_gpu.json")])
+    sampler = merged.get_parsed_content("inferer")
+    assert sampler.scheduler_name == "dpmpp_2m" and sampler.compile is True
+    assert sampler.num_inference_steps == overlay["num_inference_steps"]

@@ -11,7 +11,14 @@ from medsegdiff_monai.inferers.export import (
 )
 from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
 from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer, SubjectOutput, SubjectPrediction
-from medsegdiff_monai.inferers.sampler import DiffusionSampler, SamplerOutput, repeat_condition
+from medsegdiff_monai.inferers.sampler import (
+    SAMPLING_SCHEDULERS,
+    DiffusionSampler,
+    SamplerOutput,
+    make_sampling_scheduler,
+    repeat_condition,
+)
+from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler
 from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
 from medsegdiff_monai.inferers.writers import (
     label_overlay,
@@ -23,7 +30,9 @@ from medsegdiff_monai.inferers.writers import (
 )
 
 __all__ = [
+    "SAMPLING_SCHEDULERS",
     "BratsVolumeInferer",
+    "DPMSolverMultistepScheduler",
     "DiffusionSampler",
     "ExportedDiffusionNetwork",
     "SamplerOutput",
@@ -40,6 +49,7 @@ __all__ = [
     "label_overlay",
     "load_exported_network",
     "load_network_weights",
+    "make_sampling_scheduler",
     "repeat_condition",
     "resolve_entries",
     "run_evaluation",

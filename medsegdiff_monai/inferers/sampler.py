@@ -8,12 +8,16 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import Tensor, nn
 
+from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler, leading_timesteps, share_noise_schedule
 from medsegdiff_monai.utils import parse_amp_dtype
 
-__all__ = ["DiffusionSampler", "SamplerOutput", "repeat_condition"]
+__all__ = ["SAMPLING_SCHEDULERS", "DiffusionSampler", "SamplerOutput", "make_sampling_scheduler", "repeat_condition"]
+
+# the ``scheduler`` names of :class:`DiffusionSampler`
+SAMPLING_SCHEDULERS = ("ddim", "dpmpp_2m", "ddpm")
 
 # torch.compile'd ``denoise`` per network class, shared by every sampler of the process (one compilation per shape)
 _COMPILED_DENOISE: dict[Callable, Callable] = {}
@@ -36,6 +40,58 @@ class SamplerOutput(NamedTuple):
     member_probs: Tensor | None
     p_hgg: Tensor | None
     calib_probs: Tensor
+
+
+def make_sampling_scheduler(
+    name: str,
+    num_inference_steps: int,
+    num_train_timesteps: int = 1000,
+    schedule: str = "linear_beta",
+    schedule_args: dict | None = None,
+    noise_scheduler: Scheduler | None = None,
+    scheduler_args: dict | None = None,
+) -> Scheduler:
+    """
+    The MONAI scheduler of one of :data:`SAMPLING_SCHEDULERS` for an x0-predicting network, timesteps set.
+
+    DDIM takes the timesteps of :func:`~medsegdiff_monai.inferers.schedulers.leading_timesteps`, DPM-Solver++(2M)
+    by default those evenly spaced in log signal-to-noise ratio, DDPM every timestep.
+
+    Args:
+        name: ``"ddim"`` (:class:`~monai.networks.schedulers.DDIMScheduler`), ``"dpmpp_2m"``
+            (:class:`~medsegdiff_monai.inferers.schedulers.DPMSolverMultistepScheduler`, second order) or
+            ``"ddpm"`` (:class:`~monai.networks.schedulers.DDPMScheduler`, all ``num_train_timesteps`` steps).
+        num_inference_steps: reverse steps ``N``: ``[1, T]``, exactly ``T`` for ``"ddpm"``.
+        num_train_timesteps: ``T``; with ``noise_scheduler``, its own.
+        schedule: MONAI noise schedule name (ignored with ``noise_scheduler``).
+        schedule_args: arguments of the schedule function (ignored with ``noise_scheduler``).
+        noise_scheduler: the training scheduler; its noise schedule (betas, alphas, cumulative alphas) is copied,
+            so training and sampling share one definition.
+        scheduler_args: further arguments of the scheduler class (e.g. ``{"timestep_spacing": "leading"}`` for
+            ``"dpmpp_2m"``).
+
+    Raises:
+        ValueError: an unknown name or an unsupported step count, listing the valid ones.
+    """
+    if noise_scheduler is not None:
+        num_train_timesteps = noise_scheduler.num_train_timesteps
+    if name not in SAMPLING_SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(map(repr, SAMPLING_SCHEDULERS))}, got {name!r}.")
+    if name == "ddpm" and num_inference_steps != num_train_timesteps:
+        raise ValueError(
+            f"scheduler='ddpm' runs all num_train_timesteps={num_train_timesteps} steps, got "
+            f"num_inference_steps={num_inference_steps}; use 'ddim' or 'dpmpp_2m' for 1 to {num_train_timesteps} steps."
+        )
+    timesteps = leading_timesteps(num_inference_steps, num_train_timesteps)  # checks the step count
+    classes = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
+    kwargs = {**(schedule_args or {}), **(scheduler_args or {})}
+    scheduler: Scheduler = classes[name](num_train_timesteps, schedule, prediction_type="sample", **kwargs)
+    if noise_scheduler is not None:
+        share_noise_schedule(scheduler, noise_scheduler)
+    scheduler.set_timesteps(num_inference_steps)
+    if name == "ddim":  # DDIMScheduler.step moves back by T // N: its timesteps must be spaced by exactly that
+        scheduler.timesteps = timesteps
+    return scheduler
 
 
 def repeat_condition(condition: Any, repeats: int) -> Any:
@@ -73,13 +129,19 @@ class DiffusionSampler:
     lands exactly on the next timestep; MONAI's default ``linspace(T - 1, 0, N)`` timesteps do not (999 steps to
     899, then the network is told 888). Ending at t = 0 matters: on a small trained model, 10 DDIM steps agree with
     1000 DDPM steps on 98 % of voxels this way and on 90 % with "trailing" timesteps (999, ..., 99).
-    ``scheduler="ddpm"`` is the ancestral 1000-step sampler of training, kept for comparison.
+    ``scheduler="dpmpp_2m"`` (:class:`~medsegdiff_monai.inferers.schedulers.DPMSolverMultistepScheduler`) takes
+    the same timesteps with the second-order DPM-Solver++(2M) update: the same network passes as DDIM, a more
+    accurate path, so fewer steps reach the same result. ``scheduler="ddpm"`` is the ancestral 1000-step sampler of
+    training, the reference the others are measured against. A batch whose probabilities hold NaN raises
+    ``FloatingPointError`` naming the scheduler, so nothing of it is written.
 
     Args:
-        num_inference_steps: number of reverse steps ``N``. Must equal ``num_train_timesteps`` for ``"ddpm"``.
-        scheduler: ``"ddim"`` (deterministic DDIM, ``eta`` = 0 by default) or ``"ddpm"``.
-        num_train_timesteps: ``T`` of the training scheduler.
-        schedule: MONAI noise schedule name of the training scheduler (e.g. ``"linear_beta"``).
+        num_inference_steps: number of reverse steps ``N`` in ``[1, T]``; exactly ``T`` for ``"ddpm"``.
+        scheduler: one of :data:`SAMPLING_SCHEDULERS`: ``"ddim"`` (deterministic DDIM, ``eta`` = 0 by default),
+            ``"dpmpp_2m"`` or ``"ddpm"``.
+        num_train_timesteps: ``T`` of the training scheduler (taken from ``noise_scheduler`` when given).
+        schedule: MONAI noise schedule name of the training scheduler (e.g. ``"linear_beta"``); ignored with
+            ``noise_scheduler``.
         ensemble_size: number of members ``K`` drawn from different initial noise.
         seed: seed of the ``torch.Generator`` made on the image's device for each call that is not given a
             generator; ``None`` draws from the global random state.
@@ -89,8 +151,13 @@ class DiffusionSampler:
         amp_dtype: autocast dtype of the network passes on CUDA (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``);
             None runs them in float32. The scheduler update, the noisy sample and every returned tensor stay
             float32. Ignored on CPU.
-        compile: run ``network.denoise`` through ``torch.compile`` (no graph break; each new input shape compiles
-            once per process, later calls reuse the compiled code). Worth it for whole volumes on a GPU.
+        compile: run ``network.denoise`` through ``torch.compile`` with static shapes (each input shape compiles
+            once per process, later calls reuse the compiled code; :func:`~medsegdiff_monai.inferers.sample_volume`
+            pads its last slice batch so that one shape serves every volume).
+        noise_scheduler: the training scheduler (e.g. the bundle's ``noise_scheduler``, a MONAI
+            ``DDPMScheduler``); the sampling scheduler takes its noise schedule and ``num_train_timesteps``, so
+            training and sampling share one definition.
+        scheduler_args: further arguments of the sampling scheduler class (see :func:`make_sampling_scheduler`).
 
     Example::
 
@@ -112,35 +179,23 @@ class DiffusionSampler:
         schedule_args: dict | None = None,
         amp_dtype: str | None = None,
         compile: bool = False,
+        noise_scheduler: Scheduler | None = None,
+        scheduler_args: dict | None = None,
     ) -> None:
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
-        if not 1 <= num_inference_steps <= num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], "
-                f"got {num_inference_steps}."
-            )
+        if noise_scheduler is not None:
+            num_train_timesteps = noise_scheduler.num_train_timesteps
         self.amp_dtype = parse_amp_dtype(amp_dtype)
-        schedule_args = dict(schedule_args or {})
-        if scheduler == "ddim":
-            self.scheduler: DDIMScheduler | DDPMScheduler = DDIMScheduler(
-                num_train_timesteps=num_train_timesteps, schedule=schedule, prediction_type="sample", **schedule_args
-            )
-            self.scheduler.set_timesteps(num_inference_steps)
-            stride = num_train_timesteps // num_inference_steps
-            self.scheduler.timesteps = torch.arange(num_inference_steps - 1, -1, -1) * stride
-        elif scheduler == "ddpm":
-            if num_inference_steps != num_train_timesteps:
-                raise ValueError(
-                    f"scheduler='ddpm' runs all num_train_timesteps={num_train_timesteps} steps, "
-                    f"got num_inference_steps={num_inference_steps}; use scheduler='ddim' for fewer steps."
-                )
-            self.scheduler = DDPMScheduler(
-                num_train_timesteps=num_train_timesteps, schedule=schedule, prediction_type="sample", **schedule_args
-            )
-            self.scheduler.set_timesteps(num_inference_steps)
-        else:
-            raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {scheduler!r}.")
+        self.scheduler = make_sampling_scheduler(
+            scheduler,
+            num_inference_steps,
+            num_train_timesteps,
+            schedule,
+            schedule_args,
+            noise_scheduler,
+            scheduler_args,
+        )
         self.scheduler_name = scheduler
         self.num_inference_steps = num_inference_steps
         self.ensemble_size = ensemble_size
@@ -162,7 +217,7 @@ class DiffusionSampler:
             return network.denoise
         function = type(network).denoise
         if function not in _COMPILED_DENOISE:
-            _COMPILED_DENOISE[function] = torch.compile(function)
+            _COMPILED_DENOISE[function] = torch.compile(function, dynamic=False)
         return functools.partial(_COMPILED_DENOISE[function], network)
 
     def _step(self, x0_estimate: Tensor, timestep: int, sample: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -209,9 +264,16 @@ class DiffusionSampler:
             t_batch = torch.full((mask_shape[0],), timestep, device=image.device, dtype=torch.long)
             with autocast:
                 seg_logits = denoise(sample, t_batch, member_condition)
-            x0_estimate = torch.tanh(seg_logits.float() / 2)
+            # contiguous: the network may answer in channels-last, and one layout of x_t keeps one compiled graph
+            x0_estimate = torch.tanh(seg_logits.float() / 2).contiguous()
             sample = self._step(x0_estimate, timestep, sample, generator)
         member_probs = torch.sigmoid(seg_logits.float()).view(members, num_slices, *mask_shape[1:])
+        if bool(torch.isnan(member_probs).any()):
+            raise FloatingPointError(
+                f"scheduler {self.scheduler_name!r} with {self.num_inference_steps} steps produced NaN probabilities "
+                f"(amp_dtype={self.amp_dtype}); nothing of this batch is usable. Check the checkpoint, or run with "
+                "amp_dtype=None (float32) or another scheduler."
+            )
         p_hgg = None if condition.cls_logits is None else torch.softmax(condition.cls_logits.float(), dim=1)[:, 1]
         return SamplerOutput(
             probs=member_probs.mean(dim=0),

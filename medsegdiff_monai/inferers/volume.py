@@ -76,10 +76,13 @@ def sample_volume(
 
     Axial slices without brain (see :func:`brain_slice_mask`) are skipped and get probability 0 and uncertainty 0.
     The others run in batches of ``slice_batch_size`` slices (``slice_batch_size * ensemble_size`` network inputs
-    per step). One random generator (seeded by ``sampler.seed``) serves the whole volume. A slice is
-    tumour-bearing when some voxel's probability exceeds ``tumour_threshold`` in any channel (for the nested BraTS
-    regions this is the whole tumour); the subject's p(HGG) is the mean slice p(HGG) over those slices, or over all
-    brain slices when the model finds no tumour.
+    per step, members and slices in one batch, the condition features computed once per slice). With a compiled
+    sampler (``sampler.compile``) every batch has exactly ``slice_batch_size`` slices, the last one padded with
+    copies of its last slice whose results are dropped, so one compiled shape serves every batch of every volume;
+    without it the last batch is just shorter (no padded work). One random generator (seeded by ``sampler.seed``)
+    serves the whole volume. A slice is tumour-bearing when some voxel's probability exceeds ``tumour_threshold``
+    in any channel (for the nested BraTS regions this is the whole tumour); the subject's p(HGG) is the mean slice
+    p(HGG) over those slices, or over all brain slices when the model finds no tumour.
 
     Args:
         network: the diffusion network (``encode_condition`` / ``denoise``), in the mode the caller chose.
@@ -106,17 +109,19 @@ def sample_volume(
     slice_p_hgg: Tensor | None = None
     batches = [brain_index[i : i + slice_batch_size] for i in range(0, len(brain_index), slice_batch_size)]
     for batch_index in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
-        out = sampler(network, slices[batch_index], generator=generator)
+        padding = [batch_index[-1]] * (slice_batch_size - len(batch_index)) if sampler.compile else []
+        out = sampler(network, slices[batch_index + padding], generator=generator)
         if probs is None or uncertainty is None:
             shape = (depth, *out.probs.shape[1:])
             probs = out.probs.new_zeros(shape)
             uncertainty = out.probs.new_zeros(shape)
-        probs[batch_index] = out.probs
-        uncertainty[batch_index] = out.uncertainty
+        count = len(batch_index)
+        probs[batch_index] = out.probs[:count]
+        uncertainty[batch_index] = out.uncertainty[:count]
         if out.p_hgg is not None:
             if slice_p_hgg is None:
                 slice_p_hgg = out.p_hgg.new_full((depth,), math.nan)
-            slice_p_hgg[batch_index] = out.p_hgg
+            slice_p_hgg[batch_index] = out.p_hgg[:count]
     if probs is None or uncertainty is None:
         return _empty_volume_output(network, image)
     p_hgg = None

@@ -6,6 +6,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medsegdiff_monai.data import BratsDataError, load_brats_datalist
 from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler
@@ -91,6 +92,16 @@ def test_folder_input_and_num_cases(stand_in_network, brats_copy, tmp_path):
 def _assert_nothing_written(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_nan_from_the_sampler_is_named_and_writes_nothing(stand_in_network, brats_copy, tmp_path, monkeypatch):
+    network = stand_in_network()
+    monkeypatch.setattr(network, "denoise", lambda x_t, t, condition: torch.full_like(x_t, float("nan")))
+    sampler = DiffusionSampler(num_inference_steps=2, scheduler="dpmpp_2m", ensemble_size=2)
+    inferer = BratsVolumeInferer(network, sampler, roi_size=ROI, progress=False)
+    with pytest.raises(FloatingPointError, match="scheduler 'dpmpp_2m' with 2 steps produced NaN"):
+        inferer.run(brats_copy, tmp_path / "out", num_cases=1)
+    _assert_nothing_written(tmp_path)
 
 
 def test_missing_modality_fails_naming_it_and_writes_nothing(brain_oracle, brats_copy, tmp_path):

@@ -134,3 +134,31 @@ def test_few_step_ddim_agrees_with_1000_step_ddpm(stand_in_network):
     agreement = (ddim == ddpm).float().mean()
     assert agreement > 0.95, f"DDIM-10 and DDPM-1000 agree on {float(agreement):.3f} of voxels"
     assert (ddim == target).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_nan_probabilities_are_caught_and_named(stand_in_network, scheduler, monkeypatch):
+    network = stand_in_network()  # its denoiser answers NaN, as an overflowing solver would
+    monkeypatch.setattr(network, "denoise", lambda x_t, t, condition: torch.full_like(x_t, float("nan")))
+    sampler = DiffusionSampler(scheduler=scheduler, num_inference_steps=3, ensemble_size=2)
+    with pytest.raises(FloatingPointError, match=f"scheduler '{scheduler}' with 3 steps produced NaN"):
+        sampler(network, _image())
+
+
+def test_few_step_dpm_solver_agrees_with_1000_step_ddpm(stand_in_network):
+    network = stand_in_network()
+    _train_disc_model(network)
+    image = _image(batch=4, seed=3)
+    solver = DiffusionSampler(scheduler="dpmpp_2m", num_inference_steps=5, ensemble_size=2)(network, image).probs
+    ddpm = DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, ensemble_size=2)(network, image).probs
+    agreement = ((solver > 0.5) == (ddpm > 0.5)).float().mean()
+    assert agreement > 0.95, f"DPM-Solver++(2M) 5 steps and DDPM-1000 agree on {float(agreement):.3f} of voxels"
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_every_step_gets_the_same_layout_from_a_channels_last_network(stand_in_network, scheduler):
+    # a compiled denoise recompiles when the strides of x_t change between steps
+    network = stand_in_network().to(memory_format=torch.channels_last)
+    image = _image().contiguous(memory_format=torch.channels_last)
+    DiffusionSampler(scheduler=scheduler, num_inference_steps=3, ensemble_size=2)(network, image)
+    assert [x_t.is_contiguous() for x_t, _ in network.denoise_inputs] == [True] * 3

@@ -47,6 +47,24 @@ def test_batch_size_does_not_change_a_noise_free_result(stand_in_network):
     assert one.p_hgg == pytest.approx(many.p_hgg)
 
 
+def test_compiled_sampler_gets_one_static_batch_shape(stand_in_network, monkeypatch):
+    network = stand_in_network(noise_gain=0.0)
+    image = _volume()
+    eager = sample_volume(network, image, DiffusionSampler(num_inference_steps=2, ensemble_size=2), slice_batch_size=4)
+    compiled = DiffusionSampler(num_inference_steps=2, ensemble_size=2, compile=True)
+    # the padding depends on the flag alone; the plain denoise keeps the test free of compilation time
+    monkeypatch.setattr(compiled, "_denoise_function", lambda network: network.denoise)
+    network.encode_batches.clear()
+    network.denoise_inputs.clear()
+    padded = sample_volume(network, image, compiled, slice_batch_size=4)
+    assert network.encode_batches == [4, 4]  # 6 brain slices: the second batch padded from 2 to 4
+    assert {x_t.shape[0] for x_t, _ in network.denoise_inputs} == {8}
+    torch.testing.assert_close(padded.probs, eager.probs)
+    torch.testing.assert_close(padded.uncertainty, eager.uncertainty)
+    torch.testing.assert_close(padded.slice_p_hgg, eager.slice_p_hgg, equal_nan=True)
+    assert padded.p_hgg == pytest.approx(eager.p_hgg)
+
+
 def test_subject_p_hgg_uses_tumour_slices_then_falls_back():
     slice_p = torch.tensor([0.2, 0.9, 0.7, 0.1])
     assert subject_p_hgg(slice_p, torch.tensor([False, True, True, False])) == pytest.approx(0.8)

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from medsegdiff_monai.inferers import DiffusionSampler
+from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler, leading_timesteps, logsnr_timesteps
+
+CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+
+
+def _run(scheduler, x0_of, sample: torch.Tensor, steps: int) -> torch.Tensor:
+    """Run ``scheduler`` from ``sample`` at its first timestep over ``steps`` steps; returns the final sample."""
+    scheduler.set_timesteps(steps)
+    if isinstance(scheduler, DDIMScheduler):
+        scheduler.timesteps = leading_timesteps(steps, scheduler.num_train_timesteps)
+    for timestep in scheduler.timesteps:  # 0-d tensors, as in MONAI's loops
+        sample = scheduler.step(x0_of(sample, timestep), timestep, sample)[0]
+    return sample
+
+
+def _gaussian_data(mean: float, std: float, alphas_cumprod: torch.Tensor):
+    """Data x0 ~ N(mean, std^2): the exact x0 predictor E[x0 | x_t] and the exact probability-flow ODE map."""
+
+    def x0_of(sample: torch.Tensor, timestep: int) -> torch.Tensor:
+        a = alphas_cumprod[timestep].double()
+        alpha, var = a.sqrt(), a * std**2 + (1 - a)
+        return mean + alpha * std**2 / var * (sample - alpha * mean)
+
+    def ode_solution(sample: torch.Tensor, start: int) -> torch.Tensor:
+        # along the ODE x_t = alpha_t mean + sqrt(alpha_t^2 std^2 + sigma_t^2) z with z fixed; at the end alpha = 1
+        a = alphas_cumprod[start].double()
+        z = (sample - a.sqrt() * mean) / (a * std**2 + (1 - a)).sqrt()
+        return mean + std * z
+
+    return x0_of, ode_solution
+
+
+def test_first_order_is_monai_ddim():
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 3, 5, 5, generator=generator, dtype=torch.float64)
+    outputs = torch.tanh(torch.randn(7, 2, 3, 5, 5, generator=generator, dtype=torch.float64))
+    ddim = DDIMScheduler(1000, "linear_beta", clip_sample=False, prediction_type="sample")
+    solver = DPMSolverMultistepScheduler(1000, solver_order=1, prediction_type="sample", timestep_spacing="leading")
+    calls = iter(range(14))
+    expected = _run(ddim, lambda x, t: outputs[next(calls) % 7], sample, 7)
+    ours = _run(solver, lambda x, t: outputs[next(calls) % 7], sample, 7)
+    assert solver.timesteps.tolist() == [852, 710, 568, 426, 284, 142, 0]
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_constant_prediction_is_exact_in_one_step(order):
+    # with x0 constant the ODE's solution is x_t = alpha_t c + sigma_t eps, eps fixed: one step lands on it
+    solver = DPMSolverMultistepScheduler(solver_order=order, prediction_type="sample", timestep_spacing="leading")
+    a_t = solver.alphas_cumprod.double()
+    constant = torch.full((4,), 0.3, dtype=torch.float64)
+    noise = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    solver.set_timesteps(4)  # 750 -> 500 -> 250 -> 0 -> clean
+    sample = a_t[750].sqrt() * constant + (1 - a_t[750]).sqrt() * noise
+    for timestep, following in ((750, 500), (500, 250), (250, 0)):
+        sample = solver.step(constant, timestep, sample)[0]
+        torch.testing.assert_close(sample, a_t[following].sqrt() * constant + (1 - a_t[following]).sqrt() * noise)
+    clean, x0 = solver.step(constant, 0, sample)
+    torch.testing.assert_close(clean, constant)
+    torch.testing.assert_close(x0, constant)
+
+
+@pytest.mark.parametrize("std", [0.1, 0.5, 1.0])
+def test_second_order_follows_the_exact_ode_of_gaussian_data(std):
+    alphas_cumprod = DDPMScheduler(1000, "linear_beta").alphas_cumprod
+    x0_of, ode_solution = _gaussian_data(mean=0.4, std=std, alphas_cumprod=alphas_cumprod)
+    noise = torch.randn(256, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    errors = {}
+    for name, order, spacing in (("ddim", 1, "leading"), ("2m", 2, "logsnr")):
+        for steps in (10, 20, 40):
+            solver = DPMSolverMultistepScheduler(solver_order=order, timestep_spacing=spacing)
+            solver.set_timesteps(steps)
+            start = int(solver.timesteps[0])
+            a = alphas_cumprod[start].double()  # the sample at the first timestep, a point of the ODE
+            sample = 0.4 * a.sqrt() + (a * std**2 + 1 - a).sqrt() * noise
+            errors[name, steps] = float((_run(solver, x0_of, sample, steps) - ode_solution(sample, start)).abs().max())
+    for steps in (10, 20, 40):
+        assert errors["2m", steps] < errors["ddim", steps] / 2, errors
+    assert errors["2m", 40] < errors["2m", 10] / 4, errors
+
+
+def test_logsnr_timesteps_are_distinct_and_even_in_lambda():
+    alphas_cumprod = DDPMScheduler(1000, "linear_beta").alphas_cumprod.double()
+    lambdas = 0.5 * (alphas_cumprod / (1 - alphas_cumprod)).log()
+    for steps in (1, 2, 7, 200, 999, 1000):
+        timesteps = logsnr_timesteps(steps, alphas_cumprod).tolist()
+        assert len(set(timesteps)) == steps and timesteps == sorted(timesteps, reverse=True) and timesteps[-1] == 0
+    timesteps = logsnr_timesteps(8, alphas_cumprod)
+    spans = lambdas[timesteps[1:]] - lambdas[timesteps[:-1]]
+    assert int(timesteps[0]) == 999
+    torch.testing.assert_close(spans, spans.mean().expand(7), rtol=0.05, atol=0)
+
+
+def test_epsilon_and_v_predictions_give_the_same_step():
+    a_t = DDPMScheduler(1000, "linear_beta").alphas_cumprod.double()
+    generator = torch.Generator().manual_seed(3)
+    sample, x0 = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    alpha, sigma = a_t[500].sqrt(), (1 - a_t[500]).sqrt()
+    epsilon = (sample - alpha * x0) / sigma
+    outputs = {"sample": x0, "epsilon": epsilon, "v_prediction": alpha * epsilon - sigma * x0}
+    steps = {}
+    for kind, output in outputs.items():
+        solver = DPMSolverMultistepScheduler(prediction_type=kind, timestep_spacing="leading")
+        solver.set_timesteps(2)
+        steps[kind] = solver.step(output, 500, sample)[0]
+    torch.testing.assert_close(steps["epsilon"], steps["sample"])
+    torch.testing.assert_close(steps["v_prediction"], steps["sample"])
+
+
+def test_invalid_solver_arguments():
+    with pytest.raises(ValueError, match="solver_order"):
+        DPMSolverMultistepScheduler(solver_order=3)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DPMSolverMultistepScheduler(prediction_type="score")
+    solver = DPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, num_train_timesteps=1000\]"):
+        solver.set_timesteps(0)
+    solver.set_timesteps(5)
+    with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
+        solver.step(torch.zeros(1), 998, torch.zeros(1))
+
+
+def test_sampler_names_and_step_counts_are_checked():
+    with pytest.raises(ValueError, match="'ddim', 'dpmpp_2m', 'ddpm'"):
+        DiffusionSampler(scheduler="euler")
+    with pytest.raises(ValueError, match=r"\[1, num_train_timesteps=1000\]"):
+        DiffusionSampler(scheduler="dpmpp_2m", num_inference_steps=1001)
+    with pytest.raises(ValueError, match="'ddim' or 'dpmpp_2m' for 1 to 1000 steps"):
+        DiffusionSampler(scheduler="ddpm", num_inference_steps=10)
+
+
+def test_sampler_takes_the_training_noise_schedule():
+    training = DDPMScheduler(200, "scaled_linear_beta", beta_start=1e-3, beta_end=3e-2, prediction_type="sample")
+    for name, steps in (("ddim", 8), ("dpmpp_2m", 8), ("ddpm", 200)):
+        sampler = DiffusionSampler(scheduler=name, num_inference_steps=steps, noise_scheduler=training)
+        torch.testing.assert_close(sampler.scheduler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
+        assert sampler.timesteps[0] < 200 and sampler.timesteps[-1] == 0
+
+
+def test_bundle_training_and_inference_share_the_noise_schedule():
+    schedules = []
+    for name in ("train.json", "inference.json"):
+        parser = ConfigParser(json.loads((CONFIGS / name).read_text()))
+        schedules.append(parser.get_parsed_content("noise_scheduler").alphas_cumprod)
+    torch.testing.assert_close(schedules[0], schedules[1], rtol=0, atol=0)
