@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medsegdiff_monai.data import (
+    DIFFICULTIES,
     GRADE_TO_INDEX,
     FolderReport,
     build_datalist,
@@ -73,6 +74,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         shape=tuple(args.shape),
         seed=args.seed,
         progress=not args.no_progress,
+        difficulty=args.difficulty,
     )
     print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} to {out}")
     return 0
@@ -92,6 +94,13 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
         "--shape", type=_positive_int, nargs=3, default=[240, 240, 155], metavar=("X", "Y", "Z"), help="volume shape."
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set (default 0).")
+    parser.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTIES),
+        default="standard",
+        help="image difficulty: 'standard' (default) or 'hard' (low tumour contrast, patchy enhancement, "
+        "multifocal and infiltrative tumours, strong bias field and noise).",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
     parser.set_defaults(handler=_run_synth)
 

@@ -16,8 +16,11 @@ from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
 from medsegdiff_monai.data.split import class_balance_line, grade_class_weights, stratified_split
 from medsegdiff_monai.data.synthetic import (
+    DIFFICULTIES,
+    SyntheticDifficulty,
     SyntheticSubject,
     brats_affine,
+    get_difficulty,
     make_synthetic_subject,
     write_synthetic_brats,
 )
@@ -31,6 +34,7 @@ from medsegdiff_monai.data.validation import (
 
 __all__ = [
     "BRATS_LABEL_VALUES",
+    "DIFFICULTIES",
     "GRADE_TO_INDEX",
     "INDEX_TO_GRADE",
     "MODALITIES",
@@ -41,12 +45,14 @@ __all__ = [
     "FolderReport",
     "NameMapping",
     "SubjectFiles",
+    "SyntheticDifficulty",
     "SyntheticSubject",
     "ThreadSafeNibabelReader",
     "brats_affine",
     "build_datalist",
     "check_subject_volumes",
     "class_balance_line",
+    "get_difficulty",
     "grade_class_weights",
     "list_subject_dirs",
     "make_slice_dataset",
