@@ -1,4 +1,4 @@
-"""Subject-level stratified split (training / validation / testing) and the grade class balance of the training split."""
+"""Subject-level stratified split (training / validation / testing) and the training split's grade class balance."""
 
 from __future__ import annotations
 
