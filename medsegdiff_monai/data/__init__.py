@@ -14,7 +14,13 @@ from medsegdiff_monai.data.layout import (
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
 from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
-from medsegdiff_monai.data.split import class_balance_line, grade_class_weights, stratified_split
+from medsegdiff_monai.data.split import (
+    SubjectSplit,
+    class_balance,
+    class_balance_line,
+    grade_class_weights,
+    stratified_split,
+)
 from medsegdiff_monai.data.synthetic import (
     DIFFICULTIES,
     SyntheticDifficulty,
@@ -45,12 +51,14 @@ __all__ = [
     "FolderReport",
     "NameMapping",
     "SubjectFiles",
+    "SubjectSplit",
     "SyntheticDifficulty",
     "SyntheticSubject",
     "ThreadSafeNibabelReader",
     "brats_affine",
     "build_datalist",
     "check_subject_volumes",
+    "class_balance",
     "class_balance_line",
     "get_difficulty",
     "grade_class_weights",
