@@ -7,11 +7,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ignite.metrics import MeanSquaredError
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ROCAUC, ConfusionMatrix, MeanDice, MeanIoUHandler
 from monai.utils import MetricReduction
 
 from medsegdiff_monai.inferers import DiffusionSampler, sample_volume
+from medsegdiff_monai.networks.calibration import logit
 from medsegdiff_monai.utils import unwrap_module
 
 __all__ = ["DiffusionEvaluator", "validation_metrics", "REGION_NAMES"]
@@ -36,11 +38,12 @@ def _grade_decisions(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dict[str, Any]:
-    """The per-epoch validation metrics as MONAI Ignite metric handlers, keyed by the printed name.
+    """The per-epoch validation metrics as MONAI / Ignite metric handlers, keyed by the printed name.
 
     ``Dice``/``IoU`` are the means over subjects and regions (an empty reference region gives NaN and is left
     out of the mean, MONAI's ``ignore_empty``); ``Dice_<region>``/``IoU_<region>`` per region (TC, WT, ET). With
-    the grade head: subject-level ``AUC``, ``F1`` (HGG positive) and ``Acc`` at p(HGG) >= 0.5.
+    the grade head: subject-level ``AUC``, ``F1`` (HGG positive) and ``Acc`` at p(HGG) >= 0.5, and the ``Brier``
+    score ``mean (p(HGG) - grade)^2`` (Ignite's ``MeanSquaredError``), which the checkpoint selection uses.
     """
     if mask_channels not in REGION_NAMES:
         raise ValueError(f"mask_channels={mask_channels}: expected 1 (WT) or 3 (TC, WT, ET).")
@@ -62,6 +65,7 @@ def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dic
         metrics["Acc"] = ConfusionMatrix(
             include_background=True, metric_name="accuracy", output_transform=_grade_decisions
         )
+        metrics["Brier"] = MeanSquaredError(output_transform=_grade_scores)
     return metrics
 
 
@@ -70,7 +74,9 @@ class DiffusionEvaluator(SupervisedEvaluator):
 
     Batch keys: ``"image"`` (B, 4, H, W, D), ``"label"`` (B, C_mask, H, W, D) regions, ``"grade"`` (B,). The
     iteration output holds ``"pred"`` (B, C_mask, H, W, D) binary at ``threshold``, ``"label"``, and, with a grade
-    head, ``"p_hgg"`` (B, 1) subject-level p(HGG) and ``"grade"`` (B, 1).
+    head, ``"p_hgg"`` (B, 1) subject-level p(HGG) (:func:`~medsegdiff_monai.inferers.subject_p_hgg`, the same
+    function as inference), ``"grade_log_odds"`` (B, 1) float64 ``logit(p_hgg)`` (what the grade calibration is
+    fitted on) and ``"grade"`` (B, 1).
 
     Args:
         device: where to run.
@@ -147,6 +153,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
         }
         if p_hgg[0] is not None:
             output["p_hgg"] = torch.tensor(p_hgg, dtype=torch.float32, device=device).view(-1, 1)
+            output["grade_log_odds"] = torch.tensor([logit(p) for p in p_hgg], dtype=torch.float64).view(-1, 1)
             output["grade"] = torch.as_tensor(batchdata["grade"], device=device).float().view(-1, 1)
         engine.state.output = output
         return output
