@@ -12,7 +12,8 @@ on the validation split and stored in ``model.pt``):
 
 Reported on the test split, which is used for nothing else: Dice per region (TC, WT, ET, mean) with 95 % bootstrap
 intervals; AUC, accuracy, F1, ECE and Brier score of the grade after the stored calibration and before it (the
-calibration is affine in the log-odds, so the raw p(HGG) follows from the calibrated one); the paired mean-Dice
+network is evaluated with its calibration set to the identity, and the stored one, affine in the log-odds, is
+applied to the raw subject log-odds); the paired mean-Dice
 difference of each plan against ``segonly`` (and of ``multitask`` against ``naive``) with its 95 % interval; the
 uncertainty figures (voxel error-detection AUROC in the tumour neighbourhood and in the brain, Spearman correlation
 of the per-subject mean uncertainty with mean Dice). Prints a table and writes ``<out>/quality.json``.
@@ -86,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one plan of --jobs, no report
     args = parser.parse_args(argv)
     if args.tiny:
-        args.subjects, args.shape, args.epochs = 20, [32, 32, 24], [1, 1, 1]
-        args.ensemble, args.steps, args.bootstrap = 2, 2, 200
+        args.subjects, args.shape, args.epochs = 12, [32, 32, 24], [1, 1, 1]
+        args.ensemble, args.steps, args.bootstrap = 2, 1, 200
         args.val_fraction, args.test_fraction = 0.25, 0.25
     return args
 
@@ -161,7 +162,7 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "preset": "small",
         "roi_size": [64, 64],
         "compile": False,
-        "val_interval": 2,
+        "val_interval": 1,
     }
     if torch.cuda.is_available():
         overrides.update(
@@ -202,7 +203,8 @@ def train(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, p
 def evaluate(
     args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, plan_dir: Path, key: str, overrides: dict
 ) -> list[dict[str, Any]]:
-    """Run ``evaluate.json`` on one split; per subject: Dice per region, grade, p(HGG), and the uncertainty figures."""
+    """Run ``evaluate.json`` on one split; per subject: Dice per region, grade, uncalibrated p(HGG) (the network's
+    calibration set to the identity), and the uncertainty figures."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_CONFIGS / "evaluate.json"))
     parser.update(
@@ -222,6 +224,9 @@ def evaluate(
     )
     parser.get_parsed_content("initialize")  # set_determinism(seed)
     evaluator = parser.get_parsed_content("evaluator")
+    calibration = getattr(evaluator.network, "grade_calibration", None)
+    if calibration is not None:  # score the raw grade; the stored calibration is applied to it in the report
+        calibration.set(1.0, 0.0)
     output_dir = plan_dir / f"evaluate_{key}"
     result = run_evaluation(
         evaluator, str(datalist), output_dir, datalist_key=key, data_dir=data_dir, include_hd95=False, print_table=False
@@ -288,10 +293,10 @@ def stored_calibration(checkpoint: Path) -> tuple[float, float]:
     return (float(scale), float(bias)) if scale is not None and bias is not None else (1.0, 0.0)
 
 
-def uncalibrated(p_hgg: np.ndarray, scale: float, bias: float) -> np.ndarray:
-    """p(HGG) before the calibration ``logit p = scale * raw log-odds + bias``."""
-    raw = (logit(torch.as_tensor(p_hgg, dtype=torch.float64)) - bias) / scale
-    return torch.sigmoid(raw).numpy()
+def calibrated(p_raw: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """p(HGG) after the calibration ``logit p = scale * raw log-odds + bias``: what ``model.pt`` outputs (the
+    calibration is affine in the log-odds, so it commutes with the mean over slices)."""
+    return torch.sigmoid(scale * logit(torch.as_tensor(p_raw, dtype=torch.float64)) + bias).numpy()
 
 
 def grade_report(p: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
@@ -365,8 +370,8 @@ def summarise(args: argparse.Namespace, results: dict[str, dict]) -> dict[str, A
             y_test = np.array([r["grade"] for r in rows])
             p_test = np.array([r["p_hgg"] for r in rows], dtype=np.float64)
             scale, bias = result["calibration"]
-            entry["grade_before_calibration"] = grade_report(uncalibrated(p_test, scale, bias), y_test, args)
-            entry["grade_after_calibration"] = grade_report(p_test, y_test, args)
+            entry["grade_before_calibration"] = grade_report(p_test, y_test, args)
+            entry["grade_after_calibration"] = grade_report(calibrated(p_test, scale, bias), y_test, args)
             entry["calibration"] = {"scale": scale, "bias": bias}
         summary["plans"][plan] = entry
     if "segonly" in results:
