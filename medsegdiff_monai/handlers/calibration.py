@@ -28,6 +28,17 @@ def _nll(log_odds: np.ndarray, grades: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, log_odds) - grades * log_odds))
 
 
+def _grade_summary(log_odds: np.ndarray, grades: np.ndarray) -> str:
+    """``p(HGG) LGG a-b, HGG c-d, Acc e, NLL f``: the ranges of p per true grade and the accuracy at p >= 0.5."""
+    p = 1.0 / (1.0 + np.exp(-log_odds))
+    ranges = ", ".join(
+        f"{name} {p[grades == index].min():.3f}-{p[grades == index].max():.3f}"
+        for index, name in ((0, "LGG"), (1, "HGG"))
+    )
+    accuracy = float(np.mean((p >= 0.5) == (grades == 1)))
+    return f"p(HGG) {ranges}, Acc {accuracy:.2f}, NLL {_nll(log_odds, grades):.4f}"
+
+
 class GradeCalibrationFit:
     """Fit the Platt scaling of the grade on the validation subjects of the best epoch and write it into the best
     network file, so that every later use of that file (inference, ``grades.csv``, evaluation) is calibrated.
@@ -38,10 +49,11 @@ class GradeCalibrationFit:
     strictly better score replacing the kept one, as Ignite's ``Checkpoint`` does). When training completes it fits
     ``(scale, bias)`` with :func:`~medsegdiff_monai.networks.fit_platt_scaling` on those subjects only (never the
     training or test subjects), composes it with the calibration already in the file, and rewrites the file's
-    ``grade_calibration.scale`` / ``.bias`` atomically (a temporary file renamed into place). It logs the scale,
-    bias and the validation NLL before and after. With fewer than ``min_subjects`` graded validation subjects, or a
-    single grade among them, it leaves the identity and logs why. Under DDP the log-odds of all ranks are gathered
-    and only rank 0 writes.
+    ``grade_calibration.scale`` / ``.bias`` atomically (a temporary file renamed into place). It logs the scale and
+    bias, and the validation p(HGG) range per grade, accuracy at 0.5 and NLL before and after (in-sample figures:
+    held-out ones come from evaluating the ``testing`` split). With fewer than ``min_subjects`` graded validation
+    subjects, or a single grade among them, it leaves the identity and logs why. Under DDP the log-odds of all ranks
+    are gathered and only rank 0 writes.
 
     The decision threshold stays p(HGG) >= 0.5 on the calibrated probability (equal costs of both errors); the
     calibration moves the probabilities, not the threshold.
@@ -132,7 +144,8 @@ class GradeCalibrationFit:
         torch.save(state, partial)
         os.replace(partial, self.best_path)
         self.logger.info(
-            f"grade calibration on {n_lgg} LGG + {n_hgg} HGG validation subjects: scale={float(calibration.scale):.4f} "
-            f"bias={float(calibration.bias):.4f}, validation NLL {_nll(log_odds, grades):.4f} -> "
-            f"{_nll(scale * log_odds + bias, grades):.4f}, written to {self.best_path}"
+            f"grade calibration fitted on {n_lgg} LGG + {n_hgg} HGG validation subjects of the best epoch: "
+            f"scale={float(calibration.scale):.4f} bias={float(calibration.bias):.4f}, written to {self.best_path}"
         )
+        self.logger.info(f"  before: {_grade_summary(log_odds, grades)}")
+        self.logger.info(f"  after:  {_grade_summary(scale * log_odds + bias, grades)} (decision at p >= 0.5)")
