@@ -47,6 +47,8 @@ from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datal
 from medsegdiff_monai.inferers import extract_network_state, run_evaluation
 from medsegdiff_monai.metrics import (
     BRATS_REGIONS,
+    bootstrap_interval,
+    brier_score,
     expected_calibration_error,
     grade_metrics,
     mean_uncertainty,
@@ -257,33 +259,12 @@ def evaluate(
     return rows
 
 
-def bootstrap_interval(
-    statistic, *arrays: np.ndarray, num_resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> list[float]:
-    """Percentile bootstrap interval of ``statistic(*arrays)`` resampling subjects (rows) with replacement;
-    resamples where the statistic is NaN (e.g. AUC with one grade) are left out."""
-    rng = np.random.default_rng(seed)
-    n = len(arrays[0])
-    values = []
-    for _ in range(num_resamples):
-        index = rng.integers(0, n, size=n)
-        value = statistic(*(a[index] for a in arrays))
-        if not math.isnan(value):
-            values.append(value)
-    if not values:
-        return [math.nan, math.nan]
-    tail = (1.0 - level) / 2 * 100
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-
-
 def mean_with_interval(values: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     values = np.asarray(values, dtype=np.float64)
-    return {"mean": float(np.mean(values)), "ci95": bootstrap_interval(np.mean, values, num_resamples=args.bootstrap)}
-
-
-def brier_score(p: np.ndarray, y: np.ndarray) -> float:
-    """Mean squared difference of p(HGG) and the grade (0 best, 0.25 for a constant 0.5)."""
-    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
+    return {
+        "mean": float(np.mean(values)),
+        "ci95": list(bootstrap_interval(np.mean, values, num_resamples=args.bootstrap)),
+    }
 
 
 def stored_calibration(checkpoint: Path) -> tuple[float, float]:
@@ -311,7 +292,7 @@ def grade_report(p: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict
         "brier": brier_score,
     }
     for name, statistic in statistics.items():
-        report[f"{name}_ci95"] = bootstrap_interval(statistic, p, y, num_resamples=args.bootstrap)
+        report[f"{name}_ci95"] = list(bootstrap_interval(statistic, p, y, num_resamples=args.bootstrap))
     return report
 
 
@@ -364,7 +345,7 @@ def summarise(args: argparse.Namespace, results: dict[str, dict]) -> dict[str, A
             "error_share_neighbourhood": result["error_share_neighbourhood"],
             "error_share_brain": result["error_share_brain"],
             "spearman_mean_uncertainty_dice": spearman_correlation(u, dice),
-            "spearman_ci95": bootstrap_interval(spearman_correlation, u, dice, num_resamples=args.bootstrap),
+            "spearman_ci95": list(bootstrap_interval(spearman_correlation, u, dice, num_resamples=args.bootstrap)),
         }
         if plan != "segonly":
             y_test = np.array([r["grade"] for r in rows])

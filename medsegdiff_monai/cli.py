@@ -15,6 +15,7 @@ from pathlib import Path
 from medsegdiff_monai.data import (
     DIFFICULTIES,
     GRADE_TO_INDEX,
+    SYNTHETIC_LAYOUTS,
     FolderReport,
     build_datalist,
     class_balance_line,
@@ -42,7 +43,15 @@ def _fraction(text: str) -> float:
 
 def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, type=Path, help="BraTS release folder (one folder per subject).")
-    parser.add_argument("--csv", type=Path, default=None, help="grade table (default: DATA_DIR/name_mapping.csv).")
+    parser.add_argument(
+        "--grades",
+        "--csv",
+        dest="csv",
+        type=Path,
+        default=None,
+        help="grade table: the release's name_mapping.csv or a CSV with columns subject_id,grade (HGG/LGG) "
+        "(default: DATA_DIR/name_mapping.csv where it exists; without one, subjects are segmentation-only).",
+    )
     parser.add_argument(
         "--headers-only", action="store_true", help="check NIfTI headers only, do not read voxel data (faster)."
     )
@@ -75,17 +84,26 @@ def _run_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         difficulty=args.difficulty,
+        layout=args.layout,
     )
-    print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} to {out}")
+    print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} in the {args.layout} layout to {out}")
     return 0
 
 
 def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "synth",
-        help="write a synthetic BraTS-like release in the real BraTS 2020 on-disk layout.",
-        description="Write synthetic subjects (int16 .nii modalities, uint8 labels, six-column name_mapping.csv); "
-        "deterministic from --seed.",
+        help="write a synthetic BraTS-like release in the real on-disk layout of BraTS 2020, 2021 or 2023.",
+        description="Write synthetic subjects (int16 modalities, uint8 labels; BraTS 2020 adds the six-column "
+        "name_mapping.csv); deterministic from --seed.",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=list(SYNTHETIC_LAYOUTS),
+        default="brats2020",
+        help="release layout: brats2020 (BraTS20_Training_001_t1.nii, labels 0/1/2/4, name_mapping.csv), "
+        "brats2021 (BraTS2021_00000_t1.nii.gz, labels 0/1/2/4, no grade table) or brats2023 "
+        "(BraTS-GLI-00000-000-t1n.nii.gz, labels 0/1/2/3, no grade table); default brats2020.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder.")
     parser.add_argument("--subjects", type=_positive_int, default=24, help="number of subjects (default 24).")
@@ -105,6 +123,16 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_synth)
 
 
+def _write_segmentation_datalist(args: argparse.Namespace, report: FolderReport) -> int:
+    """``datalist`` for subjects without grades: a plain seeded split, segmentation only."""
+    _print_report(report, f"{len(report.subjects)} subjects valid, without grades (segmentation only).", "")
+    datalist = build_datalist(report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    out = args.out if args.out is not None else args.data_dir / "datalist.json"
+    write_datalist(datalist, out)
+    print(f"wrote {out}: {len(datalist['training'])} training and {len(datalist['validation'])} validation subjects")
+    return 0
+
+
 def _run_datalist(args: argparse.Namespace) -> int:
     report = validate_brats_folder(
         args.data_dir,
@@ -113,6 +141,8 @@ def _run_datalist(args: argparse.Namespace) -> int:
         skip_unmatched=args.skip_unmatched,
         progress=not args.no_progress,
     )
+    if report.ok and report.subjects and all(s.grade is None for s in report.subjects):
+        return _write_segmentation_datalist(args, report)
     if _print_report(report, f"{len(report.subjects)} subjects valid.", "; nothing written") != 0:
         return 1
     datalist = build_datalist(
@@ -168,7 +198,7 @@ def _run_check(args: argparse.Namespace) -> int:
         args.data_dir,
         csv_path=args.csv,
         require_label=not args.no_label,
-        require_grade=not args.no_grade,
+        require_grade=False if args.no_grade else None,
         check_voxels=not args.headers_only,
         skip_unmatched=args.skip_unmatched,
         progress=not args.no_progress,
@@ -185,7 +215,9 @@ def _register_check(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_folder_arguments(parser)
     parser.add_argument("--no-label", action="store_true", help="subjects have no label file (inference release).")
-    parser.add_argument("--no-grade", action="store_true", help="no grade table is needed.")
+    parser.add_argument(
+        "--no-grade", action="store_true", help="do not require grades even where a grade table exists."
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
     parser.set_defaults(handler=_run_check)
 

@@ -132,6 +132,6 @@ def test_bundle_loads_in_a_fresh_python_and_evaluates(bundle_copy):
     assert report["missing"] == {"inference": [], "evaluate": []}
     summary = json.loads((bundle_copy / "bundle" / "runs" / "evaluate" / "summary.json").read_text())
     assert summary["num_subjects"] == 1
-    assert set(summary["dice_WT"]) == {"mean", "std"} and "hd95_ET" in summary
+    assert set(summary["dice_WT"]) == {"mean", "std", "ci95"} and "hd95_ET" in summary and "lesion_dice_ET" in summary
     assert {"auc", "f1", "accuracy", "ece", "confusion_matrix"} <= set(summary["grade"])
     assert "dice_WT" in result.stdout  # the printed table

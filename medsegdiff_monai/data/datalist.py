@@ -11,7 +11,7 @@ from typing import Any
 from medsegdiff_monai.data.layout import BratsSubject
 from medsegdiff_monai.data.split import class_balance, stratified_split
 
-__all__ = ["build_datalist", "load_brats_datalist", "subject_entry", "write_datalist"]
+__all__ = ["build_datalist", "build_segmentation_datalist", "load_brats_datalist", "subject_entry", "write_datalist"]
 
 
 def subject_entry(subject: BratsSubject, data_dir: str | Path) -> dict[str, Any]:
@@ -60,6 +60,8 @@ def build_datalist(
         ValueError: when a subject has no grade, or a split lacks a grade (the message names the split and counts).
     """
     ungraded = [s.subject_id for s in subjects if s.grade is None]
+    if subjects and len(ungraded) == len(subjects):
+        return build_segmentation_datalist(subjects, data_dir, val_fraction, seed)
     if ungraded:
         raise ValueError(f"datalist: subjects without grade: {', '.join(ungraded)}.")
     by_id = {s.subject_id: s for s in subjects}
@@ -124,3 +126,35 @@ def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_
         if "subject_id" in original:
             entry["subject_id"] = original["subject_id"]
     return entries
+
+
+def build_segmentation_datalist(
+    subjects: Sequence[BratsSubject], data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, Any]:
+    """MONAI datalist of subjects without grades (segmentation only, e.g. BraTS 2021 or 2023 without a grade table).
+
+    The subjects, sorted by id, are shuffled and split by MONAI's ``partition_dataset`` (seeded), not stratified.
+
+    Args:
+        subjects: validated subjects (grades ``None``).
+        data_dir: the data root; entry paths are relative to it.
+        val_fraction: share of subjects in the validation split, in [0, 1).
+        seed: seed of the split.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "split": {...}}``; the entries have no ``grade``.
+    """
+    from monai.data import partition_dataset  # MONAI (and torch) load lazily, keeping the CLI quick to start
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"datalist: val_fraction must be in [0, 1), got {val_fraction}.")
+    ordered = sorted(subjects, key=lambda s: s.subject_id)
+    num_val = int(round(len(ordered) * val_fraction))
+    shuffled = partition_dataset(ordered, num_partitions=1, shuffle=True, seed=seed)[0]
+    training = sorted(shuffled[num_val:], key=lambda s: s.subject_id)
+    validation = sorted(shuffled[:num_val], key=lambda s: s.subject_id)
+    return {
+        "training": [subject_entry(s, data_dir) for s in training],
+        "validation": [subject_entry(s, data_dir) for s in validation],
+        "split": {"val_fraction": val_fraction, "seed": seed, "stratified_by": None},
+    }

@@ -1,15 +1,41 @@
-"""On-disk layout of the BraTS 2020 release: names, columns and the files of one subject folder."""
+"""On-disk layouts of the BraTS releases (2018-2022 and 2023+): file names, label conventions, grade-table columns."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+LabelMap = TypeVar("LabelMap")
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """Modality order of the image channels everywhere in the library."""
 
 BRATS_LABEL_VALUES: tuple[int, ...] = (0, 1, 2, 4)
-"""Label values of a BraTS 2020 segmentation: background, necrotic/non-enhancing core, oedema, enhancing tumour."""
+"""Label values of a BraTS 2018-2022 segmentation: background, necrotic/non-enhancing core, oedema, enhancing tumour.
+This is also the library's internal convention (training targets are built from it)."""
+
+RELEASES: tuple[str, ...] = ("brats2020", "brats2023")
+"""The two file-naming and label conventions: ``"brats2020"`` (BraTS 2018-2022, e.g. 2020 and 2021:
+``<id>_{t1,t1ce,t2,flair,seg}.nii[.gz]``, enhancing tumour = 4) and ``"brats2023"`` (BraTS 2023+ glioma:
+``<id>-{t1n,t1c,t2w,t2f,seg}.nii.gz``, enhancing tumour = 3)."""
+
+RELEASE_TITLES: dict[str, str] = {"brats2020": "BraTS 2018-2022", "brats2023": "BraTS 2023+"}
+
+MODALITY_FILE_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "brats2020": ("_t1", "_t1ce", "_t2", "_flair"),
+    "brats2023": ("-t1n", "-t1c", "-t2w", "-t2f"),
+}
+"""File-name ending (before ``.nii[.gz]``) of each modality of :data:`MODALITIES`, per release."""
+
+LABEL_FILE_SUFFIX: dict[str, str] = {"brats2020": "_seg", "brats2023": "-seg"}
+
+ENHANCING_LABEL: dict[str, int] = {"brats2020": 4, "brats2023": 3}
+"""Label value of the enhancing tumour, per release."""
+
+LABEL_VALUES: dict[str, tuple[int, ...]] = {"brats2020": BRATS_LABEL_VALUES, "brats2023": (0, 1, 2, 3)}
+"""The label values a segmentation of each release may hold."""
 
 GRADE_TO_INDEX: dict[str, int] = {"LGG": 0, "HGG": 1}
 """Class index of each grade name found in the ``Grade`` column of ``name_mapping.csv``."""
@@ -46,6 +72,59 @@ def nifti_stem(path: Path) -> str:
     return name
 
 
+def release_of_file(path: str | Path) -> str | None:
+    """Release whose modality naming the file name follows (``"brats2020"`` / ``"brats2023"``), or ``None``."""
+    stem = nifti_stem(Path(path)).lower()
+    for release, suffixes in MODALITY_FILE_SUFFIXES.items():
+        if stem.endswith(suffixes):
+            return release
+    return None
+
+
+def label_convention(values: Iterable[int], source: str | Path) -> str | None:
+    """The release convention of a label map's values: ``"brats2020"`` (ET = 4), ``"brats2023"`` (ET = 3), or
+    ``None`` when the values fit both (only 0, 1, 2: no enhancing tumour).
+
+    Args:
+        values: the distinct label values found.
+        source: the label file (named in the error).
+
+    Raises:
+        ValueError: naming ``source`` and the values, for a value outside both sets or a map holding both 3 and 4.
+    """
+    found = sorted({int(v) for v in values})
+    known = set(LABEL_VALUES["brats2020"]) | set(LABEL_VALUES["brats2023"])
+    unknown = [v for v in found if v not in known]
+    if unknown or {3, 4} <= set(found):
+        reason = f"values {unknown} are outside both" if unknown else "it mixes labels 3 and 4 of"
+        raise ValueError(
+            f"label file {source} holds labels {found[:8]}: {reason} BraTS conventions "
+            f"({RELEASE_TITLES['brats2020']}: {list(LABEL_VALUES['brats2020'])}, "
+            f"{RELEASE_TITLES['brats2023']}: {list(LABEL_VALUES['brats2023'])})."
+        )
+    for release, enhancing in ENHANCING_LABEL.items():
+        if enhancing in found:
+            return release
+    return None
+
+
+def convert_label_convention(labels: LabelMap, source: str, target: str) -> LabelMap:
+    """Relabel the enhancing tumour of a label map from the ``source`` release's value to the ``target``'s
+    (4 <-> 3); the other labels (0, 1, 2) are shared. Returns ``labels`` itself when nothing changes, else a copy.
+
+    Args:
+        labels: label map of any shape (numpy array or torch tensor, MetaTensor metadata kept).
+        source: release convention of ``labels`` (one of :data:`RELEASES`).
+        target: release convention wanted.
+    """
+    old, new = ENHANCING_LABEL[source], ENHANCING_LABEL[target]
+    if old == new:
+        return labels
+    out = labels.clone() if hasattr(labels, "clone") else labels.copy()
+    out[labels == old] = new
+    return out
+
+
 def is_label_name(path: Path) -> bool:
     """Whether a NIfTI file name looks like a segmentation (``*seg*``, which also matches the ``*Segm*`` quirk)."""
     return "seg" in nifti_stem(path).lower()
@@ -56,13 +135,16 @@ class BratsSubject:
     """Files and grade of one BraTS subject.
 
     Attributes:
-        subject_id: the folder name, e.g. ``BraTS20_Training_001`` (the ``BraTS_2020_subject_ID`` of the CSV).
-        images: the four modality files in :data:`MODALITIES` order (t1, t1ce, t2, flair).
+        subject_id: the folder name, e.g. ``BraTS20_Training_001``, ``BraTS2021_00000`` or ``BraTS-GLI-00000-000``.
+        images: the four modality files in :data:`MODALITIES` order (t1, t1ce, t2, flair; in BraTS 2023 names t1n,
+            t1c, t2w, t2f).
         label: the segmentation file, or ``None`` for a release without labels.
-        grade: 0 for LGG, 1 for HGG, or ``None`` where no grade is known.
+        grade: 0 for LGG, 1 for HGG, or ``None`` where no grade is known (segmentation only).
+        release: the file naming and label convention, one of :data:`RELEASES`.
     """
 
     subject_id: str
     images: tuple[Path, ...]
     label: Path | None = None
     grade: int | None = None
+    release: str = "brats2020"

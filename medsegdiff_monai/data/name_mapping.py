@@ -1,4 +1,4 @@
-"""Read the grade of each subject from the release's ``name_mapping.csv``."""
+"""Read the grade of each subject from the release's ``name_mapping.csv`` or a user's ``subject_id,grade`` table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pandas as pd
 
 from medsegdiff_monai.data.layout import GRADE_COLUMN, GRADE_TO_INDEX, SUBJECT_ID_COLUMN
 
+GRADE_TABLE_COLUMNS: tuple[tuple[str, str], ...] = ((SUBJECT_ID_COLUMN, GRADE_COLUMN), ("subject_id", "grade"))
+"""The (subject id, grade) column pairs a grade table may have: BraTS 2020's ``name_mapping.csv``, or a table of
+one's own (e.g. for BraTS 2021 or 2023, which ship none; the ``grades.csv`` written by inference has this form)."""
+
 __all__ = ["NameMapping", "parse_name_mapping", "read_name_mapping"]
 
 
@@ -17,7 +21,7 @@ class NameMapping:
     """Grades parsed from ``name_mapping.csv``.
 
     Attributes:
-        grades: subject id (``BraTS_2020_subject_ID``) -> grade index (LGG 0, HGG 1), for the valid rows.
+        grades: subject id -> grade index (LGG 0, HGG 1), for the valid rows.
         problems: problems with the table itself (missing file or column, a row without subject id).
         row_problems: subject id -> message, for rows with an unknown grade or a repeated subject id.
     """
@@ -32,10 +36,11 @@ class NameMapping:
 
 
 def parse_name_mapping(csv_path: str | Path) -> NameMapping:
-    """Parse ``name_mapping.csv`` by column name (pandas), collecting every problem instead of stopping at the first.
+    """Parse a grade table by column name (pandas), collecting every problem instead of stopping at the first.
 
-    Only the ``BraTS_2020_subject_ID`` and ``Grade`` columns are used; the older-ID columns may be empty or absent.
-    Grades are ``HGG`` or ``LGG`` (surrounding spaces ignored).
+    The columns used are ``BraTS_2020_subject_ID`` and ``Grade`` (the release's ``name_mapping.csv``; the older-ID
+    columns may be empty or absent) or else ``subject_id`` and ``grade`` (a table of one's own). Grades are ``HGG``
+    or ``LGG`` (surrounding spaces ignored).
 
     Args:
         csv_path: path of the CSV file.
@@ -52,21 +57,24 @@ def parse_name_mapping(csv_path: str | Path) -> NameMapping:
         return NameMapping(problems=[f"grade table {path} cannot be read as CSV: {error}"])
 
     table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in (SUBJECT_ID_COLUMN, GRADE_COLUMN) if c not in table.columns]
-    if missing:
+    pairs = [pair for pair in GRADE_TABLE_COLUMNS if set(pair) <= set(table.columns)]
+    if not pairs:
+        missing = [c for c in GRADE_TABLE_COLUMNS[0] if c not in table.columns]
         return NameMapping(
             problems=[
-                f"grade table {path} has no column {', '.join(missing)}: "
-                f"expected columns {SUBJECT_ID_COLUMN} and {GRADE_COLUMN}, found {list(table.columns)}."
+                f"grade table {path} has no column {', '.join(missing)}: expected columns "
+                + " or ".join(f"{a} and {b}" for a, b in GRADE_TABLE_COLUMNS)
+                + f", found {list(table.columns)}."
             ]
         )
+    id_column, grade_column = pairs[0]
 
     mapping = NameMapping()
     for row_number, (subject_id, grade) in enumerate(
-        zip(table[SUBJECT_ID_COLUMN].str.strip(), table[GRADE_COLUMN].str.strip(), strict=True), start=2
+        zip(table[id_column].str.strip(), table[grade_column].str.strip(), strict=True), start=2
     ):
         if not subject_id:
-            mapping.problems.append(f"grade table {path}, line {row_number}: empty {SUBJECT_ID_COLUMN}.")
+            mapping.problems.append(f"grade table {path}, line {row_number}: empty {id_column}.")
         elif subject_id in mapping.grades or subject_id in mapping.row_problems:
             mapping.grades.pop(subject_id, None)
             mapping.row_problems[subject_id] = f"subject {subject_id}: listed more than once in {path}."

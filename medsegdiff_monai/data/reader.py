@@ -1,11 +1,21 @@
-"""Find the subject folders of a BraTS release and the modality / label files inside each of them."""
+"""Find the subject folders of a BraTS release (2018-2022 or 2023+ naming) and the files inside each of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, is_label_name, is_nifti, nifti_stem
+from medsegdiff_monai.data.layout import (
+    LABEL_FILE_SUFFIX,
+    MODALITIES,
+    MODALITY_FILE_SUFFIXES,
+    RELEASE_TITLES,
+    RELEASES,
+    BratsSubject,
+    is_label_name,
+    is_nifti,
+    nifti_stem,
+)
 
 __all__ = ["SubjectFiles", "list_subject_dirs", "locate_subject_files"]
 
@@ -43,28 +53,39 @@ def list_subject_dirs(data_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
-def _modality_of(path: Path) -> str | None:
+def _modality_of(path: Path) -> tuple[str, str] | None:
+    """(release, modality) of a modality file name, or ``None``."""
     stem = nifti_stem(path).lower()
-    for modality in MODALITIES:
-        if stem.endswith(f"_{modality}"):
-            return modality
+    for release, suffixes in MODALITY_FILE_SUFFIXES.items():
+        for modality, suffix in zip(MODALITIES, suffixes, strict=True):
+            if stem.endswith(suffix):
+                return release, modality
     return None
 
 
-def locate_subject_files(subject_dir: str | Path, require_label: bool = True) -> SubjectFiles:
-    """Find the four modality files and the label file of one subject folder.
+def _expected_name(subject_id: str, modality: str, release: str | None) -> str:
+    index = MODALITIES.index(modality)
+    releases = RELEASES if release is None else (release,)
+    names = [f"{subject_id}{MODALITY_FILE_SUFFIXES[r][index]}.nii.gz ({RELEASE_TITLES[r]})" for r in releases]
+    return " or ".join(names)
 
-    A modality file ends with ``_t1``, ``_t1ce``, ``_t2`` or ``_flair`` before ``.nii`` / ``.nii.gz``. The label file
-    is the one other NIfTI whose name contains ``seg`` (any case), which covers ``<id>_seg.nii`` and the real
-    release's subject-355 quirk ``W39_1998.09.19_Segm.nii``; a non-standard label name is reported in ``notes``.
-    Nothing is read beyond the folder listing.
+
+def locate_subject_files(subject_dir: str | Path, require_label: bool = True) -> SubjectFiles:
+    """Find the four modality files and the label file of one subject folder, in either BraTS naming.
+
+    A modality file ends, before ``.nii`` / ``.nii.gz``, with ``_t1``, ``_t1ce``, ``_t2``, ``_flair`` (BraTS
+    2018-2022, e.g. ``BraTS2021_00000_t1ce.nii.gz``) or with ``-t1n``, ``-t1c``, ``-t2w``, ``-t2f`` (BraTS 2023+,
+    e.g. ``BraTS-GLI-00000-000-t1c.nii.gz``); one folder must use one naming. The label file is the one other NIfTI
+    whose name contains ``seg`` (any case), which covers ``<id>_seg.nii``, ``<id>-seg.nii.gz`` and the BraTS 2020
+    subject-355 quirk ``W39_1998.09.19_Segm.nii``; a non-standard label name is reported in ``notes``. Nothing is
+    read beyond the folder listing.
 
     Args:
         subject_dir: the subject folder; its name is the subject id.
         require_label: whether a missing label file is a problem (``False`` for releases without labels).
 
     Returns:
-        the files found, with every problem found (not only the first).
+        the files found (``subject.release`` set from the naming), with every problem found (not only the first).
     """
     folder = Path(subject_dir)
     subject_id = folder.name
@@ -72,13 +93,24 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
     problems: list[str] = []
     notes: list[str] = []
 
+    modality_files = {p: found for p in niftis if (found := _modality_of(p)) is not None}
+    releases = sorted({release for release, _ in modality_files.values()})
+    if len(releases) > 1:
+        examples = "; ".join(
+            f"{RELEASE_TITLES[r]} naming: " + ", ".join(p.name for p, (pr, _) in modality_files.items() if pr == r)
+            for r in releases
+        )
+        problems.append(f"subject {subject_id}: mixed file naming in {folder} ({examples}); keep one naming.")
+        return SubjectFiles(subject=None, problems=problems, notes=notes)
+    release = releases[0] if releases else None
+
     images: list[Path] = []
     for modality in MODALITIES:
-        found = [p for p in niftis if _modality_of(p) == modality]
+        found = [p for p, (_, m) in modality_files.items() if m == modality]
         if not found:
             problems.append(
-                f"subject {subject_id}: missing modality '{modality}': expected a file {subject_id}_{modality}.nii "
-                f"(or .nii.gz) in {folder}."
+                f"subject {subject_id}: missing modality '{modality}': expected a file "
+                f"{_expected_name(subject_id, modality, release)} (or .nii) in {folder}."
             )
         elif len(found) > 1:
             names = ", ".join(p.name for p in found)
@@ -86,7 +118,8 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
         else:
             images.append(found[0])
 
-    label_candidates = [p for p in niftis if _modality_of(p) is None and is_label_name(p)]
+    label_candidates = [p for p in niftis if p not in modality_files and is_label_name(p)]
+    label_name = f"{subject_id}{LABEL_FILE_SUFFIX[release or 'brats2020']}"
     label: Path | None = None
     if len(label_candidates) > 1:
         names = ", ".join(p.name for p in label_candidates)
@@ -95,13 +128,15 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
         )
     elif label_candidates:
         label = label_candidates[0]
-        if nifti_stem(label) != f"{subject_id}_seg":
+        if nifti_stem(label) != label_name:
             notes.append(f"subject {subject_id}: using label file {label.name}.")
     elif require_label:
         problems.append(
-            f"subject {subject_id}: missing label file: expected {subject_id}_seg.nii (or another *seg* NIfTI) "
+            f"subject {subject_id}: missing label file: expected {label_name}.nii.gz (or another *seg* NIfTI) "
             f"in {folder}."
         )
 
-    subject = None if problems else BratsSubject(subject_id=subject_id, images=tuple(images), label=label)
+    subject = None
+    if not problems:
+        subject = BratsSubject(subject_id=subject_id, images=tuple(images), label=label, release=release)
     return SubjectFiles(subject=subject, problems=problems, notes=notes)

@@ -1,4 +1,4 @@
-"""Synthetic BraTS-like subjects written in the real BraTS 2020 on-disk layout.
+"""Synthetic BraTS-like subjects written in the real on-disk layout of BraTS 2020, 2021 or 2023 (glioma).
 
 Each subject is a skull-stripped brain phantom (white matter, cortical and deep grey matter, ventricles and sulcal
 CSF) with a per-modality tissue contrast, a smooth multiplicative bias field, Gaussian noise and a per-subject
@@ -32,11 +32,20 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from medsegdiff_monai.data.layout import INDEX_TO_GRADE, MODALITIES, NAME_MAPPING_COLUMNS, NAME_MAPPING_FILENAME
+from medsegdiff_monai.data.layout import (
+    INDEX_TO_GRADE,
+    LABEL_FILE_SUFFIX,
+    MODALITY_FILE_SUFFIXES,
+    NAME_MAPPING_COLUMNS,
+    NAME_MAPPING_FILENAME,
+    convert_label_convention,
+)
 
 __all__ = [
     "DIFFICULTIES",
+    "SYNTHETIC_LAYOUTS",
     "SyntheticDifficulty",
+    "SyntheticLayout",
     "SyntheticSubject",
     "brats_affine",
     "get_difficulty",
@@ -45,6 +54,35 @@ __all__ = [
 ]
 
 SUBJECT_PREFIX = "BraTS20_Training_"
+
+
+@dataclass(frozen=True)
+class SyntheticLayout:
+    """How one BraTS release names and stores its files.
+
+    Attributes:
+        subject_id: format of the subject id from the 1-based subject index, e.g. ``"BraTS2021_{:05d}"``.
+        first_index: the index of the first subject in the id (1 in BraTS 2020, 0 in 2021 and 2023).
+        release: the file naming and label convention (a key of ``MODALITY_FILE_SUFFIXES``).
+        extension: ``".nii"`` or ``".nii.gz"``.
+        grade_table: whether the release ships ``name_mapping.csv`` with the grades.
+    """
+
+    subject_id: str
+    first_index: int
+    release: str
+    extension: str
+    grade_table: bool
+
+
+SYNTHETIC_LAYOUTS: dict[str, SyntheticLayout] = {
+    "brats2020": SyntheticLayout(f"{SUBJECT_PREFIX}{{:03d}}", 1, "brats2020", ".nii", True),
+    "brats2021": SyntheticLayout("BraTS2021_{:05d}", 0, "brats2020", ".nii.gz", False),
+    "brats2023": SyntheticLayout("BraTS-GLI-{:05d}-000", 0, "brats2023", ".nii.gz", False),
+}
+"""``synth --layout``: BraTS 2020 (``BraTS20_Training_001/BraTS20_Training_001_t1.nii``, labels 0/1/2/4,
+``name_mapping.csv``), BraTS 2021 (``BraTS2021_00000/BraTS2021_00000_t1.nii.gz``, labels 0/1/2/4, no grade table)
+and BraTS 2023 glioma (``BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz``, labels 0/1/2/3, no grade table)."""
 SUBJECT_355_LABEL_NAME = "W39_1998.09.19_Segm.nii"
 """The real release's label file name for subject 355, reproduced when the synthetic set reaches 355 subjects."""
 
@@ -423,13 +461,18 @@ def write_synthetic_brats(
     progress: bool = True,
     atypical_fraction: float = 0.12,
     difficulty: str | SyntheticDifficulty = "standard",
+    layout: str = "brats2020",
 ) -> Path:
-    """Write a synthetic BraTS 2020 training release.
+    """Write a synthetic BraTS training release in the layout of BraTS 2020, 2021 or 2023 (glioma).
 
-    The layout is the real one: ``out_dir/BraTS20_Training_001/BraTS20_Training_001_{t1,t1ce,t2,flair,seg}.nii``
-    (uncompressed, int16 modalities, uint8 labels, 1 mm BraTS affine) and ``out_dir/name_mapping.csv`` with the six
-    columns of the release and empty cells for the older IDs of the newest subjects. Subject 355, if written, has the
-    real release's label name ``W39_1998.09.19_Segm.nii``. The output is byte-identical for the same arguments.
+    With ``layout="brats2020"`` the layout is the real 2020 one:
+    ``out_dir/BraTS20_Training_001/BraTS20_Training_001_{t1,t1ce,t2,flair,seg}.nii`` (uncompressed, int16
+    modalities, uint8 labels, 1 mm BraTS affine) and ``out_dir/name_mapping.csv`` with the six columns of the release
+    and empty cells for the older IDs of the newest subjects. Subject 355, if written, has the real release's label
+    name ``W39_1998.09.19_Segm.nii``. ``"brats2021"`` and ``"brats2023"`` write the names of
+    :data:`SYNTHETIC_LAYOUTS` as ``.nii.gz`` and no grade table; ``"brats2023"`` labels the enhancing tumour 3. The
+    images and labels are the same for every layout (same seed), and the output is byte-identical for the same
+    arguments.
 
     Args:
         out_dir: output folder (created if needed). Existing files of the same subjects are overwritten; other subject
@@ -441,6 +484,7 @@ def write_synthetic_brats(
         progress: show a tqdm progress bar.
         atypical_fraction: probability that a subject's tumour has the look of the other grade.
         difficulty: image difficulty, a name of :data:`DIFFICULTIES` or a :class:`SyntheticDifficulty`.
+        layout: one of :data:`SYNTHETIC_LAYOUTS` (``"brats2020"``, ``"brats2021"``, ``"brats2023"``).
 
     Returns:
         ``out_dir`` as a Path.
@@ -452,8 +496,11 @@ def write_synthetic_brats(
     if not 0.0 <= atypical_fraction <= 1.0:
         raise ValueError(f"synthetic BraTS: atypical_fraction must be in [0, 1], got {atypical_fraction}.")
     difficulty = get_difficulty(difficulty)
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise ValueError(f"synthetic BraTS: layout {layout!r} is not one of {list(SYNTHETIC_LAYOUTS)}.")
+    spec = SYNTHETIC_LAYOUTS[layout]
     out = Path(out_dir)
-    subject_ids = [f"{SUBJECT_PREFIX}{i:03d}" for i in range(1, num_subjects + 1)]
+    subject_ids = [spec.subject_id.format(i - 1 + spec.first_index) for i in range(1, num_subjects + 1)]
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in set(subject_ids))
         if foreign:
@@ -475,14 +522,18 @@ def write_synthetic_brats(
         subject = make_synthetic_subject(grade, shape=shape, seed=rng, atypical=atypical, difficulty=difficulty)
         folder = out / subject_id
         folder.mkdir(exist_ok=True)
-        for modality, volume in zip(MODALITIES, subject.images, strict=True):
-            _save_nifti(volume, subject.affine, folder / f"{subject_id}_{modality}.nii")
-        label_name = SUBJECT_355_LABEL_NAME if index == 355 else f"{subject_id}_seg.nii"
-        _save_nifti(subject.label, subject.affine, folder / label_name)
+        for suffix, volume in zip(MODALITY_FILE_SUFFIXES[spec.release], subject.images, strict=True):
+            _save_nifti(volume, subject.affine, folder / f"{subject_id}{suffix}{spec.extension}")
+        label_name = f"{subject_id}{LABEL_FILE_SUFFIX[spec.release]}{spec.extension}"
+        if layout == "brats2020" and index == 355:
+            label_name = SUBJECT_355_LABEL_NAME
+        label = convert_label_convention(subject.label, "brats2020", spec.release)
+        _save_nifti(label, subject.affine, folder / label_name)
         rows.append(_name_mapping_row(index, num_subjects, grade))
 
-    with open(out / NAME_MAPPING_FILENAME, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(NAME_MAPPING_COLUMNS)
-        writer.writerows(rows)
+    if spec.grade_table:
+        with open(out / NAME_MAPPING_FILENAME, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(NAME_MAPPING_COLUMNS)
+            writer.writerows(rows)
     return out

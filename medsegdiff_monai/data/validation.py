@@ -11,7 +11,13 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
-from medsegdiff_monai.data.layout import BRATS_LABEL_VALUES, NAME_MAPPING_FILENAME, BratsSubject
+from medsegdiff_monai.data.layout import (
+    ENHANCING_LABEL,
+    LABEL_VALUES,
+    NAME_MAPPING_FILENAME,
+    RELEASE_TITLES,
+    BratsSubject,
+)
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping
 from medsegdiff_monai.data.reader import list_subject_dirs, locate_subject_files
 
@@ -19,6 +25,7 @@ __all__ = [
     "BratsDataError",
     "FolderReport",
     "check_subject_volumes",
+    "mixed_release_problems",
     "read_brats_folder",
     "validate_brats_folder",
 ]
@@ -66,7 +73,7 @@ def _load_header(path: Path, subject_id: str, problems: list[str]) -> nib.Nifti1
     return image
 
 
-def _check_voxels(image: nib.Nifti1Image, path: Path, subject_id: str, is_label: bool) -> list[str]:
+def _check_voxels(image: nib.Nifti1Image, path: Path, subject_id: str, is_label: bool, release: str) -> list[str]:
     try:
         voxels = np.asanyarray(image.dataobj)
     except _READ_ERRORS as error:
@@ -75,12 +82,20 @@ def _check_voxels(image: nib.Nifti1Image, path: Path, subject_id: str, is_label:
         count = int(voxels.size - np.isfinite(voxels).sum())
         return [f"subject {subject_id}: file {path} has {count} non-finite voxel(s) (NaN or Inf)."]
     if is_label:
-        bad = ~np.isin(voxels, BRATS_LABEL_VALUES)
+        allowed = LABEL_VALUES[release]
+        bad = ~np.isin(voxels, allowed)
         if bad.any():
             values = np.unique(voxels[bad])[:8].tolist()
+            other = next(r for r in LABEL_VALUES if r != release)
+            hint = (
+                f"; {ENHANCING_LABEL[other]} is the enhancing tumour of {RELEASE_TITLES[other]}, whose files are "
+                f"named differently"
+                if ENHANCING_LABEL[other] in values
+                else ""
+            )
             return [
-                f"subject {subject_id}: label file {path} has values {values} outside {list(BRATS_LABEL_VALUES)} "
-                f"({int(bad.sum())} voxel(s))."
+                f"subject {subject_id}: label file {path} has values {values} outside the {RELEASE_TITLES[release]} "
+                f"label set {list(allowed)} ({int(bad.sum())} voxel(s)){hint}."
             ]
     return []
 
@@ -90,7 +105,8 @@ def check_subject_volumes(subject: BratsSubject, check_voxels: bool = True) -> l
 
     Headers are read first (shape and affine of every modality and of the label must match the first modality);
     with ``check_voxels`` the voxel data is then streamed file by file to check that it is readable (not truncated),
-    finite, and that label values are in {0, 1, 2, 4}.
+    finite, and that label values are those of the subject's release ({0, 1, 2, 4} for BraTS 2018-2022, {0, 1, 2,
+    3} for BraTS 2023+).
 
     Args:
         subject: the subject's files.
@@ -123,7 +139,7 @@ def check_subject_volumes(subject: BratsSubject, check_voxels: bool = True) -> l
             )
     if check_voxels:
         for path, is_label, image in loaded:
-            problems.extend(_check_voxels(image, path, subject.subject_id, is_label))
+            problems.extend(_check_voxels(image, path, subject.subject_id, is_label, subject.release))
     return problems
 
 
@@ -131,17 +147,23 @@ def validate_brats_folder(
     data_dir: str | Path,
     csv_path: str | Path | None = None,
     require_label: bool = True,
-    require_grade: bool = True,
+    require_grade: bool | None = None,
     check_voxels: bool = True,
     skip_unmatched: bool = False,
     progress: bool = True,
 ) -> FolderReport:
     """Validate a BraTS release folder and collect every problem found.
 
-    Checks, per subject: the four modalities and the label file are present (one candidate each), the headers agree
-    (shape, affine), the voxels are readable and finite, label values are in {0, 1, 2, 4}; and against the grade table:
-    every subject folder has a CSV row and every CSV row a folder, and each Grade is HGG or LGG. Subjects are read one
-    at a time (headers, then voxel data file by file), so memory stays at one volume.
+    Both BraTS namings are read: 2018-2022 (e.g. 2020 and 2021, ``<id>_{t1,t1ce,t2,flair,seg}``) and 2023+
+    (``<id>-{t1n,t1c,t2w,t2f,seg}``); all subjects of one folder must use the same one. Checks, per subject: the four
+    modalities and the label file are present (one candidate each), the headers agree (shape, affine), the voxels are
+    readable and finite, label values are in the release's set ({0, 1, 2, 4} or {0, 1, 2, 3}); and against the grade
+    table: every subject folder has a CSV row and every CSV row a folder, and each Grade is HGG or LGG. Subjects are
+    read one at a time (headers, then voxel data file by file), so memory stays at one volume.
+
+    Without a grade table (BraTS 2021 and 2023 have none) the subjects are segmentation-only (``grade`` None) and
+    one note says so; a table given as ``csv_path`` brings the grades back (see
+    :func:`~medsegdiff_monai.data.parse_name_mapping` for its columns).
 
     Args:
         data_dir: the release folder holding one sub-folder per subject.
@@ -149,6 +171,8 @@ def validate_brats_folder(
         require_label: whether a subject without a label file is a problem (``False`` for inference releases).
         require_grade: whether the grade table must exist and match the folders exactly. With ``False``, a missing
             table is fine, grades are attached where the table has them (``None`` elsewhere) and mismatches are notes.
+            ``None`` (default): required when ``csv_path`` is given or ``data_dir/name_mapping.csv`` exists, else
+            the subjects are segmentation-only.
         check_voxels: read the voxel data (``False``: headers only, much faster).
         skip_unmatched: report subjects without a CSV row, CSV rows without a folder and unknown grades as notes
             and skip those subjects, instead of reporting problems.
@@ -168,6 +192,13 @@ def validate_brats_folder(
         report.problems.append(f"BraTS data folder {root} holds no subject folder.")
 
     table_path = Path(csv_path) if csv_path is not None else root / NAME_MAPPING_FILENAME
+    if require_grade is None:
+        require_grade = csv_path is not None or table_path.is_file()
+        if not require_grade and subject_dirs:
+            report.notes.append(
+                f"no grade table {table_path}: the subjects are used for segmentation only (no grade); give a grade "
+                "table (--grades CSV with subject_id and grade columns) to train and evaluate the grade."
+            )
     use_table = require_grade or table_path.is_file()
     mapping = parse_name_mapping(table_path) if use_table else NameMapping()
     report.problems.extend(mapping.problems)
@@ -199,14 +230,28 @@ def validate_brats_folder(
         report.problems.extend(problems)
         if graded and not problems:
             report.subjects.append(replace(found.subject, grade=grade))
+    report.problems.extend(mixed_release_problems(report.subjects, root))
     return report
+
+
+def mixed_release_problems(subjects: list[BratsSubject], root: str | Path) -> list[str]:
+    """One problem when the subjects of one folder follow different BraTS namings, naming a subject of each."""
+    by_release: dict[str, list[str]] = {}
+    for subject in subjects:
+        by_release.setdefault(subject.release, []).append(subject.subject_id)
+    if len(by_release) < 2:
+        return []
+    examples = "; ".join(
+        f"{len(ids)} in {RELEASE_TITLES[release]} naming (e.g. {ids[0]})" for release, ids in sorted(by_release.items())
+    )
+    return [f"folder {root} mixes BraTS layouts: {examples}. Keep one release per folder."]
 
 
 def read_brats_folder(
     data_dir: str | Path,
     csv_path: str | Path | None = None,
     require_label: bool = True,
-    require_grade: bool = True,
+    require_grade: bool | None = None,
     check_voxels: bool = True,
     skip_unmatched: bool = False,
     progress: bool = True,
@@ -214,7 +259,7 @@ def read_brats_folder(
     """Validated subjects of a BraTS release folder; see :func:`validate_brats_folder` for the arguments.
 
     Returns:
-        the subjects sorted by id, with their files and grade (LGG 0, HGG 1; ``None`` without a grade table).
+        the subjects sorted by id, with their files, release and grade (LGG 0, HGG 1; ``None`` without a grade table).
 
     Raises:
         BratsDataError: (a ``ValueError``) listing every problem found, each naming the subject and the file.

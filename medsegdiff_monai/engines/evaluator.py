@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from ignite.metrics import MeanSquaredError
 from monai.engines import SupervisedEvaluator
-from monai.handlers import ROCAUC, ConfusionMatrix, MeanDice, MeanIoUHandler
-from monai.utils import MetricReduction
+from monai.handlers import ROCAUC, ConfusionMatrix, IgniteMetricHandler
+from monai.metrics import DiceMetric, MeanIoU
 
 from medsegdiff_monai.inferers import DiffusionSampler, sample_volume
 from medsegdiff_monai.networks.calibration import logit
@@ -37,26 +37,33 @@ def _grade_decisions(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return (output["p_hgg"] >= 0.5).float(), output["grade"]
 
 
+def _brats_overlap(metric: type[DiceMetric] | type[MeanIoU], output_transform: Any) -> IgniteMetricHandler:
+    """Dice or IoU in the BraTS convention (``ignore_empty=False``), as in ``segmentation_metrics``."""
+    return IgniteMetricHandler(
+        metric_fn=metric(include_background=True, reduction="mean", ignore_empty=False),
+        output_transform=output_transform,
+    )
+
+
 def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dict[str, Any]:
     """The per-epoch validation metrics as MONAI / Ignite metric handlers, keyed by the printed name.
 
-    ``Dice``/``IoU`` are the means over subjects and regions (an empty reference region gives NaN and is left
-    out of the mean, MONAI's ``ignore_empty``); ``Dice_<region>``/``IoU_<region>`` per region (TC, WT, ET). With
+    ``Dice``/``IoU`` are the means over subjects and regions in the BraTS convention of
+    :func:`~medsegdiff_monai.metrics.segmentation_metrics` (an empty reference region scores 1 when the prediction
+    is empty too, else 0); ``Dice_<region>``/``IoU_<region>`` per region (TC, WT, ET). With
     the grade head: subject-level ``AUC``, ``F1`` (HGG positive) and ``Acc`` at p(HGG) >= 0.5, and the ``Brier``
     score ``mean (p(HGG) - grade)^2`` (Ignite's ``MeanSquaredError``), which the checkpoint selection uses.
     """
     if mask_channels not in REGION_NAMES:
         raise ValueError(f"mask_channels={mask_channels}: expected 1 (WT) or 3 (TC, WT, ET).")
     metrics: dict[str, Any] = {
-        "Dice": MeanDice(
-            include_background=True, reduction=MetricReduction.MEAN, output_transform=_segmentation_output
-        ),
-        "IoU": MeanIoUHandler(include_background=True, output_transform=_segmentation_output),
+        "Dice": _brats_overlap(DiceMetric, _segmentation_output),
+        "IoU": _brats_overlap(MeanIoU, _segmentation_output),
     }
     for index, region in enumerate(REGION_NAMES[mask_channels]):
         select = partial(_region_output, index=index)
-        metrics[f"Dice_{region}"] = MeanDice(include_background=True, output_transform=select)
-        metrics[f"IoU_{region}"] = MeanIoUHandler(include_background=True, output_transform=select)
+        metrics[f"Dice_{region}"] = _brats_overlap(DiceMetric, select)
+        metrics[f"IoU_{region}"] = _brats_overlap(MeanIoU, select)
     if use_cls_head:
         metrics["AUC"] = ROCAUC(output_transform=_grade_scores)
         metrics["F1"] = ConfusionMatrix(

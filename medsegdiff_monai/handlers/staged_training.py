@@ -27,19 +27,47 @@ class StagedTraining:
       their ``base_lr``;
     - ``engine.stage`` is set, which selects the losses of the step.
 
+    Training data without grades (BraTS 2021 and 2023 ship no grade table) is segmentation-only: at the start of
+    the run the stages that train only the grade head are skipped, ``"cls"`` is dropped from the other stages'
+    losses, the run is shortened by the skipped epochs, and one message says so.
+
     Args:
         stages: the plan, as :class:`TrainingStage` objects or as dicts (validated by :func:`parse_stages`).
         name: logger name.
+        graded: whether the training data has grades; ``None`` (default) looks at the entries of the trainer's
+            dataset (``engine.state.dataloader.dataset.data``, a MONAI ``Dataset``): graded unless none has a ``grade``.
     """
 
-    def __init__(self, stages: Sequence[TrainingStage | Mapping], name: str = "medsegdiff_monai") -> None:
+    def __init__(
+        self, stages: Sequence[TrainingStage | Mapping], name: str = "medsegdiff_monai", graded: bool | None = None
+    ) -> None:
         self.stages = [s if isinstance(s, TrainingStage) else parse_stages([s])[0] for s in stages]
         self.logger = logging.getLogger(name)
         self.stage_index: int | None = None
+        self.graded = graded
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._skip_grade_stages_without_grades)
         engine.add_event_handler(Events.STARTED, self._record_base_lr)
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def _skip_grade_stages_without_grades(self, engine: Engine) -> None:
+        graded = self.graded
+        if graded is None:
+            entries = getattr(getattr(engine.state.dataloader, "dataset", None), "data", None)
+            graded = not (entries and all(isinstance(e, Mapping) and "grade" not in e for e in entries))
+        if graded or not any("cls" in stage.losses for stage in self.stages):
+            return
+        kept = parse_stages([stage.__dict__ for stage in self.stages], use_cls_head=False)
+        skipped = [stage.name for stage in self.stages if stage.train == "cls_head" or stage.losses == ("cls",)]
+        skipped_epochs = sum(stage.epochs for stage in self.stages) - sum(stage.epochs for stage in kept)
+        engine.state.max_epochs = max(engine.state.max_epochs - skipped_epochs, 1)
+        self.logger.warning(
+            f"the training data has no grades: segmentation only. Grade stage(s) {skipped} skipped and the 'cls' "
+            f"loss dropped, {engine.state.max_epochs} epoch(s) in all; the grade head is not trained. Give a grade "
+            "table (datalist --grades CSV with subject_id,grade) to train it."
+        )
+        self.stages = kept
 
     @staticmethod
     def _record_base_lr(engine: Engine) -> None:

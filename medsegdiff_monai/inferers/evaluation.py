@@ -20,13 +20,18 @@ def run_evaluation(
     num_eval_cases: int | None = None,
     include_hd95: bool = True,
     print_table: bool = True,
+    hd95_convention: str = "brats",
+    lesion_challenge: str | None = "BraTS-GLI",
+    bootstrap_resamples: int = 2000,
 ) -> EvaluationResult:
     """
     Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
 
     Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
-    (Dice, IoU, HD95 per region TC/WT/ET and their means, true grade, p_hgg) and ``summary.json`` (mean and std of
-    every metric, AUC, F1, accuracy, ECE and confusion matrix of the grade), and prints the table.
+    (Dice, IoU, HD95, lesion-wise Dice and HD95 per region TC/WT/ET and their means, true grade, p_hgg) and
+    ``summary.json`` (mean and std of every metric, 95 % bootstrap intervals of every Dice; AUC, F1, accuracy, ECE,
+    Brier and confusion matrix of the grade, with intervals), ``reliability.png`` where the grade is scored, and
+    prints the table. A BraTS folder's grades come from its ``name_mapping.csv``.
 
     Args:
         inferer: the configured whole-subject inferer.
@@ -38,6 +43,11 @@ def run_evaluation(
         num_eval_cases: evaluate only the first ``num_eval_cases`` subjects (None: all).
         include_hd95: compute HD95 (the slowest metric).
         print_table: print the per-subject table and the summary.
+        hd95_convention: ``"brats"`` (pooled 95th percentile, 373.13 mm for one empty region: the BraTS
+            leaderboards) or ``"monai"`` (the larger directed 95th percentile, the volume's diagonal).
+        lesion_challenge: parameters of the lesion-wise Dice and HD95 (``"BraTS-GLI"``: dilation 3, lesions over
+            50 mm^3; see :data:`~medsegdiff_monai.metrics.LESION_WISE_PARAMETERS`); ``None`` leaves them out.
+        bootstrap_resamples: resamples of the 95 % intervals of Dice, AUC, ECE and Brier (0: none).
 
     Raises:
         ValueError: naming the subjects without a label file.
@@ -59,6 +69,9 @@ def run_evaluation(
             for output, entry in zip(outputs, entries, strict=True)
         ],
         include_hd95=include_hd95,
+        hd95_convention=hd95_convention,
+        lesion_challenge=lesion_challenge,
+        bootstrap_resamples=bootstrap_resamples,
     )
     write_evaluation(result, output_dir)
     if print_table:

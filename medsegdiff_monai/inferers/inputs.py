@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data import (
     MODALITIES,
+    NAME_MAPPING_FILENAME,
     BratsDataError,
     BratsSubject,
     check_subject_volumes,
     list_subject_dirs,
     load_brats_datalist,
     locate_subject_files,
+    mixed_release_problems,
+    parse_name_mapping,
+    release_of_file,
 )
 from medsegdiff_monai.data.layout import is_nifti
 from medsegdiff_monai.transforms import subject_id_from_path
@@ -33,20 +38,33 @@ def _entry(subject: BratsSubject) -> dict[str, Any]:
     return entry
 
 
+def _folder_grades(folder: Path) -> dict[str, int]:
+    """Grades of ``folder/name_mapping.csv`` where it exists (rows with an unknown grade left out), else none."""
+    table = folder / NAME_MAPPING_FILENAME
+    if not table.is_file():
+        return {}
+    mapping = parse_name_mapping(table)
+    if mapping.problems:
+        raise BratsDataError(mapping.problems)
+    return mapping.grades
+
+
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
     has_files = any(is_nifti(p) for p in folder.iterdir())
     subject_dirs = [folder] if has_files else list_subject_dirs(folder)
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")
-    entries, problems = [], []
+    grades = _folder_grades(folder)
+    subjects, problems = [], []
     for subject_dir in subject_dirs:
         found = locate_subject_files(subject_dir, require_label=False)
         problems.extend(found.problems)
         if found.subject is not None:
-            entries.append(_entry(found.subject))
+            subjects.append(replace(found.subject, grade=grades.get(found.subject.subject_id)))
+    problems.extend(mixed_release_problems(subjects, folder))
     if problems:
         raise BratsDataError(problems)
-    return entries
+    return [_entry(subject) for subject in subjects]
 
 
 def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
@@ -74,11 +92,12 @@ def collect_inference_inputs(
 
     ``source`` is one of:
 
-    - a BraTS release folder (one sub-folder per subject) or one subject's folder: files are found by
-      :func:`medsegdiff_monai.data.locate_subject_files` (labels optional);
+    - a BraTS release folder (one sub-folder per subject) or one subject's folder, in the BraTS 2018-2022 or 2023+
+      naming: files are found by :func:`medsegdiff_monai.data.locate_subject_files` (labels optional), and grades
+      come from the folder's ``name_mapping.csv`` where there is one;
     - a datalist JSON: the list ``datalist_key``, paths relative to ``data_dir`` (default: the JSON's folder);
-    - the four modality files of one subject, in the order t1, t1ce, t2, flair; the subject id comes from the
-      t1 file name (``<id>_t1.nii.gz``).
+    - the four modality files of one subject, in the order t1, t1ce, t2, flair (t1n, t1c, t2w, t2f); the subject
+      id comes from the t1 file name (``<id>_t1.nii.gz`` or ``<id>-t1n.nii.gz``).
 
     Only names are resolved here; :func:`check_inference_inputs` reads the files.
 
@@ -112,7 +131,8 @@ def check_inference_inputs(entries: Sequence[dict[str, Any]], check_voxels: bool
 
     Checks that each file exists and is a readable 3D NIfTI, that the modalities (and the label, where given)
     share one shape and affine, and with ``check_voxels`` that the voxel data is complete and finite and the label
-    values are in {0, 1, 2, 4} (see :func:`medsegdiff_monai.data.check_subject_volumes`).
+    values are those of the release the file names follow ({0, 1, 2, 4} or {0, 1, 2, 3}; see
+    :func:`medsegdiff_monai.data.check_subject_volumes`).
 
     Raises:
         BratsDataError: (a ``ValueError``) listing every problem, each naming the subject and the file.
@@ -126,7 +146,8 @@ def check_inference_inputs(entries: Sequence[dict[str, Any]], check_voxels: bool
             problems.extend(f"subject {subject_id}: file {p} does not exist." for p in missing)
             continue
         label = Path(entry["label"]) if entry.get("label") else None
-        subject = BratsSubject(subject_id=subject_id, images=tuple(files[: len(MODALITIES)]), label=label)
+        release = release_of_file(files[0]) or "brats2020"
+        subject = BratsSubject(subject_id, images=tuple(files[: len(MODALITIES)]), label=label, release=release)
         problems.extend(check_subject_volumes(subject, check_voxels=check_voxels))
     if problems:
         raise BratsDataError(problems)

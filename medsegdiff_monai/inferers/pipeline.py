@@ -19,6 +19,7 @@ from monai.transforms import Compose, Invertd
 from torch import nn
 from tqdm.auto import tqdm
 
+from medsegdiff_monai.data import convert_label_convention, release_of_file
 from medsegdiff_monai.inferers.inputs import InputSource, check_inference_inputs, resolve_entries
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
@@ -153,6 +154,8 @@ class BratsVolumeInferer:
         inverted = self.inverter(data)
         labels = regions_to_brats_labels(inverted["probs"].as_tensor(), self.threshold)[0]
         labels = suppress_small_enhancing(labels, self.min_enhancing_voxels)
+        # written in the label convention of the input's release (enhancing tumour 3 for BraTS 2023+ names)
+        labels = convert_label_convention(labels, "brats2020", release_of_file(entry["image"][0]) or "brats2020")
         return SubjectPrediction(
             subject_id=str(data["subject_id"]),
             labels=labels.numpy().astype(np.uint8),

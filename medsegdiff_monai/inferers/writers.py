@@ -23,8 +23,14 @@ __all__ = [
     "write_png",
 ]
 
-BRATS_LABEL_COLOURS: dict[int, tuple[int, int, int]] = {1: (230, 40, 40), 2: (40, 200, 60), 4: (250, 220, 30)}
-"""Overlay colour of each BraTS label: 1 necrotic / non-enhancing core red, 2 oedema green, 4 enhancing yellow."""
+BRATS_LABEL_COLOURS: dict[int, tuple[int, int, int]] = {
+    1: (230, 40, 40),
+    2: (40, 200, 60),
+    3: (250, 220, 30),
+    4: (250, 220, 30),
+}
+"""Overlay colour of each BraTS label: 1 necrotic / non-enhancing core red, 2 oedema green, enhancing tumour yellow
+(4 in BraTS 2018-2022, 3 from BraTS 2023 on)."""
 
 GRADES_CSV_COLUMNS = ("subject_id", "p_hgg", "grade")
 
@@ -92,7 +98,7 @@ def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) ->
 
     Args:
         image: (H, W) intensities (e.g. FLAIR), scaled to [0, 255] between its 1st and 99th percentile.
-        labels: (H, W) BraTS labels 0/1/2/4.
+        labels: (H, W) BraTS labels 0/1/2/4 or 0/1/2/3.
         alpha: opacity of the label colours.
 
     Returns:
@@ -118,7 +124,7 @@ def write_overlay_png(image: np.ndarray, labels: np.ndarray, path: str | Path) -
 
     Args:
         image: (H, W, D) one modality (FLAIR shows the whole tumour best).
-        labels: (H, W, D) BraTS labels 0/1/2/4 on the same grid.
+        labels: (H, W, D) BraTS labels (0/1/2/4 or 0/1/2/3) on the same grid.
         path: output file.
     """
     index = tumour_slice(labels)

@@ -1,9 +1,23 @@
-"""Segmentation (Dice, IoU, HD95 per BraTS region), grading (AUC, F1, Acc, ECE) and uncertainty metrics, and evaluation
-reports."""
+"""Segmentation (Dice, IoU, HD95, lesion-wise scores per BraTS region), grading (AUC, F1, Acc, ECE, Brier) and
+uncertainty metrics, bootstrap intervals and evaluation reports."""
 
+from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
+from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
 from medsegdiff_monai.metrics.evaluation import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
-from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
+from medsegdiff_monai.metrics.lesion_wise import (
+    LESION_MISS_HD95,
+    LESION_WISE_PARAMETERS,
+    lesion_wise_metrics,
+    lesion_wise_scores,
+)
+from medsegdiff_monai.metrics.segmentation import (
+    BRATS_EMPTY_HD95,
+    BRATS_REGIONS,
+    HD95_CONVENTIONS,
+    hd95,
+    segmentation_metrics,
+)
 from medsegdiff_monai.metrics.uncertainty import (
     average_ranks,
     mean_uncertainty,
@@ -14,14 +28,25 @@ from medsegdiff_monai.metrics.uncertainty import (
 )
 
 __all__ = [
+    "BRATS_EMPTY_HD95",
     "BRATS_REGIONS",
+    "HD95_CONVENTIONS",
+    "LESION_MISS_HD95",
+    "LESION_WISE_PARAMETERS",
     "EvaluationResult",
     "average_ranks",
+    "bootstrap_interval",
+    "brier_score",
     "evaluate_subjects",
     "expected_calibration_error",
     "format_table",
     "grade_metrics",
+    "hd95",
+    "lesion_wise_metrics",
+    "lesion_wise_scores",
     "mean_uncertainty",
+    "reliability_bins",
+    "reliability_diagram",
     "segmentation_metrics",
     "spearman_correlation",
     "tumour_neighbourhood",

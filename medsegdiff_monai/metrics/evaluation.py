@@ -13,14 +13,20 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+from scipy.stats import rankdata
 
-from medsegdiff_monai.metrics.grading import grade_metrics
+from medsegdiff_monai.data.layout import RELEASE_TITLES, convert_label_convention, label_convention
+from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
+from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
+from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
 
 __all__ = ["EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
 
 METRICS_CSV = "metrics_per_subject.csv"
 SUMMARY_JSON = "summary.json"
+RELIABILITY_PNG = "reliability.png"
 
 
 class EvaluationResult(dict):
@@ -35,26 +41,66 @@ class EvaluationResult(dict):
         return self["summary"]
 
 
-def _regions(labels: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) BraTS labels -> (3, X, Y, Z) TC, WT, ET with MONAI's converter."""
-    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(labels[None]), dtype=np.uint8)
+def _regions(labels: np.ndarray, release: str) -> np.ndarray:
+    """(X, Y, Z) BraTS labels of ``release`` -> (3, X, Y, Z) TC, WT, ET with MONAI's converter."""
+    internal = convert_label_convention(labels, release, "brats2020")
+    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(internal[None]), dtype=np.uint8)
+
+
+def _pair_release(pred: np.ndarray, truth: np.ndarray, pred_source: Any, truth_source: Any) -> str:
+    """The label convention shared by a prediction and its reference (BraTS 2018-2022 when neither has ET)."""
+    found = {
+        source: label_convention(np.unique(labels).tolist(), source)
+        for labels, source in ((truth, truth_source), (pred, pred_source))
+    }
+    releases = {release for release in found.values() if release is not None}
+    if len(releases) > 1:
+        described = ", ".join(f"{source}: {RELEASE_TITLES[release]}" for source, release in found.items())
+        raise ValueError(f"prediction and reference follow different BraTS label conventions ({described}).")
+    return releases.pop() if releases else "brats2020"
+
+
+def _auc(p_hgg: np.ndarray, grade: np.ndarray) -> float:
+    """ROC AUC from ranks (ties count one half, as in scikit-learn); NaN unless both grades are present."""
+    positive = grade == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    return float((rankdata(p_hgg)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def evaluate_subjects(
-    predictions: Sequence[dict[str, Any]], include_hd95: bool = True, grade_threshold: float = 0.5
+    predictions: Sequence[dict[str, Any]],
+    include_hd95: bool = True,
+    grade_threshold: float = 0.5,
+    hd95_convention: str = "brats",
+    lesion_challenge: str | None = "BraTS-GLI",
+    bootstrap_resamples: int = 2000,
+    seed: int = 0,
 ) -> EvaluationResult:
     """
     Per-subject segmentation metrics and subject-level grade metrics.
 
     Each prediction is ``{"subject_id", "label_file" (ground truth NIfTI), "p_hgg" (float or None), "grade" (0/1 or
     None)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or ``"pred_file"`` (a label-map NIfTI, read one
-    subject at a time). Both label maps are turned into regions TC, WT, ET with MONAI's
+    subject at a time). The label convention (enhancing tumour 4 in BraTS 2018-2022, 3 in BraTS 2023+) is detected
+    from the values of both maps, which must agree. Both label maps are turned into regions TC, WT, ET with MONAI's
     ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
-    :func:`~medsegdiff_monai.metrics.segmentation_metrics` (HD95 in mm from the label file's voxel size).
+    :func:`~medsegdiff_monai.metrics.segmentation_metrics` (BraTS Dice convention; HD95 in mm from the label file's
+    voxel size, in ``hd95_convention``: ``"brats"`` pooled percentile and 373.13 for one empty region, or
+    ``"monai"``), and the lesion-wise Dice and HD95 of the BraTS 2023+ ranking
+    (:func:`~medsegdiff_monai.metrics.lesion_wise_metrics` with the parameters of ``lesion_challenge``; ``None``
+    leaves them out).
+
+    Intervals are percentile-bootstrap 95 % intervals over subjects (:func:`~medsegdiff_monai.metrics.
+    bootstrap_interval`, ``bootstrap_resamples`` resamples from ``seed``; 0 resamples leaves them out).
 
     Returns:
-        :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware), the
-        grade metrics of :func:`~medsegdiff_monai.metrics.grade_metrics` (NaN with a warning when undefined), and
+        :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware) and,
+        for every Dice (per region and mean, voxel-wise and lesion-wise), ``ci95`` = [low, high] of the mean; the
+        grade metrics of :func:`~medsegdiff_monai.metrics.grade_metrics` (NaN with a warning when undefined) with
+        ``auc_ci95``, ``ece_ci95``, ``brier_ci95`` and the ``reliability`` bins
+        (:func:`~medsegdiff_monai.metrics.reliability_bins`); ``bootstrap`` (the interval method); and
         ``num_subjects``.
     """
     rows = []
@@ -64,17 +110,25 @@ def evaluate_subjects(
         truth = np.asarray(label_image.dataobj)
         if "pred_labels" in prediction:
             pred = np.asarray(prediction["pred_labels"])
+            pred_source = f"subject {subject_id} prediction"
         else:
             pred = np.asarray(nib.load(str(prediction["pred_file"])).dataobj)
+            pred_source = prediction["pred_file"]
         if pred.shape != truth.shape:
             raise ValueError(
                 f"subject {subject_id}: prediction shape {pred.shape} differs from label "
                 f"{prediction['label_file']} shape {truth.shape}."
             )
+        release = _pair_release(pred, truth, pred_source, prediction["label_file"])
         spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
         row: dict[str, Any] = {"subject_id": subject_id}
         row.update(grade=prediction.get("grade"), p_hgg=prediction.get("p_hgg"))
-        row.update(segmentation_metrics(_regions(pred), _regions(truth), BRATS_REGIONS, include_hd95, spacing))
+        pred_regions, truth_regions = _regions(pred, release), _regions(truth, release)
+        row.update(
+            segmentation_metrics(pred_regions, truth_regions, BRATS_REGIONS, include_hd95, spacing, hd95_convention)
+        )
+        if lesion_challenge is not None:
+            row.update(lesion_wise_metrics(pred_regions, truth_regions, BRATS_REGIONS, spacing, lesion_challenge))
         rows.append(row)
     metric_names = [k for k in rows[0] if k not in ("subject_id", "grade", "p_hgg")] if rows else []
     summary: dict[str, Any] = {"num_subjects": len(rows)}
@@ -85,18 +139,35 @@ def evaluate_subjects(
             "mean": float(finite.mean()) if finite.size else math.nan,
             "std": float(finite.std()) if finite.size else math.nan,
         }
+        if "dice_" in name and bootstrap_resamples:
+            summary[name]["ci95"] = list(
+                bootstrap_interval(np.mean, finite, num_resamples=bootstrap_resamples, seed=seed)
+            )
+    if bootstrap_resamples:
+        summary["bootstrap"] = {
+            "method": "percentile bootstrap, subjects drawn with replacement",
+            "confidence": 0.95,
+            "num_resamples": bootstrap_resamples,
+            "seed": seed,
+        }
     graded = [row for row in rows if row["p_hgg"] is not None and row["grade"] is not None]
     if graded:
-        summary["grade"] = grade_metrics(
-            [row["p_hgg"] for row in graded], [row["grade"] for row in graded], threshold=grade_threshold
-        )
+        p_hgg = np.asarray([row["p_hgg"] for row in graded], dtype=np.float64)
+        grade = np.asarray([row["grade"] for row in graded], dtype=int)
+        summary["grade"] = grade_metrics(p_hgg, grade, threshold=grade_threshold)
+        if bootstrap_resamples:
+            for name, statistic in (("auc", _auc), ("ece", expected_calibration_error), ("brier", brier_score)):
+                interval = bootstrap_interval(statistic, p_hgg, grade, num_resamples=bootstrap_resamples, seed=seed)
+                summary["grade"][f"{name}_ci95"] = list(interval)
+        summary["grade"]["reliability"] = reliability_bins(p_hgg, grade)
     else:
         warnings.warn("evaluation: no subject has both p_hgg and a true grade; grade metrics skipped.", stacklevel=2)
     return EvaluationResult(subjects=rows, summary=summary)
 
 
 def format_table(result: EvaluationResult, columns: Sequence[str] | None = None) -> str:
-    """A plain-text table: one line per subject, then the mean and std over subjects, then the grade metrics."""
+    """A plain-text table: one line per subject, then the mean, std and 95 % interval of the mean over subjects,
+    then the grade metrics (with 95 % intervals)."""
     rows = result.rows
     if columns is None:
         columns = [k for k in (rows[0] if rows else {}) if k.endswith(tuple(f"_{r}" for r in (*BRATS_REGIONS, "mean")))]
@@ -110,14 +181,22 @@ def format_table(result: EvaluationResult, columns: Sequence[str] | None = None)
     lines = [[cell(row.get(key)) for key in header] for row in rows]
     lines.append(["mean", "", "", *(cell(result.summary[c]["mean"]) for c in columns)])
     lines.append(["std", "", "", *(cell(result.summary[c]["std"]) for c in columns)])
+    if any("ci95" in result.summary[c] for c in columns):
+        intervals = [result.summary[c].get("ci95") for c in columns]
+        lines.append(["ci95", "", "", *(f"{cell(i[0])}-{cell(i[1])}" if i else "" for i in intervals)])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     text = [" ".join(h.rjust(w) for h, w in zip(header, widths))]
     text += [" ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines]
     grade = result.summary.get("grade")
     if grade is not None:
+
+        def with_interval(key: str) -> str:
+            interval = grade.get(f"{key}_ci95")
+            return cell(grade[key]) + (f" [{cell(interval[0])}, {cell(interval[1])}]" if interval else "")
+
         text.append(
             "grade: "
-            + " ".join(f"{k}={cell(grade[k])}" for k in ("auc", "f1", "accuracy", "ece"))
+            + " ".join(f"{k}={with_interval(k)}" for k in ("auc", "f1", "accuracy", "ece", "brier"))
             + f" confusion_matrix={grade['confusion_matrix']} (rows true LGG, HGG; columns predicted)"
         )
     return "\n".join(text)
@@ -135,7 +214,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics_per_subject.csv`` and ``summary.json`` (NaN written as ``null``) into ``output_dir``.
+    """Write ``metrics_per_subject.csv``, ``summary.json`` (NaN written as ``null``) and, where the grade was scored,
+    ``reliability.png`` (:func:`~medsegdiff_monai.metrics.reliability_diagram`) into ``output_dir``.
 
     Returns:
         the paths of the CSV and the JSON.
@@ -151,4 +231,9 @@ def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> tuple[
     with open(json_path, "w") as f:
         json.dump(_json_safe(result.summary), f, indent=2, allow_nan=False)
         f.write("\n")
+    reliability = result.summary.get("grade", {}).get("reliability")
+    if reliability is not None:
+        from medsegdiff_monai.inferers.writers import write_png  # the inferers package imports this module
+
+        write_png(reliability_diagram(reliability), output_dir / RELIABILITY_PNG)
     return csv_path, json_path

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins
+
 __all__ = ["expected_calibration_error", "grade_metrics"]
 
 
@@ -18,8 +20,9 @@ def expected_calibration_error(
     """
     Expected calibration error of a binary probability (reliability-diagram form).
 
-    ``[0, 1]`` is split into ``num_bins`` equal bins (the last one closed); for each non-empty bin ``b`` with
-    ``n_b`` subjects, ``|mean(target in b) - mean(p in b)|`` is weighted by ``n_b / N``.
+    ``[0, 1]`` is split into ``num_bins`` equal bins (the last one closed, see
+    :func:`~medsegdiff_monai.metrics.reliability_bins`); for each non-empty bin ``b`` with ``n_b`` subjects,
+    ``|mean(target in b) - mean(p in b)|`` is weighted by ``n_b / N``.
 
     Args:
         p_positive: (N,) predicted probability of class 1.
@@ -29,23 +32,24 @@ def expected_calibration_error(
     Returns:
         ECE in [0, 1]; NaN for an empty input.
     """
-    p = np.asarray(p_positive, dtype=np.float64)
-    y = np.asarray(target, dtype=np.float64)
-    if p.size == 0:
+    bins = reliability_bins(p_positive, target, num_bins)
+    total = sum(bins["count"])
+    if total == 0:
         return math.nan
-    bins = np.minimum((p * num_bins).astype(int), num_bins - 1)
-    ece = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        ece += in_bin.sum() / p.size * abs(y[in_bin].mean() - p[in_bin].mean())
-    return float(ece)
+    return float(
+        sum(
+            n / total * abs(observed - predicted)
+            for n, observed, predicted in zip(bins["count"], bins["observed"], bins["mean_predicted"])
+            if n
+        )
+    )
 
 
 def grade_metrics(
     p_hgg: Sequence[float] | np.ndarray, grade: Sequence[int] | np.ndarray, threshold: float = 0.5, num_bins: int = 10
 ) -> dict[str, float | list[list[int]] | int]:
     """
-    AUC, F1 (HGG positive), accuracy, ECE and confusion matrix of subject-level grades.
+    AUC, F1 (HGG positive), accuracy, ECE, Brier score and confusion matrix of subject-level grades.
 
     An undefined figure never raises: AUC is NaN when only one grade is present, F1 is NaN when neither labels nor
     predictions contain HGG, and every figure is NaN for an empty input; each NaN comes with a ``warnings.warn``.
@@ -57,8 +61,8 @@ def grade_metrics(
         num_bins: bins of the expected calibration error.
 
     Returns:
-        ``{"auc", "f1", "accuracy", "ece", "confusion_matrix" ([[TN, FP], [FN, TP]], rows = true LGG, HGG),
-        "num_subjects"}``.
+        ``{"auc", "f1", "accuracy", "ece", "brier", "confusion_matrix" ([[TN, FP], [FN, TP]], rows = true LGG,
+        HGG), "num_subjects"}``.
     """
     p = np.asarray(p_hgg, dtype=np.float64).reshape(-1)
     y = np.asarray(grade).astype(int).reshape(-1)
@@ -76,6 +80,7 @@ def grade_metrics(
             "f1": nan,
             "accuracy": nan,
             "ece": nan,
+            "brier": nan,
             "confusion_matrix": [[0, 0], [0, 0]],
             "num_subjects": 0,
         }
@@ -95,6 +100,7 @@ def grade_metrics(
         "f1": f1,
         "accuracy": float(accuracy_score(y, predicted)),
         "ece": expected_calibration_error(p, y, num_bins),
+        "brier": brier_score(p, y),
         "confusion_matrix": confusion_matrix(y, predicted, labels=[0, 1]).tolist(),
         "num_subjects": int(y.size),
     }

@@ -73,7 +73,7 @@ def volume_transforms(label_optional: bool = False) -> list[Transform]:
         CheckBratsLabelsd(LABEL, allow_missing_keys=label_optional),
         ConvertToMultiChannelBasedOnBratsClassesd(LABEL, allow_missing_keys=label_optional),
         CastToTyped(LABEL, dtype=torch.uint8, allow_missing_keys=label_optional),
-        AttachGraded(GRADE, allow_missing_keys=label_optional),
+        AttachGraded(GRADE, allow_missing_keys=True),  # segmentation-only data (BraTS 2021, 2023) has no grade
         CropForegroundd(
             keys,
             source_key=IMAGE,

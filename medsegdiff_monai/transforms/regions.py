@@ -1,8 +1,9 @@
 """BraTS label values <-> nested tumour regions (TC, WT, ET).
 
 The forward direction is MONAI's :class:`monai.transforms.ConvertToMultiChannelBasedOnBratsClassesd`
-(TC = {1, 4}, WT = {1, 2, 4}, ET = {4}, in that channel order); this module checks the label values before it and
-provides the inverse used to write predictions as BraTS label maps.
+(TC = {1, 4}, WT = {1, 2, 4}, ET = {4}, in that channel order) on the library's internal labels, those of BraTS
+2018-2022; this module checks the label values before it (bringing a BraTS 2023+ map, enhancing tumour = 3, to the
+internal convention) and provides the inverse used to write predictions as BraTS label maps.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
-from medsegdiff_monai.data.layout import BRATS_LABEL_VALUES
+from medsegdiff_monai.data.layout import convert_label_convention, label_convention
 
 __all__ = [
     "CheckBratsLabelsd",
@@ -33,14 +34,18 @@ _ENHANCING, _NECROTIC, _OEDEMA = 4, 1, 2
 
 
 class CheckBratsLabelsd(MapTransform):
-    """Raise if a label map holds values other than the BraTS 2020 labels {0, 1, 2, 4}; pass the data through.
+    """Check a label map against the BraTS label conventions and bring it to the internal one (enhancing tumour 4).
+
+    The convention is detected from the values (:func:`~medsegdiff_monai.data.label_convention`): {0, 1, 2, 4} is
+    BraTS 2018-2022 and passes unchanged; {0, 1, 2, 3} is BraTS 2023+ and its label 3 becomes 4; a map with both 3
+    and 4, or any other value, is refused.
 
     Args:
         keys: keys of the label maps (default ``"label"``).
         allow_missing_keys: do not raise when a key is absent (e.g. inference data without labels).
 
     Raises:
-        ValueError: naming the label file (from the MetaTensor's ``filename_or_obj``) and the bad values.
+        ValueError: naming the subject, the label file (from the MetaTensor's ``filename_or_obj``) and the labels.
     """
 
     def __init__(self, keys: KeysCollection = "label", allow_missing_keys: bool = False) -> None:
@@ -50,17 +55,13 @@ class CheckBratsLabelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             label = d[key]
-            voxels = torch.as_tensor(label)
-            outside = torch.ones_like(voxels, dtype=torch.bool)
-            for value in BRATS_LABEL_VALUES:
-                outside &= voxels != value
-            if outside.any():
-                bad = torch.unique(voxels[outside]).tolist()
-                source = label.meta.get("filename_or_obj", key) if isinstance(label, MetaTensor) else key
-                subject = d.get("subject_id", "?")
-                raise ValueError(
-                    f"subject {subject}: label {source} has values {bad[:8]} outside {list(BRATS_LABEL_VALUES)}."
-                )
+            source = label.meta.get("filename_or_obj", key) if isinstance(label, MetaTensor) else key
+            try:
+                release = label_convention(torch.unique(torch.as_tensor(label)).tolist(), source)
+            except ValueError as error:
+                raise ValueError(f"subject {d.get('subject_id', '?')}: {error}") from None
+            if release is not None:
+                d[key] = convert_label_convention(label, release, "brats2020")
         return d
 
 

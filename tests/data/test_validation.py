@@ -157,11 +157,17 @@ def test_folder_without_row_and_row_without_folder(brats_copy):
 def test_missing_csv(brats_copy):
     (brats_copy / "name_mapping.csv").unlink()
     with pytest.raises(BratsDataError, match="name_mapping.csv not found"):
-        read_brats_folder(brats_copy, progress=False)
+        read_brats_folder(brats_copy, require_grade=True, progress=False)
+    with pytest.raises(BratsDataError, match="grades.csv not found"):
+        read_brats_folder(brats_copy, csv_path=brats_copy / "grades.csv", progress=False)
     with pytest.raises(FileNotFoundError, match="name_mapping.csv"):
         read_name_mapping(brats_copy / "name_mapping.csv")
-    subjects = read_brats_folder(brats_copy, require_grade=False, progress=False)
-    assert len(subjects) == 8 and all(s.grade is None for s in subjects)
+    for require_grade in (None, False):
+        report = validate_brats_folder(brats_copy, require_grade=require_grade, progress=False)
+        assert report.ok and len(report.subjects) == 8 and all(s.grade is None for s in report.subjects)
+    assert [n for n in report.notes if "segmentation only" in n] == []  # require_grade=False: no note
+    default = validate_brats_folder(brats_copy, progress=False)
+    assert [n for n in default.notes if "no grade table" in n and "segmentation only" in n] != []
 
 
 def test_every_problem_is_listed(brats_copy):

@@ -7,8 +7,15 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from medsegdiff_monai.metrics import evaluate_subjects, format_table, write_evaluation
+from medsegdiff_monai.metrics import (
+    bootstrap_interval,
+    evaluate_subjects,
+    expected_calibration_error,
+    format_table,
+    write_evaluation,
+)
 
 
 def _label_file(tmp_path, name: str, labels: np.ndarray, zooms=(1.0, 1.0, 1.0)):
@@ -51,8 +58,9 @@ def test_perfect_and_partial_predictions(tmp_path):
     assert [perfect[f"dice_{r}"] for r in ("TC", "WT", "ET", "mean")] == [1.0] * 4
     assert [perfect[f"hd95_{r}"] for r in ("TC", "WT", "ET", "mean")] == [0.0] * 4
     assert missed["dice_TC"] == 1.0 and missed["dice_WT"] == 1.0 and missed["dice_ET"] == 0.0
-    assert missed["hd95_ET"] == pytest.approx(math.sqrt(12**2 + 12**2 + 8**2))
-    assert result.summary["dice_ET"] == {"mean": 0.5, "std": 0.5}
+    assert missed["hd95_ET"] == 373.13
+    # ci95 by hand: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
+    assert result.summary["dice_ET"] == {"mean": 0.5, "std": 0.5, "ci95": [0.0, 1.0]}
     assert result.summary["grade"]["auc"] == 1.0 and result.summary["grade"]["accuracy"] == 1.0
     table = format_table(result)
     assert "s1" in table and "mean" in table and "auc=1.000" in table
@@ -63,6 +71,33 @@ def test_perfect_and_partial_predictions(tmp_path):
     assert [r["subject_id"] for r in rows] == ["s1", "s2"] and float(rows[1]["dice_ET"]) == 0.0
     summary = json.loads(json_path.read_text())
     assert summary["num_subjects"] == 2 and summary["grade"]["confusion_matrix"] == [[1, 0], [0, 1]]
+    assert summary["grade"]["brier"] == pytest.approx((0.1**2 + 0.2**2) / 2)
+    assert summary["grade"]["reliability"]["count"] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 1]
+    assert (tmp_path / "report" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grade_intervals_match_a_bootstrap_of_sklearn_figures(tmp_path):
+    rng = np.random.default_rng(4)
+    truth = _labels()
+    label_file = _label_file(tmp_path, "s", truth)
+    grade = np.array([0, 1] * 6)
+    p_hgg = np.clip(grade * 0.4 + rng.uniform(0.05, 0.6, grade.size), 0, 1)
+    predictions = [
+        {"subject_id": f"s{i}", "pred_labels": truth, "label_file": label_file, "p_hgg": p, "grade": g}
+        for i, (p, g) in enumerate(zip(p_hgg, grade))
+    ]
+    summary = evaluate_subjects(predictions, include_hd95=False, bootstrap_resamples=300, seed=7).summary
+
+    def sklearn_auc(p, y):
+        return roc_auc_score(y, p) if np.unique(y).size == 2 else math.nan
+
+    expected = bootstrap_interval(sklearn_auc, p_hgg, grade, num_resamples=300, seed=7)
+    assert summary["grade"]["auc_ci95"] == pytest.approx(list(expected))
+    assert summary["grade"]["auc"] == pytest.approx(roc_auc_score(grade, p_hgg))
+    ece = bootstrap_interval(expected_calibration_error, p_hgg, grade, num_resamples=300, seed=7)
+    assert summary["grade"]["ece_ci95"] == pytest.approx(list(ece))
+    assert summary["grade"]["brier_ci95"][0] < summary["grade"]["brier"] < summary["grade"]["brier_ci95"][1]
+    assert summary["bootstrap"]["num_resamples"] == 300 and summary["dice_mean"]["ci95"] == [1.0, 1.0]
 
 
 def test_one_grade_only_is_nan_in_json(tmp_path):
@@ -97,3 +132,23 @@ def test_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match="subject s: prediction shape"):
         label_file = _label_file(tmp_path, "s", truth)
         evaluate_subjects([{"subject_id": "s", "pred_labels": truth[:5], "label_file": label_file}])
+
+
+def test_brats2023_label_maps_score_like_brats2020(tmp_path):
+    truth = np.pad(_labels(), ((0, 10), (0, 0), (0, 0)))
+    pred = truth.copy()
+    pred[5:7, 5:7, 3] = 1  # half of ET missed
+    pred[21, 0, 0] = 2  # a stray oedema voxel far from the tumour: one false-positive WT lesion
+    as_2023 = {name: np.where(a == 4, 3, a) for name, a in (("truth", truth), ("pred", pred))}
+    rows = [
+        evaluate_subjects(
+            [{"subject_id": "s", "pred_labels": p, "label_file": _label_file(tmp_path, name, t)}], include_hd95=True
+        ).rows[0]
+        for name, (p, t) in {"2020": (pred, truth), "2023": (as_2023["pred"], as_2023["truth"])}.items()
+    ]
+    assert rows[0] == rows[1]
+    assert rows[1]["dice_ET"] == pytest.approx(2 * 4 / (4 + 8))  # ET = label 3 is not lost
+    # WT: the lesion is exact (Dice 1, HD95 0) and the stray voxel is a false positive (0, 374)
+    assert rows[1]["lesion_fp_WT"] == 1 and rows[1]["lesion_dice_WT"] == 0.5 and rows[1]["lesion_hd95_WT"] == 187.0
+    with pytest.raises(ValueError, match=r"different BraTS label conventions .*2020.nii: BraTS 2018-2022"):
+        evaluate_subjects([{"subject_id": "s", "pred_labels": as_2023["pred"], "label_file": tmp_path / "2020.nii"}])

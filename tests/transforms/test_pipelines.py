@@ -46,12 +46,13 @@ def test_regions_of_a_hand_made_label(tmp_path):
 def test_bad_label_value_is_reported(tmp_path, entries):
     bad = tmp_path / "bad_seg.nii"
     label = raw(entries[0]["label"]).copy()
-    label[label == 4] = 3
+    label[tuple(np.argwhere(label == 4)[0])] = 3  # one voxel of BraTS 2023's ET in a BraTS 2020 map
     nib.save(nib.Nifti1Image(label, nib.load(entries[0]["label"]).affine), bad)
     with pytest.raises(RuntimeError) as error:  # MONAI's Compose wraps the transform's error
         get_val_transforms(FULL_ROI)({**entries[0], "label": str(bad)})
     assert isinstance(error.value.__cause__, ValueError)
-    assert f"subject {entries[0]['subject_id']}: label {bad} has values [3.0]" in str(error.value.__cause__)
+    message = f"subject {entries[0]['subject_id']}: label file {bad} holds labels [0, 1, 2, 3, 4]: it mixes labels 3"
+    assert message in str(error.value.__cause__)
 
 
 def test_validation_chain_z_scores_brain_voxels(entries):

@@ -54,8 +54,30 @@ def test_label_check():
     good = MetaTensor(torch.tensor([[0.0, 1.0, 2.0, 4.0]]), meta={"filename_or_obj": "/d/s_seg.nii"})
     assert CheckBratsLabelsd()({"label": good})["label"] is good
     bad = MetaTensor(torch.tensor([[0.0, 3.0, 5.0]]), meta={"filename_or_obj": "/d/s_seg.nii"})
-    with pytest.raises(ValueError, match=r"subject s1: label /d/s_seg.nii has values \[3.0, 5.0\] outside"):
+    with pytest.raises(ValueError, match=r"subject s1: label file /d/s_seg.nii holds labels \[0, 3, 5\]: values \[5\]"):
         CheckBratsLabelsd()({"label": bad, "subject_id": "s1"})
+    mixed = MetaTensor(torch.tensor([[0.0, 3.0, 4.0]]), meta={"filename_or_obj": "/d/m-seg.nii.gz"})
+    with pytest.raises(ValueError, match=r"/d/m-seg.nii.gz holds labels \[0, 3, 4\]: it mixes labels 3 and 4"):
+        CheckBratsLabelsd()({"label": mixed})
+
+
+def test_brats2023_labels_give_the_same_regions_as_brats2020():
+    labels_2020 = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
+    labels_2023 = MetaTensor(torch.tensor([[[0.0, 1.0], [2.0, 3.0]]]), meta={"filename_or_obj": "x-seg.nii.gz"})
+    internal = CheckBratsLabelsd()({"label": labels_2023})["label"]
+    assert isinstance(internal, MetaTensor) and internal.meta["filename_or_obj"] == "x-seg.nii.gz"
+    assert labels_2023.tolist() == [[[0.0, 1.0], [2.0, 3.0]]]  # input untouched
+    regions = ConvertToMultiChannelBasedOnBratsClasses()
+    # hand-checked: TC = {1, ET}, WT = {1, 2, ET}, ET = {ET} on voxels (0, 1, 2, ET)
+    assert (
+        regions(internal).tolist()
+        == regions(labels_2020).tolist()
+        == [
+            [[[False, True], [False, True]]],
+            [[[False, True], [True, True]]],
+            [[[False, False], [False, True]]],
+        ]
+    )
 
 
 def test_mask_to_symmetric():

@@ -1,0 +1,195 @@
+"""BraTS 2020, 2021 and 2023 layouts: synthetic writing, reading, checking, label conventions and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medsegdiff_monai.cli import main
+from medsegdiff_monai.data import (
+    BratsDataError,
+    convert_label_convention,
+    label_convention,
+    read_brats_folder,
+    release_of_file,
+    write_synthetic_brats,
+)
+
+SHAPE = (20, 20, 16)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three subjects (seed 3, LGG fraction 1/3) in each layout."""
+    root = tmp_path_factory.mktemp("layouts")
+    return {
+        layout: write_synthetic_brats(
+            root / layout, num_subjects=3, lgg_fraction=1 / 3, shape=SHAPE, seed=3, progress=False, layout=layout
+        )
+        for layout in ("brats2020", "brats2021", "brats2023")
+    }
+
+
+def _copy(layouts: dict[str, Path], layout: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(layouts[layout], tmp_path / layout))
+
+
+def _voxels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_each_layout_is_written_with_its_names_and_labels(layouts):
+    names = {layout: sorted(p.name for p in (folder.iterdir())) for layout, folder in layouts.items()}
+    assert names["brats2020"] == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"] + [
+        "name_mapping.csv"
+    ]
+    assert names["brats2021"] == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+    assert names["brats2023"] == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    subject = layouts["brats2023"] / "BraTS-GLI-00001-000"
+    assert sorted(p.name for p in subject.iterdir()) == [
+        f"BraTS-GLI-00001-000-{s}.nii.gz" for s in ("seg", "t1c", "t1n", "t2f", "t2w")
+    ]
+    label_2020 = _voxels(layouts["brats2020"] / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii")
+    label_2021 = _voxels(layouts["brats2021"] / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz")
+    label_2023 = _voxels(subject / "BraTS-GLI-00001-000-seg.nii.gz")
+    np.testing.assert_array_equal(label_2020, label_2021)
+    assert 4 in label_2020 and set(np.unique(label_2023)) <= {0, 1, 2, 3} and 3 in label_2023
+    np.testing.assert_array_equal(np.where(label_2020 == 4, 3, label_2020), label_2023)
+    t1c = _voxels(subject / "BraTS-GLI-00001-000-t1c.nii.gz")
+    np.testing.assert_array_equal(
+        t1c, _voxels(layouts["brats2020"] / "BraTS20_Training_002" / "BraTS20_Training_002_t1ce.nii")
+    )
+
+
+def test_reader_finds_release_and_grades(layouts):
+    graded = read_brats_folder(layouts["brats2020"], progress=False)
+    assert [s.release for s in graded] == ["brats2020"] * 3 and sorted(s.grade for s in graded) == [0, 1, 1]
+    for layout, release in (("brats2021", "brats2020"), ("brats2023", "brats2023")):
+        subjects = read_brats_folder(layouts[layout], progress=False)
+        assert [s.release for s in subjects] == [release] * 3 and all(s.grade is None for s in subjects)
+        assert [release_of_file(p) for p in subjects[0].images] == [release] * 4
+    t1c = read_brats_folder(layouts["brats2023"], progress=False)[0].images[1]
+    assert t1c.name == "BraTS-GLI-00000-000-t1c.nii.gz"  # the t1ce channel
+
+
+def test_user_grade_table_brings_grades_back(layouts, tmp_path):
+    table = tmp_path / "grades.csv"
+    table.write_text("subject_id,p_hgg,grade\nBraTS-GLI-00000-000,0.9,HGG\nBraTS-GLI-00001-000,0.2,LGG\n")
+    report_dir = layouts["brats2023"]
+    with pytest.raises(BratsDataError, match=r"BraTS-GLI-00002-000: folder .* has no row in .*grades.csv"):
+        read_brats_folder(report_dir, csv_path=table, progress=False)
+    subjects = read_brats_folder(report_dir, csv_path=table, skip_unmatched=True, progress=False)
+    assert [(s.subject_id, s.grade) for s in subjects] == [("BraTS-GLI-00000-000", 1), ("BraTS-GLI-00001-000", 0)]
+
+
+def test_label_outside_the_release_set_names_the_file(layouts, tmp_path):
+    folder = _copy(layouts, "brats2023", tmp_path)
+    label_path = folder / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz"
+    image = nib.load(label_path)
+    labels = np.asarray(image.dataobj).copy()
+    labels[labels == 3] = 4
+    nib.save(nib.Nifti1Image(labels, image.affine), label_path)
+    with pytest.raises(BratsDataError) as error:
+        read_brats_folder(folder, progress=False)
+    message = str(error.value)
+    assert f"label file {label_path} has values [4] outside the BraTS 2023+ label set [0, 1, 2, 3]" in message
+    assert "4 is the enhancing tumour of BraTS 2018-2022" in message and "BraTS-GLI-00000-000" not in message
+
+
+def test_missing_modality_under_either_naming(layouts, tmp_path):
+    folder = _copy(layouts, "brats2023", tmp_path)
+    (folder / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-t1c.nii.gz").unlink()
+    with pytest.raises(
+        BratsDataError, match=r"missing modality 't1ce': expected a file BraTS-GLI-00002-000-t1c.nii.gz"
+    ):
+        read_brats_folder(folder, progress=False)
+    subject = folder / "BraTS-GLI-00001-000"
+    for path in subject.glob("*-t*.nii.gz"):
+        path.unlink()
+    with pytest.raises(BratsDataError, match=r"BraTS-GLI-00001-000_t1.nii.gz \(BraTS 2018-2022\) or "):
+        read_brats_folder(folder, progress=False)
+
+
+def test_mixed_naming_in_a_subject_and_in_a_folder(layouts, tmp_path):
+    folder = _copy(layouts, "brats2021", tmp_path)
+    subject = folder / "BraTS2021_00001"
+    shutil.move(subject / "BraTS2021_00001_t2.nii.gz", subject / "BraTS2021_00001-t2w.nii.gz")
+    with pytest.raises(
+        BratsDataError, match=r"subject BraTS2021_00001: mixed file naming .*BraTS2021_00001-t2w.nii.gz"
+    ):
+        read_brats_folder(folder, progress=False)
+    shutil.rmtree(subject)
+    shutil.copytree(layouts["brats2023"] / "BraTS-GLI-00000-000", folder / "BraTS-GLI-00000-000")
+    with pytest.raises(
+        BratsDataError, match=r"mixes BraTS layouts: 2 in BraTS 2018-2022 naming \(e.g. BraTS2021_00000\)"
+    ):
+        read_brats_folder(folder, progress=False)
+
+
+def test_label_convention_detection_and_conversion():
+    assert label_convention([0, 1, 2, 4], "a") == "brats2020"
+    assert label_convention(np.array([0.0, 3.0]), "a") == "brats2023"
+    assert label_convention([0, 1, 2], "a") is None
+    with pytest.raises(ValueError, match=r"label file b.nii holds labels \[0, 3, 4\]: it mixes labels 3 and 4"):
+        label_convention([0, 3, 4], "b.nii")
+    with pytest.raises(ValueError, match=r"holds labels \[0, 6\]: values \[6\] are outside both"):
+        label_convention([0, 6], "c.nii")
+    labels = np.array([0, 1, 2, 4], dtype=np.uint8)
+    np.testing.assert_array_equal(convert_label_convention(labels, "brats2020", "brats2023"), [0, 1, 2, 3])
+    assert convert_label_convention(labels, "brats2020", "brats2020") is labels
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
+def test_cli_synth_and_check(layout, tmp_path, capsys):
+    out = tmp_path / layout
+    args = ["--out", str(out), "--subjects", "2", "--shape", "16", "16", "16", "--layout", layout, "--no-progress"]
+    assert main(["synth", *args]) == 0
+    assert main(["check", "--data-dir", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "segmentation only" in printed and "2 subjects, no problem found" in printed
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
+def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path, capsys):
+    out = tmp_path / "datalist.json"
+    args = ["--data-dir", str(layouts[layout]), "--val-fraction", "0.34", "--out", str(out), "--no-progress"]
+    assert main(["datalist", *args]) == 0
+    assert "without grades (segmentation only)" in capsys.readouterr().out
+    datalist = json.loads(out.read_text())
+    entries = datalist["training"] + datalist["validation"]
+    assert (len(datalist["training"]), len(datalist["validation"])) == (2, 1) and "class_balance" not in datalist
+    assert all("grade" not in e for e in entries)
+    assert sorted(e["subject_id"] for e in entries) == sorted(p.name for p in layouts[layout].iterdir())
+    assert entries[0]["image"][0].endswith("_t1.nii.gz" if layout == "brats2021" else "-t1n.nii.gz")
+    # with a grade table of one's own, the datalist is graded again
+    table = tmp_path / "grades.csv"
+    ids = sorted(p.name for p in layouts[layout].iterdir())
+    table.write_text("subject_id,grade\n" + "".join(f"{s},{g}\n" for s, g in zip(ids, ["LGG", "HGG", "HGG"])))
+    assert main(["datalist", *args, "--grades", str(table)]) == 0
+    graded = json.loads(out.read_text())
+    assert sorted(e["grade"] for e in graded["training"] + graded["validation"]) == [0, 1, 1]
+
+
+def test_training_targets_of_brats2023_equal_those_of_brats2020(layouts):
+    from medsegdiff_monai.data import subject_entry
+    from medsegdiff_monai.transforms import get_val_transforms
+
+    def sample(layout: str) -> dict:
+        subject = read_brats_folder(layouts[layout], progress=False)[1]
+        entry = subject_entry(subject, layouts[layout])
+        entry.update(
+            image=[str(layouts[layout] / p) for p in entry["image"]], label=str(layouts[layout] / entry["label"])
+        )
+        return get_val_transforms((32, 32))(entry)
+
+    old, new = sample("brats2020"), sample("brats2023")
+    assert "grade" not in new and int(old["grade"]) in (0, 1)  # no grade table: segmentation-only sample
+    assert new["label"].shape[0] == 3 and new["label"][2].sum() > 0  # ET (label 3 on disk) is kept
+    assert torch.equal(new["label"].as_tensor(), old["label"].as_tensor())
+    assert torch.equal(new["image"].as_tensor(), old["image"].as_tensor())

@@ -1,0 +1,70 @@
+"""Inference and evaluation on BraTS 2020 folders (grades from name_mapping.csv) and BraTS 2023 folders (ET = 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medsegdiff_monai.data import BratsDataError, write_synthetic_brats
+from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler, collect_inference_inputs, run_evaluation
+
+SHAPE = (32, 32, 16)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_layouts")
+    return {
+        layout: write_synthetic_brats(
+            root / layout, num_subjects=2, lgg_fraction=0.5, shape=SHAPE, seed=1, progress=False, layout=layout
+        )
+        for layout in ("brats2020", "brats2023")
+    }
+
+
+def test_folder_inputs_take_grades_from_name_mapping(folders):
+    entries = collect_inference_inputs(folders["brats2020"])
+    rows = (folders["brats2020"] / "name_mapping.csv").read_text().splitlines()[1:]
+    expected = {row.split(",")[-1]: {"LGG": 0, "HGG": 1}[row.split(",")[0]] for row in rows}
+    assert {e["subject_id"]: e["grade"] for e in entries} == expected and sorted(expected.values()) == [0, 1]
+    assert all("grade" not in e for e in collect_inference_inputs(folders["brats2023"]))
+
+
+def test_mixed_layout_folder_is_refused(folders, tmp_path):
+    mixed = shutil.copytree(folders["brats2023"], tmp_path / "mixed")
+    shutil.copytree(folders["brats2020"] / "BraTS20_Training_001", mixed / "BraTS20_Training_001")
+    with pytest.raises(BratsDataError, match=r"mixes BraTS layouts"):
+        collect_inference_inputs(mixed)
+
+
+def test_brats2023_evaluation_writes_and_scores_label_3(brain_oracle, folders, tmp_path):
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (32, 32), progress=False)
+    result = run_evaluation(inferer, folders["brats2023"], tmp_path / "eval", print_table=False)
+    for row in result.rows:
+        folder = folders["brats2023"] / row["subject_id"]
+        written = np.asarray(nib.load(tmp_path / "eval" / f"{row['subject_id']}_seg.nii.gz").dataobj)
+        assert set(np.unique(written)) <= {0, 3}  # the oracle calls every brain voxel enhancing tumour
+        truth = np.asarray(nib.load(folder / f"{row['subject_id']}-seg.nii.gz").dataobj)
+        et = truth == 3
+        assert et.any() and row["dice_ET"] == pytest.approx(
+            2 * (et & (written == 3)).sum() / (et.sum() + (written == 3).sum())
+        )
+        if et.sum() <= 50:  # a lesion of at most 50 mm^3 is not scored, and the prediction touching it is no FP
+            assert row["lesion_dice_ET"] == 1.0 and row["lesion_fp_ET"] == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert "grade" not in summary and summary["dice_ET"]["ci95"][0] <= summary["dice_ET"]["mean"]
+
+
+def test_brats2020_folder_evaluation_scores_the_grade(brain_oracle, folders, tmp_path):
+    inferer = BratsVolumeInferer(brain_oracle(hgg_logit=1.0), DiffusionSampler(2, ensemble_size=1), (32, 32))
+    inferer.progress = False
+    result = run_evaluation(inferer, folders["brats2020"], tmp_path / "eval", include_hd95=False, print_table=False)
+    assert sorted(row["grade"] for row in result.rows) == [0, 1]
+    assert result.summary["grade"]["brier"] == pytest.approx(
+        ((1 / (1 + np.exp(-1))) ** 2 + (1 / (1 + np.exp(1))) ** 2) / 2
+    )
+    assert (tmp_path / "eval" / "reliability.png").is_file()
