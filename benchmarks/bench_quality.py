@@ -167,8 +167,16 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "val_interval": 1,
     }
     if torch.cuda.is_available():
+        # train_gpu.json's rates are the base preset's: keep train.json's rates, which are the small preset's
+        cpu_config = json.loads((BUNDLE_CONFIGS / "train.json").read_text())
         overrides.update(
-            {"lr": 1e-3, "stages#1#lr_multiplier": 1.0, "batch_size": 16, "num_workers": 4, "slices_per_volume": 8}
+            {
+                "lr": cpu_config["lr"],
+                **{f"stages#{i}#lr_multiplier": s["lr_multiplier"] for i, s in enumerate(cpu_config["stages"])},
+                "batch_size": 16,
+                "num_workers": 4,
+                "slices_per_volume": 8,
+            }
         )
     if args.tiny:
         overrides.update({"roi_size": [32, 32], "slices_per_volume": 2, "val_sampling_steps": 1, "val_interval": 1})
@@ -187,7 +195,7 @@ def train(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, p
         "output_dir": str(plan_dir / "run"),
         "model_dir": str(plan_dir / "models"),
         **training_overrides(args),
-        **stage_plan(args, plan),
+        **stage_plan(args, plan),  # after the shared overrides: naive's "stages" replaces the edited plan
     }
     workflow = ConfigWorkflow(
         config_file=configs,
