@@ -175,7 +175,8 @@ def test_evaluator_grades_subjects_by_pooled_log_odds_and_scores_brier():
         for d, value in enumerate(logits):
             image[0, :, :, :, d] = value
         batches.append({"image": image, "label": torch.ones(1, 3, 8, 8, 4), "grade": torch.tensor([grade])})
-    evaluator = DiffusionEvaluator("cpu", batches, SliceMeanGrader(), DiffusionSampler(num_inference_steps=1, ensemble_size=1))
+    sampler = DiffusionSampler(num_inference_steps=1, ensemble_size=1)
+    evaluator = DiffusionEvaluator("cpu", batches, SliceMeanGrader(), sampler)
     outputs = []
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
     evaluator.run()
