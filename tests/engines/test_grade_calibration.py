@@ -1,20 +1,23 @@
-"""Grade calibration: Platt fit against scikit-learn, its place in the network, old checkpoints, the training handler,
-and the checkpoint-selection score."""
+"""Grade calibration: Platt fit against scikit-learn, its place in the network, old checkpoints, the training handler;
+the evaluator's pooled subject grade and Brier score; the checkpoint-selection score."""
 
 from __future__ import annotations
 
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import brier_score_loss
 
+from medsegdiff_monai.engines import DiffusionEvaluator
 from medsegdiff_monai.handlers import GradeCalibrationFit, validation_score
-from medsegdiff_monai.inferers import load_network_weights, subject_p_hgg
+from medsegdiff_monai.inferers import DiffusionSampler, load_network_weights, subject_p_hgg
 from medsegdiff_monai.networks import GradeCalibration, fit_platt_scaling, logit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "networks"))
@@ -149,3 +152,38 @@ def test_calibration_handler_keeps_the_identity_with_one_grade(tmp_path, caplog)
     state = torch.load(best_path, weights_only=True)
     assert float(state["grade_calibration.scale"]) == 1.0 and float(state["grade_calibration.bias"]) == 0.0
     assert "0 LGG and 4 HGG validation subjects" in caplog.text
+
+
+class SliceMeanGrader(torch.nn.Module):
+    """Tumour on every brain voxel; the HGG logit of a slice is the mean of its first channel (LGG logit 0)."""
+
+    def encode_condition(self, image: torch.Tensor) -> SimpleNamespace:
+        brain = (image != 0).any(dim=1, keepdim=True).float().repeat(1, 3, 1, 1)
+        hgg = image[:, 0].mean(dim=(1, 2))
+        return SimpleNamespace(features=[brain], calib_map=20 * brain - 10, cls_logits=torch.stack([0 * hgg, hgg], 1))
+
+    def denoise(self, x_t, t, condition):
+        return condition.calib_map
+
+
+def test_evaluator_grades_subjects_by_pooled_log_odds_and_scores_brier():
+    # subject 1 (HGG): slice logits 0.2, 1.0, 0.6 on its three brain slices; subject 2 (LGG): -0.9, 0.3, -0.6
+    slice_logits = {1: [0.2, 1.0, 0.6], 0: [-0.9, 0.3, -0.6]}
+    batches = []
+    for grade, logits in slice_logits.items():
+        image = torch.zeros(1, 4, 8, 8, 4)
+        for d, value in enumerate(logits):
+            image[0, :, :, :, d] = value
+        batches.append({"image": image, "label": torch.ones(1, 3, 8, 8, 4), "grade": torch.tensor([grade])})
+    sampler = DiffusionSampler(num_inference_steps=1, ensemble_size=1)
+    evaluator = DiffusionEvaluator("cpu", batches, SliceMeanGrader(), sampler)
+    outputs = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    evaluator.run()
+    expected = {grade: 1 / (1 + math.exp(-float(np.mean(logits)))) for grade, logits in slice_logits.items()}
+    for output, grade in zip(outputs, slice_logits, strict=True):
+        assert float(output["p_hgg"]) == pytest.approx(expected[grade], rel=1e-5)
+        assert float(output["grade_log_odds"]) == pytest.approx(float(np.mean(slice_logits[grade])), rel=1e-5)
+    reference = brier_score_loss([1, 0], [expected[1], expected[0]])
+    assert evaluator.state.metrics["Brier"] == pytest.approx(reference, rel=1e-5)
+    assert evaluator.state.metrics["AUC"] == 1.0
