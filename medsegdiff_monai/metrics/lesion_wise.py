@@ -30,6 +30,18 @@ _COMPONENT_STRUCTURE = ndimage.generate_binary_structure(3, 3)
 _DILATION_STRUCTURE = ndimage.generate_binary_structure(3, 2)
 
 
+def _crop_to_union(pred: np.ndarray, label: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cropped to the bounding box of their union, ``margin`` voxels wider on each side (clipped)."""
+    union = pred | label
+    if not union.any():
+        return pred, label
+    box = []
+    for axis in range(union.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(present[0] - margin, 0), min(present[-1] + 1 + margin, union.shape[axis])))
+    return pred[tuple(box)], label[tuple(box)]
+
+
 def lesion_wise_scores(
     pred: np.ndarray,
     label: np.ndarray,
@@ -70,6 +82,8 @@ def lesion_wise_scores(
         raise ValueError(f"pred and label must be 3D of the same shape, got {pred_np.shape} and {label_np.shape}.")
     spacing_list = _spacing_list(spacing, 3)
     voxel_volume = float(np.prod(spacing_list))
+    # everything happens within the bounding box of both masks, widened by the dilation (identical results)
+    pred_np, label_np = _crop_to_union(pred_np, label_np, margin=dilation_iterations + 1)
     pred_components, _ = ndimage.label(pred_np, structure=_COMPONENT_STRUCTURE)
     pred_sizes = np.bincount(pred_components.ravel())
     dilated = ndimage.binary_dilation(label_np, structure=_DILATION_STRUCTURE, iterations=dilation_iterations)
@@ -79,22 +93,30 @@ def lesion_wise_scores(
     matched: set[int] = set()
     dice_sum = hd95_sum = 0.0
     tp = fn = 0
-    for index in range(1, num_lesions + 1):
-        lesion = lesions == index
-        region = ndimage.binary_dilation(lesion, structure=_DILATION_STRUCTURE, iterations=dilation_iterations)
-        hits = np.unique(pred_components[region])
+    for index, box in enumerate(ndimage.find_objects(lesions), start=1):
+        if box is None:
+            continue
+        box = tuple(
+            slice(max(b.start - dilation_iterations, 0), min(b.stop + dilation_iterations, n))
+            for b, n in zip(box, lesions.shape)
+        )
+        lesion_box = lesions[box] == index
+        region = ndimage.binary_dilation(lesion_box, structure=_DILATION_STRUCTURE, iterations=dilation_iterations)
+        hits = np.unique(pred_components[box][region])
         hits = hits[hits != 0]
         matched.update(hits.tolist())
-        if lesion.sum() * voxel_volume <= min_lesion_volume:
+        lesion_size = np.count_nonzero(lesion_box)
+        if lesion_size * voxel_volume <= min_lesion_volume:
             continue
         if hits.size == 0:
             fn += 1
             hd95_sum += LESION_MISS_HD95
             continue
         tp += 1
+        lesion = lesions == index
         lesion_pred = np.isin(pred_components, hits)
         overlap = np.count_nonzero(lesion_pred & lesion)
-        dice_sum += 2.0 * overlap / (int(pred_sizes[hits].sum()) + np.count_nonzero(lesion))
+        dice_sum += 2.0 * overlap / (int(pred_sizes[hits].sum()) + lesion_size)
         hd95_sum += hd95(lesion_pred, lesion, spacing_list)
     fp = int(pred_sizes.size - 1 - len(matched))
     count = tp + fn + fp

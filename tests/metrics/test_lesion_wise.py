@@ -69,3 +69,11 @@ def test_regions_and_challenge_parameters():
     assert met["lesion_dice_ET"] == pytest.approx(2 / 4)
     with pytest.raises(ValueError, match="challenge"):
         lesion_wise_metrics(pred, label, challenge="BraTS-X")
+
+
+def test_scores_do_not_depend_on_the_empty_margin():
+    rng = np.random.default_rng(0)
+    label = _cube((0, 0, 0), (5, 6, 4)) | _cube((20, 30, 15), (5, 5, 5))  # lesions at the volume's edges
+    pred = np.roll(label, 1, axis=0) | (rng.random(SHAPE) > 0.9995)
+    padded = [np.pad(m, 7) for m in (pred, label)]
+    assert lesion_wise_scores(pred, label) == pytest.approx(lesion_wise_scores(*padded))
