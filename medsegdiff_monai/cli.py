@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medsegdiff_monai.data import (
+    DIFFICULTIES,
     GRADE_TO_INDEX,
     SYNTHETIC_LAYOUTS,
     FolderReport,
@@ -82,6 +83,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         shape=tuple(args.shape),
         seed=args.seed,
         progress=not args.no_progress,
+        difficulty=args.difficulty,
         layout=args.layout,
     )
     print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} in the {args.layout} layout to {out}")
@@ -110,6 +112,13 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
         "--shape", type=_positive_int, nargs=3, default=[240, 240, 155], metavar=("X", "Y", "Z"), help="volume shape."
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set (default 0).")
+    parser.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTIES),
+        default="standard",
+        help="image difficulty: 'standard' (default) or 'hard' (low tumour contrast, patchy enhancement, "
+        "multifocal and infiltrative tumours, strong bias field and noise).",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
     parser.set_defaults(handler=_run_synth)
 
@@ -136,30 +145,47 @@ def _run_datalist(args: argparse.Namespace) -> int:
         return _write_segmentation_datalist(args, report)
     if _print_report(report, f"{len(report.subjects)} subjects valid.", "; nothing written") != 0:
         return 1
-    datalist = build_datalist(report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
-    train_grades = [entry["grade"] for entry in datalist["training"]]
-    print(class_balance_line(train_grades))
+    datalist = build_datalist(
+        report.subjects,
+        args.data_dir,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+    )
+    print(class_balance_line(datalist["class_balance"]))
     out = args.out if args.out is not None else args.data_dir / "datalist.json"
     write_datalist(datalist, out)
-    val_grades = [entry["grade"] for entry in datalist["validation"]]
-    print(
-        f"wrote {out}: {len(train_grades)} training and {len(val_grades)} validation subjects "
-        f"(validation n_LGG={val_grades.count(GRADE_TO_INDEX['LGG'])} n_HGG={val_grades.count(GRADE_TO_INDEX['HGG'])})"
-    )
+    counts = []
+    for key in ("training", "validation", "testing"):
+        if key in datalist:
+            grades = [entry["grade"] for entry in datalist[key]]
+            counts.append(
+                f"{key} {len(grades)} (n_LGG={grades.count(GRADE_TO_INDEX['LGG'])} "
+                f"n_HGG={grades.count(GRADE_TO_INDEX['HGG'])})"
+            )
+    print(f"wrote {out}: {', '.join(counts)} subjects")
     return 0
 
 
 def _register_datalist(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "datalist",
-        help="validate a BraTS folder and write a stratified training/validation datalist JSON.",
-        description="Validate the folder, split subjects by grade (stratified, seeded), print the training split's "
+        help="validate a BraTS folder and write a stratified training/validation(/testing) datalist JSON.",
+        description="Validate the folder, split subjects by grade (stratified, seeded; with --test-fraction also a "
+        "held-out 'testing' list, used for nothing but the final evaluation), print the training split's "
         "n_LGG, n_HGG and alpha_c = N / (2 n_c), and write a MONAI datalist with paths relative to DATA_DIR. "
         "Load it with monai.data.load_decathlon_datalist(path, data_list_key='training', base_dir=DATA_DIR).",
     )
     _add_folder_arguments(parser)
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of each grade for validation (default 0.2)."
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="share of each grade held out as the 'testing' list (default 0: none); every split asked for must "
+        "hold both grades.",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0).")
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: DATA_DIR/datalist.json).")

@@ -34,6 +34,22 @@ def test_datalist_default_output_next_to_the_data(tmp_path):
     assert len(json.loads((tmp_path / "datalist.json").read_text())["training"]) == 4
 
 
+def test_datalist_with_a_test_split(tmp_path, capsys):
+    data = tmp_path / "brats"
+    assert synth(data, subjects=8, lgg_fraction="0.5") == 0
+    out = tmp_path / "datalist.json"
+    args = ["datalist", "--data-dir", str(data), "--val-fraction", "0.25", "--test-fraction", "0.25"]
+    assert cli.main([*args, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "training 4 (n_LGG=2 n_HGG=2), validation 2 (n_LGG=1 n_HGG=1), testing 2 (n_LGG=1 n_HGG=1)" in printed
+    assert len(json.loads(out.read_text())["testing"]) == 2
+    out.unlink()
+    too_many = ["--val-fraction", "0.25", "--test-fraction", "0.1", "--out", str(out), "--no-progress"]
+    assert cli.main(["datalist", "--data-dir", str(data), *too_many]) == 1
+    assert "the testing split would have no LGG and no HGG subject (n_LGG=0 n_HGG=0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_synth_is_deterministic(tmp_path):
     for name in ("a", "b"):
         assert synth(tmp_path / name, subjects=2) == 0

@@ -27,11 +27,20 @@ from medsegdiff_monai.data.layout import (
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
 from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
-from medsegdiff_monai.data.split import class_balance_line, grade_class_weights, stratified_split
+from medsegdiff_monai.data.split import (
+    SubjectSplit,
+    class_balance,
+    class_balance_line,
+    grade_class_weights,
+    stratified_split,
+)
 from medsegdiff_monai.data.synthetic import (
+    DIFFICULTIES,
     SYNTHETIC_LAYOUTS,
+    SyntheticDifficulty,
     SyntheticSubject,
     brats_affine,
+    get_difficulty,
     make_synthetic_subject,
     write_synthetic_brats,
 )
@@ -46,6 +55,7 @@ from medsegdiff_monai.data.validation import (
 
 __all__ = [
     "BRATS_LABEL_VALUES",
+    "DIFFICULTIES",
     "ENHANCING_LABEL",
     "GRADE_TO_INDEX",
     "INDEX_TO_GRADE",
@@ -61,14 +71,18 @@ __all__ = [
     "FolderReport",
     "NameMapping",
     "SubjectFiles",
+    "SubjectSplit",
+    "SyntheticDifficulty",
     "SyntheticSubject",
     "ThreadSafeNibabelReader",
     "brats_affine",
     "build_datalist",
     "build_segmentation_datalist",
     "check_subject_volumes",
+    "class_balance",
     "class_balance_line",
     "convert_label_convention",
+    "get_difficulty",
     "grade_class_weights",
     "label_convention",
     "list_subject_dirs",

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsegdiff_monai.data.layout import GRADE_TO_INDEX, BratsSubject
-from medsegdiff_monai.data.split import grade_class_weights, stratified_split
+from medsegdiff_monai.data.layout import BratsSubject
+from medsegdiff_monai.data.split import class_balance, stratified_split
 
 __all__ = ["build_datalist", "build_segmentation_datalist", "load_brats_datalist", "subject_entry", "write_datalist"]
 
@@ -36,22 +36,28 @@ def subject_entry(subject: BratsSubject, data_dir: str | Path) -> dict[str, Any]
 
 
 def build_datalist(
-    subjects: Sequence[BratsSubject], data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0
+    subjects: Sequence[BratsSubject],
+    data_dir: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    test_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """MONAI datalist of a subject-level split stratified by grade.
+    """MONAI datalist of a subject-level split stratified by grade (see :func:`stratified_split`).
 
     Args:
         subjects: validated subjects with grades (e.g. from :func:`read_brats_folder`).
         data_dir: the data root; entry paths are relative to it.
         val_fraction: share of each grade in the validation split.
         seed: seed of the split.
+        test_fraction: share of each grade in the held-out ``testing`` split (0: no ``testing`` key).
 
     Returns:
-        ``{"training": [...], "validation": [...], "class_balance": {...}, "split": {...}}``; ``class_balance`` holds
-        the training split's ``n_LGG``, ``n_HGG``, ``alpha_LGG``, ``alpha_HGG``.
+        ``{"training": [...], "validation": [...], "testing": [...], "class_balance": {...}, "split": {...}}``;
+        ``testing`` only with ``test_fraction > 0``; ``class_balance`` is :func:`class_balance` of the training
+        split (``n_LGG``, ``n_HGG``, ``alpha_LGG``, ``alpha_HGG``).
 
     Raises:
-        ValueError: when a subject has no grade, or a grade has no training subject.
+        ValueError: when a subject has no grade, or a split lacks a grade (the message names the split and counts).
     """
     ungraded = [s.subject_id for s in subjects if s.grade is None]
     if subjects and len(ungraded) == len(subjects):
@@ -59,16 +65,23 @@ def build_datalist(
     if ungraded:
         raise ValueError(f"datalist: subjects without grade: {', '.join(ungraded)}.")
     by_id = {s.subject_id: s for s in subjects}
-    train_ids, val_ids = stratified_split(list(by_id), [s.grade for s in by_id.values()], val_fraction, seed)
-    train_grades = [by_id[s].grade for s in train_ids]
-    balance: dict[str, float] = {f"n_{name}": train_grades.count(index) for name, index in GRADE_TO_INDEX.items()}
-    balance.update(grade_class_weights(train_grades))
-    return {
-        "training": [subject_entry(by_id[s], data_dir) for s in train_ids],
-        "validation": [subject_entry(by_id[s], data_dir) for s in val_ids],
-        "class_balance": balance,
-        "split": {"val_fraction": val_fraction, "seed": seed, "stratified_by": "grade"},
+    split = stratified_split(
+        list(by_id), [s.grade for s in by_id.values()], val_fraction, seed, test_fraction=test_fraction
+    )
+    datalist: dict[str, Any] = {
+        "training": [subject_entry(by_id[s], data_dir) for s in split.training],
+        "validation": [subject_entry(by_id[s], data_dir) for s in split.validation],
     }
+    if test_fraction > 0:
+        datalist["testing"] = [subject_entry(by_id[s], data_dir) for s in split.testing]
+    datalist["class_balance"] = class_balance([by_id[s].grade for s in split.training])
+    datalist["split"] = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "stratified_by": "grade",
+    }
+    return datalist
 
 
 def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:
@@ -98,7 +111,7 @@ def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_
 
     Args:
         path: the datalist JSON.
-        data_list_key: ``"training"`` or ``"validation"``.
+        data_list_key: ``"training"``, ``"validation"`` or ``"testing"``.
         base_dir: the data root; defaults to the JSON file's folder.
 
     Returns:

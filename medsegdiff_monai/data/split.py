@@ -1,62 +1,108 @@
-"""Subject-level stratified split and the grade class weights derived from the training split."""
+"""Subject-level stratified split (training / validation / testing) and the training split's grade class balance."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from medsegdiff_monai.data.layout import GRADE_TO_INDEX, INDEX_TO_GRADE
 
-__all__ = ["class_balance_line", "grade_class_weights", "stratified_split"]
+__all__ = ["SubjectSplit", "class_balance", "class_balance_line", "grade_class_weights", "stratified_split"]
+
+
+class SubjectSplit(NamedTuple):
+    """Subject ids of each split, each list sorted; the three are disjoint.
+
+    Attributes:
+        training: subjects the network is trained on.
+        validation: subjects for checkpoint selection and the grade calibration.
+        testing: held-out subjects, used for nothing but the final evaluation (empty without a test fraction).
+    """
+
+    training: list[str]
+    validation: list[str]
+    testing: list[str]
+
+
+def _grade_counts(grades: Sequence[int]) -> dict[str, int]:
+    return {name: sum(1 for g in grades if g == index) for name, index in GRADE_TO_INDEX.items()}
 
 
 def stratified_split(
-    subject_ids: Sequence[str], grades: Sequence[int], val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Split subjects into training and validation, stratified by grade, deterministic from ``seed``.
+    subject_ids: Sequence[str],
+    grades: Sequence[int],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    test_fraction: float = 0.0,
+) -> SubjectSplit:
+    """Split subjects into training, validation and testing, stratified by grade, deterministic from ``seed``.
 
-    Each grade's subjects are sorted by id, shuffled with ``numpy.random.default_rng(seed)`` and the first
-    ``round(n_grade * val_fraction)`` go to validation; the result does not depend on the input order.
+    Each grade's subjects are sorted by id and shuffled with ``numpy.random.default_rng(seed)``; the first
+    ``round(n_grade * test_fraction)`` go to testing, the next ``round(n_grade * val_fraction)`` to validation, the
+    rest to training. The result does not depend on the input order. With ``test_fraction=0`` the training and
+    validation splits are those of the two-way split of the same seed.
 
     Args:
         subject_ids: unique subject ids.
         grades: grade index of each subject (LGG 0, HGG 1).
         val_fraction: share of each grade held out for validation, in [0, 1).
         seed: seed of the shuffle.
+        test_fraction: share of each grade held out for testing, in [0, 1); ``val_fraction + test_fraction < 1``.
 
     Returns:
-        (training ids, validation ids), each sorted, disjoint, together all ``subject_ids``.
+        :class:`SubjectSplit`; together the three lists hold all ``subject_ids``.
 
     Raises:
-        ValueError: on mismatched lengths, repeated ids, grades outside {0, 1} or ``val_fraction`` outside [0, 1).
+        ValueError: on mismatched lengths, repeated ids, grades outside {0, 1}, fractions out of range, or when the
+            training split, or a validation / testing split asked for (fraction > 0), lacks a grade; the message
+            names the split and its counts.
 
     Example::
 
-        >>> train, val = stratified_split(["a", "b", "c", "d", "e"], [0, 1, 1, 1, 0], val_fraction=0.4, seed=0)
-        >>> len(train), len(val)
-        (3, 2)
+        >>> split = stratified_split(["a", "b", "c", "d", "e", "f"], [0, 1, 1, 1, 0, 0], val_fraction=0.34, seed=0)
+        >>> len(split.training), len(split.validation), len(split.testing)
+        (4, 2, 0)
     """
     if len(subject_ids) != len(grades):
         raise ValueError(f"split: {len(subject_ids)} subject ids but {len(grades)} grades.")
     if len(set(subject_ids)) != len(subject_ids):
         raise ValueError("split: subject ids must be unique.")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"split: val_fraction must be in [0, 1), got {val_fraction}.")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"split: {name} must be in [0, 1), got {fraction}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"split: val_fraction + test_fraction must be < 1 to leave training subjects, got {val_fraction} + "
+            f"{test_fraction}."
+        )
     unknown = sorted({g for g in grades} - set(INDEX_TO_GRADE))
     if unknown:
         raise ValueError(f"split: grades must be 0 (LGG) or 1 (HGG), got {unknown}.")
 
     rng = np.random.default_rng(seed)
-    train: list[str] = []
-    val: list[str] = []
+    parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}
+    grade_of = dict(zip(subject_ids, grades, strict=True))
     for grade in sorted(INDEX_TO_GRADE):
-        members = sorted(s for s, g in zip(subject_ids, grades, strict=True) if g == grade)
-        order = rng.permutation(len(members))
+        members = sorted(s for s, g in grade_of.items() if g == grade)
+        order = [members[i] for i in rng.permutation(len(members))]
+        n_test = int(round(len(members) * test_fraction))
         n_val = int(round(len(members) * val_fraction))
-        val.extend(members[i] for i in order[:n_val])
-        train.extend(members[i] for i in order[n_val:])
-    return sorted(train), sorted(val)
+        parts["testing"].extend(order[:n_test])
+        parts["validation"].extend(order[n_test : n_test + n_val])
+        parts["training"].extend(order[n_test + n_val :])
+    for name, fraction in (("training", 1.0), ("validation", val_fraction), ("testing", test_fraction)):
+        counts = _grade_counts([grade_of[s] for s in parts[name]])
+        missing = [grade for grade, count in counts.items() if count == 0]
+        if fraction > 0 and missing:
+            raise ValueError(
+                f"split: the {name} split would have no {' and no '.join(missing)} subject "
+                f"(n_LGG={counts['LGG']} n_HGG={counts['HGG']} of {len(subject_ids)} subjects with "
+                f"val_fraction={val_fraction}, test_fraction={test_fraction}); every split needs both grades. "
+                "Use more subjects, other fractions or another seed."
+            )
+    return SubjectSplit(*(sorted(parts[name]) for name in SubjectSplit._fields))
 
 
 def grade_class_weights(train_grades: Sequence[int]) -> dict[str, float]:
@@ -73,8 +119,7 @@ def grade_class_weights(train_grades: Sequence[int]) -> dict[str, float]:
     """
     grades = list(train_grades)
     weights = {}
-    for name, index in GRADE_TO_INDEX.items():
-        count = sum(1 for g in grades if g == index)
+    for name, count in _grade_counts(grades).items():
         if count == 0:
             raise ValueError(
                 f"the training split has no {name} subject ({len(grades)} training subjects): alpha_{name} is "
@@ -84,16 +129,29 @@ def grade_class_weights(train_grades: Sequence[int]) -> dict[str, float]:
     return weights
 
 
-def class_balance_line(train_grades: Sequence[int]) -> str:
-    """The line printed at the start of training, e.g. ``n_LGG=61 n_HGG=234 alpha_LGG=2.418 alpha_HGG=0.630``.
+def class_balance(train_grades: Sequence[int]) -> dict[str, float]:
+    """The class balance of the training split, the one source of the grade loss weights and the printed counts.
 
     Args:
         train_grades: grade index of each training subject (LGG 0, HGG 1).
+
+    Returns:
+        ``{"n_LGG", "n_HGG", "alpha_LGG", "alpha_HGG"}`` (see :func:`grade_class_weights`), as stored under
+        ``class_balance`` in ``datalist.json`` and read by the training workflow.
     """
     grades = list(train_grades)
-    weights = grade_class_weights(grades)
-    counts = {name: sum(1 for g in grades if g == index) for name, index in GRADE_TO_INDEX.items()}
+    balance: dict[str, float] = {f"n_{name}": count for name, count in _grade_counts(grades).items()}
+    balance.update(grade_class_weights(grades))
+    return balance
+
+
+def class_balance_line(balance: Mapping[str, float]) -> str:
+    """The line printed by ``datalist``, e.g. ``n_LGG=61 n_HGG=234 alpha_LGG=2.418 alpha_HGG=0.630``.
+
+    Args:
+        balance: the output of :func:`class_balance`.
+    """
     return (
-        f"n_LGG={counts['LGG']} n_HGG={counts['HGG']} "
-        f"alpha_LGG={weights['alpha_LGG']:.3f} alpha_HGG={weights['alpha_HGG']:.3f}"
+        f"n_LGG={balance['n_LGG']} n_HGG={balance['n_HGG']} "
+        f"alpha_LGG={balance['alpha_LGG']:.3f} alpha_HGG={balance['alpha_HGG']:.3f}"
     )

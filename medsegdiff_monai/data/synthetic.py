@@ -11,6 +11,14 @@ intensity scale, plus a glioma whose appearance depends on its grade:
 A share of subjects (``atypical_fraction``) looks like the other grade (HGG with a thin, patchy rim and little
 oedema; LGG with a sizeable enhancing focus and large oedema), and the tumour sizes of the grades overlap, so that
 grading is learnable but not trivial.
+
+How hard the images are is set by a :class:`SyntheticDifficulty`, by name from :data:`DIFFICULTIES`:
+
+- ``"standard"``: the tumour tissues keep their full contrast, one lesion, a mild bias field and noise;
+- ``"hard"``: half the tumour-versus-white-matter contrast, patchy enhancement, satellite lesions in half the
+  subjects (multifocal), an irregular oedema whose outer part fades into the brain (infiltrative: the label goes
+  further than the visible signal), a stronger bias field and about twice the noise, and grade cues that overlap
+  more (oedema extent, enhancing rims of LGG foci).
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ from medsegdiff_monai.data.layout import (
 )
 
 __all__ = [
+    "DIFFICULTIES",
     "SYNTHETIC_LAYOUTS",
+    "SyntheticDifficulty",
     "SyntheticLayout",
     "SyntheticSubject",
     "brats_affine",
+    "get_difficulty",
     "make_synthetic_subject",
     "write_synthetic_brats",
 ]
@@ -93,6 +104,77 @@ _TISSUE_CONTRAST = np.array(
     dtype=np.float32,
 )
 _MODALITY_SCALE = np.array([600.0, 750.0, 900.0, 500.0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SyntheticDifficulty:
+    """How hard the synthetic images are to segment and grade (the anatomy and label values stay the same).
+
+    Attributes:
+        tumour_contrast: share of each tumour tissue's contrast against white matter that is kept (1 = full).
+        enhancement_heterogeneity: amplitude of a smooth field scaling the enhancing tissue's contrast (0 = uniform
+            enhancement; 0.3 makes parts of a rim barely enhance).
+        satellite_probability: probability that a subject has satellite lesions (multifocal tumour).
+        max_satellites: at most this many satellites (1 to ``max_satellites``, uniformly); 0 = never.
+        margin_wobble: amplitude of the irregularity of the oedema border, in oedema radii.
+        margin_waves: number of sinusoids making that irregularity (more = finger-like extensions).
+        infiltrative_margin: width, in oedema radii, of the outer oedema band whose contrast fades from full to a
+            quarter at the labelled border (0 = a sharp border).
+        bias_linear: the multiplicative bias field is ``exp(a x + b x^2)`` per axis with ``|a| <= bias_linear``
+            (``x`` is -1..1 across the brain) ...
+        bias_quadratic: ... and ``|b| <= bias_quadratic``.
+        noise_range: the Gaussian noise's std, relative to white matter on T1, is uniform in this range per modality.
+        hgg_oedema_factor: oedema radius over core radius of HGG-looking tumours (uniform in this range).
+        lgg_oedema_factor: the same for LGG-looking tumours.
+        hgg_rim: thickness range of the enhancing rim of typical HGG, as a share of the core radius.
+        lgg_focus_chance: probability that a typical LGG has a small enhancing focus.
+    """
+
+    tumour_contrast: float = 1.0
+    enhancement_heterogeneity: float = 0.0
+    satellite_probability: float = 0.0
+    max_satellites: int = 0
+    margin_wobble: float = 0.2
+    margin_waves: int = 3
+    infiltrative_margin: float = 0.0
+    bias_linear: float = 0.12
+    bias_quadratic: float = 0.08
+    noise_range: tuple[float, float] = (0.02, 0.05)
+    hgg_oedema_factor: tuple[float, float] = (1.6, 2.2)
+    lgg_oedema_factor: tuple[float, float] = (1.2, 1.6)
+    hgg_rim: tuple[float, float] = (0.25, 0.45)
+    lgg_focus_chance: float = 0.3
+
+
+DIFFICULTIES: dict[str, SyntheticDifficulty] = {
+    "standard": SyntheticDifficulty(),
+    "hard": SyntheticDifficulty(
+        tumour_contrast=0.5,
+        enhancement_heterogeneity=0.3,
+        satellite_probability=0.5,
+        max_satellites=2,
+        margin_wobble=0.35,
+        margin_waves=6,
+        infiltrative_margin=0.3,
+        bias_linear=0.3,
+        bias_quadratic=0.2,
+        noise_range=(0.05, 0.09),
+        hgg_oedema_factor=(1.4, 2.1),
+        lgg_oedema_factor=(1.2, 1.8),
+        hgg_rim=(0.15, 0.45),
+        lgg_focus_chance=0.5,
+    ),
+}
+"""The named presets of ``synth --difficulty``; ``"standard"`` is the default data (demo and tests)."""
+
+
+def get_difficulty(difficulty: str | SyntheticDifficulty) -> SyntheticDifficulty:
+    """The :class:`SyntheticDifficulty` of a preset name of :data:`DIFFICULTIES`, or ``difficulty`` itself."""
+    if isinstance(difficulty, SyntheticDifficulty):
+        return difficulty
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"synthetic data: difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}.")
+    return DIFFICULTIES[difficulty]
 
 
 @dataclass
@@ -159,6 +241,67 @@ def _ellipsoid(tissue: np.ndarray, value: int, centre: np.ndarray, radii: np.nda
     tissue[box][selected] = value
 
 
+def _draw_lesion(
+    rng: np.random.Generator,
+    region: np.ndarray,
+    allowed: np.ndarray,
+    axes: list[np.ndarray],
+    oedema_factor: float,
+    grade: int,
+    atypical: bool,
+    difficulty: SyntheticDifficulty,
+    conspicuity: np.ndarray | None,
+) -> None:
+    """Paint one lesion (core, enhancing tissue, oedema) into ``region``, in place, only where ``allowed`` holds.
+
+    Args:
+        region: (x, y, z) view of the tissue map around the lesion.
+        allowed: (x, y, z) bool, where the lesion may be painted.
+        axes: coordinates of ``region`` normalised by the core radii (``_axes``), centred on the lesion.
+        oedema_factor: oedema radius over core radius.
+        conspicuity: (x, y, z) view of the float32 share of the lesion's contrast shown in the image, written for the
+            infiltrative margin and the heterogeneous enhancement; None when the difficulty uses neither.
+    """
+    distance = np.sqrt(axes[0] ** 2 + axes[1] ** 2 + axes[2] ** 2)
+    core_distance = distance + _wobble(rng, axes, 0.25)
+    oedema_distance = distance / oedema_factor + _wobble(
+        rng, axes, difficulty.margin_wobble, waves=difficulty.margin_waves
+    )
+
+    core = core_distance <= 1.0
+    region[(oedema_distance <= 1.0) & allowed & ~core] = _OEDEMA
+    if grade == 1 and not atypical:
+        rim = rng.uniform(*difficulty.hgg_rim)
+        region[core & allowed] = _ENHANCING
+        region[(core_distance <= 1.0 - rim) & allowed] = _NECROSIS
+    elif grade == 1:
+        # atypical HGG: a thin, patchy rim around a mostly non-enhancing core
+        region[core & allowed] = _NON_ENHANCING
+        patchy_rim = (core_distance > 0.85) & core & (_wobble(rng, axes, 1.0, waves=2) > 0.2)
+        region[patchy_rim & allowed] = _ENHANCING
+        region[(core_distance <= 0.4) & allowed] = _NECROSIS
+    else:
+        region[core & allowed] = _NON_ENHANCING
+        focus_chance = 1.0 if atypical else difficulty.lgg_focus_chance
+        if rng.random() < focus_chance:
+            focus_radius = rng.uniform(0.35, 0.5) if atypical else rng.uniform(0.12, 0.25)
+            offset = rng.normal(size=3) * 0.3
+            focus = sum((a - o) ** 2 for a, o in zip(axes, offset, strict=True)) <= focus_radius**2
+            region[focus & core & allowed] = _ENHANCING
+    if conspicuity is None:
+        return
+    if difficulty.infiltrative_margin > 0:
+        # the outer oedema fades into the brain: its contrast falls to a quarter at the labelled border
+        oedema = (region == _OEDEMA) & allowed & ~core
+        fade = np.clip((1.0 - oedema_distance) / difficulty.infiltrative_margin, 0.0, 1.0)
+        conspicuity[oedema] = (0.25 + 0.75 * fade)[oedema]
+    if difficulty.enhancement_heterogeneity > 0:
+        # patchy enhancement: a smooth field over the lesion scales the enhancing tissue's contrast
+        enhancing = (region == _ENHANCING) & allowed
+        field = 1.0 + _wobble(rng, [a * 2.0 for a in axes], difficulty.enhancement_heterogeneity * 3, waves=3)
+        conspicuity[enhancing] = np.clip(field, 0.15, 1.6)[enhancing]
+
+
 def _draw_tumour(
     rng: np.random.Generator,
     tissue: np.ndarray,
@@ -167,8 +310,11 @@ def _draw_tumour(
     brain_radii: np.ndarray,
     grade: int,
     atypical: bool,
+    difficulty: SyntheticDifficulty,
+    conspicuity: np.ndarray | None,
 ) -> None:
-    """Paint a glioma (necrosis / non-enhancing core / enhancing tissue / oedema) into the tissue map, in place."""
+    """Paint a glioma (necrosis / non-enhancing core / enhancing tissue / oedema), and its satellite lesions when
+    the difficulty has them, into the tissue map, in place (``conspicuity``: see :func:`_draw_lesion`)."""
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
     centre = brain_centre + direction * rng.uniform(0.1, 0.35) * brain_radii
@@ -176,38 +322,30 @@ def _draw_tumour(
     hgg_look = (grade == 1) != atypical
     core_scale = rng.uniform(0.24, 0.38) if grade == 1 else rng.uniform(0.26, 0.4)
     core_radii = core_scale * mean_radius * rng.uniform(0.8, 1.2, size=3)
-    oedema_factor = rng.uniform(1.6, 2.2) if hgg_look else rng.uniform(1.2, 1.6)
+    oedema_factor = rng.uniform(*(difficulty.hgg_oedema_factor if hgg_look else difficulty.lgg_oedema_factor))
+    lesions = [(centre, core_radii, oedema_factor)]
+    if difficulty.max_satellites > 0 and rng.random() < difficulty.satellite_probability:
+        for _ in range(rng.integers(1, difficulty.max_satellites + 1)):
+            # a separate focus: beyond the main oedema, at a place of the brain's inner 85 %, else none
+            satellite_radii = core_radii * rng.uniform(0.45, 0.7)
+            satellite_factor = rng.uniform(*difficulty.lgg_oedema_factor)
+            reach = float((core_radii * oedema_factor + satellite_radii * satellite_factor).max())
+            directions = rng.normal(size=(16, 3))
+            candidates = centre + directions / np.linalg.norm(directions, axis=1, keepdims=True) * reach * 1.05
+            inner = np.linalg.norm((candidates - brain_centre) / brain_radii, axis=1) <= 0.85
+            if inner.any():
+                lesions.append((candidates[np.argmax(inner)], satellite_radii, satellite_factor))
 
-    box = _box(tissue.shape, centre, core_radii * (oedema_factor + 0.4))
-    origin = np.array([s.start for s in box], dtype=np.float32)
-    sub_shape = [s.stop - s.start for s in box]
-    axes = _axes(sub_shape, centre - origin, core_radii)
-    distance = np.sqrt(axes[0] ** 2 + axes[1] ** 2 + axes[2] ** 2)
-    core_distance = distance + _wobble(rng, axes, 0.25)
-    oedema_distance = distance / oedema_factor + _wobble(rng, axes, 0.2)
-    inside = brain[box]
-    region = tissue[box]
-
-    core = core_distance <= 1.0
-    region[(oedema_distance <= 1.0) & inside & ~core] = _OEDEMA
-    if grade == 1 and not atypical:
-        rim = rng.uniform(0.25, 0.45)
-        region[core & inside] = _ENHANCING
-        region[(core_distance <= 1.0 - rim) & inside] = _NECROSIS
-    elif grade == 1:
-        # atypical HGG: a thin, patchy rim around a mostly non-enhancing core
-        region[core & inside] = _NON_ENHANCING
-        patchy_rim = (core_distance > 0.85) & core & (_wobble(rng, axes, 1.0, waves=2) > 0.2)
-        region[patchy_rim & inside] = _ENHANCING
-        region[(core_distance <= 0.4) & inside] = _NECROSIS
-    else:
-        region[core & inside] = _NON_ENHANCING
-        focus_chance = 1.0 if atypical else 0.3
-        if rng.random() < focus_chance:
-            focus_radius = rng.uniform(0.35, 0.5) if atypical else rng.uniform(0.12, 0.25)
-            offset = rng.normal(size=3) * 0.3
-            focus = sum((a - o) ** 2 for a, o in zip(axes, offset, strict=True)) <= focus_radius**2
-            region[focus & core & inside] = _ENHANCING
+    for index, (lesion_centre, radii, factor) in enumerate(lesions):
+        box = _box(tissue.shape, lesion_centre, radii * (factor + 0.4))
+        origin = np.array([s.start for s in box], dtype=np.float32)
+        axes = _axes([s.stop - s.start for s in box], lesion_centre - origin, radii)
+        region = tissue[box]
+        allowed = brain[box]
+        if index > 0:  # a satellite paints healthy tissue only
+            allowed = allowed & (region < _NECROSIS)
+        view = conspicuity[box] if conspicuity is not None else None
+        _draw_lesion(rng, region, allowed, axes, factor, grade, atypical, difficulty, view)
 
 
 def make_synthetic_subject(
@@ -215,6 +353,7 @@ def make_synthetic_subject(
     shape: Sequence[int] = (240, 240, 155),
     seed: int | Sequence[int] | np.random.Generator = 0,
     atypical: bool = False,
+    difficulty: str | SyntheticDifficulty = "standard",
 ) -> SyntheticSubject:
     """Make one synthetic BraTS-like subject in memory (see the module docstring for what it looks like).
 
@@ -223,6 +362,7 @@ def make_synthetic_subject(
         shape: volume shape (X, Y, Z), each at least 16; (240, 240, 155) is the real size.
         seed: seed (or generator) of everything random; the same seed gives the same subject.
         atypical: draw the tumour with the look of the other grade.
+        difficulty: a name of :data:`DIFFICULTIES` (``"standard"``, ``"hard"``) or a :class:`SyntheticDifficulty`.
 
     Returns:
         the subject's int16 modalities (4, X, Y, Z), uint8 label (X, Y, Z) in {0, 1, 2, 4}, affine and grade.
@@ -238,6 +378,7 @@ def make_synthetic_subject(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"synthetic subject: shape must be 3 sizes of at least 16 voxels, got {shape}.")
+    difficulty = get_difficulty(difficulty)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     size = np.array(shape, dtype=np.float32)
 
@@ -264,15 +405,26 @@ def make_synthetic_subject(
         _ellipsoid(tissue, _GREY, deep_grey, np.array([0.13, 0.16, 0.14]) * brain_radii, brain)
         ventricle = centre + np.array([side * 0.09, 0.05, 0.12]) * brain_radii
         _ellipsoid(tissue, _CSF, ventricle, np.array([0.06, 0.32, 0.14]) * brain_radii * rng.uniform(0.8, 1.2), brain)
-    _draw_tumour(rng, tissue, brain, centre, brain_radii, grade, atypical)
+    healthy = tissue.copy()
+    varied = difficulty.infiltrative_margin > 0 or difficulty.enhancement_heterogeneity > 0
+    conspicuity = np.ones(box_shape, dtype=np.float32) if varied else None
+    _draw_tumour(rng, tissue, brain, centre, brain_radii, grade, atypical, difficulty, conspicuity)
 
     contrast = _TISSUE_CONTRAST * rng.uniform(0.95, 1.05, size=_TISSUE_CONTRAST.shape).astype(np.float32)
+    if difficulty.tumour_contrast != 1.0:  # the tumour tissues move towards white matter
+        contrast[_NECROSIS:] = contrast[_WHITE] + np.float32(difficulty.tumour_contrast) * (
+            contrast[_NECROSIS:] - contrast[_WHITE]
+        )
     scales = _MODALITY_SCALE * rng.uniform(0.6, 1.6, size=4).astype(np.float32)
     images = np.zeros((4, *shape), dtype=np.int16)
+    linear, quadratic = difficulty.bias_linear, difficulty.bias_quadratic
     for channel in range(4):
-        bias = [np.exp(rng.uniform(-0.12, 0.12) * a + rng.uniform(-0.08, 0.08) * a * a) for a in axes]
-        noise_sigma = np.float32(rng.uniform(0.02, 0.05))
+        bias = [np.exp(rng.uniform(-linear, linear) * a + rng.uniform(-quadratic, quadratic) * a * a) for a in axes]
+        noise_sigma = np.float32(rng.uniform(*difficulty.noise_range))
         intensity = contrast[:, channel][tissue]
+        if conspicuity is not None:
+            background = contrast[:, channel][healthy]
+            intensity = background + conspicuity * (intensity - background)
         intensity += noise_sigma * rng.standard_normal(box_shape, dtype=np.float32)
         intensity *= bias[0] * (bias[1] * bias[2] * scales[channel])
         np.clip(intensity, 1.0, np.iinfo(np.int16).max, out=intensity)
@@ -308,6 +460,7 @@ def write_synthetic_brats(
     seed: int = 0,
     progress: bool = True,
     atypical_fraction: float = 0.12,
+    difficulty: str | SyntheticDifficulty = "standard",
     layout: str = "brats2020",
 ) -> Path:
     """Write a synthetic BraTS training release in the layout of BraTS 2020, 2021 or 2023 (glioma).
@@ -330,6 +483,7 @@ def write_synthetic_brats(
         seed: seed of the whole set.
         progress: show a tqdm progress bar.
         atypical_fraction: probability that a subject's tumour has the look of the other grade.
+        difficulty: image difficulty, a name of :data:`DIFFICULTIES` or a :class:`SyntheticDifficulty`.
         layout: one of :data:`SYNTHETIC_LAYOUTS` (``"brats2020"``, ``"brats2021"``, ``"brats2023"``).
 
     Returns:
@@ -341,6 +495,7 @@ def write_synthetic_brats(
         raise ValueError(f"synthetic BraTS: lgg_fraction must be in [0, 1], got {lgg_fraction}.")
     if not 0.0 <= atypical_fraction <= 1.0:
         raise ValueError(f"synthetic BraTS: atypical_fraction must be in [0, 1], got {atypical_fraction}.")
+    difficulty = get_difficulty(difficulty)
     if layout not in SYNTHETIC_LAYOUTS:
         raise ValueError(f"synthetic BraTS: layout {layout!r} is not one of {list(SYNTHETIC_LAYOUTS)}.")
     spec = SYNTHETIC_LAYOUTS[layout]
@@ -363,7 +518,8 @@ def write_synthetic_brats(
         index = position + 1
         grade = 0 if position in lgg_indices else 1
         rng = np.random.default_rng([seed, index])
-        subject = make_synthetic_subject(grade, shape=shape, seed=rng, atypical=bool(rng.random() < atypical_fraction))
+        atypical = bool(rng.random() < atypical_fraction)
+        subject = make_synthetic_subject(grade, shape=shape, seed=rng, atypical=atypical, difficulty=difficulty)
         folder = out / subject_id
         folder.mkdir(exist_ok=True)
         for suffix, volume in zip(MODALITY_FILE_SUFFIXES[spec.release], subject.images, strict=True):

@@ -9,5 +9,6 @@ from medsegdiff_monai.engines.stages import (
     parse_stages,
     stage_at_epoch,
     total_epochs,
+    trained_log_sigmas,
 )
 from medsegdiff_monai.engines.trainer import DiffusionTrainer, NoisyMaskPrepareBatch, NonFiniteLossEvents

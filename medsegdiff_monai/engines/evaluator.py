@@ -7,11 +7,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ignite.metrics import MeanSquaredError
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ROCAUC, ConfusionMatrix, IgniteMetricHandler
 from monai.metrics import DiceMetric, MeanIoU
 
 from medsegdiff_monai.inferers import DiffusionSampler, sample_volume
+from medsegdiff_monai.networks.calibration import logit
 from medsegdiff_monai.utils import unwrap_module
 
 __all__ = ["DiffusionEvaluator", "validation_metrics", "REGION_NAMES"]
@@ -44,12 +46,13 @@ def _brats_overlap(metric: type[DiceMetric] | type[MeanIoU], output_transform: A
 
 
 def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dict[str, Any]:
-    """The per-epoch validation metrics as MONAI Ignite metric handlers, keyed by the printed name.
+    """The per-epoch validation metrics as MONAI / Ignite metric handlers, keyed by the printed name.
 
     ``Dice``/``IoU`` are the means over subjects and regions in the BraTS convention of
     :func:`~medsegdiff_monai.metrics.segmentation_metrics` (an empty reference region scores 1 when the prediction
     is empty too, else 0); ``Dice_<region>``/``IoU_<region>`` per region (TC, WT, ET). With
-    the grade head: subject-level ``AUC``, ``F1`` (HGG positive) and ``Acc`` at p(HGG) >= 0.5.
+    the grade head: subject-level ``AUC``, ``F1`` (HGG positive) and ``Acc`` at p(HGG) >= 0.5, and the ``Brier``
+    score ``mean (p(HGG) - grade)^2`` (Ignite's ``MeanSquaredError``), which the checkpoint selection uses.
     """
     if mask_channels not in REGION_NAMES:
         raise ValueError(f"mask_channels={mask_channels}: expected 1 (WT) or 3 (TC, WT, ET).")
@@ -69,6 +72,7 @@ def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dic
         metrics["Acc"] = ConfusionMatrix(
             include_background=True, metric_name="accuracy", output_transform=_grade_decisions
         )
+        metrics["Brier"] = MeanSquaredError(output_transform=_grade_scores)
     return metrics
 
 
@@ -77,7 +81,9 @@ class DiffusionEvaluator(SupervisedEvaluator):
 
     Batch keys: ``"image"`` (B, 4, H, W, D), ``"label"`` (B, C_mask, H, W, D) regions, ``"grade"`` (B,). The
     iteration output holds ``"pred"`` (B, C_mask, H, W, D) binary at ``threshold``, ``"label"``, and, with a grade
-    head, ``"p_hgg"`` (B, 1) subject-level p(HGG) and ``"grade"`` (B, 1).
+    head, ``"p_hgg"`` (B, 1) subject-level p(HGG) (:func:`~medsegdiff_monai.inferers.subject_p_hgg`, the same
+    function as inference), ``"grade_log_odds"`` (B, 1) float64 ``logit(p_hgg)`` (what the grade calibration is
+    fitted on) and ``"grade"`` (B, 1).
 
     Args:
         device: where to run.
@@ -154,6 +160,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
         }
         if p_hgg[0] is not None:
             output["p_hgg"] = torch.tensor(p_hgg, dtype=torch.float32, device=device).view(-1, 1)
+            output["grade_log_odds"] = torch.tensor([logit(p) for p in p_hgg], dtype=torch.float64).view(-1, 1)
             output["grade"] = torch.as_tensor(batchdata["grade"], device=device).float().view(-1, 1)
         engine.state.output = output
         return output

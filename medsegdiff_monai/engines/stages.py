@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["TRAINABLE_PARTS", "LOSS_NAMES", "TrainingStage", "parse_stages", "stage_at_epoch", "total_epochs"]
+__all__ = [
+    "TRAINABLE_PARTS",
+    "LOSS_NAMES",
+    "TrainingStage",
+    "parse_stages",
+    "stage_at_epoch",
+    "total_epochs",
+    "trained_log_sigmas",
+]
 
 TRAINABLE_PARTS = ("backbone", "cls_head", "all")
 LOSS_NAMES = ("seg", "cls")
@@ -23,8 +31,9 @@ class TrainingStage:
             ``"all"``.
         lr_multiplier: the stage's learning rate is the base learning rate times this.
         losses: the loss terms of the stage, a subset of ``("seg", "cls")``.
-        uncertainty_weighting: combine the losses with the learnable Kendall weighting (its log-sigmas then train);
-            otherwise the losses are summed.
+        uncertainty_weighting: combine the losses with the learnable Kendall weighting, whose log-sigma of each of
+            the stage's losses then trains (also in a single-loss stage, where it follows ``sqrt(L_t)`` and leaves
+            Adam's steps of the network unchanged); False sums the losses and freezes the log-sigmas.
     """
 
     name: str
@@ -32,7 +41,7 @@ class TrainingStage:
     train: str
     lr_multiplier: float = 1.0
     losses: tuple[str, ...] = ("seg",)
-    uncertainty_weighting: bool = False
+    uncertainty_weighting: bool = True
 
 
 def parse_stages(
@@ -81,7 +90,7 @@ def parse_stages(
             train=raw["train"],
             lr_multiplier=float(raw.get("lr_multiplier", 1.0)),
             losses=losses,
-            uncertainty_weighting=bool(raw.get("uncertainty_weighting", False)),
+            uncertainty_weighting=bool(raw.get("uncertainty_weighting", True)),
         )
         if not use_cls_head:
             if stage.train == "cls_head" or losses == ("cls",):
@@ -92,6 +101,11 @@ def parse_stages(
     if not parsed:
         raise ValueError("The stage plan has no stage with epochs > 0 (after dropping classification-only stages).")
     return parsed
+
+
+def trained_log_sigmas(stage: TrainingStage) -> tuple[str, ...]:
+    """The tasks whose log-sigma trains in ``stage``: those of its losses, when it uses uncertainty weighting."""
+    return stage.losses if stage.uncertainty_weighting else ()
 
 
 def total_epochs(stages: Sequence[TrainingStage]) -> int:

@@ -1,5 +1,6 @@
-"""Ignite handlers: staged freezing, non-finite-loss guard, per-epoch report, checkpoints and resume."""
+"""Ignite handlers: staged freezing, non-finite guard, epoch report, checkpoints and resume, grade calibration."""
 
+from medsegdiff_monai.handlers.calibration import GradeCalibrationFit
 from medsegdiff_monai.handlers.checkpoint import (
     LoadNetworkWeights,
     ResumeFromCheckpoint,

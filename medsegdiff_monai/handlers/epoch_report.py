@@ -126,7 +126,8 @@ class EpochReport:
         row: dict = {
             "epoch": engine.state.epoch,
             "stage": getattr(getattr(engine, "stage", None), "name", ""),
-            "lr": max(group["lr"] for group in engine.optimizer.param_groups),
+            # the network's rate: the log-sigmas' own group (follows_stage_lr False) is not the stage's lr
+            "lr": max(g["lr"] for g in engine.optimizer.param_groups if g.get("follows_stage_lr", True)),
         }
         metrics = dict(self.evaluator.state.metrics) if self.evaluator is not None else {}
         for key in ("Dice", "IoU", "AUC", "F1", "Acc"):

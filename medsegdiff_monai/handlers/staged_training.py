@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from ignite.engine import Engine, Events
 
-from medsegdiff_monai.engines.stages import TrainingStage, parse_stages, stage_at_epoch
+from medsegdiff_monai.engines.stages import TrainingStage, parse_stages, stage_at_epoch, trained_log_sigmas
 
 __all__ = ["StagedTraining"]
 
@@ -20,9 +20,11 @@ class StagedTraining:
     - parameters the stage does not train get ``requires_grad=False`` (their gradients stay ``None`` because the
       trainer zero-grads with ``set_to_none=True``, so AdamW, weight decay included, leaves them bit-identical);
       the trainer keeps their norm/dropout layers in eval mode;
-    - the loss module's log-sigmas train only in stages with uncertainty weighting;
+    - the loss module's log-sigma of a task trains in every stage whose losses include that task and that uses
+      uncertainty weighting (:func:`~medsegdiff_monai.engines.stages.trained_log_sigmas`);
     - every optimizer group's learning rate becomes its ``base_lr`` (the lr it had when attached) times the stage's
-      ``lr_multiplier``;
+      ``lr_multiplier``, except groups marked ``"follows_stage_lr": False`` (the log-sigmas' own rate), which keep
+      their ``base_lr``;
     - ``engine.stage`` is set, which selects the losses of the step.
 
     Training data without grades (BraTS 2021 and 2023 ship no grade table) is segmentation-only: at the start of
@@ -93,10 +95,11 @@ class StagedTraining:
         for name, parameter in network.named_parameters():
             in_head = name.startswith("cls_head.")
             parameter.requires_grad_(stage.train == "all" or (stage.train == "cls_head") == in_head)
-        for parameter in engine.loss_function.parameters():
-            parameter.requires_grad_(stage.uncertainty_weighting)
+        trained = trained_log_sigmas(stage)
+        for task_name, parameter in engine.loss_function.log_sigmas.items():
+            parameter.requires_grad_(task_name in trained)
         for group in engine.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * stage.lr_multiplier
+            group["lr"] = group["base_lr"] * (stage.lr_multiplier if group.get("follows_stage_lr", True) else 1.0)
         engine.optimizer.zero_grad(set_to_none=True)
         engine.stage = stage
 

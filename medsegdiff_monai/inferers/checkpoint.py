@@ -39,6 +39,11 @@ def load_network_weights(
 ) -> nn.Module:
     """Load the weights in ``path`` (see :func:`extract_network_state`) into ``network`` and return it.
 
+    The file's ``grade_calibration.scale`` / ``.bias`` (the Platt scaling fitted on the validation split after
+    training) load with the weights, so every grade computed with the network is calibrated. A file saved before
+    the calibration existed lacks them: it still loads (also with ``strict=True``), with a warning, and the grade
+    is the uncalibrated network output (identity calibration).
+
     Args:
         network: the module built with the training configuration (same preset, heads and mask channels).
         path: checkpoint file, e.g. the bundle's ``models/model.pt``.

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
+from medsegdiff_monai.networks.calibration import logit
 
 __all__ = ["VolumeOutput", "brain_slice_mask", "sample_volume", "subject_p_hgg"]
 
@@ -46,20 +47,24 @@ def brain_slice_mask(image: Tensor, brain_threshold: float = 0.0) -> Tensor:
 
 
 def subject_p_hgg(slice_p_hgg: Tensor, tumour_slices: Tensor) -> float:
-    """Subject-level p(HGG): the mean of slice probabilities over tumour-bearing slices.
+    """Subject-level p(HGG): the sigmoid of the mean slice log-odds over the tumour-bearing slices.
 
-    Falls back to the mean over all given slices when no slice is tumour-bearing; NaN (with a warning) when no
-    slice is given.
+    Slices are pooled as evidence, not as votes: ``p = sigmoid(mean_s logit(p_s))``. Averaging probabilities
+    instead pulls every subject towards 0.5 (one confident slice among many uncertain ones counts for little), and
+    the mean log-odds is what the grade calibration (:class:`~medsegdiff_monai.networks.GradeCalibration`, affine in
+    the log-odds) is fitted on. Slices without predicted tumour carry no grade evidence and are left out; when no
+    slice is tumour-bearing all given slices are used; NaN (with a warning) when no slice is given. This one function
+    grades subjects in validation, inference (``grades.csv``) and evaluation.
 
     Args:
-        slice_p_hgg: (S,) p(HGG) of the slices that hold brain.
+        slice_p_hgg: (S,) p(HGG) of the slices that hold brain (after the network's grade calibration).
         tumour_slices: (S,) bool, slices where the model predicts tumour.
     """
     if slice_p_hgg.numel() == 0:
         warnings.warn("no brain slice to grade: subject-level p_hgg is NaN.", stacklevel=2)
         return math.nan
     chosen = slice_p_hgg[tumour_slices] if bool(tumour_slices.any()) else slice_p_hgg
-    return float(chosen.float().mean())
+    return float(torch.sigmoid(logit(chosen).mean()))
 
 
 def sample_volume(

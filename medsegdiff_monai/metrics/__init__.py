@@ -1,5 +1,5 @@
-"""Segmentation (Dice, IoU, HD95, lesion-wise scores per BraTS region) and grading (AUC, F1, Acc, ECE, Brier) metrics,
-bootstrap intervals and evaluation reports."""
+"""Segmentation (Dice, IoU, HD95, lesion-wise scores per BraTS region), grading (AUC, F1, Acc, ECE, Brier) and
+uncertainty metrics, bootstrap intervals and evaluation reports."""
 
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
 from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
@@ -18,6 +18,14 @@ from medsegdiff_monai.metrics.segmentation import (
     hd95,
     segmentation_metrics,
 )
+from medsegdiff_monai.metrics.uncertainty import (
+    average_ranks,
+    mean_uncertainty,
+    spearman_correlation,
+    tumour_neighbourhood,
+    voxel_error_auroc,
+    wrong_voxels,
+)
 
 __all__ = [
     "BRATS_EMPTY_HD95",
@@ -26,6 +34,7 @@ __all__ = [
     "LESION_MISS_HD95",
     "LESION_WISE_PARAMETERS",
     "EvaluationResult",
+    "average_ranks",
     "bootstrap_interval",
     "brier_score",
     "evaluate_subjects",
@@ -35,8 +44,13 @@ __all__ = [
     "hd95",
     "lesion_wise_metrics",
     "lesion_wise_scores",
+    "mean_uncertainty",
     "reliability_bins",
     "reliability_diagram",
     "segmentation_metrics",
+    "spearman_correlation",
+    "tumour_neighbourhood",
+    "voxel_error_auroc",
     "write_evaluation",
+    "wrong_voxels",
 ]

@@ -1,6 +1,7 @@
 """Networks of medsegdiff_monai: the MedSegDiff-V2 diffusion UNet with a grade head, its blocks and presets."""
 
 from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
+from medsegdiff_monai.networks.calibration import GradeCalibration, fit_platt_scaling, logit
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
 from medsegdiff_monai.networks.fused_norm import (
@@ -26,14 +27,17 @@ __all__ = [
     "DiffusionUNetWithClsHead",
     "FusedGroupNorm",
     "FusedResnetBlock",
+    "GradeCalibration",
     "GradeHead",
     "NearestUpsample",
     "SSFormerBlock",
     "SeparableGaussianBlur",
     "SiLULinear",
     "SpectralCrossAttention",
+    "fit_platt_scaling",
     "fuse_group_norms",
     "get_network",
+    "logit",
     "replace_nearest_upsampling",
     "triton_available",
 ]

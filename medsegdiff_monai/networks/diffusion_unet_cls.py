@@ -19,6 +19,7 @@ from monai.networks.nets.diffusion_model_unet import (
 from monai.utils import ensure_tuple_rep
 
 from medsegdiff_monai.networks.anchor import AnchorGate
+from medsegdiff_monai.networks.calibration import GradeCalibration
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.fused_norm import fuse_group_norms
 from medsegdiff_monai.networks.grade_head import GradeHead
@@ -59,7 +60,9 @@ class DiffusionUNetWithClsHead(nn.Module):
       (:py:class:`AnchorGate` on the calibration map), at the other levels the condition encoder feature of the
       same scale is added after a 1x1 conv; after the mid block, ``num_ss_former_blocks`` SS-Former blocks
       (:py:class:`SSFormerBlock`) cross-attend from the diffusion to the condition bottleneck in the Fourier domain;
-    - grade head (:py:class:`GradeHead`, attribute ``cls_head``) on the condition bottleneck.
+    - grade head (:py:class:`GradeHead`, attribute ``cls_head``) on the condition bottleneck, followed by its
+      Platt scaling (:py:class:`GradeCalibration`, attribute ``grade_calibration``, two buffers: the identity until
+      fitted on validation subjects after training).
 
     The diffusion UNet predicts the clean mask as logits (``seg_logits``); the x0 estimate is ``tanh(seg_logits / 2)``.
     Nothing is detached: every loss reaches the condition UNet. The defaults are the ``small`` preset.
@@ -169,6 +172,10 @@ class DiffusionUNetWithClsHead(nn.Module):
         )
         self.cls_head: nn.Module | None = (
             GradeHead(condition_channels[-1], cls_hidden_channels, num_classes, cls_dropout) if use_cls_head else None
+        )
+        # Platt scaling of the two grade logits, fitted on validation subjects after training (identity until then)
+        self.grade_calibration: GradeCalibration | None = (
+            GradeCalibration() if use_cls_head and num_classes == 2 else None
         )
 
         time_embed_dim = 4 * channels[0]
@@ -302,11 +309,13 @@ class DiffusionUNetWithClsHead(nn.Module):
 
         Returns:
             :py:class:`ConditionFeatures` with ``len(channels) + 1`` features, calib_map (B, mask_channels, *S) and
-            cls_logits (B, num_classes) or None.
+            cls_logits (B, num_classes) or None, after the grade calibration.
         """
         self._check_image(image)
         encoder_features, bottleneck, _, calib_map = self.condition_unet(image)
         cls_logits = self.cls_head(bottleneck) if self.cls_head is not None else None
+        if self.grade_calibration is not None:
+            cls_logits = self.grade_calibration(cls_logits)
         return ConditionFeatures(features=(*encoder_features, bottleneck), calib_map=calib_map, cls_logits=cls_logits)
 
     def _condition_level(self, level: int, h: torch.Tensor, condition: ConditionFeatures) -> torch.Tensor:

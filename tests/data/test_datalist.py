@@ -12,6 +12,7 @@ def test_datalist_entries(synthetic_brats_dir, synthetic_datalist):
     assert (len(train), len(val)) == (6, 2)
     assert sorted(e["grade"] for e in val) == [0, 1]
     assert datalist["class_balance"] == {"n_LGG": 2, "n_HGG": 4, "alpha_LGG": 1.5, "alpha_HGG": 0.75}
+    assert "testing" not in datalist and datalist["split"]["test_fraction"] == 0.0
     ids = [e["subject_id"] for e in train + val]
     assert len(set(ids)) == 8
     for entry in train + val:
@@ -37,3 +38,15 @@ def test_datalist_without_labels(brats_copy, tmp_path):
     entries = json.loads(out.read_text())["training"]
     assert all("label" not in e and e["grade"] in (0, 1) for e in entries)
     assert sorted(p.name for p in out.parent.iterdir()) == ["list.json"]  # no partial file left behind
+
+
+def test_datalist_with_a_held_out_test_split(synthetic_brats_dir):
+    subjects = read_brats_folder(synthetic_brats_dir, progress=False)  # 3 LGG, 5 HGG
+    datalist = build_datalist(subjects, synthetic_brats_dir, val_fraction=0.25, seed=0, test_fraction=0.25)
+    ids = {key: [e["subject_id"] for e in datalist[key]] for key in ("training", "validation", "testing")}
+    # per grade round(3 * 0.25) = 1 LGG and round(5 * 0.25) = 1 HGG in each held-out split
+    assert [sorted(e["grade"] for e in datalist[key]) for key in ("validation", "testing")] == [[0, 1], [0, 1]]
+    assert len(ids["training"]) == 4 and len(set(sum(ids.values(), []))) == 8
+    # the class balance comes from the training split alone: 1 LGG, 3 HGG
+    assert datalist["class_balance"] == {"n_LGG": 1, "n_HGG": 3, "alpha_LGG": 2.0, "alpha_HGG": 4 / 6}
+    assert datalist["split"]["test_fraction"] == 0.25

@@ -1,15 +1,17 @@
 import random
+import re
 
 import pytest
 
-from medsegdiff_monai.data import class_balance_line, grade_class_weights, stratified_split
+from medsegdiff_monai.data import class_balance, class_balance_line, grade_class_weights, stratified_split
 
 IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 370)]
 GRADES = [0] * 76 + [1] * 293  # the real release: 76 LGG, 293 HGG
 
 
 def test_stratified_split_of_the_release():
-    train, val = stratified_split(IDS, GRADES, val_fraction=0.2, seed=0)
+    train, val, test = stratified_split(IDS, GRADES, val_fraction=0.2, seed=0)
+    assert test == []
     assert set(train).isdisjoint(val) and sorted(train + val) == IDS
     grade_of = dict(zip(IDS, GRADES, strict=True))
     # round(76 * 0.2) = 15 and round(293 * 0.2) = 59 per grade go to validation
@@ -35,6 +37,41 @@ def test_split_input_checks():
         stratified_split(["a", "b"], [0, 2])
     with pytest.raises(ValueError, match="2 grades"):
         stratified_split(["a"], [0, 1])
+    with pytest.raises(ValueError, match="test_fraction must be"):
+        stratified_split(["a", "b"], [0, 1], test_fraction=-0.1)
+    with pytest.raises(ValueError, match="must be < 1"):
+        stratified_split(IDS, GRADES, val_fraction=0.5, test_fraction=0.5)
+
+
+def test_held_out_test_split_of_the_release():
+    split = stratified_split(IDS, GRADES, val_fraction=0.2, seed=0, test_fraction=0.1)
+    train, val, test = split
+    assert sorted(train + val + test) == IDS
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    grade_of = dict(zip(IDS, GRADES, strict=True))
+
+    def counts(ids):
+        return sum(grade_of[s] == 0 for s in ids), sum(grade_of[s] == 1 for s in ids)
+
+    # per grade: test round(76 * 0.1) = 8, round(293 * 0.1) = 29; validation 15 and 59 as in the two-way split
+    assert counts(test) == (8, 29) and counts(val) == (15, 59) and counts(train) == (53, 205)
+    assert split == stratified_split(list(reversed(IDS)), list(reversed(GRADES)), 0.2, 0, test_fraction=0.1)
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "test_fraction", "message"),
+    [
+        (0.3, 0.1, "the testing split would have no LGG subject (n_LGG=0 n_HGG=1 of 8 subjects"),
+        (0.1, 0.3, "the validation split would have no LGG subject (n_LGG=0 n_HGG=1 of 8 subjects"),
+        (0.0, 0.75, "the training split would have no LGG subject (n_LGG=0 n_HGG=2 of 8 subjects"),
+    ],
+)
+def test_a_split_without_both_grades_is_refused(val_fraction, test_fraction, message):
+    # 2 LGG and 6 HGG: a fraction of 0.1 takes round(0.2) = 0 LGG and round(0.6) = 1 HGG; 0.3 takes 1 and 2;
+    # 0.75 takes round(1.5) = 2 and round(4.5) = 4 (round half to even), leaving training 0 LGG and 2 HGG
+    ids, grades = [f"s{i}" for i in range(8)], [0, 0, 1, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
 
 
 def test_alpha_of_the_whole_release():
@@ -45,9 +82,11 @@ def test_alpha_of_the_whole_release():
 
 
 def test_alpha_of_the_training_split():
-    train, _ = stratified_split(IDS, GRADES, val_fraction=0.2, seed=0)
+    train = stratified_split(IDS, GRADES, val_fraction=0.2, seed=0).training
     grade_of = dict(zip(IDS, GRADES, strict=True))
-    line = class_balance_line([grade_of[s] for s in train])
+    balance = class_balance([grade_of[s] for s in train])
+    assert balance == {"n_LGG": 61, "n_HGG": 234, "alpha_LGG": 295 / 122, "alpha_HGG": 295 / 468}
+    line = class_balance_line(balance)
     assert line == f"n_LGG=61 n_HGG=234 alpha_LGG={295 / 122:.3f} alpha_HGG={295 / 468:.3f}"
 
 

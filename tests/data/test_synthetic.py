@@ -5,7 +5,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsegdiff_monai.data import NAME_MAPPING_COLUMNS, brats_affine, make_synthetic_subject, write_synthetic_brats
+from medsegdiff_monai.data import (
+    DIFFICULTIES,
+    NAME_MAPPING_COLUMNS,
+    SyntheticDifficulty,
+    brats_affine,
+    make_synthetic_subject,
+    write_synthetic_brats,
+)
 
 SMALL = (48, 48, 32)
 
@@ -111,3 +118,82 @@ def test_refuses_foreign_subject_folders(tmp_path):
     (tmp_path / "BraTS20_Training_099").mkdir()
     with pytest.raises(FileExistsError, match="BraTS20_Training_099"):
         write_synthetic_brats(tmp_path, 2, shape=(24, 24, 16), progress=False)
+
+
+def hard_and_standard(num_subjects=8):
+    """The same seeds (so the same brain anatomy) drawn at both difficulties, grades alternating."""
+    return {
+        name: [make_synthetic_subject(i % 2, SMALL, seed=[11, i], difficulty=name) for i in range(num_subjects)]
+        for name in ("standard", "hard")
+    }
+
+
+def relative_noise(subject):
+    """Median |difference of x-neighbours| over the median intensity, in healthy brain: the noise (edges are few)."""
+    t1 = subject.images[0].astype(float)
+    healthy = (t1 > 0) & (subject.label == 0)
+    both = healthy[1:] & healthy[:-1]
+    return np.median(np.abs(np.diff(t1, axis=0))[both]) / np.median(t1[healthy])
+
+
+def contrast_excess(subject, channel, label_value):
+    """Mean intensity of a label over the mean of healthy brain, minus 1, in one modality."""
+    image = subject.images[channel].astype(float)
+    healthy = (image > 0) & (subject.label == 0)
+    return image[subject.label == label_value].mean() / image[healthy].mean() - 1.0
+
+
+def test_hard_preset_is_harder_than_standard():
+    from scipy import ndimage  # installed with scikit-learn
+
+    subjects = hard_and_standard()
+    # oedema on FLAIR: the hard preset keeps half the tumour contrast and fades the outer oedema
+    flair = {name: np.mean([contrast_excess(s, 3, 2) for s in group]) for name, group in subjects.items()}
+    assert 0.1 < flair["hard"] < 0.6 * flair["standard"], flair
+    # noise about twice as strong
+    noise = {name: np.mean([relative_noise(s) for s in group]) for name, group in subjects.items()}
+    assert noise["hard"] > 1.5 * noise["standard"], noise
+    # multifocal: some hard subjects have more than one tumour component, no standard subject has
+    components = {name: [ndimage.label(s.label > 0)[1] for s in group] for name, group in subjects.items()}
+    assert components["standard"] == [1] * 8
+    assert sum(c > 1 for c in components["hard"]) >= 2, components
+    # heterogeneous enhancement: the enhancing tissue's T1ce spreads more than the noise alone explains
+    spread = {
+        name: np.mean([s.images[1][s.label == 4].std() / s.images[1][s.label == 4].mean() for s in group if s.grade])
+        for name, group in subjects.items()
+    }
+    assert spread["hard"] > 2.5 * spread["standard"], spread
+    # the same anatomy and the same label values
+    for standard, hard in zip(subjects["standard"], subjects["hard"], strict=True):
+        np.testing.assert_array_equal(standard.images[0] > 0, hard.images[0] > 0)
+        assert set(np.unique(hard.label).tolist()) <= {0, 1, 2, 4}
+
+
+def test_difficulty_presets_and_seeds():
+    hard = make_synthetic_subject(1, SMALL, seed=3, difficulty="hard")
+    again = make_synthetic_subject(1, SMALL, seed=3, difficulty=DIFFICULTIES["hard"])
+    other = make_synthetic_subject(1, SMALL, seed=4, difficulty="hard")
+    np.testing.assert_array_equal(hard.images, again.images)
+    np.testing.assert_array_equal(hard.label, again.label)
+    assert not np.array_equal(hard.images, other.images)
+    # "standard" is the default data, drawn exactly as without the argument
+    default = make_synthetic_subject(1, SMALL, seed=3)
+    np.testing.assert_array_equal(
+        default.images, make_synthetic_subject(1, SMALL, seed=3, difficulty="standard").images
+    )
+    np.testing.assert_array_equal(
+        default.images, make_synthetic_subject(1, SMALL, seed=3, difficulty=SyntheticDifficulty()).images
+    )
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        make_synthetic_subject(1, SMALL, difficulty="extreme")
+
+
+def test_synth_cli_difficulty(tmp_path):
+    from medsegdiff_monai.cli import main
+
+    args = ["synth", "--subjects", "2", "--shape", "24", "24", "16", "--seed", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "hard"), "--difficulty", "hard"]) == 0
+    assert main([*args, "--out", str(tmp_path / "standard")]) == 0
+    expected = write_synthetic_brats(tmp_path / "api", 2, 0.2, (24, 24, 16), seed=2, progress=False, difficulty="hard")
+    assert digests(tmp_path / "hard") == digests(expected)
+    assert digests(tmp_path / "hard") != digests(tmp_path / "standard")

@@ -33,11 +33,13 @@ def make_batches(count: int = 3, batch: int = 2) -> list[dict]:
     return batches
 
 
-def make_trainer(stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None, fused=False):
+def make_trainer(
+    stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None, fused=False, log_sigma_lr=0.05
+):
     torch.manual_seed(0)
     network = get_network("small", use_cls_head=use_cls_head)
     weighting = UncertaintyWeightedLoss(tasks=("seg", "cls"))
-    optimizer = build_optimizer(network, weighting, lr=lr, weight_decay=0.1, fused=fused)
+    optimizer = build_optimizer(network, weighting, lr=lr, weight_decay=0.1, fused=fused, log_sigma_lr=log_sigma_lr)
     plan = parse_stages(stages, use_cls_head=use_cls_head)
     staged = StagedTraining(plan)
     trainer = DiffusionTrainer(
@@ -120,18 +122,26 @@ def test_learning_rate_of_each_stage_is_base_times_multiplier():
         seen[engine.stage.name] = [group["lr"] for group in optimizer.param_groups]
 
     trainer.run()
-    assert seen["segmentation"] == pytest.approx([2e-4, 2e-4])
-    assert seen["classification"] == pytest.approx([2e-3, 2e-3])
-    assert seen["joint"] == pytest.approx([2e-5, 2e-5])
+    # the log-sigmas keep their own rate (0.05) in every stage
+    assert seen["segmentation"] == pytest.approx([2e-4, 2e-4, 0.05])
+    assert seen["classification"] == pytest.approx([2e-3, 2e-3, 0.05])
+    assert seen["joint"] == pytest.approx([2e-5, 2e-5, 0.05])
 
 
-def test_joint_stage_trains_log_sigmas():
-    stages = [{"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "cls"], "uncertainty_weighting": True}]
-    trainer, _, _ = make_trainer(stages, lr=1e-2)
-    before = [p.detach().clone() for p in trainer.loss_function.parameters()]
+@pytest.mark.parametrize(
+    ("stage", "trained"),
+    [
+        ({"name": "segmentation", "epochs": 1, "train": "backbone", "losses": ["seg"]}, {"seg"}),
+        ({"name": "classification", "epochs": 1, "train": "cls_head", "losses": ["cls"]}, {"cls"}),
+        ({"name": "plain", "epochs": 1, "train": "all", "losses": ["seg"], "uncertainty_weighting": False}, set()),
+    ],
+)
+def test_log_sigma_of_each_active_loss_trains(stage, trained):
+    trainer, _, _ = make_trainer([stage])
+    before = {t: p.detach().clone() for t, p in trainer.loss_function.log_sigmas.items()}
     trainer.run()
-    after = list(trainer.loss_function.parameters())
-    assert all(not torch.equal(b, a) for b, a in zip(before, after))
+    changed = {t for t, p in trainer.loss_function.log_sigmas.items() if not torch.equal(before[t], p)}
+    assert changed == trained
 
 
 # fused=True: the skip happens inside the fused AdamW (found_inf) and the host learns of it one iteration later

@@ -65,10 +65,22 @@ def test_compiled_sampler_gets_one_static_batch_shape(stand_in_network, monkeypa
     assert padded.p_hgg == pytest.approx(eager.p_hgg)
 
 
-def test_subject_p_hgg_uses_tumour_slices_then_falls_back():
+def _pooled(p: torch.Tensor) -> float:
+    """sigmoid of the mean log-odds (torch.logit as the reference)."""
+    return float(torch.sigmoid(torch.logit(p.double()).mean()))
+
+
+def test_subject_p_hgg_pools_log_odds_of_tumour_slices_then_falls_back():
     slice_p = torch.tensor([0.2, 0.9, 0.7, 0.1])
-    assert subject_p_hgg(slice_p, torch.tensor([False, True, True, False])) == pytest.approx(0.8)
-    assert subject_p_hgg(slice_p, torch.zeros(4, dtype=torch.bool)) == pytest.approx(0.475)
+    # by hand: logit 0.9 = log 9, logit 0.7 = log(7/3); sigmoid of their mean = sqrt(21) / (1 + sqrt(21))
+    assert subject_p_hgg(slice_p, torch.tensor([False, True, True, False])) == pytest.approx(21**0.5 / (1 + 21**0.5))
+    # the four slices: logits log(1/4), log 9, log(7/3), log(1/9) -> sigmoid((log(7/12)) / 4)
+    assert subject_p_hgg(slice_p, torch.zeros(4, dtype=torch.bool)) == pytest.approx(_pooled(slice_p))
+    assert _pooled(slice_p) == pytest.approx(1 / (1 + (12 / 7) ** 0.25))
+    # one confident slice among uncertain ones moves the log-odds pool more than the mean probability
+    assert subject_p_hgg(torch.tensor([0.999, 0.5, 0.5]), torch.ones(3, dtype=torch.bool)) > 0.9
+    # saturated slices stay finite
+    assert 0.5 < subject_p_hgg(torch.tensor([1.0, 0.0, 1.0]), torch.ones(3, dtype=torch.bool)) < 1.0
     with pytest.warns(UserWarning, match="no brain slice"):
         assert math.isnan(subject_p_hgg(torch.zeros(0), torch.zeros(0, dtype=torch.bool)))
 
@@ -84,11 +96,11 @@ def test_volume_grade_is_mean_over_slices_with_predicted_tumour(stand_in_network
     tumour = [d for d in brain if slice_max[d] > threshold]
     assert len(tumour) == 3
     out = sample_volume(network, image, sampler, tumour_threshold=threshold)
-    assert out.p_hgg == pytest.approx(float(reference.slice_p_hgg[tumour].mean()))
-    assert out.p_hgg != pytest.approx(float(reference.slice_p_hgg[brain].mean()))
+    assert out.p_hgg == pytest.approx(_pooled(reference.slice_p_hgg[tumour]))
+    assert out.p_hgg != pytest.approx(_pooled(reference.slice_p_hgg[brain]))
     # a threshold no voxel reaches falls back to every brain slice
     strict = sample_volume(network, image, sampler, tumour_threshold=1.0)
-    assert strict.p_hgg == pytest.approx(float(reference.slice_p_hgg[brain].mean()))
+    assert strict.p_hgg == pytest.approx(_pooled(reference.slice_p_hgg[brain]))
 
 
 def test_volume_without_brain(stand_in_network):

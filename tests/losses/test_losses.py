@@ -10,6 +10,7 @@ import torch
 from monai.losses import DiceFocalLoss, DiceLoss, FocalLoss
 from sklearn.metrics import log_loss
 
+from medsegdiff_monai.engines import build_optimizer
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
 
 
@@ -152,3 +153,23 @@ def test_segmentation_loss_is_float32_for_bf16_logits():
     assert low_precision.dtype == torch.float32
     reference = loss(seg_logits.bfloat16().float(), target, calib_map.bfloat16().float())
     assert low_precision.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("fixed_loss", [0.058, 2.5])
+def test_uncertainty_weighting_sigma_approaches_sqrt_of_the_loss(fixed_loss):
+    # d/ds [0.5 exp(-2s) L + s] = 1 - exp(-2s) L = 0 at s = log sqrt(L): sigma -> sqrt(L)
+    weighting = UncertaintyWeightedLoss(("seg", "cls"))
+    network = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(network, weighting, lr=1e-4, weight_decay=0.1, log_sigma_lr=0.01)
+    assert optimizer.param_groups[-1]["weight_decay"] == 0.0 and optimizer.param_groups[-1]["lr"] == 0.01
+    trajectory = []
+    for _ in range(600):
+        optimizer.zero_grad()
+        weighting({"seg": torch.tensor(fixed_loss)}).backward()
+        optimizer.step()
+        trajectory.append(weighting.sigmas()["seg"])
+    target = math.sqrt(fixed_loss)
+    distances = [abs(math.log(sigma / target)) for sigma in trajectory]
+    assert distances[99] < distances[0] and distances[299] < distances[99]  # it moves towards sqrt(L)
+    assert trajectory[-1] == pytest.approx(target, rel=0.03)
+    assert weighting.sigmas()["cls"] == 1.0  # no loss, no gradient: it stays at its start
