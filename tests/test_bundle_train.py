@@ -50,8 +50,10 @@ def read_metrics(bundle_root: Path) -> list[dict]:
 
 
 def test_staged_training_through_the_bundle(tmp_path, synthetic_brats_dir, synthetic_datalist):
-    result = run(bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path))
-    out = result.stdout
+    # the fixture's validation split has 1 LGG and 1 HGG subject: let the grade calibration fit on them
+    calibrate = ("--train#grade_calibration#min_subjects", "2")
+    result = run(bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, *calibrate))
+    out = result.stdout + result.stderr
     assert "n_LGG=" in out and "alpha_LGG=" in out and "parameters:" in out
     epoch_lines = [line for line in out.splitlines() if " - INFO - epoch " in line]
     assert len(epoch_lines) == 4
@@ -72,6 +74,9 @@ def test_staged_training_through_the_bundle(tmp_path, synthetic_brats_dir, synth
     assert checkpoint["trainer"]["iteration"] == 4 * checkpoint["trainer"]["epoch_length"]
     best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+    # the calibration fitted on the validation subjects is stored with the best network
+    assert "grade calibration fitted on 1 LGG + 1 HGG validation subjects" in out
+    assert float(best["grade_calibration.scale"]) > 0 and float(best["grade_calibration.bias"]) != 0.0
     assert (tmp_path / "runs" / "train" / "tensorboard").is_dir()
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from ignite.engine import Engine, Events
 
 from medsegdiff_monai.engines.stages import TrainingStage, parse_stages, stage_at_epoch, trained_log_sigmas
+from medsegdiff_monai.utils import unwrap_module
 
 __all__ = ["StagedTraining"]
 
@@ -96,7 +97,7 @@ class StagedTraining:
             in_head = name.startswith("cls_head.")
             parameter.requires_grad_(stage.train == "all" or (stage.train == "cls_head") == in_head)
         trained = trained_log_sigmas(stage)
-        for task_name, parameter in engine.loss_function.log_sigmas.items():
+        for task_name, parameter in unwrap_module(engine.loss_function).log_sigmas.items():
             parameter.requires_grad_(task_name in trained)
         for group in engine.optimizer.param_groups:
             group["lr"] = group["base_lr"] * (stage.lr_multiplier if group.get("follows_stage_lr", True) else 1.0)
