@@ -13,6 +13,7 @@ from medsegdiff_monai.data.layout import (
 )
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
 from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
+from medsegdiff_monai.data.preflight import check_training_inputs, exit_on_bad_input, read_datalist_json
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
 from medsegdiff_monai.data.split import class_balance_line, grade_class_weights, stratified_split
 from medsegdiff_monai.data.synthetic import (
@@ -46,7 +47,9 @@ __all__ = [
     "brats_affine",
     "build_datalist",
     "check_subject_volumes",
+    "check_training_inputs",
     "class_balance_line",
+    "exit_on_bad_input",
     "grade_class_weights",
     "list_subject_dirs",
     "make_slice_dataset",
@@ -55,6 +58,7 @@ __all__ = [
     "make_synthetic_subject",
     "parse_name_mapping",
     "read_brats_folder",
+    "read_datalist_json",
     "read_name_mapping",
     "stratified_split",
     "subject_entry",
