@@ -1,4 +1,4 @@
-"""Ignite handlers: staged freezing, non-finite-loss guard, per-epoch report, checkpoints and resume."""
+"""Ignite handlers: staged freezing, non-finite-loss guard, per-epoch report, checkpoints, resume and run state."""
 
 from medsegdiff_monai.handlers.checkpoint import (
     LoadNetworkWeights,
@@ -9,4 +9,14 @@ from medsegdiff_monai.handlers.checkpoint import (
 )
 from medsegdiff_monai.handlers.epoch_report import REPORT_COLUMNS, EpochReport
 from medsegdiff_monai.handlers.nonfinite_guard import NonFiniteLossGuard
+from medsegdiff_monai.handlers.run_state import (
+    RUN_FILENAME,
+    RandomState,
+    RunFolderError,
+    check_checkpoint_readable,
+    datalist_digest,
+    prepare_run_folder,
+    prune_checkpoints,
+    run_fingerprint,
+)
 from medsegdiff_monai.handlers.staged_training import StagedTraining

@@ -26,7 +26,14 @@ from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 
-__all__ = ["BratsVolumeInferer", "SubjectOutput", "SubjectPrediction", "check_no_earlier_outputs", "partial_folders"]
+__all__ = [
+    "BratsVolumeInferer",
+    "SubjectOutput",
+    "SubjectPrediction",
+    "check_inference_run",
+    "check_no_earlier_outputs",
+    "partial_folders",
+]
 
 GRADES_FILENAME = "grades.csv"
 OUTPUT_SUFFIXES = ("_seg.nii.gz", "_uncertainty.nii.gz", "_overlay.png")
@@ -69,6 +76,48 @@ def check_no_earlier_outputs(output_dir: str | Path, subject_ids: Sequence[str])
             f"output folder {output_dir} already holds outputs of {len(found)} of these subject(s) ({listed}). "
             "Nothing was written. Pass --overwrite true to replace them, or choose another --output_dir."
         )
+
+
+def check_inference_run(
+    source: InputSource | Sequence[dict[str, Any]],
+    output_dir: str | Path,
+    checkpoint: str | Path | None,
+    roi_size: Sequence[int],
+    roi_multiple: int,
+    datalist_key: str = "validation",
+    data_dir: str | Path | None = None,
+    num_cases: int | None = None,
+    overwrite: bool = False,
+    allow_empty_modality: bool = False,
+) -> list[dict[str, Any]]:
+    """Everything an inference run reads or would overwrite, checked before the network is loaded.
+
+    In order: ``roi_size`` against the network's downsampling, the input (datalist JSON, folder or files) and the
+    headers, label values and modality contents of every subject, the output folder (earlier outputs of the same
+    subjects need ``overwrite``), and that ``checkpoint`` is a readable file.
+
+    Returns:
+        the subject entries.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: naming the setting, file or folder and what to do.
+    """
+    from medsegdiff_monai.data.preflight import check_roi_size
+    from medsegdiff_monai.handlers.run_state import check_checkpoint_readable
+
+    check_roi_size(roi_size, roi_multiple)
+    entries = resolve_entries(source, datalist_key, data_dir, num_cases)
+    check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
+    if not overwrite:
+        check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint} does not exist: train the bundle first (the best network is the run "
+                "folder's model.pt) and pass it with --checkpoint."
+            )
+        check_checkpoint_readable(checkpoint, remedy="Pass a complete file with --checkpoint.")
+    return entries
 
 
 @dataclass
@@ -142,6 +191,7 @@ class BratsVolumeInferer:
         progress: show a tqdm bar over subjects.
         transforms: the invertible inference chain; default ``get_inference_transforms(roi_size)``.
         overwrite: replace the outputs of subjects that ``output_dir`` already holds.
+        allow_empty_modality: accept an all-zero or constant modality instead of refusing the subject.
     """
 
     def __init__(
@@ -158,6 +208,7 @@ class BratsVolumeInferer:
         progress: bool = True,
         transforms: Compose | None = None,
         overwrite: bool = False,
+        allow_empty_modality: bool = False,
     ) -> None:
         if min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
@@ -176,6 +227,7 @@ class BratsVolumeInferer:
         self.write_overlays = write_overlays
         self.progress = progress
         self.overwrite = overwrite
+        self.allow_empty_modality = allow_empty_modality
         self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
         self.inverter = Invertd(
             keys=["probs", "uncertainty"], transform=self.transforms, orig_keys="image", nearest_interp=False
@@ -245,7 +297,7 @@ class BratsVolumeInferer:
             FileExistsError: when ``output_dir`` holds outputs of the same subjects and ``overwrite`` is False.
         """
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
-        check_inference_inputs(entries)
+        check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
         if not self.overwrite:
             check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
