@@ -159,7 +159,7 @@ def prepare_run_folder(
         check_checkpoint_readable(checkpoints[-1], "newest checkpoint", f"To {previous}, or: {fresh}")
     if recorded is None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        partial = record.with_name(f".{RUN_FILENAME}.partial")
+        partial = record.with_name(f".{RUN_FILENAME}.partial-{os.getpid()}")  # one per process (DDP ranks)
         partial.write_text(json.dumps(dict(fingerprint), indent=2) + "\n")
         os.replace(partial, record)
     logging.getLogger("medsegdiff_monai").info(f"run folder {output_dir}: {'resuming' if has_run else 'new run'}")
