@@ -60,6 +60,11 @@ def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip (with a note) subjects without a CSV row or with an unknown grade, instead of failing.",
     )
+    parser.add_argument(
+        "--allow-empty-modality",
+        action="store_true",
+        help="report an all-zero or constant modality as a note instead of a problem.",
+    )
 
 
 def _print_report(report: FolderReport, success: str, failure: str) -> int:
@@ -140,6 +145,7 @@ def _run_datalist(args: argparse.Namespace) -> int:
         check_voxels=not args.headers_only,
         skip_unmatched=args.skip_unmatched,
         progress=not args.no_progress,
+        allow_empty_modality=args.allow_empty_modality,
     )
     if report.ok and report.subjects and all(s.grade is None for s in report.subjects):
         return _write_segmentation_datalist(args, report)
@@ -202,6 +208,7 @@ def _run_check(args: argparse.Namespace) -> int:
         check_voxels=not args.headers_only,
         skip_unmatched=args.skip_unmatched,
         progress=not args.no_progress,
+        allow_empty_modality=args.allow_empty_modality,
     )
     return _print_report(report, f"{args.data_dir}: {len(report.subjects)} subjects, no problem found.", "")
 

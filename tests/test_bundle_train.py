@@ -72,7 +72,8 @@ def test_staged_training_through_the_bundle(tmp_path, synthetic_brats_dir, synth
     checkpoint = torch.load(tmp_path / "runs" / "train" / "checkpoints" / "checkpoint_epoch=4.pt", weights_only=True)
     assert {"network", "optimizer", "loss", "trainer"} <= set(checkpoint)
     assert checkpoint["trainer"]["iteration"] == 4 * checkpoint["trainer"]["epoch_length"]
-    best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    best = torch.load(tmp_path / "runs" / "train" / "model.pt", weights_only=True)  # the run folder, not models/
+    assert not (tmp_path / "models").exists()
     assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
     # the calibration fitted on the validation subjects is stored with the best network
     assert "grade calibration fitted on 1 LGG + 1 HGG validation subjects" in out

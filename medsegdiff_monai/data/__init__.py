@@ -26,6 +26,7 @@ from medsegdiff_monai.data.layout import (
 )
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
 from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
+from medsegdiff_monai.data.preflight import check_training_inputs, exit_on_bad_input, read_datalist_json
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
 from medsegdiff_monai.data.split import (
     SubjectSplit,
@@ -79,9 +80,11 @@ __all__ = [
     "build_datalist",
     "build_segmentation_datalist",
     "check_subject_volumes",
+    "check_training_inputs",
     "class_balance",
     "class_balance_line",
     "convert_label_convention",
+    "exit_on_bad_input",
     "get_difficulty",
     "grade_class_weights",
     "label_convention",
@@ -93,6 +96,7 @@ __all__ = [
     "mixed_release_problems",
     "parse_name_mapping",
     "read_brats_folder",
+    "read_datalist_json",
     "read_name_mapping",
     "release_of_file",
     "stratified_split",

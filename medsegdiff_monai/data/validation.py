@@ -11,6 +11,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
+from medsegdiff_monai.data.input_checks import empty_modality_problem, split_subject_dirs
 from medsegdiff_monai.data.layout import (
     ENHANCING_LABEL,
     LABEL_VALUES,
@@ -151,6 +152,7 @@ def validate_brats_folder(
     check_voxels: bool = True,
     skip_unmatched: bool = False,
     progress: bool = True,
+    allow_empty_modality: bool = False,
 ) -> FolderReport:
     """Validate a BraTS release folder and collect every problem found.
 
@@ -177,6 +179,8 @@ def validate_brats_folder(
         skip_unmatched: report subjects without a CSV row, CSV rows without a folder and unknown grades as notes
             and skip those subjects, instead of reporting problems.
         progress: show a tqdm progress bar over subjects.
+        allow_empty_modality: report an all-zero or constant modality (checked with ``check_voxels``) as a note
+            instead of a problem.
 
     Returns:
         the report: valid subjects with grades, problems, notes.
@@ -188,9 +192,6 @@ def validate_brats_folder(
     except FileNotFoundError as error:
         report.problems.append(str(error))
         return report
-    if not subject_dirs:
-        report.problems.append(f"BraTS data folder {root} holds no subject folder.")
-
     table_path = Path(csv_path) if csv_path is not None else root / NAME_MAPPING_FILENAME
     if require_grade is None:
         require_grade = csv_path is not None or table_path.is_file()
@@ -201,6 +202,10 @@ def validate_brats_folder(
             )
     use_table = require_grade or table_path.is_file()
     mapping = parse_name_mapping(table_path) if use_table else NameMapping()
+    subject_dirs, skipped = split_subject_dirs(subject_dirs, set(mapping.grades) | set(mapping.row_problems))
+    report.notes.extend(skipped)
+    if not subject_dirs:
+        report.problems.append(f"BraTS data folder {root} holds no subject folder.")
     report.problems.extend(mapping.problems)
     use_table = use_table and not mapping.problems
     unmatched = report.problems if require_grade and not skip_unmatched else report.notes
@@ -227,6 +232,13 @@ def validate_brats_folder(
         if found.subject is None:
             continue
         problems = check_subject_volumes(found.subject, check_voxels=check_voxels)
+        empty = (
+            []
+            if problems or not check_voxels
+            else [empty_modality_problem(subject_id, p) for p in found.subject.images]
+        )
+        empty = [message for message in empty if message is not None]
+        (report.notes if allow_empty_modality else problems).extend(empty)
         report.problems.extend(problems)
         if graded and not problems:
             report.subjects.append(replace(found.subject, grade=grade))
@@ -255,6 +267,7 @@ def read_brats_folder(
     check_voxels: bool = True,
     skip_unmatched: bool = False,
     progress: bool = True,
+    allow_empty_modality: bool = False,
 ) -> list[BratsSubject]:
     """Validated subjects of a BraTS release folder; see :func:`validate_brats_folder` for the arguments.
 
@@ -272,6 +285,7 @@ def read_brats_folder(
         check_voxels=check_voxels,
         skip_unmatched=skip_unmatched,
         progress=progress,
+        allow_empty_modality=allow_empty_modality,
     )
     if report.problems:
         raise BratsDataError(report.problems)

@@ -1,4 +1,5 @@
-"""Ignite handlers: staged freezing, non-finite guard, epoch report, checkpoints and resume, grade calibration."""
+"""Ignite handlers: staged freezing, non-finite-loss guard, per-epoch report, checkpoints, resume, run state and
+grade calibration."""
 
 from medsegdiff_monai.handlers.calibration import GradeCalibrationFit
 from medsegdiff_monai.handlers.checkpoint import (
@@ -10,4 +11,14 @@ from medsegdiff_monai.handlers.checkpoint import (
 )
 from medsegdiff_monai.handlers.epoch_report import REPORT_COLUMNS, EpochReport
 from medsegdiff_monai.handlers.nonfinite_guard import NonFiniteLossGuard
+from medsegdiff_monai.handlers.run_state import (
+    RUN_FILENAME,
+    RandomState,
+    RunFolderError,
+    check_checkpoint_readable,
+    datalist_digest,
+    prepare_run_folder,
+    prune_checkpoints,
+    run_fingerprint,
+)
 from medsegdiff_monai.handlers.staged_training import StagedTraining

@@ -9,10 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
+from medsegdiff_monai.handlers.run_state import prune_checkpoints
 from medsegdiff_monai.inferers.checkpoint import load_network_weights
 from medsegdiff_monai.utils import unwrap_module
 
@@ -59,25 +61,37 @@ def validation_score(metrics: Mapping, names: Sequence[str] = ("Dice", "-Brier")
     return total if defined else -math.inf
 
 
+class _ReplacingDiskSaver(DiskSaver):
+    """``DiskSaver`` for a file of fixed name: the atomic save replaces the previous file, so it is never removed
+    first (a kill between removal and save would lose the best network)."""
+
+    def remove(self, filename: str) -> None:
+        pass
+
+
 class TrainingCheckpointSaver:
     """Save everything needed to resume after every epoch, and the best network by validation score.
 
-    Files in ``save_dir`` (written atomically by Ignite's ``DiskSaver(atomic=True)``: a temporary file renamed into
-    place, so a crash never leaves a truncated checkpoint):
+    Files (written atomically by Ignite's ``DiskSaver(atomic=True)``: a temporary file renamed into place, so a crash
+    never leaves a truncated checkpoint):
 
-    - ``checkpoint_epoch=N.pt``: every object of ``save_dict`` (network, optimizer, loss module with the
-      log-sigmas, trainer state, stage handler); the last ``n_saved`` are kept, so one complete file always exists.
-    - ``best_filename`` (default ``model.pt``): the network's bare state dict (Ignite saves a single object
+    - ``save_dir/checkpoint_epoch=N.pt``: every object of ``save_dict`` (network, optimizer, loss module with the
+      log-sigmas, trainer state, random state) and the best-network tracker's state (``best_checkpoint``: the best
+      score so far, so a resumed run only replaces the best network by a better one). Only the ``n_saved`` newest
+      files are kept, also those an earlier process of the run left behind; one complete file always exists.
+    - ``best_dir/best_filename`` (default ``model.pt``): the network's bare state dict (Ignite saves a single object
       unwrapped) of the epoch with the best :func:`validation_score` of ``evaluator`` (mean of Dice and, with a
-      grade head, AUC).
+      grade head, AUC). It is saved before the epoch's checkpoint, so a checkpoint never records a best network that
+      is not on disk.
 
-    All files load with ``torch.load(path, weights_only=True)``. Under DDP only rank 0 writes.
+    Attach it after the epoch's other handlers that must come before the checkpoint (validation, ``EpochReport``'s
+    ``metrics.csv`` row). All files load with ``torch.load(path, weights_only=True)``. Under DDP only rank 0 writes.
 
     Args:
         save_dir: output folder.
         save_dict: objects with ``state_dict``/``load_state_dict`` keyed by name; must hold ``"network"``.
         evaluator: validation engine for the best checkpoint (None: no best checkpoint).
-        best_dir: folder of the best network (default ``save_dir``), e.g. the bundle's ``models/``.
+        best_dir: folder of the best network (default ``save_dir``), e.g. the run's folder.
         best_filename: file name of the best network.
         score_names: validation metrics averaged into the score.
         n_saved: number of resume checkpoints kept.
@@ -104,27 +118,41 @@ class TrainingCheckpointSaver:
         self.score_names = tuple(score_names)
         self.n_saved = n_saved
         self.logger = logging.getLogger(name)
-
-    def attach(self, engine: Engine) -> None:
-        last = Checkpoint(
-            self.save_dict,
-            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
-            filename_pattern="checkpoint_epoch={global_step}.{ext}",
-            n_saved=self.n_saved,
-            global_step_transform=lambda eng, _: eng.state.epoch,
-        )
-        engine.add_event_handler(Events.EPOCH_COMPLETED, last)
-        if self.evaluator is not None:
-            best = Checkpoint(
+        self.best: Checkpoint | None = None
+        if evaluator is not None:
+            self.best = Checkpoint(
                 {"network": self.save_dict["network"]},
-                DiskSaver(str(self.best_dir), require_empty=False, atomic=True),
+                _ReplacingDiskSaver(str(self.best_dir), require_empty=False, atomic=True),
                 filename_pattern=self.best_filename,
                 n_saved=1,
                 score_function=lambda _: validation_score(self.evaluator.state.metrics, self.score_names),
                 score_name="val_score",
                 include_self=False,
             )
-            engine.add_event_handler(Events.EPOCH_COMPLETED, best)
+
+    @property
+    def state_objects(self) -> dict:
+        """Everything a checkpoint holds (``save_dict`` and the best-network tracker): the resume ``load_dict``."""
+        return {**self.save_dict, **({"best_checkpoint": self.best} if self.best is not None else {})}
+
+    def attach(self, engine: Engine) -> None:
+        last = Checkpoint(
+            self.state_objects,
+            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
+            filename_pattern="checkpoint_epoch={global_step}.{ext}",
+            n_saved=self.n_saved,
+            global_step_transform=lambda eng, _: eng.state.epoch,
+        )
+        if self.best is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.best)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, last)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)
+
+    def _prune(self, engine: Engine) -> None:
+        if not _is_main_process():
+            return
+        for path in prune_checkpoints(self.save_dir, self.n_saved):
+            self.logger.info(f"removed {path}")
 
 
 class ResumeFromCheckpoint:
@@ -191,3 +219,7 @@ class LoadNetworkWeights:
 
     def __call__(self, engine: Engine) -> None:
         load_network_weights(unwrap_module(self.network), self.path, strict=self.strict)
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

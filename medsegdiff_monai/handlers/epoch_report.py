@@ -36,6 +36,10 @@ class EpochReport:
     NaN, with a warning for validation figures. On a resumed run, rows of epochs after the restored one are dropped,
     so no epoch appears twice.
 
+    The row is written to ``metrics.csv`` (and TensorBoard) when the epoch completes, and the line is printed after
+    every other handler of the epoch's end, the checkpoint saver included: a printed epoch is always in a checkpoint,
+    and an epoch whose checkpoint a kill prevented is run again and its row rewritten.
+
     Under DistributedDataParallel attach it on every rank: the loss means are then over the applied steps of all
     ranks (one all-reduce per epoch), the validation figures are those the MONAI metric handlers gathered from all
     ranks, and only rank 0 prints, writes ``metrics.csv`` and TensorBoard.
@@ -74,6 +78,7 @@ class EpochReport:
         self._count = 0
         self._epoch_start = 0.0
         self._trimmed = False
+        self._pending: dict | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -83,6 +88,9 @@ class EpochReport:
         engine.add_event_handler(Events.COMPLETED, self._close)
 
     def _started(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self._print_pending, Events.EPOCH_COMPLETED):
+            # registered now, after every handler attached before the run (checkpoints), so it runs last
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._print_pending)
         if not _is_main_process():
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -116,9 +124,14 @@ class EpochReport:
         if not _is_main_process():
             return
         self._append_row(row)
-        self._log_line(row)
         if self.tensorboard:
             self._write_tensorboard(row, engine.state.epoch)
+        self._pending = row
+
+    def _print_pending(self, engine: Engine) -> None:
+        if self._pending is not None:
+            self._log_line(self._pending)
+            self._pending = None
 
     def _collect(self, engine: Engine) -> dict:
         loss_function = unwrap_module(engine.loss_function)

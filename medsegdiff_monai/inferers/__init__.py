@@ -10,7 +10,13 @@ from medsegdiff_monai.inferers.export import (
     load_exported_network,
 )
 from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
-from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer, SubjectOutput, SubjectPrediction
+from medsegdiff_monai.inferers.pipeline import (
+    BratsVolumeInferer,
+    SubjectOutput,
+    SubjectPrediction,
+    check_inference_run,
+    check_no_earlier_outputs,
+)
 from medsegdiff_monai.inferers.sampler import (
     SAMPLING_SCHEDULERS,
     DiffusionSampler,
@@ -41,6 +47,8 @@ __all__ = [
     "VolumeOutput",
     "brain_slice_mask",
     "check_inference_inputs",
+    "check_inference_run",
+    "check_no_earlier_outputs",
     "collect_inference_inputs",
     "export_from_checkpoint",
     "export_network",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,9 @@ from medsegdiff_monai.data import (
     parse_name_mapping,
     release_of_file,
 )
+from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems, split_subject_dirs
 from medsegdiff_monai.data.layout import is_nifti
+from medsegdiff_monai.data.preflight import read_datalist_json
 from medsegdiff_monai.transforms import subject_id_from_path
 
 __all__ = ["check_inference_inputs", "collect_inference_inputs", "resolve_entries"]
@@ -51,7 +52,7 @@ def _folder_grades(folder: Path) -> dict[str, int]:
 
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
     has_files = any(is_nifti(p) for p in folder.iterdir())
-    subject_dirs = [folder] if has_files else list_subject_dirs(folder)
+    subject_dirs = [folder] if has_files else split_subject_dirs(list_subject_dirs(folder))[0]
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")
     grades = _folder_grades(folder)
@@ -68,8 +69,7 @@ def _from_folder(folder: Path) -> list[dict[str, Any]]:
 
 
 def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
-    with open(path) as f:
-        keys = list(json.load(f))
+    keys = list(read_datalist_json(path, data_dir))
     if datalist_key not in keys:
         raise ValueError(f"datalist {path} has no list {datalist_key!r}; it has {keys}.")
     entries = load_brats_datalist(path, datalist_key, data_dir)
@@ -119,20 +119,24 @@ def collect_inference_inputs(
     path = Path(source)
     if path.is_dir():
         return _from_folder(path)
-    if path.is_file() and path.suffix == ".json":
+    if path.suffix == ".json":
         return _from_datalist(path, datalist_key, data_dir)
     if not path.exists():
         raise FileNotFoundError(f"inference input {path} does not exist.")
     raise ValueError(f"inference input {path}: expected a BraTS folder, a datalist .json or four modality files.")
 
 
-def check_inference_inputs(entries: Sequence[dict[str, Any]], check_voxels: bool = True) -> None:
+def check_inference_inputs(
+    entries: Sequence[dict[str, Any]], check_voxels: bool = True, allow_empty_modality: bool = False
+) -> None:
     """Read every file of every entry before any output is written.
 
     Checks that each file exists and is a readable 3D NIfTI, that the modalities (and the label, where given)
     share one shape and affine, and with ``check_voxels`` that the voxel data is complete and finite and the label
     values are those of the release the file names follow ({0, 1, 2, 4} or {0, 1, 2, 3}; see
-    :func:`medsegdiff_monai.data.check_subject_volumes`).
+    :func:`medsegdiff_monai.data.check_subject_volumes`); that files named after a
+    modality are in the expected order; and, unless ``allow_empty_modality``, that no modality is all zero or
+    constant.
 
     Raises:
         BratsDataError: (a ``ValueError``) listing every problem, each naming the subject and the file.
@@ -141,14 +145,19 @@ def check_inference_inputs(entries: Sequence[dict[str, Any]], check_voxels: bool
     for entry in entries:
         subject_id = str(entry.get("subject_id", "?"))
         files = [Path(p) for p in entry["image"]] + ([Path(entry["label"])] if entry.get("label") else [])
+        order = modality_order_problems(subject_id, entry["image"])
         missing = [p for p in files if not p.is_file()]
-        if missing:
+        if order or missing:
+            problems.extend(order)
             problems.extend(f"subject {subject_id}: file {p} does not exist." for p in missing)
             continue
         label = Path(entry["label"]) if entry.get("label") else None
         release = release_of_file(files[0]) or "brats2020"
         subject = BratsSubject(subject_id, images=tuple(files[: len(MODALITIES)]), label=label, release=release)
-        problems.extend(check_subject_volumes(subject, check_voxels=check_voxels))
+        found = check_subject_volumes(subject, check_voxels=check_voxels)
+        if not found and not allow_empty_modality:
+            found = [m for p in subject.images if (m := empty_modality_problem(subject_id, p)) is not None]
+        problems.extend(found)
     if problems:
         raise BratsDataError(problems)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import shutil
@@ -26,10 +27,98 @@ from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 
-__all__ = ["BratsVolumeInferer", "SubjectOutput", "SubjectPrediction"]
+__all__ = [
+    "BratsVolumeInferer",
+    "SubjectOutput",
+    "SubjectPrediction",
+    "check_inference_run",
+    "check_no_earlier_outputs",
+    "partial_folders",
+]
 
 GRADES_FILENAME = "grades.csv"
+OUTPUT_SUFFIXES = ("_seg.nii.gz", "_uncertainty.nii.gz", "_overlay.png")
+"""File name endings of one subject's outputs (``<subject_id><suffix>``)."""
 _FLAIR = 3
+
+
+def partial_folders(output_dir: str | Path) -> list[Path]:
+    """The temporary ``.<name>.partial-*`` folders that runs into ``output_dir`` left next to it."""
+    output_dir = Path(output_dir)
+    if not output_dir.parent.is_dir():
+        return []
+    return sorted(p for p in output_dir.parent.glob(f".{output_dir.name}.partial-*") if p.is_dir())
+
+
+def check_no_earlier_outputs(output_dir: str | Path, subject_ids: Sequence[str]) -> None:
+    """Refuse an output folder that already holds outputs (files or ``grades.csv`` rows) of ``subject_ids``.
+
+    Raises:
+        FileExistsError: naming the folder, the subjects and the files, and how to proceed.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    found: dict[str, list[str]] = {}
+    for subject_id in subject_ids:
+        names = [subject_id + suffix for suffix in OUTPUT_SUFFIXES if (output_dir / (subject_id + suffix)).exists()]
+        if names:
+            found[subject_id] = names
+    grades = output_dir / GRADES_FILENAME
+    if grades.is_file():
+        with open(grades, newline="") as f:
+            graded = {row.get("subject_id") for row in csv.DictReader(f)}
+        for subject_id in subject_ids:
+            if subject_id in graded:
+                found.setdefault(subject_id, []).append(f"{GRADES_FILENAME} row")
+    if found:
+        listed = "; ".join(f"{s}: {', '.join(names)}" for s, names in found.items())
+        raise FileExistsError(
+            f"output folder {output_dir} already holds outputs of {len(found)} of these subject(s) ({listed}). "
+            "Nothing was written. Pass --overwrite true to replace them, or choose another --output_dir."
+        )
+
+
+def check_inference_run(
+    source: InputSource | Sequence[dict[str, Any]],
+    output_dir: str | Path,
+    checkpoint: str | Path | None,
+    roi_size: Sequence[int],
+    roi_multiple: int,
+    datalist_key: str = "validation",
+    data_dir: str | Path | None = None,
+    num_cases: int | None = None,
+    overwrite: bool = False,
+    allow_empty_modality: bool = False,
+) -> list[dict[str, Any]]:
+    """Everything an inference run reads or would overwrite, checked before the network is loaded.
+
+    In order: ``roi_size`` against the network's downsampling, the input (datalist JSON, folder or files) and the
+    headers, label values and modality contents of every subject, the output folder (earlier outputs of the same
+    subjects need ``overwrite``), and that ``checkpoint`` is a readable file.
+
+    Returns:
+        the subject entries.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: naming the setting, file or folder and what to do.
+    """
+    from medsegdiff_monai.data.preflight import check_roi_size
+    from medsegdiff_monai.handlers.run_state import check_checkpoint_readable
+
+    check_roi_size(roi_size, roi_multiple)
+    entries = resolve_entries(source, datalist_key, data_dir, num_cases)
+    check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
+    if not overwrite:
+        check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint} does not exist: train the bundle first (the best network is the run "
+                "folder's model.pt) and pass it with --checkpoint."
+            )
+        check_checkpoint_readable(checkpoint, remedy="Pass a complete file with --checkpoint.")
+    return entries
 
 
 @dataclass
@@ -83,8 +172,10 @@ class BratsVolumeInferer:
     - ``grades.csv``: ``subject_id,p_hgg,grade`` (``grade`` HGG / LGG at p >= 0.5), when the network grades.
 
     Every input file is read and checked before inference starts, and outputs are first written to a temporary
-    folder next to ``output_dir`` and moved into it only when every subject succeeded, so a failed run leaves no
-    partial outputs.
+    folder ``.<output_dir name>.partial-*`` next to ``output_dir`` and moved into it only when every subject
+    succeeded, so a failed run leaves no partial outputs (the temporary folders of killed runs are removed by the next
+    run into the same folder). A folder that already holds outputs of the same subjects is refused unless
+    ``overwrite``; ``grades.csv`` is updated by subject, so the grades of other subjects stay.
 
     Args:
         network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithClsHead`` or
@@ -100,6 +191,8 @@ class BratsVolumeInferer:
         write_overlays: also write a PNG overlay per subject.
         progress: show a tqdm bar over subjects.
         transforms: the invertible inference chain; default ``get_inference_transforms(roi_size)``.
+        overwrite: replace the outputs of subjects that ``output_dir`` already holds.
+        allow_empty_modality: accept an all-zero or constant modality instead of refusing the subject.
     """
 
     def __init__(
@@ -115,6 +208,8 @@ class BratsVolumeInferer:
         write_overlays: bool = False,
         progress: bool = True,
         transforms: Compose | None = None,
+        overwrite: bool = False,
+        allow_empty_modality: bool = False,
     ) -> None:
         if min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
@@ -132,6 +227,8 @@ class BratsVolumeInferer:
         self.uncertainty_reduction = uncertainty_reduction
         self.write_overlays = write_overlays
         self.progress = progress
+        self.overwrite = overwrite
+        self.allow_empty_modality = allow_empty_modality
         self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
         self.inverter = Invertd(
             keys=["probs", "uncertainty"], transform=self.transforms, orig_keys="image", nearest_interp=False
@@ -200,11 +297,17 @@ class BratsVolumeInferer:
 
         Raises:
             FileNotFoundError / ValueError: for bad inputs, naming the file, before anything is written.
+            FileExistsError: when ``output_dir`` holds outputs of the same subjects and ``overwrite`` is False.
         """
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
-        check_inference_inputs(entries)
+        check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
+        if not self.overwrite:
+            check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
         output_dir.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in partial_folders(output_dir):
+            self.logger.info(f"removing {leftover}, the unfinished outputs of an interrupted run")
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
         try:
             outputs = []
@@ -215,7 +318,7 @@ class BratsVolumeInferer:
                 outputs.append(SubjectOutput(prediction.subject_id, prediction.p_hgg, files))
             graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
             if graded:
-                write_grades_csv(graded, staging / GRADES_FILENAME)
+                write_grades_csv(graded, staging / GRADES_FILENAME, update=output_dir / GRADES_FILENAME)
             output_dir.mkdir(parents=True, exist_ok=True)
             for file in sorted(staging.iterdir()):
                 os.replace(file, output_dir / file.name)

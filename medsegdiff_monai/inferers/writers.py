@@ -59,20 +59,32 @@ def write_nifti_like(array: np.ndarray, reference: str | Path | nib.Nifti1Image,
     return Path(path)
 
 
-def write_grades_csv(rows: Iterable[tuple[str, float]], path: str | Path, threshold: float = 0.5) -> Path:
+def write_grades_csv(
+    rows: Iterable[tuple[str, float]], path: str | Path, threshold: float = 0.5, update: str | Path | None = None
+) -> Path:
     """Write ``subject_id,p_hgg,grade`` rows; ``grade`` is ``HGG`` when p_hgg >= ``threshold``, else ``LGG``.
+
+    With ``update``, the rows of that existing table are kept for every subject ``rows`` does not give again (in
+    their order, the new subjects appended), so a run on some subjects updates a table instead of replacing it.
 
     Args:
         rows: (subject_id, p_hgg) pairs.
         path: output CSV.
         threshold: decision threshold on p(HGG).
+        update: an earlier table to merge by subject (ignored when it does not exist).
     """
+    table: dict[str, list[str]] = {}
+    if update is not None and Path(update).is_file():
+        with open(update, newline="") as f:
+            for row in csv.DictReader(f):
+                table[row["subject_id"]] = [row["subject_id"], row["p_hgg"], row["grade"]]
+    for subject_id, p_hgg in rows:
+        grade = "" if np.isnan(p_hgg) else INDEX_TO_GRADE[int(p_hgg >= threshold)]
+        table[subject_id] = [subject_id, f"{p_hgg:.6f}", grade]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(GRADES_CSV_COLUMNS)
-        for subject_id, p_hgg in rows:
-            grade = "" if np.isnan(p_hgg) else INDEX_TO_GRADE[int(p_hgg >= threshold)]
-            writer.writerow([subject_id, f"{p_hgg:.6f}", grade])
+        writer.writerows(table.values())
     return Path(path)
 
 

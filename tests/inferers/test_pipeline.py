@@ -159,3 +159,25 @@ def test_failure_during_inference_leaves_earlier_outputs_untouched(brain_oracle,
     assert sorted(p.name for p in out.iterdir()) == ["grades.csv"]
     assert (out / "grades.csv").read_text() == "previous run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "out"]
+
+
+def test_second_run_refuses_earlier_outputs_then_updates_them_on_request(brain_oracle, synthetic_datalist, tmp_path):
+    """A run into a folder holding outputs of the same subjects is refused unless ``overwrite``; the grades of the
+    other subjects stay in ``grades.csv``; the partial folder of a killed run is removed."""
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    out = tmp_path / "out"
+    _inferer(brain_oracle(hgg_logit=2.0)).run(entries, out)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    killed = tmp_path / ".out.partial-x1y2"  # what a run killed while writing leaves
+    killed.mkdir()
+    (killed / "half.nii.gz").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=rf"{entries[0]['subject_id']}_seg.nii.gz.*--overwrite true"):
+        _inferer(brain_oracle(hgg_logit=-2.0)).run(entries[:1], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first and killed.exists()
+    _inferer(brain_oracle(hgg_logit=-2.0), overwrite=True).run(entries[:1], out)
+    with open(out / "grades.csv") as f:
+        rows = {row["subject_id"]: row for row in csv.DictReader(f)}
+    assert list(rows) == [e["subject_id"] for e in entries]  # the other subject's row kept, in its place
+    assert rows[entries[0]["subject_id"]]["grade"] == "LGG" and rows[entries[1]["subject_id"]]["grade"] == "HGG"
+    assert float(rows[entries[0]["subject_id"]]["p_hgg"]) == pytest.approx(1 / (1 + np.exp(2.0)), abs=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the killed run's partial folder is gone

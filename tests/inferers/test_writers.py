@@ -66,3 +66,11 @@ def test_nifti_keeps_reference_grid_and_dtype(tmp_path):
 def test_grades_csv(tmp_path):
     path = write_grades_csv([("a", 0.25), ("b", 0.5), ("c", float("nan"))], tmp_path / "grades.csv")
     assert path.read_text().splitlines() == ["subject_id,p_hgg,grade", "a,0.250000,LGG", "b,0.500000,HGG", "c,nan,"]
+
+
+def test_grades_csv_update_replaces_rows_by_subject(tmp_path):
+    earlier = write_grades_csv([("a", 0.25), ("b", 0.5)], tmp_path / "earlier.csv")
+    path = write_grades_csv([("b", 0.1), ("c", 0.9)], tmp_path / "grades.csv", update=earlier)
+    assert path.read_text().splitlines() == [
+        "subject_id,p_hgg,grade", "a,0.250000,LGG", "b,0.100000,LGG", "c,0.900000,HGG"
+    ]  # fmt: skip

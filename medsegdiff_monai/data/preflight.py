@@ -1,0 +1,199 @@
+"""Checks a training run makes before any work (before the cache fill): settings, datalist and every input file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems
+from medsegdiff_monai.data.layout import MODALITIES, BratsSubject
+from medsegdiff_monai.data.validation import BratsDataError, check_subject_volumes
+
+__all__ = [
+    "INPUT_ERRORS",
+    "check_roi_size",
+    "check_subject_entries",
+    "check_training_inputs",
+    "exit_on_bad_input",
+    "read_datalist_json",
+]
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+"""Errors that :func:`exit_on_bad_input` reports as one message: bad input, named, with what to do."""
+
+
+def exit_on_bad_input(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``check(*args, **kwargs)``; on a bad-input error print ``error: <message>`` on stderr and exit with code 1.
+
+    Used by the bundle configs, so that a bad input ends a run with its message and no traceback.
+    """
+    try:
+        return check(*args, **kwargs)
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def check_roi_size(roi_size: Sequence[int], multiple: int) -> tuple[int, int]:
+    """The in-plane ``roi_size`` as two ints, each a positive multiple of ``multiple`` (the network's downsampling).
+
+    Raises:
+        ValueError: naming the setting and a valid value.
+    """
+    try:
+        roi = tuple(int(s) for s in roi_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"roi_size={roi_size!r}: expected two integers, e.g. [64, 64].") from None
+    if len(roi) != 2 or min(roi) < 1 or any(s % multiple for s in roi):
+        nearest = [max(multiple, round(s / multiple) * multiple) for s in roi] if len(roi) == 2 else [64, 64]
+        raise ValueError(
+            f"roi_size={list(roi_size)}: expected two positive in-plane sizes, each a multiple of {multiple} (the "
+            f"network halves the size {multiple.bit_length() - 1} times); e.g. --roi_size {json.dumps(nearest)}."
+        )
+    return roi
+
+
+def read_datalist_json(path: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Read a datalist JSON, reporting a missing or malformed file by name with the command that writes it.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and what to do.
+    """
+    path = Path(path)
+    make = f"medsegdiff-monai datalist --data-dir {data_dir if data_dir is not None else path.parent} --out {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist: write it with `{make}`.")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"datalist {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): "
+            f"fix it or write it again with `{make}`."
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"datalist {path} is not a text file: write it again with `{make}`.") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"datalist {path} holds a {type(content).__name__}, expected an object: `{make}`.")
+    return content
+
+
+def check_subject_entries(
+    entries: Sequence[Mapping[str, Any]],
+    where: str,
+    base_dir: str | Path | None = None,
+    require_label: bool = True,
+    require_grade: bool = False,
+    allow_empty_modality: bool = False,
+) -> list[str]:
+    """Problems of datalist entries: fields, modality order, files, headers, label values and empty modalities.
+
+    Reads the headers of every file, the voxels of the label files and three axial slices of each modality (see
+    :func:`~medsegdiff_monai.data.input_checks.empty_modality_problem`): about the cost of a headers-only check.
+
+    Args:
+        entries: ``{"image": [t1, t1ce, t2, flair], "label": ..., "grade": ..., "subject_id": ...}`` items.
+        where: the list's name for messages, e.g. ``"datalist.json 'training'"``.
+        base_dir: the root of relative paths (None: paths as given).
+        require_label: a missing ``label`` is a problem.
+        require_grade: a ``grade`` other than 0 / 1 is a problem.
+        allow_empty_modality: an empty or constant modality is not a problem.
+
+    Returns:
+        one message per problem, each naming the subject and the file or field.
+    """
+    root = Path(base_dir) if base_dir is not None else None
+    problems: list[str] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            problems.append(f"{where}[{index}]: expected an object with 'image', got {entry!r}.")
+            continue
+        subject_id = str(entry.get("subject_id", f"{where}[{index}]"))
+        images = entry.get("image")
+        if not isinstance(images, list) or len(images) != len(MODALITIES):
+            problems.append(
+                f"subject {subject_id} ({where}[{index}]): 'image' must list the {len(MODALITIES)} modality files "
+                f"({', '.join(MODALITIES)}), got {images!r}."
+            )
+            continue
+        if require_label and not entry.get("label"):
+            problems.append(f"subject {subject_id} ({where}[{index}]): no 'label' file given.")
+            continue
+        if require_grade and entry.get("grade") not in (0, 1):
+            problems.append(
+                f"subject {subject_id} ({where}[{index}]): 'grade' must be 0 (LGG) or 1 (HGG), got "
+                f"{entry.get('grade')!r}; write the datalist again with `medsegdiff-monai datalist`."
+            )
+        order = modality_order_problems(subject_id, images)
+        if order:
+            problems.extend(order)
+            continue
+        paths = [root / p if root is not None else Path(p) for p in images]
+        label = entry.get("label")
+        label_path = (root / label if root is not None else Path(label)) if label else None
+        missing = [p for p in [*paths, label_path] if p is not None and not p.is_file()]
+        if missing:
+            problems.extend(f"subject {subject_id}: file {p} does not exist." for p in missing)
+            continue
+        subject = BratsSubject(subject_id=subject_id, images=tuple(paths), label=label_path)
+        found = check_subject_volumes(subject, check_voxels=False)
+        if not found and label_path is not None:
+            labelled = BratsSubject(subject_id=subject_id, images=(), label=label_path)
+            found = check_subject_volumes(labelled, check_voxels=True)
+        if not found and not allow_empty_modality:
+            found = [m for p in paths if (m := empty_modality_problem(subject_id, p)) is not None]
+        problems.extend(found)
+    return problems
+
+
+def check_training_inputs(
+    datalist: str | Path,
+    dataset_dir: str | Path,
+    roi_size: Sequence[int],
+    roi_multiple: int,
+    require_grade: bool = True,
+    allow_empty_modality: bool = False,
+    progress: bool = True,
+) -> None:
+    """Everything a training run reads, checked before the cache fill; the roi size first (no file is read for it).
+
+    Args:
+        datalist: the datalist JSON (``training`` and ``validation`` lists, paths relative to ``dataset_dir``).
+        dataset_dir: the data root.
+        roi_size: the training in-plane size.
+        roi_multiple: what each roi side must be a multiple of (``2 ** (levels - 1)`` of the network).
+        require_grade: every entry needs a grade (a grade head is trained).
+        allow_empty_modality: an empty or constant modality is not an error.
+        progress: show a progress bar over subjects.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the setting or file and what to do; ``BratsDataError`` lists every
+            problem found in the files.
+    """
+    from tqdm import tqdm
+
+    check_roi_size(roi_size, roi_multiple)
+    content = read_datalist_json(datalist, dataset_dir)
+    problems: list[str] = []
+    for key in ("training", "validation"):
+        entries = content.get(key)
+        if not isinstance(entries, list) or not entries:
+            problems.append(
+                f"datalist {datalist}: list {key!r} is missing or empty; write it with `medsegdiff-monai datalist "
+                f"--data-dir {dataset_dir} --out {datalist}`."
+            )
+            continue
+        bar = tqdm(entries, desc=f"checking {key} inputs", unit="subject", disable=not progress, leave=False)
+        problems.extend(
+            check_subject_entries(
+                bar,
+                f"{Path(datalist).name} {key!r}",
+                base_dir=dataset_dir,
+                require_grade=require_grade,
+                allow_empty_modality=allow_empty_modality,
+            )
+        )
+    if problems:
+        raise BratsDataError(problems)

@@ -1,0 +1,264 @@
+"""What a training run folder belongs to (its fingerprint) and the random state a resumed run continues from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Randomizable
+
+__all__ = [
+    "RUN_FILENAME",
+    "RandomState",
+    "RunFolderError",
+    "check_checkpoint_readable",
+    "datalist_digest",
+    "prepare_run_folder",
+    "prune_checkpoints",
+    "run_fingerprint",
+]
+
+RUN_FILENAME = "run.json"
+"""File of a run folder recording the fingerprint of the run it holds."""
+
+_CHECKPOINT_GLOB = "checkpoint_epoch=*.pt"
+
+
+class RunFolderError(ValueError):
+    """A run folder holds a different run, or a file of it cannot be read; the message says what to do."""
+
+
+def datalist_digest(datalist: str | Path) -> str:
+    """SHA-256 of the ``training`` and ``validation`` lists of a datalist JSON (formatting and other keys ignored)."""
+    with open(datalist) as handle:
+        content = json.load(handle)
+    lists = {key: content.get(key) for key in ("training", "validation")}
+    return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
+
+
+def run_fingerprint(datalist: str | Path, dataset_dir: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint of a run: its data and the settings that shape the network and the training plan.
+
+    Args:
+        datalist: the datalist JSON the run trains on.
+        dataset_dir: the data root its paths are relative to.
+        settings: JSON-serialisable settings (preset, heads, roi size, stages, learning rate, seed, ...).
+
+    Returns:
+        ``{"datalist": path, "datalist_sha256": ..., "dataset_dir": absolute path, "settings": {...}}``.
+    """
+    return {
+        "datalist": str(datalist),
+        "datalist_sha256": datalist_digest(datalist),
+        "dataset_dir": str(Path(dataset_dir).resolve()),
+        "settings": json.loads(json.dumps(settings)),
+    }
+
+
+def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    found = []
+    if recorded.get("datalist_sha256") != current["datalist_sha256"]:
+        found.append(
+            f"the datalist: the run trained on {recorded.get('datalist')} (sha256 "
+            f"{str(recorded.get('datalist_sha256'))[:12]}), this command gives {current['datalist']} "
+            f"(sha256 {current['datalist_sha256'][:12]})"
+        )
+    if recorded.get("dataset_dir") != current["dataset_dir"]:
+        found.append(f"dataset_dir: {recorded.get('dataset_dir')} then, {current['dataset_dir']} now")
+    old, new = recorded.get("settings", {}), current["settings"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            found.append(f"{key}: {json.dumps(old.get(key))} then, {json.dumps(new.get(key))} now")
+    return found
+
+
+def check_checkpoint_readable(path: str | Path, what: str = "checkpoint", remedy: str = "") -> None:
+    """Load ``path`` once on the CPU so that a truncated or foreign file is reported by name before any work.
+
+    Raises:
+        RunFolderError: naming the file and what to do.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise RunFolderError(
+            f"{what} {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"it is truncated or not a checkpoint of this library. {remedy}".rstrip()
+        ) from None
+
+
+def _epoch_of(path: Path) -> int:
+    return int(path.stem.split("=", 1)[1])
+
+
+def prepare_run_folder(
+    output_dir: str | Path,
+    ckpt_dir: str | Path,
+    fingerprint: Mapping[str, Any],
+    resume: bool = True,
+    initial_checkpoint: str | Path | None = None,
+) -> None:
+    """Make sure a run folder belongs to this run before any work starts, and record the fingerprint of a new run.
+
+    - A folder without a run (no checkpoint, no ``metrics.csv``) gets ``run.json`` with ``fingerprint``.
+    - A folder holding a run is resumed only when ``resume`` and its ``run.json`` matches ``fingerprint``; otherwise
+      this stops with the differences and how to start fresh, so no file of another run is overwritten.
+    - The newest checkpoint (which resume loads) and ``initial_checkpoint`` must be readable.
+
+    Args:
+        output_dir: the run folder (``metrics.csv``, ``run.json``, the best network).
+        ckpt_dir: the folder of the ``checkpoint_epoch=N.pt`` files.
+        fingerprint: from :func:`run_fingerprint`.
+        resume: whether the command continues a run found in the folder.
+        initial_checkpoint: weights loaded before training (None: none).
+
+    Raises:
+        RunFolderError: naming the folder or file and what to do.
+    """
+    output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
+    fresh = f"To start a new run, pass another --output_dir (or delete {output_dir})."
+    if initial_checkpoint is not None:
+        if not Path(initial_checkpoint).is_file():
+            raise RunFolderError(f"initial checkpoint {initial_checkpoint} does not exist: check --initial_checkpoint.")
+        check_checkpoint_readable(initial_checkpoint, "initial checkpoint", "Give another --initial_checkpoint.")
+    checkpoints = sorted(ckpt_dir.glob(_CHECKPOINT_GLOB), key=_epoch_of) if ckpt_dir.is_dir() else []
+    record = output_dir / RUN_FILENAME
+    has_run = bool(checkpoints) or (output_dir / "metrics.csv").is_file()
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except json.JSONDecodeError as error:
+            raise RunFolderError(f"{record} is not valid JSON ({error}). {fresh}") from None
+    elif has_run:
+        raise RunFolderError(f"{output_dir} holds a run without a {RUN_FILENAME}, so it cannot be checked. {fresh}")
+    else:
+        recorded = None
+    if has_run and not resume:
+        raise RunFolderError(
+            f"{output_dir} already holds a run and this command does not resume it (resume off or --run_stage "
+            f"given), so it would overwrite its files. {fresh}"
+        )
+    if recorded is not None:
+        differences = _differences(recorded, fingerprint)
+        if differences:
+            raise RunFolderError(
+                f"{output_dir} holds a run of other data or settings; resuming it would mix two runs. Differences: "
+                + "; ".join(differences)
+                + f". To continue that run, repeat its settings. {fresh}"
+            )
+    if checkpoints:
+        previous = f"resume from {checkpoints[-2].name} by deleting it" if len(checkpoints) > 1 else "delete it"
+        check_checkpoint_readable(checkpoints[-1], "newest checkpoint", f"To {previous}, or: {fresh}")
+    if recorded is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        partial = record.with_name(f".{RUN_FILENAME}.partial-{os.getpid()}")  # one per process (DDP ranks)
+        partial.write_text(json.dumps(dict(fingerprint), indent=2) + "\n")
+        os.replace(partial, record)
+    logging.getLogger("medsegdiff_monai").info(f"run folder {output_dir}: {'resuming' if has_run else 'new run'}")
+
+
+def _randomizables(root: Any) -> Iterator[Randomizable]:
+    """Every MONAI ``Randomizable`` reachable from ``root`` through attributes, lists, tuples and dicts, in a fixed
+    order (depth first, attribute order), each once."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, str | bytes | int | float | torch.Tensor | np.ndarray):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            yield obj
+        if isinstance(obj, Mapping):
+            children = list(obj.values())
+        elif isinstance(obj, list | tuple):
+            children = list(obj)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("monai", "medsegdiff_monai"):
+            children = list(vars(obj).values())
+        else:
+            children = []
+        stack.extend(reversed(children))
+
+
+def _numpy_state(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+
+
+def _numpy_tuple(state: Mapping[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
+class RandomState:
+    """Every random state a training epoch draws from, with ``state_dict`` / ``load_state_dict`` for checkpoints.
+
+    Saved: torch's CPU generator (and CUDA generators when present), NumPy's and Python's global generators, the
+    ``R`` of every MONAI ``Randomizable`` in ``transform`` (the per-sample augmentations), and ``generator`` (a
+    data loader's or sampler's own ``torch.Generator``). A run resumed from a checkpoint holding this state
+    continues with exactly the draws the uninterrupted run would have made (on one process; under DDP only rank 0's
+    state is saved). The state holds only tensors and numbers, so checkpoints still load with ``weights_only=True``.
+
+    Args:
+        transform: the training transform chain (or the dataset holding it).
+        generator: an extra generator, e.g. the training data loader's ``generator`` (None: none).
+    """
+
+    def __init__(self, transform: Any = None, generator: torch.Generator | None = None) -> None:
+        self.transforms = list(_randomizables(transform))
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        python_version, python_keys, python_gauss = random.getstate()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state(np.random.get_state()),
+            "python": {
+                "version": python_version,
+                "keys": torch.tensor(python_keys, dtype=torch.int64),
+                "gauss": python_gauss,
+            },  # fmt: skip
+            "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["transforms"]) != len(self.transforms):
+            raise ValueError(
+                f"the checkpoint holds the random state of {len(state['transforms'])} random transforms, the "
+                f"training chain has {len(self.transforms)}: it was written by another transform chain."
+            )
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        python = state["python"]
+        random.setstate((python["version"], tuple(int(k) for k in python["keys"]), python["gauss"]))
+        for transform, saved in zip(self.transforms, state["transforms"], strict=True):
+            transform.R.set_state(_numpy_tuple(saved))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest ``checkpoint_epoch=N.pt`` of ``ckpt_dir`` (e.g. those an earlier process of
+    the same run left behind) and the temporary files of a killed atomic save; returns the removed files."""
+    files = sorted(Path(ckpt_dir).glob(_CHECKPOINT_GLOB), key=_epoch_of)
+    removed = files[:-keep] if keep > 0 else files
+    removed += [p for p in Path(ckpt_dir).glob("tmp*") if p.is_file()]  # temporaries of a save that was killed
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

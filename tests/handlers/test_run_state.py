@@ -1,0 +1,150 @@
+"""Run folder fingerprint, random state, best score and pruning across a resume, and the epoch line's order, on
+small Ignite engines (no training)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import Compose, RandAffined, RandFlipd, RandSpatialCropd
+
+from medsegdiff_monai.handlers import (
+    RUN_FILENAME,
+    EpochReport,
+    RandomState,
+    ResumeFromCheckpoint,
+    RunFolderError,
+    TrainingCheckpointSaver,
+    prepare_run_folder,
+    run_fingerprint,
+)
+from medsegdiff_monai.losses import UncertaintyWeightedLoss
+
+
+def draws(transform: Compose, generator: torch.Generator) -> list[float]:
+    """One draw of every random source a training epoch uses."""
+    values = [torch.rand(()).item(), float(np.random.rand()), random.random()]
+    values += [float(t.R.rand()) for t in transform.transforms]
+    values.append(torch.rand((), generator=generator).item())
+    return values
+
+
+def test_random_state_restores_every_source_through_a_checkpoint_file(tmp_path):
+    transform = Compose(
+        [
+            RandFlipd("image", prob=0.5),
+            RandAffined("image", prob=0.5, rotate_range=0.1),
+            RandSpatialCropd("image", roi_size=(4, 4)),
+        ]
+    )
+    transform.set_random_state(seed=3)
+    generator = torch.Generator().manual_seed(5)
+    state = RandomState(transform, generator)
+    assert len(state.transforms) >= 4  # the Compose, the three transforms (and the inner croppers / resamplers)
+    draws(transform, generator)
+    torch.save({"random_state": state.state_dict()}, tmp_path / "state.pt")
+    expected = draws(transform, generator)
+    assert draws(transform, generator) != expected  # the sources moved on
+    state.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["random_state"])
+    assert draws(transform, generator) == expected
+
+
+def test_random_state_of_another_transform_chain_is_refused():
+    state = RandomState(Compose([RandFlipd("image", prob=0.5)])).state_dict()
+    with pytest.raises(ValueError, match="another transform chain"):
+        RandomState(Compose([RandFlipd("image"), RandFlipd("label")])).load_state_dict(state)
+
+
+class ScoredRun:
+    """An engine whose network weight is the epoch number and whose validation score is ``scores[epoch]``."""
+
+    def __init__(self, folder, scores, max_epochs):
+        self.network = torch.nn.Linear(1, 1, bias=False)
+        self.evaluator = SimpleNamespace(state=SimpleNamespace(metrics={}))
+        self.engine = Engine(lambda engine, batch: None)
+        self.engine.state.max_epochs = max_epochs
+
+        @self.engine.on(Events.EPOCH_COMPLETED)
+        def _score(engine):
+            self.network.weight.data.fill_(engine.state.epoch)
+            self.evaluator.state.metrics = {"Dice": scores[engine.state.epoch]}
+
+        self.saver = TrainingCheckpointSaver(
+            folder / "checkpoints", {"network": self.network, "trainer": self.engine}, self.evaluator,
+            best_dir=folder, score_names=("Dice",),
+        )  # fmt: skip
+        ResumeFromCheckpoint(folder / "checkpoints", self.saver.state_objects).attach(self.engine)
+        self.saver.attach(self.engine)
+
+    def run(self, max_epochs):
+        self.engine.run([0], max_epochs=max_epochs)
+
+
+def test_best_score_survives_resume_and_old_checkpoints_are_pruned(tmp_path):
+    scores = {1: 0.7, 2: 0.2, 3: 0.21, 4: 0.1}
+    ScoredRun(tmp_path, scores, 2).run(2)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 1.0
+    leftovers = [tmp_path / "checkpoints" / "checkpoint_epoch=0.pt", tmp_path / "checkpoints" / "tmpk2jd8f"]
+    for path in leftovers:  # a checkpoint an earlier process kept, the temporary file of a killed save
+        path.write_bytes(b"x")
+    ScoredRun(tmp_path, scores, 4).run(4)
+    # epoch 3 scores 0.21 > 0.2 (the last epoch before the resume) but < 0.7 (the best): the best network stays
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 1.0
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
+
+
+def test_epoch_line_is_printed_after_its_checkpoint(tmp_path):
+    network = torch.nn.Linear(1, 1)
+
+    def step(engine, batch):
+        loss = torch.tensor(1.0)
+        return {"L_seg": loss, "L_cls": loss, "L_total": loss, "finite": True}
+
+    engine = Engine(step)
+    engine.loss_function = UncertaintyWeightedLoss(tasks=("seg", "cls"))
+    engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    EpochReport(tmp_path, tensorboard=False).attach(engine)  # a training handler, attached before the saver
+    TrainingCheckpointSaver(tmp_path / "checkpoints", {"network": network, "trainer": engine}).attach(engine)
+    seen = []
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("epoch "):
+                epoch = int(message.split()[1])
+                seen.append((epoch, (tmp_path / "checkpoints" / f"checkpoint_epoch={epoch}.pt").exists()))
+
+    logger = logging.getLogger("medsegdiff_monai")
+    watch, level = Watch(), logger.level
+    logger.addHandler(watch)
+    logger.setLevel(logging.INFO)
+    try:
+        engine.run([0, 1], max_epochs=2)
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(level)
+    assert seen == [(1, True), (2, True)]
+
+
+def test_run_folder_is_recorded_once_and_resumed_with_the_same_fingerprint(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"]}], "validation": []}))
+    fingerprint = run_fingerprint(datalist, tmp_path, {"stages": [1, 2], "lr": 1e-3})
+    run = tmp_path / "run"
+    prepare_run_folder(run, run / "checkpoints", fingerprint)
+    assert json.loads((run / RUN_FILENAME).read_text()) == fingerprint
+    (run / "metrics.csv").write_text("epoch\n1\n")
+    prepare_run_folder(run, run / "checkpoints", fingerprint)  # the same run: resumed
+    # reformatting the datalist or adding other keys keeps its digest
+    datalist.write_text(json.dumps({"validation": [], "training": [{"image": ["a"]}], "class_balance": {}}, indent=4))
+    prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, {"stages": [1, 2], "lr": 1e-3}))
+    with pytest.raises(RunFolderError, match=r"lr: 0.001 then, 0.0001 now.*another --output_dir"):
+        other = run_fingerprint(datalist, tmp_path, {"stages": [1, 2], "lr": 1e-4})
+        prepare_run_folder(run, run / "checkpoints", other)
