@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medsegdiff_monai.data.layout import MODALITIES, is_nifti, nifti_stem
+from medsegdiff_monai.data.layout import MODALITIES, MODALITY_FILE_SUFFIXES, is_nifti, nifti_stem
 
 __all__ = [
     "SAMPLED_SLICE_FRACTIONS",
@@ -24,11 +24,13 @@ SAMPLED_SLICE_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 def modality_in_name(path: str | Path) -> str | None:
-    """The modality a file name ends with (``..._t1ce.nii.gz`` -> ``"t1ce"``), or None for another name."""
+    """The modality a file name ends with, in either release's naming (``..._t1ce.nii.gz`` and ``...-t1c.nii.gz``
+    -> ``"t1ce"``), or None for another name."""
     stem = nifti_stem(Path(path)).lower()
-    for modality in sorted(MODALITIES, key=len, reverse=True):
-        if stem.endswith(f"_{modality}"):
-            return modality
+    for suffixes in MODALITY_FILE_SUFFIXES.values():
+        for modality, suffix in zip(MODALITIES, suffixes, strict=True):
+            if stem.endswith(suffix):
+                return modality
     return None
 
 
