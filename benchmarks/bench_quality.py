@@ -193,7 +193,6 @@ def train(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, p
         "dataset_dir": str(data_dir),
         "datalist": str(datalist),
         "output_dir": str(plan_dir / "run"),
-        "model_dir": str(plan_dir / "models"),
         **training_overrides(args),
         **stage_plan(args, plan),  # after the shared overrides: naive's "stages" replaces the edited plan
     }
@@ -222,7 +221,7 @@ def evaluate(
             "dataset_dir": str(data_dir),
             "datalist": str(datalist),
             "datalist_key": key,
-            "checkpoint": str(plan_dir / "models" / "model.pt"),
+            "checkpoint": str(plan_dir / "run" / "model.pt"),
             "output_dir": str(plan_dir / f"evaluate_{key}"),
             "use_cls_head": plan != "segonly",
             "preset": overrides["preset"],
@@ -313,7 +312,7 @@ def run_plan(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path
     train_seconds = time.perf_counter() - start
     result: dict[str, Any] = {"plan": plan, **setup, "train_seconds": train_seconds}
     if plan != "segonly":
-        result["calibration"] = stored_calibration(plan_dir / "models" / "model.pt")
+        result["calibration"] = stored_calibration(plan_dir / "run" / "model.pt")
     for key in ("testing",):
         begin = time.perf_counter()
         rows = evaluate(args, plan, data_dir, datalist, plan_dir, key, setup["overrides"])
