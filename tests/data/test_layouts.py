@@ -167,13 +167,18 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
     assert all("grade" not in e for e in entries)
     assert sorted(e["subject_id"] for e in entries) == sorted(p.name for p in layouts[layout].iterdir())
     assert entries[0]["image"][0].endswith("_t1.nii.gz" if layout == "brats2021" else "-t1n.nii.gz")
-    # with a grade table of one's own, the datalist is graded again
+    # with a grade table of one's own, the datalist is graded again (four subjects: every split needs both grades)
+    folder = write_synthetic_brats(
+        tmp_path / "four", num_subjects=4, lgg_fraction=0.5, shape=SHAPE, seed=3, progress=False, layout=layout
+    )
     table = tmp_path / "grades.csv"
-    ids = sorted(p.name for p in layouts[layout].iterdir())
-    table.write_text("subject_id,grade\n" + "".join(f"{s},{g}\n" for s, g in zip(ids, ["LGG", "HGG", "HGG"])))
-    assert main(["datalist", *args, "--grades", str(table)]) == 0
+    ids = sorted(p.name for p in folder.iterdir())
+    table.write_text("subject_id,grade\n" + "".join(f"{s},{g}\n" for s, g in zip(ids, ["LGG", "HGG", "HGG", "LGG"])))
+    graded_args = ["--data-dir", str(folder), "--val-fraction", "0.5", "--out", str(out), "--no-progress"]
+    assert main(["datalist", *graded_args, "--grades", str(table)]) == 0
     graded = json.loads(out.read_text())
-    assert sorted(e["grade"] for e in graded["training"] + graded["validation"]) == [0, 1, 1]
+    assert sorted(e["grade"] for e in graded["training"] + graded["validation"]) == [0, 0, 1, 1]
+    assert {e["grade"] for e in graded["validation"]} == {0, 1}
 
 
 def test_training_targets_of_brats2023_equal_those_of_brats2020(layouts):
