@@ -41,6 +41,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from bench_bundle_training import parse_overrides  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datalist, write_synthetic_brats
@@ -93,20 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ensemble, args.steps, args.bootstrap = 2, 1, 200
         args.val_fraction, args.test_fraction = 0.35, 0.25  # 4 validation subjects: enough to fit the calibration
     return args
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a#b=3", "name=text"]`` -> ``{"a#b": 3, "name": "text"}`` (values JSON where they parse)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
 
 
 def prepare_data(args: argparse.Namespace, data_dir: Path) -> Path:
