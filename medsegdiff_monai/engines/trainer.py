@@ -37,7 +37,8 @@ class DiffusionTrainer(SupervisedTrainer):
     """One diffusion training step per iteration, on MONAI's :class:`~monai.engines.SupervisedTrainer`.
 
     Each iteration: draw ``t ~ U{0, T-1}`` and Gaussian noise, noise the [-1, 1] mask with ``noise_scheduler``
-    (``x_t = add_noise(mask, noise, t)``), predict ``(seg_logits, cls_logits, calib_map) = network(x_t, t, image)``,
+    (``x_t = add_noise(mask, noise, t)``), predict ``(seg_logits, cls_logits, calib_map) = network(x_t, t, image)``
+    (through ``inferer``, MONAI's ``SimpleInferer`` by default),
     apply the losses of the current :attr:`stage`, clip the gradient norm, step the optimizer. A step whose loss or
     gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and
     ``engine.state.consecutive_skipped_steps`` and announced with :attr:`NonFiniteLossEvents.STEP_SKIPPED`
@@ -71,7 +72,7 @@ class DiffusionTrainer(SupervisedTrainer):
         non_blocking: copy batches to the device asynchronously (pair with a ``pin_memory=True`` loader): a blocking
             copy waits for the previous step's GPU work; measured 10 % faster steps on an H100
             (docs/performance.md).
-        kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``epoch_length``, ``train_handlers``,
+        kwargs: passed to :class:`~monai.engines.SupervisedTrainer` (``inferer``, ``epoch_length``, ``train_handlers``,
             ``key_train_metric``, ``additional_metrics``, ``compile``, ...).
     """
 
@@ -209,8 +210,8 @@ class DiffusionTrainer(SupervisedTrainer):
         )
         noise = torch.randn_like(mask)
         noisy_mask = self.noise_scheduler.add_noise(original_samples=mask, noise=noise, timesteps=timesteps)
-        seg_logits, cls_logits, calib_map = self.network(
-            noisy_mask.to(memory_format=self.memory_format), timesteps, image
+        seg_logits, cls_logits, calib_map = self.inferer(
+            noisy_mask.to(memory_format=self.memory_format), self.network, timesteps, image
         )
         if use_seg:
             losses["seg"] = self.seg_loss(seg_logits.float(), label, calib_map.float())
