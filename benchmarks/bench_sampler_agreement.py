@@ -48,10 +48,14 @@ REGIONS = ("TC", "WT", "ET", "mean")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bundle/configs/evaluate.json")
     parser.add_argument(
-        "--samplers", nargs="+", default=["dpmpp_2m:8", "ddpm:1000"], help="see above; last = reference"
+        "--config",
+        nargs="+",
+        default=["bundle/configs/train.json", "bundle/configs/evaluate.json"],
+        help="the evaluation configs (evaluate.json read on top of train.json)",
     )
+    parser.add_argument("--bundle-root", default="bundle", help="the bundle folder (its models/model.pt is evaluated)")
+    parser.add_argument("--samplers", nargs="+", default=["dpmpp_2m:8", "ddpm:1000"], help="see above; last = reference")
     parser.add_argument(
         "--reference", nargs="*", default=[], help="agreement.json files of earlier runs: samplers reused, not run"
     )
@@ -83,6 +87,7 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
     run(
         run_id="run",
         config_file=args.config,
+        bundle_root=args.bundle_root,
         scheduler=scheduler,
         num_inference_steps=int(steps),
         eta=eta,
@@ -131,13 +136,13 @@ def rescore(args: argparse.Namespace, sampler: str) -> dict:
     those of ``evaluate.json`` with the overrides, those without a stored map are left out."""
     parser = ConfigParser()
     parser.read_config(args.config)
-    parser.update(json.loads(args.overrides))
+    parser.update({"bundle_root": args.bundle_root, **json.loads(args.overrides)})
     folder = sampler_folder(sampler)
     stored = {}  # subject id -> label map; the first found in path order
     for path in sorted(Path(args.rescore_from).glob(f"**/{folder}/*_seg.nii.gz")):
         stored.setdefault(path.name.removesuffix("_seg.nii.gz"), path)
     predictions = []
-    for entry in parser.get_parsed_content("dataset#data"):
+    for entry in parser.get_parsed_content("validate#dataset#data"):
         if entry["subject_id"] in stored:
             labels = np.asarray(nib.load(str(stored[entry["subject_id"]])).dataobj)
             predictions.append(

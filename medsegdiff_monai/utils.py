@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["AMP_DTYPES", "as_bool", "parse_amp_dtype", "unwrap_module"]
+__all__ = ["AMP_DTYPES", "as_bool", "parse_amp_dtype", "require_file", "unwrap_module"]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -57,3 +59,26 @@ def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module") or hasattr(module, "_orig_mod"):
         module = getattr(module, "module", None) or module._orig_mod
     return module
+
+
+def require_file(path: str | os.PathLike, key: str, hint: str = "") -> str:
+    """``path`` itself when it names an existing file, for a bundle config to check a path before it is used.
+
+    The bundle's paths default to folders under ``bundle_root`` (``"."``: the configs run from inside the bundle
+    folder), so a config run from elsewhere looks in the wrong place.
+
+    Args:
+        path: the file the config will read.
+        key: the config key that sets ``path`` (named in the error).
+        hint: a last sentence of the error, e.g. the command that writes the file.
+
+    Raises:
+        FileNotFoundError: naming the absolute path looked for, ``bundle_root`` and ``key``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{os.path.abspath(path)} does not exist ('{key}' resolves to {os.fspath(path)!r}). Run the bundle "
+            "from inside its folder (bundle_root is '.'), pass --bundle_root with the bundle folder (e.g. "
+            f"--bundle_root bundle from the repository root), or set --{key}. {hint}".rstrip()
+        )
+    return os.fspath(path)

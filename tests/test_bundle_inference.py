@@ -41,6 +41,7 @@ def bundle_copy(tmp_path_factory: pytest.TempPathFactory, synthetic_datalist: Pa
     overrides = {f"network_def#{key}": value for key, value in TINY_NETWORK.items()}
     overrides.update(
         dataset_dir=str(synthetic_datalist.parent),
+        bundle_root="bundle",
         roi_size=[64, 64],
         num_inference_steps=2,
         ensemble_size=2,
@@ -108,12 +109,13 @@ sampler = parser.get_parsed_content("inferer")
 out = sampler(network.eval(), torch.randn(2, 4, 64, 64))
 own = DiffusionSampler(num_inference_steps=1, ensemble_size=1)(network, torch.randn(1, 4, 64, 64))
 missing = {}
-for config in ("inference", "evaluate"):
-    workflow = ConfigWorkflow(config_file=f"bundle/configs/{config}.json", workflow_type="inference", **overrides)
+for config, files in (("inference", ["inference.json"]), ("evaluate", ["train.json", "evaluate.json"])):
+    paths = [f"bundle/configs/{name}" for name in files]
+    workflow = ConfigWorkflow(config_file=paths, workflow_type="inference", **overrides)
     workflow.initialize()
     missing[config] = workflow.check_properties()
 monai.bundle.run(
-    config_file="bundle/configs/evaluate.json", meta_file="bundle/configs/metadata.json",
+    config_file=["bundle/configs/train.json", "bundle/configs/evaluate.json"], meta_file="bundle/configs/metadata.json",
     logging_file="bundle/configs/logging.conf", args_file="args.json", num_eval_cases=1, include_hd95=True,
 )
 print("RESULT" + json.dumps({

@@ -13,8 +13,6 @@ state-dict keys, and folds the SiLU that always follows the norms of MONAI's ``D
 :py:class:`~medsegdiff_monai.networks.ConditionResBlock` and of ``nn.Sequential(GroupNorm, SiLU, ...)`` into it.
 """
 
-from __future__ import annotations
-
 import importlib.util
 
 import torch
@@ -130,13 +128,14 @@ class FusedGroupNorm(nn.GroupNorm):
         self.silu = silu
 
     @classmethod
-    def from_group_norm(cls, norm: nn.GroupNorm, silu: bool = False) -> FusedGroupNorm:
+    def from_group_norm(cls, norm: nn.GroupNorm, silu: bool = False) -> "FusedGroupNorm":
         """A :py:class:`FusedGroupNorm` that shares ``norm``'s parameters (no copy)."""
         fused = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False, silu=silu)
         fused.affine = norm.affine
         fused.weight, fused.bias = norm.weight, norm.bias
         return fused
 
+    @torch.jit.unused
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` takes the Triton kernel path."""
         return (
@@ -148,12 +147,19 @@ class FusedGroupNorm(nn.GroupNorm):
         )
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-        if self.uses_kernel(x):
-            return group_norm(x, self.weight, self.bias, offset, self.num_groups, self.eps, self.silu)[0]
+        # a scripted module (TorchScript, e.g. the bundle's ``ckpt_export``) keeps only the plain path
+        if not torch.jit.is_scripting() and self.uses_kernel(x):
+            return self._kernel_forward(x, offset)
         if offset is not None:
-            x = x + offset.reshape(*offset.shape, *(1,) * (x.ndim - 2))
+            for _ in range(x.ndim - 2):
+                offset = offset.unsqueeze(-1)
+            x = x + offset
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.silu else y
+
+    @torch.jit.unused
+    def _kernel_forward(self, x: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        return group_norm(x, self.weight, self.bias, offset, self.num_groups, self.eps, self.silu)[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, silu={self.silu}"
@@ -163,7 +169,7 @@ class SiLULinear(nn.Linear):
     """``nn.Linear`` applied to ``silu(x)``: a linear layer whose input activation was folded in (same state dict)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> SiLULinear:
+    def from_linear(cls, linear: nn.Linear) -> "SiLULinear":
         """A :py:class:`SiLULinear` that shares ``linear``'s parameters (no copy)."""
         fused = cls(linear.in_features, linear.out_features, bias=False, device="meta")
         fused.weight, fused.bias = linear.weight, linear.bias
@@ -186,7 +192,7 @@ class FusedResnetBlock(DiffusionUNetResnetBlock):
     """
 
     @classmethod
-    def from_block(cls, block: DiffusionUNetResnetBlock) -> FusedResnetBlock:
+    def from_block(cls, block: DiffusionUNetResnetBlock) -> "FusedResnetBlock":
         """``block`` itself, turned into a :py:class:`FusedResnetBlock` in place (its hooks and parameters kept)."""
         block.norm1 = FusedGroupNorm.from_group_norm(block.norm1, silu=True)
         block.norm2 = FusedGroupNorm.from_group_norm(block.norm2, silu=True)
