@@ -217,7 +217,10 @@ def test_inference_config_runs_from_inside_the_bundle_folder(bundle_beside_data,
 
 @pytest.mark.parametrize(
     "workflow_type, looked_for, key",
-    [("infer", "models/model.pt", "checkpoint"), ("train", "../data/synthetic_brats/datalist.json", "dataset_dir")],
+    [
+        ("infer", "../data/synthetic_brats/datalist.json", "dataset_dir"),
+        ("train", "../data/synthetic_brats/datalist.json", "dataset_dir"),
+    ],
 )
 def test_a_run_from_the_wrong_folder_names_the_path_and_the_key(
     bundle_beside_data, monkeypatch, workflow_type, looked_for, key

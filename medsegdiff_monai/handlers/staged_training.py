@@ -97,7 +97,9 @@ class StagedTraining:
             in_head = name.startswith("cls_head.")
             parameter.requires_grad_(stage.train == "all" or (stage.train == "cls_head") == in_head)
         trained = trained_log_sigmas(stage)
-        for task_name, parameter in unwrap_module(engine.loss_function).log_sigmas.items():
+        # a loss without uncertainty weighting has no log-sigmas
+        log_sigmas = getattr(unwrap_module(engine.loss_function), "log_sigmas", {})
+        for task_name, parameter in log_sigmas.items():
             parameter.requires_grad_(task_name in trained)
         for group in engine.optimizer.param_groups:
             group["lr"] = group["base_lr"] * (stage.lr_multiplier if group.get("follows_stage_lr", True) else 1.0)
