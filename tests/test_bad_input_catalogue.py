@@ -216,8 +216,9 @@ def label_value_1_4(w):
 
 
 def csv_missing(w):
+    # without a grade table a folder is segmentation-only; a grade table that is asked for must exist
     (w.data / "name_mapping.csv").unlink()
-    return check(w), 1, "name_mapping.csv not found"
+    return check(w, "--grades", str(w.data / "name_mapping.csv")), 1, "name_mapping.csv not found"
 
 
 def csv_without_grade_column(w):

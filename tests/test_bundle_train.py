@@ -134,3 +134,23 @@ def test_gpu_overlay_overrides_only_existing_keys():
     # docs/design.md rates for the real release: 1e-4, the grade stage at 10 x (the CPU demo: 1e-3 and 1 x)
     assert merged["lr"] == 1e-4 and base["lr"] == 1e-3
     assert [stage["lr_multiplier"] for stage in merged["stages"]] == [1.0, 10.0, 0.1]
+
+
+def test_training_without_grades_is_segmentation_only(tmp_path):
+    """A BraTS 2021 folder has no grade table: the bundle trains a network without the grade head, says so once, and
+    never reads a grade."""
+    from medsegdiff_monai.cli import main
+
+    data_dir = tmp_path / "brats2021"
+    synth = ["--out", str(data_dir), "--subjects", "4", "--shape", "32", "32", "16", "--layout", "brats2021"]
+    assert main(["synth", *synth, "--seed", "0", "--no-progress"]) == 0
+    datalist = data_dir / "datalist.json"
+    split = ["--data-dir", str(data_dir), "--val-fraction", "0.5", "--out", str(datalist), "--no-progress"]
+    assert main(["datalist", *split]) == 0
+    result = run(bundle_command(data_dir, datalist, tmp_path / "bundle_root", "--stages#0#epochs", "1"))
+    out = result.stdout + result.stderr
+    assert out.count("has no grades") == 1 and "training segmentation only" in out
+    assert "'classification'" not in out and "n_LGG=" not in out
+    state = torch.load(tmp_path / "bundle_root" / "runs" / "train" / "model.pt", weights_only=True)
+    assert state and not any(key.startswith(("cls_head.", "grade_calibration.")) for key in state)
+    assert len(read_metrics(tmp_path / "bundle_root")) == 2  # segmentation + joint, the grade stage left out
