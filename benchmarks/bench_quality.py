@@ -45,7 +45,6 @@ from bench_bundle_training import parse_overrides  # noqa: E402  (a sibling scri
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datalist, write_synthetic_brats
-from medsegdiff_monai.inferers import extract_network_state, run_evaluation
 from medsegdiff_monai.metrics import (
     BRATS_REGIONS,
     bootstrap_interval,
@@ -58,7 +57,8 @@ from medsegdiff_monai.metrics import (
     voxel_error_auroc,
     wrong_voxels,
 )
-from medsegdiff_monai.networks import logit
+from medsegdiff_monai.networks import extract_network_state, logit
+from medsegdiff_monai.workflows import run_evaluation
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 PLANS = ("multitask", "segonly", "naive")

@@ -27,7 +27,7 @@ from medsegdiff_monai import cli
 from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datalist, write_synthetic_brats
 from medsegdiff_monai.data.preflight import check_training_inputs, exit_on_bad_input
 from medsegdiff_monai.handlers import RUN_FILENAME, prepare_run_folder, run_fingerprint
-from medsegdiff_monai.inferers import check_inference_run
+from medsegdiff_monai.workflows import check_inference_run
 
 REPO = Path(__file__).resolve().parents[1]
 S1, S2, S3 = "BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"

@@ -20,8 +20,8 @@ from monai.apps.utils import HashCheckError
 from monai.bundle import ConfigParser, ConfigWorkflow, download_large_files, verify_metadata
 
 import medsegdiff_monai
-from medsegdiff_monai.inferers import load_exported_network, load_network_weights
-from medsegdiff_monai.networks import FusedGroupNorm, get_network
+from medsegdiff_monai.networks import FusedGroupNorm, get_network, load_network_weights
+from medsegdiff_monai.workflows import load_exported_network
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

@@ -15,8 +15,8 @@ from ignite.engine import Engine, Events
 from monai.utils import evenly_divisible_all_gather
 
 from medsegdiff_monai.handlers.checkpoint import validation_score
-from medsegdiff_monai.inferers.checkpoint import extract_network_state
 from medsegdiff_monai.networks.calibration import GradeCalibration, fit_platt_scaling
+from medsegdiff_monai.networks.checkpoint import extract_network_state
 
 __all__ = ["GradeCalibrationFit"]
 

@@ -15,7 +15,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader
 
 from medsegdiff_monai.handlers.run_state import prune_checkpoints
-from medsegdiff_monai.inferers.checkpoint import load_network_weights
+from medsegdiff_monai.networks.checkpoint import load_network_weights
 from medsegdiff_monai.utils import unwrap_module
 
 __all__ = [
@@ -197,7 +197,7 @@ class LoadNetworkWeights:
     """Load network weights before training starts, e.g. stage 1's ``model.pt`` for a run of stage 2 alone.
 
     Accepts a file of :class:`TrainingCheckpointSaver` (``{"network": ...}`` with or without other entries) or a
-    plain state dict (:func:`~medsegdiff_monai.inferers.load_network_weights` loads it at ``Events.STARTED``). Does
+    plain state dict (:func:`~medsegdiff_monai.networks.load_network_weights` loads it at ``Events.STARTED``). Does
     nothing when ``path`` is None, so a config can always attach it.
 
     Args:

@@ -1,22 +1,11 @@
-"""Diffusion sampling, whole-volume inference, subject-level grading, export and evaluation."""
+"""Diffusion sampling and whole-volume inference: the sampler, its schedulers and slice-by-slice volume sampling."""
 
-from medsegdiff_monai.inferers.checkpoint import extract_network_state, load_network_weights
-from medsegdiff_monai.inferers.evaluation import run_evaluation
-from medsegdiff_monai.inferers.export import (
-    ExportedDiffusionNetwork,
-    export_from_checkpoint,
-    export_network,
-    exported_program_paths,
-    load_exported_network,
-)
-from medsegdiff_monai.inferers.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
-from medsegdiff_monai.inferers.pipeline import (
-    BratsVolumeInferer,
-    SubjectOutput,
-    SubjectPrediction,
-    check_inference_run,
-    check_no_earlier_outputs,
-)
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
 from medsegdiff_monai.inferers.sampler import (
     SAMPLING_SCHEDULERS,
     DiffusionSampler,
@@ -26,46 +15,60 @@ from medsegdiff_monai.inferers.sampler import (
 )
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler
 from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
-from medsegdiff_monai.inferers.writers import (
-    label_overlay,
-    tumour_slice,
-    write_grades_csv,
-    write_nifti_like,
-    write_overlay_png,
-    write_png,
-)
 
 __all__ = [
     "SAMPLING_SCHEDULERS",
-    "BratsVolumeInferer",
     "DPMSolverMultistepScheduler",
     "DiffusionSampler",
-    "ExportedDiffusionNetwork",
     "SamplerOutput",
-    "SubjectOutput",
-    "SubjectPrediction",
     "VolumeOutput",
     "brain_slice_mask",
-    "check_inference_inputs",
-    "check_inference_run",
-    "check_no_earlier_outputs",
-    "collect_inference_inputs",
-    "export_from_checkpoint",
-    "export_network",
-    "exported_program_paths",
-    "extract_network_state",
-    "label_overlay",
-    "load_exported_network",
-    "load_network_weights",
     "make_sampling_scheduler",
     "repeat_condition",
-    "resolve_entries",
-    "run_evaluation",
     "sample_volume",
     "subject_p_hgg",
-    "tumour_slice",
-    "write_grades_csv",
-    "write_nifti_like",
-    "write_overlay_png",
-    "write_png",
 ]
+
+_MOVED = {
+    **dict.fromkeys(("extract_network_state", "load_network_weights"), "medsegdiff_monai.networks"),
+    **dict.fromkeys(
+        (
+            "BratsVolumeInferer",
+            "ExportedDiffusionNetwork",
+            "SubjectOutput",
+            "SubjectPrediction",
+            "check_inference_inputs",
+            "check_inference_run",
+            "check_no_earlier_outputs",
+            "collect_inference_inputs",
+            "export_from_checkpoint",
+            "export_network",
+            "exported_program_paths",
+            "label_overlay",
+            "load_exported_network",
+            "resolve_entries",
+            "run_evaluation",
+            "tumour_slice",
+            "write_grades_csv",
+            "write_nifti_like",
+            "write_overlay_png",
+            "write_png",
+        ),
+        "medsegdiff_monai.workflows",
+    ),
+}
+"""Names that moved out of this package, and the package that holds each now (old paths work for one release)."""
+
+
+def __getattr__(name: str) -> Any:
+    """Forward a name that moved to its new package, with a ``DeprecationWarning`` naming the new import path."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    package = _MOVED[name]
+    warnings.warn(
+        f"medsegdiff_monai.inferers.{name} moved to {package}.{name}; import it from {package} "
+        "(the old path will be removed in the next release).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(package), name)

@@ -233,7 +233,7 @@ def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> tuple[
         f.write("\n")
     reliability = result.summary.get("grade", {}).get("reliability")
     if reliability is not None:
-        from medsegdiff_monai.inferers.writers import write_png  # the inferers package imports this module
+        from medsegdiff_monai.workflows.writers import write_png  # the workflows package imports this module
 
         write_png(reliability_diagram(reliability), output_dir / RELIABILITY_PNG)
     return csv_path, json_path

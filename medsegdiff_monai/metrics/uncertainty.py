@@ -1,7 +1,7 @@
 """Does the uncertainty map point at the errors? Voxel error-detection AUROC and subject-level rank correlation.
 
 The uncertainty map is the per-voxel standard deviation of the diffusion ensemble's probabilities (see
-:class:`~medsegdiff_monai.inferers.BratsVolumeInferer`); these functions measure whether it is high where the label
+:class:`~medsegdiff_monai.workflows.BratsVolumeInferer`); these functions measure whether it is high where the label
 map is wrong (:func:`voxel_error_auroc`) and whether subjects with a high mean uncertainty are the badly segmented
 ones (:func:`spearman_correlation` of :func:`mean_uncertainty` with Dice).
 """

@@ -1,7 +1,8 @@
-"""Networks of medsegdiff_monai: the MedSegDiff-V2 diffusion UNet with a grade head, its blocks and presets."""
+"""Networks of medsegdiff_monai: the MedSegDiff-V2 diffusion UNet with a grade head, its blocks, presets, weights."""
 
 from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
 from medsegdiff_monai.networks.calibration import GradeCalibration, fit_platt_scaling, logit
+from medsegdiff_monai.networks.checkpoint import extract_network_state, load_network_weights
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
 from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
 from medsegdiff_monai.networks.fused_norm import (
@@ -34,9 +35,11 @@ __all__ = [
     "SeparableGaussianBlur",
     "SiLULinear",
     "SpectralCrossAttention",
+    "extract_network_state",
     "fit_platt_scaling",
     "fuse_group_norms",
     "get_network",
+    "load_network_weights",
     "logit",
     "replace_nearest_upsampling",
     "triton_available",

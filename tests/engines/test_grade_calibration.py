@@ -17,8 +17,8 @@ from sklearn.metrics import brier_score_loss
 
 from medsegdiff_monai.engines import DiffusionEvaluator
 from medsegdiff_monai.handlers import GradeCalibrationFit, validation_score
-from medsegdiff_monai.inferers import DiffusionSampler, load_network_weights, subject_p_hgg
-from medsegdiff_monai.networks import GradeCalibration, fit_platt_scaling, logit
+from medsegdiff_monai.inferers import DiffusionSampler, subject_p_hgg
+from medsegdiff_monai.networks import GradeCalibration, fit_platt_scaling, load_network_weights, logit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "networks"))
 from tiny_network import tiny_network  # noqa: E402

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from medsegdiff_monai.data import BratsDataError, write_synthetic_brats
-from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler, collect_inference_inputs, run_evaluation
+from medsegdiff_monai.inferers import DiffusionSampler
+from medsegdiff_monai.workflows import BratsVolumeInferer, collect_inference_inputs, run_evaluation
 
 SHAPE = (32, 32, 16)
 

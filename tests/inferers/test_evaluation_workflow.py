@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from medsegdiff_monai.data import load_brats_datalist
-from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler, run_evaluation
+from medsegdiff_monai.inferers import DiffusionSampler
+from medsegdiff_monai.workflows import BratsVolumeInferer, run_evaluation
 
 
 def test_evaluation_of_the_brain_oracle(brain_oracle, synthetic_datalist, tmp_path, capsys):

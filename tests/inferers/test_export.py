@@ -3,15 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medsegdiff_monai.inferers import (
-    DiffusionSampler,
-    export_from_checkpoint,
-    export_network,
-    extract_network_state,
-    load_exported_network,
-    load_network_weights,
-)
-from medsegdiff_monai.networks import get_network
+from medsegdiff_monai.inferers import DiffusionSampler
+from medsegdiff_monai.networks import extract_network_state, get_network, load_network_weights
+from medsegdiff_monai.workflows import export_from_checkpoint, export_network, load_exported_network
 
 TINY = {
     "channels": (8, 8, 16),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from medsegdiff_monai.data import BratsDataError, load_brats_datalist
-from medsegdiff_monai.inferers import BratsVolumeInferer, DiffusionSampler
+from medsegdiff_monai.inferers import DiffusionSampler
+from medsegdiff_monai.workflows import BratsVolumeInferer
 
 ROI = (64, 64)
 

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsegdiff_monai.inferers import label_overlay, tumour_slice, write_grades_csv, write_nifti_like, write_png
+from medsegdiff_monai.workflows import label_overlay, tumour_slice, write_grades_csv, write_nifti_like, write_png
 
 
 def _decode_png(data: bytes) -> np.ndarray:

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medsegdiff_monai.inferers.checkpoint import load_network_weights
 from medsegdiff_monai.networks import ConditionFeatures, get_network
+from medsegdiff_monai.networks.checkpoint import load_network_weights
 
 __all__ = [
     "ExportedDiffusionNetwork",
@@ -161,7 +161,7 @@ def export_from_checkpoint(
     """Build the network of ``preset`` (and ``network_kwargs``), load ``checkpoint`` and export it.
 
     Args:
-        checkpoint: trained weights (see :func:`~medsegdiff_monai.inferers.load_network_weights`).
+        checkpoint: trained weights (see :func:`~medsegdiff_monai.networks.load_network_weights`).
         directory: output folder of the programs.
         image_size: (H, W) of the exported slices.
         preset: network preset the checkpoint was trained with.

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medsegdiff_monai.data import convert_label_convention, release_of_file
-from medsegdiff_monai.inferers.inputs import InputSource, check_inference_inputs, resolve_entries
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
-from medsegdiff_monai.inferers.writers import write_grades_csv, write_nifti_like, write_overlay_png
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
+from medsegdiff_monai.workflows.inputs import InputSource, check_inference_inputs, resolve_entries
+from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like, write_overlay_png
 
 __all__ = [
     "BratsVolumeInferer",
@@ -179,7 +179,7 @@ class BratsVolumeInferer:
 
     Args:
         network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithClsHead`` or
-            :class:`~medsegdiff_monai.inferers.ExportedDiffusionNetwork`.
+            :class:`~medsegdiff_monai.workflows.ExportedDiffusionNetwork`.
         sampler: the diffusion sampler (steps, scheduler, ensemble size, seed).
         roi_size: in-plane size of the transforms (the training ``roi_size``).
         slice_batch_size: slices sampled together (times ``ensemble_size`` network inputs per step).
@@ -286,7 +286,7 @@ class BratsVolumeInferer:
 
         Args:
             source: a BraTS folder, a datalist JSON, four modality files (see
-                :func:`~medsegdiff_monai.inferers.collect_inference_inputs`), or a list of subject entries.
+                :func:`~medsegdiff_monai.workflows.collect_inference_inputs`), or a list of subject entries.
             output_dir: output folder (created if needed; files of the same names are replaced).
             datalist_key: list of a datalist to run on.
             data_dir: data root of a datalist's relative paths (default: the JSON's folder).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medsegdiff_monai.inferers.inputs import InputSource, resolve_entries
-from medsegdiff_monai.inferers.pipeline import BratsVolumeInferer
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
+from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
+from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer
 
 __all__ = ["run_evaluation"]
 

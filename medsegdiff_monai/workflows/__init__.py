@@ -1,0 +1,49 @@
+"""Workflows around the inferers: input resolution, whole-subject inference with file outputs, evaluation, export."""
+
+from medsegdiff_monai.workflows.evaluation import run_evaluation
+from medsegdiff_monai.workflows.export import (
+    ExportedDiffusionNetwork,
+    export_from_checkpoint,
+    export_network,
+    exported_program_paths,
+    load_exported_network,
+)
+from medsegdiff_monai.workflows.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
+from medsegdiff_monai.workflows.pipeline import (
+    BratsVolumeInferer,
+    SubjectOutput,
+    SubjectPrediction,
+    check_inference_run,
+    check_no_earlier_outputs,
+)
+from medsegdiff_monai.workflows.writers import (
+    label_overlay,
+    tumour_slice,
+    write_grades_csv,
+    write_nifti_like,
+    write_overlay_png,
+    write_png,
+)
+
+__all__ = [
+    "BratsVolumeInferer",
+    "ExportedDiffusionNetwork",
+    "SubjectOutput",
+    "SubjectPrediction",
+    "check_inference_inputs",
+    "check_inference_run",
+    "check_no_earlier_outputs",
+    "collect_inference_inputs",
+    "export_from_checkpoint",
+    "export_network",
+    "exported_program_paths",
+    "label_overlay",
+    "load_exported_network",
+    "resolve_entries",
+    "run_evaluation",
+    "tumour_slice",
+    "write_grades_csv",
+    "write_nifti_like",
+    "write_overlay_png",
+    "write_png",
+]
