@@ -31,6 +31,7 @@ __all__ = [
 
 _MOVED = {
     **dict.fromkeys(("extract_network_state", "load_network_weights"), "medsegdiff_monai.networks"),
+    **dict.fromkeys(("label_overlay", "tumour_slice", "write_overlay_png", "write_png"), "medsegdiff_monai.visualize"),
     **dict.fromkeys(
         (
             "BratsVolumeInferer",
@@ -44,15 +45,11 @@ _MOVED = {
             "export_from_checkpoint",
             "export_network",
             "exported_program_paths",
-            "label_overlay",
             "load_exported_network",
             "resolve_entries",
             "run_evaluation",
-            "tumour_slice",
             "write_grades_csv",
             "write_nifti_like",
-            "write_overlay_png",
-            "write_png",
         ),
         "medsegdiff_monai.workflows",
     ),

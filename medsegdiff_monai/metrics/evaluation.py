@@ -21,6 +21,7 @@ from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, 
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
+from medsegdiff_monai.visualize import write_png
 
 __all__ = ["EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
 
@@ -233,7 +234,5 @@ def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> tuple[
         f.write("\n")
     reliability = result.summary.get("grade", {}).get("reliability")
     if reliability is not None:
-        from medsegdiff_monai.workflows.writers import write_png  # the workflows package imports this module
-
         write_png(reliability_diagram(reliability), output_dir / RELIABILITY_PNG)
     return csv_path, json_path

@@ -16,14 +16,7 @@ from medsegdiff_monai.workflows.pipeline import (
     check_inference_run,
     check_no_earlier_outputs,
 )
-from medsegdiff_monai.workflows.writers import (
-    label_overlay,
-    tumour_slice,
-    write_grades_csv,
-    write_nifti_like,
-    write_overlay_png,
-    write_png,
-)
+from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like
 
 __all__ = [
     "BratsVolumeInferer",
@@ -37,13 +30,9 @@ __all__ = [
     "export_from_checkpoint",
     "export_network",
     "exported_program_paths",
-    "label_overlay",
     "load_exported_network",
     "resolve_entries",
     "run_evaluation",
-    "tumour_slice",
     "write_grades_csv",
     "write_nifti_like",
-    "write_overlay_png",
-    "write_png",
 ]

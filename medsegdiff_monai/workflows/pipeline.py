@@ -24,8 +24,9 @@ from medsegdiff_monai.data import convert_label_convention, release_of_file
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
+from medsegdiff_monai.visualize import write_overlay_png
 from medsegdiff_monai.workflows.inputs import InputSource, check_inference_inputs, resolve_entries
-from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like, write_overlay_png
+from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like
 
 __all__ = [
     "BratsVolumeInferer",

@@ -6,6 +6,7 @@ import pytest
 
 import medsegdiff_monai.inferers as inferers
 import medsegdiff_monai.networks as networks
+import medsegdiff_monai.visualize as visualize
 import medsegdiff_monai.workflows as workflows
 
 
@@ -21,7 +22,8 @@ import medsegdiff_monai.workflows as workflows
         ("resolve_entries", workflows),
         ("BratsVolumeInferer", workflows),
         ("check_inference_run", workflows),
-        ("write_png", workflows),
+        ("write_png", visualize),
+        ("label_overlay", visualize),
         ("load_network_weights", networks),
         ("extract_network_state", networks),
     ],

@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsegdiff_monai.workflows import label_overlay, tumour_slice, write_grades_csv, write_nifti_like, write_png
+from medsegdiff_monai.visualize import label_overlay, tumour_slice, write_png
+from medsegdiff_monai.workflows import write_grades_csv, write_nifti_like
 
 
 def _decode_png(data: bytes) -> np.ndarray:
