@@ -55,7 +55,9 @@ def parse_args() -> argparse.Namespace:
         help="the evaluation configs (evaluate.json read on top of train.json)",
     )
     parser.add_argument("--bundle-root", default="bundle", help="the bundle folder (its models/model.pt is evaluated)")
-    parser.add_argument("--samplers", nargs="+", default=["dpmpp_2m:8", "ddpm:1000"], help="see above; last = reference")
+    parser.add_argument(
+        "--samplers", nargs="+", default=["dpmpp_2m:8", "ddpm:1000"], help="see above; last = reference"
+    )
     parser.add_argument(
         "--reference", nargs="*", default=[], help="agreement.json files of earlier runs: samplers reused, not run"
     )
