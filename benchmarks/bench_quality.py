@@ -199,10 +199,10 @@ def train(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, p
 def evaluate(
     args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, plan_dir: Path, key: str, overrides: dict
 ) -> list[dict[str, Any]]:
-    """Run ``evaluate.json`` on one split; per subject: Dice per region, grade, uncalibrated p(HGG) (the network's
-    calibration set to the identity), and the uncertainty figures."""
+    """Run ``evaluate.json`` (read over ``train.json``) on one split; per subject: Dice per region, grade,
+    uncalibrated p(HGG) (the network's calibration set to the identity), and the uncertainty figures."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE_CONFIGS / "evaluate.json"))
+    parser.read_config([str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "evaluate.json")])
     parser.update(
         {
             "dataset_dir": str(data_dir),
@@ -227,7 +227,7 @@ def evaluate(
     result = run_evaluation(
         evaluator, str(datalist), output_dir, datalist_key=key, data_dir=data_dir, include_hd95=False, print_table=False
     )
-    entries = parser.get_parsed_content("dataset#data")
+    entries = parser.get_parsed_content("validate#dataset#data")
     rows = []
     for row, entry in zip(result.rows, entries, strict=True):
         subject = row["subject_id"]
