@@ -239,3 +239,19 @@ def test_a_run_from_the_wrong_folder_names_the_path_and_the_key(
     assert str(cause).startswith(f"{(bundle_beside_data / looked_for).resolve()} does not exist")
     assert "--bundle_root" in str(cause) and f"--{key}" in str(cause)
     assert not (bundle_beside_data / "runs").exists()
+
+
+def test_evaluation_overlay_runs_from_the_command_line_and_refuses_to_overwrite(bundle_beside_data):
+    """``monai.bundle run`` of ``evaluate.json`` over ``train.json`` in a fresh process (only the configs' own imports
+    are loaded), then a second run into the same folder: refused without ``--overwrite true``."""
+    configs = "['configs/train.json','configs/evaluate.json']"
+    command = ["run", "--config_file", configs, "--num_eval_cases", "1"]
+    first = _bundle_run(bundle_beside_data / "bundle", *command)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = bundle_beside_data / "bundle" / "runs" / "evaluate"
+    summary = out / "summary.json"
+    assert summary.is_file() and (out / "metrics_per_subject.csv").is_file()
+    written = summary.read_bytes()
+    second = _bundle_run(bundle_beside_data / "bundle", *command)
+    assert second.returncode == 1 and "already holds outputs" in second.stderr
+    assert summary.read_bytes() == written
