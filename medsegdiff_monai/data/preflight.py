@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems
-from medsegdiff_monai.data.layout import MODALITIES, BratsSubject
+from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, release_of_file
 from medsegdiff_monai.data.validation import BratsDataError, check_subject_volumes
 
 __all__ = [
     "INPUT_ERRORS",
     "check_roi_size",
     "check_subject_entries",
+    "check_subject_files",
     "check_training_inputs",
     "exit_on_bad_input",
     "read_datalist_json",
@@ -80,6 +82,50 @@ def read_datalist_json(path: str | Path, data_dir: str | Path | None = None) -> 
     return content
 
 
+def check_subject_files(
+    subject_id: str,
+    images: Sequence[str | Path],
+    label: str | Path | None = None,
+    voxels: str = "all",
+    allow_empty_modality: bool = False,
+) -> list[str]:
+    """Problems of one subject's files, in the release their names follow (labels {0, 1, 2, 4} or {0, 1, 2, 3}).
+
+    Checks the modality order by file name and that every file exists; then the headers (readable 3D NIfTI, one
+    shape and affine), the voxel data (readable, finite, label values of the release) of ``voxels``: ``"all"``
+    files, the ``"label"`` alone (the cost of a headers-only check plus one label read) or ``"none"``; and, unless
+    ``allow_empty_modality``, that no modality is all zero or constant.
+
+    Args:
+        subject_id: the subject, named in every message.
+        images: the four modality files in t1, t1ce, t2, flair order.
+        label: the segmentation file, or None.
+        voxels: which files' voxel data to read: ``"all"``, ``"label"`` or ``"none"``.
+        allow_empty_modality: an empty or constant modality is not a problem.
+
+    Returns:
+        one message per problem, each naming the subject and the file.
+    """
+    if voxels not in ("all", "label", "none"):
+        raise ValueError(f"voxels must be 'all', 'label' or 'none', got {voxels!r}.")
+    paths = [Path(p) for p in images]
+    label_path = Path(label) if label else None
+    problems = modality_order_problems(subject_id, images)
+    problems.extend(
+        f"subject {subject_id}: file {p} does not exist." for p in [*paths, label_path] if p and not p.is_file()
+    )
+    if problems:
+        return problems
+    release = release_of_file(paths[0]) or "brats2020"
+    subject = BratsSubject(subject_id, images=tuple(paths), label=label_path, release=release)
+    found = check_subject_volumes(subject, check_voxels=voxels == "all")
+    if not found and voxels == "label" and label_path is not None:
+        found = check_subject_volumes(replace(subject, images=()), check_voxels=True)
+    if not found and not allow_empty_modality:
+        found = [m for p in paths if (m := empty_modality_problem(subject_id, p)) is not None]
+    return found
+
+
 def check_subject_entries(
     entries: Sequence[Mapping[str, Any]],
     where: str,
@@ -126,25 +172,14 @@ def check_subject_entries(
                 f"subject {subject_id} ({where}[{index}]): 'grade' must be 0 (LGG) or 1 (HGG), got "
                 f"{entry.get('grade')!r}; write the datalist again with `medsegdiff-monai datalist`."
             )
-        order = modality_order_problems(subject_id, images)
-        if order:
-            problems.extend(order)
-            continue
         paths = [root / p if root is not None else Path(p) for p in images]
         label = entry.get("label")
         label_path = (root / label if root is not None else Path(label)) if label else None
-        missing = [p for p in [*paths, label_path] if p is not None and not p.is_file()]
-        if missing:
-            problems.extend(f"subject {subject_id}: file {p} does not exist." for p in missing)
-            continue
-        subject = BratsSubject(subject_id=subject_id, images=tuple(paths), label=label_path)
-        found = check_subject_volumes(subject, check_voxels=False)
-        if not found and label_path is not None:
-            labelled = BratsSubject(subject_id=subject_id, images=(), label=label_path)
-            found = check_subject_volumes(labelled, check_voxels=True)
-        if not found and not allow_empty_modality:
-            found = [m for p in paths if (m := empty_modality_problem(subject_id, p)) is not None]
-        problems.extend(found)
+        problems.extend(
+            check_subject_files(
+                subject_id, paths, label_path, voxels="label", allow_empty_modality=allow_empty_modality
+            )
+        )
     return problems
 
 

@@ -12,17 +12,15 @@ from medsegdiff_monai.data import (
     NAME_MAPPING_FILENAME,
     BratsDataError,
     BratsSubject,
-    check_subject_volumes,
     list_subject_dirs,
     load_brats_datalist,
     locate_subject_files,
     mixed_release_problems,
     parse_name_mapping,
-    release_of_file,
 )
-from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems, split_subject_dirs
+from medsegdiff_monai.data.input_checks import split_subject_dirs
 from medsegdiff_monai.data.layout import is_nifti
-from medsegdiff_monai.data.preflight import read_datalist_json
+from medsegdiff_monai.data.preflight import check_subject_files, read_datalist_json
 from medsegdiff_monai.transforms import subject_id_from_path
 
 __all__ = ["check_inference_inputs", "collect_inference_inputs", "resolve_entries"]
@@ -143,21 +141,15 @@ def check_inference_inputs(
     """
     problems: list[str] = []
     for entry in entries:
-        subject_id = str(entry.get("subject_id", "?"))
-        files = [Path(p) for p in entry["image"]] + ([Path(entry["label"])] if entry.get("label") else [])
-        order = modality_order_problems(subject_id, entry["image"])
-        missing = [p for p in files if not p.is_file()]
-        if order or missing:
-            problems.extend(order)
-            problems.extend(f"subject {subject_id}: file {p} does not exist." for p in missing)
-            continue
-        label = Path(entry["label"]) if entry.get("label") else None
-        release = release_of_file(files[0]) or "brats2020"
-        subject = BratsSubject(subject_id, images=tuple(files[: len(MODALITIES)]), label=label, release=release)
-        found = check_subject_volumes(subject, check_voxels=check_voxels)
-        if not found and not allow_empty_modality:
-            found = [m for p in subject.images if (m := empty_modality_problem(subject_id, p)) is not None]
-        problems.extend(found)
+        problems.extend(
+            check_subject_files(
+                str(entry.get("subject_id", "?")),
+                entry["image"],
+                entry.get("label"),
+                voxels="all" if check_voxels else "none",
+                allow_empty_modality=allow_empty_modality,
+            )
+        )
     if problems:
         raise BratsDataError(problems)
 

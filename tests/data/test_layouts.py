@@ -198,3 +198,24 @@ def test_training_targets_of_brats2023_equal_those_of_brats2020(layouts):
     assert new["label"].shape[0] == 3 and new["label"][2].sum() > 0  # ET (label 3 on disk) is kept
     assert torch.equal(new["label"].as_tensor(), old["label"].as_tensor())
     assert torch.equal(new["image"].as_tensor(), old["image"].as_tensor())
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
+def test_training_input_check_reads_labels_in_the_release_of_the_file_names(layouts, layout, tmp_path):
+    """The check before the cache fill accepts each release's own label set (ET = 3 in BraTS 2023 names) and still
+    refuses ET = 3 in a file named as BraTS 2018-2022."""
+    from medsegdiff_monai.data import BratsDataError, check_training_inputs
+
+    folder = _copy(layouts, layout, tmp_path)
+    datalist = folder / "datalist.json"
+    split = ["--data-dir", str(folder), "--val-fraction", "0.34", "--out", str(datalist), "--no-progress"]
+    assert main(["datalist", *split]) == 0
+    check_training_inputs(datalist, folder, [16, 16], 8, require_grade=False, progress=False)
+    if layout == "brats2021":  # a 2021 name with a label 3 voxel: the wrong release's label set
+        label = next(folder.glob("*/*_seg.nii.gz"))
+        image = nib.load(str(label))
+        voxels = np.asarray(image.dataobj).copy()
+        voxels[voxels == 4] = 3
+        nib.save(nib.Nifti1Image(voxels, image.affine, image.header), str(label))
+        with pytest.raises(BratsDataError, match=r"values \[3\]"):
+            check_training_inputs(datalist, folder, [16, 16], 8, require_grade=False, progress=False)
