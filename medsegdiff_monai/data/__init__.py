@@ -22,6 +22,7 @@ from medsegdiff_monai.data.layout import (
     BratsSubject,
     convert_label_convention,
     label_convention,
+    modality_of_file,
     release_of_file,
 )
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
@@ -98,6 +99,7 @@ __all__ = [
     "read_brats_folder",
     "read_datalist_json",
     "read_name_mapping",
+    "modality_of_file",
     "release_of_file",
     "stratified_split",
     "subject_entry",

@@ -72,13 +72,21 @@ def nifti_stem(path: Path) -> str:
     return name
 
 
-def release_of_file(path: str | Path) -> str | None:
-    """Release whose modality naming the file name follows (``"brats2020"`` / ``"brats2023"``), or ``None``."""
+def modality_of_file(path: str | Path) -> tuple[str, str] | None:
+    """``(release, modality)`` of a modality file name in either release's naming (``..._t1ce.nii.gz`` ->
+    ``("brats2020", "t1ce")``, ``...-t1c.nii.gz`` -> ``("brats2023", "t1ce")``), or ``None`` for another name."""
     stem = nifti_stem(Path(path)).lower()
     for release, suffixes in MODALITY_FILE_SUFFIXES.items():
-        if stem.endswith(suffixes):
-            return release
+        for modality, suffix in zip(MODALITIES, suffixes, strict=True):
+            if stem.endswith(suffix):
+                return release, modality
     return None
+
+
+def release_of_file(path: str | Path) -> str | None:
+    """Release whose modality naming the file name follows (``"brats2020"`` / ``"brats2023"``), or ``None``."""
+    found = modality_of_file(path)
+    return found[0] if found is not None else None
 
 
 def label_convention(values: Iterable[int], source: str | Path) -> str | None:

@@ -14,6 +14,7 @@ from medsegdiff_monai.data.layout import (
     BratsSubject,
     is_label_name,
     is_nifti,
+    modality_of_file,
     nifti_stem,
 )
 
@@ -53,16 +54,6 @@ def list_subject_dirs(data_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
-def _modality_of(path: Path) -> tuple[str, str] | None:
-    """(release, modality) of a modality file name, or ``None``."""
-    stem = nifti_stem(path).lower()
-    for release, suffixes in MODALITY_FILE_SUFFIXES.items():
-        for modality, suffix in zip(MODALITIES, suffixes, strict=True):
-            if stem.endswith(suffix):
-                return release, modality
-    return None
-
-
 def _expected_name(subject_id: str, modality: str, release: str | None) -> str:
     index = MODALITIES.index(modality)
     releases = RELEASES if release is None else (release,)
@@ -93,7 +84,7 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
     problems: list[str] = []
     notes: list[str] = []
 
-    modality_files = {p: found for p in niftis if (found := _modality_of(p)) is not None}
+    modality_files = {p: found for p in niftis if (found := modality_of_file(p)) is not None}
     releases = sorted({release for release, _ in modality_files.values()})
     if len(releases) > 1:
         examples = "; ".join(
