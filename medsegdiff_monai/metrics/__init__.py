@@ -19,7 +19,6 @@ from medsegdiff_monai.metrics.segmentation import (
     segmentation_metrics,
 )
 from medsegdiff_monai.metrics.uncertainty import (
-    average_ranks,
     mean_uncertainty,
     spearman_correlation,
     tumour_neighbourhood,
@@ -34,7 +33,6 @@ __all__ = [
     "LESION_MISS_HD95",
     "LESION_WISE_PARAMETERS",
     "EvaluationResult",
-    "average_ranks",
     "bootstrap_interval",
     "brier_score",
     "evaluate_subjects",

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 __all__ = [
-    "average_ranks",
     "mean_uncertainty",
     "spearman_correlation",
     "tumour_neighbourhood",
@@ -26,23 +26,9 @@ __all__ = [
 ]
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of a 1-d array, tied values sharing the mean of their ranks (midranks)."""
-    values = np.asarray(values).reshape(-1)
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    # start of each run of equal values in sorted order, and the mean rank of the run
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], ordered.size]
-    run_ranks = (starts + ends + 1) / 2.0
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.repeat(run_ranks, ends - starts)
-    return ranks
-
-
 def voxel_error_auroc(uncertainty: np.ndarray, wrong: np.ndarray) -> float:
     """
-    AUROC of the uncertainty as a detector of wrong voxels (Mann-Whitney U over midranks; ties count one half).
+    AUROC of the uncertainty as a detector of wrong voxels (scikit-learn's ``roc_auc_score``; ties count one half).
 
     0.5 is chance; 1.0 means every wrong voxel is more uncertain than every right one.
 
@@ -57,12 +43,9 @@ def voxel_error_auroc(uncertainty: np.ndarray, wrong: np.ndarray) -> float:
     positive = np.asarray(wrong, dtype=bool).reshape(-1)
     if scores.shape != positive.shape:
         raise ValueError(f"uncertainty and wrong must have the same size, got {scores.size} and {positive.size}.")
-    n_wrong = int(positive.sum())
-    n_right = positive.size - n_wrong
-    if n_wrong == 0 or n_right == 0:
+    if positive.all() or not positive.any():
         return math.nan
-    rank_sum = average_ranks(scores)[positive].sum()
-    return float((rank_sum - n_wrong * (n_wrong + 1) / 2.0) / (n_wrong * n_right))
+    return float(roc_auc_score(positive, scores))
 
 
 def wrong_voxels(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -5,20 +5,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medsegdiff_monai.metrics import (
-    average_ranks,
     mean_uncertainty,
     spearman_correlation,
     tumour_neighbourhood,
     voxel_error_auroc,
     wrong_voxels,
 )
-
-
-def test_average_ranks_by_hand():
-    # sorted: 0.1 (rank 1), 0.3 0.3 (ranks 2, 3 -> 2.5), 0.7 (4), 0.9 0.9 0.9 (5, 6, 7 -> 6)
-    np.testing.assert_array_equal(
-        average_ranks(np.array([0.9, 0.3, 0.1, 0.9, 0.7, 0.3, 0.9])), [6, 2.5, 1, 6, 4, 2.5, 6]
-    )
 
 
 def test_auroc_by_hand_with_ties():
