@@ -24,11 +24,8 @@ def logit(p: float | torch.Tensor) -> float | torch.Tensor:
     Returns:
         the log-odds, of the type given (a tensor comes back in float64).
     """
-    if isinstance(p, torch.Tensor):
-        q = p.double().clamp(_LOGIT_EPS, 1.0 - _LOGIT_EPS)
-        return torch.log(q) - torch.log1p(-q)
-    q = min(max(float(p), _LOGIT_EPS), 1.0 - _LOGIT_EPS)
-    return math.log(q) - math.log1p(-q)
+    log_odds = torch.logit(torch.as_tensor(p, dtype=torch.float64), eps=_LOGIT_EPS)
+    return log_odds if isinstance(p, torch.Tensor) else float(log_odds)
 
 
 class GradeCalibration(nn.Module):
