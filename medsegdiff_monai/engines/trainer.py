@@ -52,20 +52,28 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
 
     Batch keys: ``"image"`` (B, 4, H, W), ``"label"`` (B, C_mask, H, W) regions in {0, 1}, ``"mask"`` (B, C_mask,
     H, W) in [-1, 1] (``2 * label - 1`` when absent), ``"grade"`` (B,) 0 = LGG, 1 = HGG (optional). ``targets`` is
-    ``{"label": float label, "grade": long (B,) grade or None}``.
+    ``{"label": float label, "grade": long (B,) grade or None, "grade_weight": float (B,) or None}``.
 
     Args:
         noise_scheduler: the MONAI scheduler of training (``num_train_timesteps``, ``add_noise``).
         memory_format: memory format of the image and the noisy mask (``torch.channels_last`` for a channels-last
             network).
+        grade_tumour_slices_only: weight the grade loss by ``grade_weight`` = 1 on slices whose label holds tumour
+            (any region) and 0 on the others. A subject's grade is read from the slices where tumour is found
+            (:func:`~medsegdiff_monai.inferers.subject_p_hgg`), and a slice without tumour carries no evidence of
+            it, so the head learns on the slices it is read on. False: every slice counts (``grade_weight`` None).
     """
 
     def __init__(
-        self, noise_scheduler: Scheduler, memory_format: torch.memory_format = torch.contiguous_format
+        self,
+        noise_scheduler: Scheduler,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        grade_tumour_slices_only: bool = True,
     ) -> None:
         super().__init__(num_train_timesteps=noise_scheduler.num_train_timesteps, condition_name="image")
         self.noise_scheduler = noise_scheduler
         self.memory_format = memory_format
+        self.grade_tumour_slices_only = grade_tumour_slices_only
 
     def __call__(
         self,
@@ -87,7 +95,10 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
         timesteps = self.get_timesteps(mask)
         noise = self.get_noise(mask)
         noisy_mask = self.noise_scheduler.add_noise(original_samples=mask, noise=noise, timesteps=timesteps)
-        targets = {"label": label, "grade": grade}
+        grade_weight = None
+        if grade is not None and self.grade_tumour_slices_only:
+            grade_weight = (label.flatten(1).amax(dim=1) > 0).float()
+        targets = {"label": label, "grade": grade, "grade_weight": grade_weight}
         return noisy_mask.to(memory_format=self.memory_format), targets, (timesteps, image), {}
 
 
@@ -124,7 +135,8 @@ class DiffusionTrainer(SupervisedTrainer):
         optimizer: built over the network and ``loss_function`` parameters.
         loss_function: the :class:`~medsegdiff_monai.losses.UncertaintyWeightedLoss` holding the log-sigmas.
         seg_loss: ``seg_loss(seg_logits, label, calib_map) -> Tensor``.
-        cls_loss: ``cls_loss(cls_logits, grade) -> Tensor``, or None for a segmentation-only network.
+        cls_loss: ``cls_loss(cls_logits, grade, sample_weight) -> Tensor`` (``sample_weight`` the targets'
+            ``"grade_weight"``, possibly None), or None for a segmentation-only network.
         noise_scheduler: MONAI DDPM scheduler used to noise the mask (``prediction_type="sample"``).
         stage: the initial stage; :class:`~medsegdiff_monai.handlers.StagedTraining` replaces it per epoch. None means
             everything trains with all available losses under uncertainty weighting.
@@ -133,6 +145,8 @@ class DiffusionTrainer(SupervisedTrainer):
         channels_last: convert 4D inputs to channels-last memory format (pair with a channels-last network).
         non_blocking: copy batches to the device asynchronously (pair with a ``pin_memory=True`` loader): a blocking
             copy waits for the previous step's GPU work.
+        grade_tumour_slices_only: the grade loss on tumour-bearing slices only (see :class:`NoisyMaskPrepareBatch`);
+            used when ``prepare_batch`` is None.
         prepare_batch: MONAI prepare-batch callable returning ``(inputs, targets, args, kwargs)`` as
             :class:`NoisyMaskPrepareBatch` does (``targets`` a dict of ``"label"`` and ``"grade"``, ``args`` the
             timesteps and the image); None builds :class:`NoisyMaskPrepareBatch` over ``noise_scheduler``
@@ -157,6 +171,7 @@ class DiffusionTrainer(SupervisedTrainer):
         grad_clip_norm: float | None = 1.0,
         channels_last: bool = False,
         non_blocking: bool = True,
+        grade_tumour_slices_only: bool = True,
         prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
@@ -173,7 +188,8 @@ class DiffusionTrainer(SupervisedTrainer):
             optim_set_to_none=True,
             decollate=False,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch or NoisyMaskPrepareBatch(noise_scheduler, memory_format=memory_format),
+            prepare_batch=prepare_batch
+            or NoisyMaskPrepareBatch(noise_scheduler, memory_format, grade_tumour_slices_only=grade_tumour_slices_only),
             event_names=[NonFiniteLossEvents, *(kwargs.pop("event_names", None) or [])],
             **kwargs,
         )
@@ -270,7 +286,7 @@ class DiffusionTrainer(SupervisedTrainer):
             cls_logits = self.unwrapped_network.encode_condition(image).cls_logits
             self.state.output[Keys.PRED] = (None, cls_logits, None)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
-            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"])
+            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"], targets.get("grade_weight"))
             return losses
         seg_logits, cls_logits, calib_map = self.state.output[Keys.PRED] = self.inferer(
             inputs, self.network, *args, **kwargs
@@ -279,7 +295,7 @@ class DiffusionTrainer(SupervisedTrainer):
         if use_seg:
             losses["seg"] = self.seg_loss(seg_logits.float(), targets["label"], calib_map.float())
         if use_cls:
-            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"])
+            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"], targets.get("grade_weight"))
         return losses
 
     def _iteration(self, engine: DiffusionTrainer, batchdata: dict) -> dict:

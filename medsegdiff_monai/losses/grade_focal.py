@@ -49,11 +49,16 @@ class GradeFocalLoss(_Loss):
         self.alpha_weights: torch.Tensor | None
         self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=gamma, reduction="none")
 
-    def forward(self, cls_logits: torch.Tensor, grade: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, cls_logits: torch.Tensor, grade: torch.Tensor, sample_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             cls_logits: grade logits (B, num_classes).
             grade: integer class per sample (B,), values in [0, num_classes).
+            sample_weight: optional (B,) weights >= 0 (for example 1 on tumour-bearing slices, 0 elsewhere). The
+                loss is then ``sum_b w_b * l_b / max(sum_b w_b, 1)``: the mean over the weighted samples, and 0 (with
+                zero gradients) for a batch whose weights are all 0.
 
         Returns:
             scalar loss.
@@ -73,4 +78,12 @@ class GradeFocalLoss(_Loss):
             if self.alpha_weights.device != cls_logits.device:  # once, for a loss module left on the CPU
                 self.alpha_weights = self.alpha_weights.to(cls_logits.device)
             per_sample = per_sample * self.alpha_weights[grade]
-        return per_sample.mean()
+        if sample_weight is None:
+            return per_sample.mean()
+        if sample_weight.shape != per_sample.shape:
+            raise ValueError(
+                f"GradeFocalLoss expects sample_weight of shape {tuple(per_sample.shape)} (B,), got "
+                f"{tuple(sample_weight.shape)}."
+            )
+        sample_weight = sample_weight.to(per_sample.dtype)
+        return (per_sample * sample_weight).sum() / sample_weight.sum().clamp(min=1.0)

@@ -299,6 +299,19 @@ def test_prepare_batch_noises_the_mask_as_ddpm_defines():
     assert targets["grade"].dtype == torch.long
 
 
+def test_prepare_batch_weights_the_grade_on_tumour_bearing_slices():
+    """grade_weight is 1 where any label region holds a voxel, 0 on a tumour-free slice; None when switched off."""
+    batch = make_batches(count=1)[0]
+    batch["label"] = batch["label"].clone()
+    batch["label"][:] = 0
+    batch["label"][0, 2, 3, 5] = 1  # one voxel of one region on slice 0, nothing on slice 1
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    _, targets, _, _ = NoisyMaskPrepareBatch(scheduler)(batch, "cpu")
+    assert targets["grade_weight"].tolist() == [1.0, 0.0]
+    _, targets, _, _ = NoisyMaskPrepareBatch(scheduler, grade_tumour_slices_only=False)(batch, "cpu")
+    assert targets["grade_weight"] is None
+
+
 def test_initial_weights_load_before_the_first_step(tmp_path):
     """LoadNetworkWeights reads a multi-entry checkpoint of a compiled network into the trainer's network."""
     torch.manual_seed(1)

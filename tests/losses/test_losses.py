@@ -97,6 +97,27 @@ def test_grade_focal_loss_hand_formula_and_monai_and_sklearn():
     assert weighted.item() == pytest.approx(sk, rel=1e-5)
 
 
+def test_grade_focal_loss_sample_weight_is_the_mean_over_weighted_samples():
+    """0/1 weights: the loss of the kept samples alone (sklearn's log loss at gamma 0); all zero: 0 and no gradient."""
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, 2, generator=generator) * 2).requires_grad_()
+    grade = torch.tensor([0, 1, 1, 0, 1, 1])
+    kept = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    got = GradeFocalLoss(alpha=None, gamma=0.0)(logits, grade, kept)
+    rows = kept.bool().numpy()
+    p = torch.softmax(logits.detach().double(), dim=1).numpy()
+    assert got.item() == pytest.approx(log_loss(grade.numpy()[rows], p[rows], labels=[0, 1]), rel=1e-5)
+    focal = GradeFocalLoss(alpha=(2.0, 0.5), gamma=2.0)
+    assert focal(logits, grade, kept).item() == pytest.approx(
+        focal(logits[kept.bool()], grade[kept.bool()]).item(), rel=1e-6
+    )
+    none_kept = focal(logits, grade, torch.zeros(6))
+    none_kept.backward()
+    assert none_kept.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+    with pytest.raises(ValueError, match="sample_weight"):
+        focal(logits, grade, torch.ones(6, 1))
+
+
 def test_grade_focal_loss_input_checks():
     loss = GradeFocalLoss(alpha=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="3 alpha weights"):
