@@ -12,7 +12,7 @@ from medsegdiff_monai.networks.fused_norm import (
     fuse_group_norms,
     triton_available,
 )
-from medsegdiff_monai.networks.grade_head import GradeHead
+from medsegdiff_monai.networks.grade_head import GradeHead, RunningStandardization
 from medsegdiff_monai.networks.inferer_adapter import DiffusionInfererAdapter
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
@@ -30,6 +30,7 @@ __all__ = [
     "FusedResnetBlock",
     "GradeCalibration",
     "GradeHead",
+    "RunningStandardization",
     "NearestUpsample",
     "SSFormerBlock",
     "SeparableGaussianBlur",
