@@ -68,3 +68,17 @@ def test_inference_and_evaluation_read_the_old_head_switch(dataset_dir, names):
         assert parser.get_parsed_content("network_def#use_grade_head") is False
     if "evaluate.json" in names:
         assert parser.get_parsed_content("grade_head_enabled") is False
+
+
+@pytest.mark.parametrize("names", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_sampler_and_volume_inferer_are_the_objects_inferer_and_evaluator_refer_to_them(names):
+    parser = _parser(names)
+    assert parser["sampler"]["_target_"] == "medsegdiff_monai.inferers.DiffusionSampler"
+    assert parser["volume_inferer"]["_target_"] == "medsegdiff_monai.workflows.BratsVolumeInferer"
+    assert parser["volume_inferer"]["sampler"] == "@sampler"
+    assert parser["inferer"] == "@sampler" and parser["evaluator"] == "@volume_inferer"  # MONAI's bundle properties
+    if "evaluate.json" in names:  # the training config's validation ids mean the evaluation objects too
+        assert parser["validate#inferer"] == "@sampler" and parser["validate#evaluator"] == "@volume_inferer"
+    assert parser.get_parsed_content("inferer") is parser.get_parsed_content("sampler")
+    run = " ".join(parser["run"])
+    assert "@volume_inferer" in run and "@evaluator" not in run and "@validate#evaluator" not in run
