@@ -113,16 +113,17 @@ if not sys.warnoptions:  # shown once per place by default (Python hides Depreca
     warnings.filterwarnings("default", category=DeprecatedNameWarning)
 
 
-def warn_renamed(old: str, new: str, stacklevel: int = 2) -> None:
+def warn_renamed(old: str, new: str, stacklevel: int = 2, note: str = "") -> None:
     """Warn (:class:`DeprecatedNameWarning`) that the spelling ``old`` is now ``new``.
 
     Args:
         old: the old spelling, with enough context to find it (e.g. ``"the argument cls_loss= of DiffusionTrainer"``).
         new: the spelling to use instead.
         stacklevel: as for ``warnings.warn``, counted from the caller of this function.
+        note: a sentence appended to the message.
     """
     warnings.warn(
-        f"{old} is renamed {new}; the old name is deprecated and will be removed in the next release.",
+        f"{old} is renamed {new}; the old name is deprecated and will be removed in the next release.{note}",
         DeprecatedNameWarning,
         stacklevel=stacklevel + 1,
     )
@@ -156,15 +157,15 @@ def renamed_key(old_value: Any, default: Any, old_key: str, new_key: str) -> Any
 def renamed_args(**renamed: str) -> Callable[[T], T]:
     """Decorator: keyword arguments renamed ``old="new"`` are still accepted under their old name, with a warning.
 
-    (MONAI's ``deprecated_arg(new_name=...)`` needs the old name in the signature or a ``**kwargs``; this does not.)
+    A call that gives both names uses the old one's value: a bundle config names the new argument, and a user's
+    override of the old one (``net_override={"use_cls_head": False}``, ``--network_def#use_cls_head false``) is the
+    value meant. (MONAI's ``deprecated_arg(new_name=...)`` needs the old name in the signature or a ``**kwargs``, and
+    keeps the new value.)
 
     Example::
 
         @renamed_args(use_cls_head="use_grade_head")
         def parse_stages(stages, use_grade_head=True): ...
-
-    Raises:
-        TypeError: when a call gives both the old and the new name.
     """
 
     def decorator(func: T) -> T:
@@ -173,9 +174,8 @@ def renamed_args(**renamed: str) -> Callable[[T], T]:
             for old, new in renamed.items():
                 if old not in kwargs:
                     continue
-                if new in kwargs:
-                    raise TypeError(f"{func.__qualname__}() got both {old}= (its old name) and {new}=.")
-                warn_renamed(f"the argument {old}= of {func.__qualname__}", f"{new}=")
+                note = f" Both were given: the value of {old}= is used." if new in kwargs else ""
+                warn_renamed(f"the argument {old}= of {func.__qualname__}", f"{new}=", note=note)
                 kwargs[new] = kwargs.pop(old)
             return func(*args, **kwargs)
 

@@ -55,6 +55,14 @@ def test_a_command_line_false_gives_segmentation_only_training(dataset_dir, key)
         assert not renamed
 
 
+def test_old_argument_names_under_a_config_object(dataset_dir):
+    """An override of an object's old argument (``--network_def#use_cls_head false``, ``monai.bundle.load(...,
+    net_override={"use_cls_head": False})``) wins over the config's new one."""
+    parser = _parser(["inference.json"], **{"network_def#use_cls_head": False})
+    with pytest.warns(DeprecationWarning, match="use_cls_head= of get_network is renamed use_grade_head="):
+        assert parser.get_parsed_content("network_def").grade_head is None
+
+
 def test_old_grade_loss_key(dataset_dir):
     parser = _parser(["train.json"], dataset_dir=dataset_dir, cls_loss="$torch.nn.CrossEntropyLoss()")
     with pytest.warns(DeprecationWarning, match="'cls_loss' is renamed 'grade_loss'"):

@@ -32,8 +32,8 @@ def test_renamed_args_accepts_the_old_keyword():
         assert scale(3) == 6 and scale(3, new_name=4) == 12 and scale(3, 5) == 15
     with pytest.warns(DeprecationWarning, match="old_name= of .*scale is renamed new_name="):
         assert scale(3, old_name=4) == 12
-    with pytest.raises(TypeError, match="both old_name= .* and new_name="):
-        scale(3, old_name=4, new_name=5)
+    with pytest.warns(DeprecationWarning, match="Both were given: the value of old_name= is used"):
+        assert scale(3, old_name=4, new_name=5) == 12  # a config's new key, a user's override of the old one
 
 
 def test_the_warnings_are_shown_by_default():

@@ -66,5 +66,3 @@ def test_old_stage_spellings_parse_with_a_warning():
     with pytest.warns(DeprecationWarning) as caught:
         assert parse_stages(old, use_cls_head=False) == parse_stages(PLAN, use_grade_head=False)
     assert "use_cls_head= of parse_stages is renamed use_grade_head=" in str(caught[0].message)
-    with pytest.raises(TypeError, match="both use_cls_head="):
-        parse_stages(PLAN, use_cls_head=False, use_grade_head=False)

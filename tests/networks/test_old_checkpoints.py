@@ -122,8 +122,8 @@ def test_old_argument_and_attribute_names():
         network = get_network("small", **old_kwargs, cls_dropout=0.0).eval()
     assert network.grade_head.mlp[1].out_features == TINY["grade_hidden_channels"]
     assert network.grade_head.mlp[3].p == 0.0
-    with pytest.raises(TypeError, match="both cls_dropout="):
-        get_network("small", cls_dropout=0.1, grade_dropout=0.1)
+    with pytest.warns(DeprecationWarning, match="the value of use_cls_head= is used"):
+        assert get_network("small", **TINY, use_cls_head=False, use_grade_head=True).grade_head is None
     with pytest.warns(DeprecationWarning, match="cls_head is renamed grade_head"):
         assert network.cls_head is network.grade_head
     condition = network.encode_condition(torch.randn(1, 4, 16, 16))
