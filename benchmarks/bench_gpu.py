@@ -197,7 +197,7 @@ def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -
                 module.attend = torch.compiler.disable(module.attend)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
-    weighting = UncertaintyWeightedLoss(tasks=("seg", "cls")).to(bench.device)
+    weighting = UncertaintyWeightedLoss(tasks=("seg", "grade")).to(bench.device)
     return DiffusionTrainer(
         device=bench.device,
         max_epochs=1,
@@ -206,7 +206,7 @@ def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -
         optimizer=build_optimizer(network, weighting, lr=lr, weight_decay=1e-4),
         loss_function=weighting,
         seg_loss=SegmentationLoss(),
-        cls_loss=GradeFocalLoss(alpha=(2.428, 0.630)),
+        grade_loss=GradeFocalLoss(alpha=(2.428, 0.630)),
         noise_scheduler=DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"),
         amp_dtype="bfloat16" if "bf16" in flags else None,
         channels_last=channels_last,
@@ -321,8 +321,8 @@ def count_flops(bench: Bench) -> None:
         t = torch.randint(0, 1000, (args.batch,), device=bench.device)
         counter = FlopCounterMode(display=False)
         with counter:
-            seg_logits, cls_logits, calib_map = network(x_t, t, batch["image"])
-            (seg_logits.mean() + cls_logits.mean() + calib_map.mean()).backward()
+            seg_logits, grade_logits, calib_map = network(x_t, t, batch["image"])
+            (seg_logits.mean() + grade_logits.mean() + calib_map.mean()).backward()
         bench.flops[f"train_step_{size}_batch{args.batch}"] = counter.get_total_flops()
     network.eval()
     roi = args.volume_roi

@@ -16,19 +16,19 @@ import time
 
 import torch
 
-from medsegdiff_monai.networks import DiffusionUNetWithClsHead, get_network
+from medsegdiff_monai.networks import DiffusionUNetWithGradeHead, get_network
 
 
-def parameter_counts(network: DiffusionUNetWithClsHead) -> dict[str, int]:
+def parameter_counts(network: DiffusionUNetWithGradeHead) -> dict[str, int]:
     """Total, condition UNet, grade head and diffusion UNet (everything else) parameter counts."""
     total = sum(p.numel() for p in network.parameters())
     condition = sum(p.numel() for n, p in network.named_parameters() if n.startswith("condition_unet."))
-    head = sum(p.numel() for n, p in network.named_parameters() if n.startswith("cls_head."))
+    head = sum(p.numel() for n, p in network.named_parameters() if n.startswith("grade_head."))
     return {"total": total, "condition UNet": condition, "diffusion UNet": total - condition - head, "head": head}
 
 
 def time_forward_backward(
-    network: DiffusionUNetWithClsHead, batch: int, size: int, repeats: int
+    network: DiffusionUNetWithGradeHead, batch: int, size: int, repeats: int
 ) -> tuple[float, float]:
     """Median (wall, process CPU) seconds of one forward+backward pass at (batch, size x size)."""
     x_t = torch.randn(batch, network.mask_channels, size, size)
@@ -38,8 +38,8 @@ def time_forward_backward(
     for step in range(repeats + 1):
         network.zero_grad(set_to_none=True)
         start, cpu_start = time.perf_counter(), time.process_time()
-        seg_logits, cls_logits, calib_map = network(x_t, t, image)
-        (seg_logits.mean() + cls_logits.mean() + calib_map.mean()).backward()
+        seg_logits, grade_logits, calib_map = network(x_t, t, image)
+        (seg_logits.mean() + grade_logits.mean() + calib_map.mean()).backward()
         if step > 0:
             wall_times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)

@@ -7,7 +7,7 @@ network through ``evaluate.json`` on the test split (the grade calibration is th
 on the validation split and stored in ``model.pt``):
 
 - ``multitask``: the bundle's staged plan (segmentation, then the grade head, then joint);
-- ``segonly``: the same plan with ``use_cls_head false`` (the grade stage drops out, the others train segmentation);
+- ``segonly``: the same plan with ``use_grade_head false`` (the grade stage drops out, the others train segmentation);
 - ``naive``: one joint stage, every loss from the first epoch, as many epochs as the staged plan in total.
 
 Reported on the test split, which is used for nothing else: Dice per region (TC, WT, ET, mean) with 95 % bootstrap
@@ -133,13 +133,13 @@ def stage_plan(args: argparse.Namespace, plan: str) -> dict[str, Any]:
             "epochs": sum(args.epochs),
             "train": "all",
             "lr_multiplier": 1.0,
-            "losses": ["seg", "cls"],
+            "losses": ["seg", "grade"],
             "uncertainty_weighting": True,
         }
         return {"stages": [joint]}
     overrides: dict[str, Any] = {f"stages#{i}#epochs": epochs for i, epochs in enumerate(args.epochs)}
     if plan == "segonly":
-        overrides["use_cls_head"] = False
+        overrides["use_grade_head"] = False
     return overrides
 
 
@@ -210,7 +210,7 @@ def evaluate(
             "datalist_key": key,
             "checkpoint": str(plan_dir / "run" / "model.pt"),
             "output_dir": str(plan_dir / f"evaluate_{key}"),
-            "use_cls_head": plan != "segonly",
+            "use_grade_head": plan != "segonly",
             "preset": overrides["preset"],
             "roi_size": overrides["roi_size"],
             "ensemble_size": args.ensemble,
@@ -219,7 +219,7 @@ def evaluate(
         }
     )
     parser.get_parsed_content("initialize")  # set_determinism(seed)
-    evaluator = parser.get_parsed_content("evaluator")
+    evaluator = parser.get_parsed_content("volume_inferer")
     calibration = getattr(evaluator.network, "grade_calibration", None)
     if calibration is not None:  # score the raw grade; the stored calibration is applied to it in the report
         calibration.set(1.0, 0.0)

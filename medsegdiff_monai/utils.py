@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["AMP_DTYPES", "as_bool", "parse_amp_dtype", "require_file", "unwrap_module"]
+__all__ = [
+    "AMP_DTYPES",
+    "DeprecatedNameWarning",
+    "as_bool",
+    "moved_module",
+    "moved_names",
+    "parse_amp_dtype",
+    "rename_state_dict_keys",
+    "renamed_args",
+    "renamed_key",
+    "require_file",
+    "unwrap_module",
+    "warn_renamed",
+]
+
+T = TypeVar("T", bound=Callable)
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -17,7 +38,7 @@ _FALSE = ("false", "0", "no", "off", "none", "")
 def as_bool(value: bool | int | str | None, name: str = "value") -> bool:
     """Read a switch given as a bool, a number or a string.
 
-    ``python -m monai.bundle run ... --use_cls_head false`` hands the config the *string* ``"false"`` (Python Fire
+    ``python -m monai.bundle run ... --use_grade_head false`` hands the config the *string* ``"false"`` (Python Fire
     only converts ``False``), which plain ``bool()`` would take for True.
 
     Raises:
@@ -82,3 +103,157 @@ def require_file(path: str | os.PathLike, key: str, hint: str = "") -> str:
             f"--bundle_root bundle from the repository root), or set --{key}. {hint}".rstrip()
         )
     return os.fspath(path)
+
+
+class DeprecatedNameWarning(DeprecationWarning):
+    """A name of this library that was renamed or moved: the old one still works, for one release."""
+
+
+if not sys.warnoptions:  # shown once per place by default (Python hides DeprecationWarning outside __main__)
+    warnings.filterwarnings("default", category=DeprecatedNameWarning)
+
+
+def warn_renamed(old: str, new: str, stacklevel: int = 2, note: str = "") -> None:
+    """Warn (:class:`DeprecatedNameWarning`) that the spelling ``old`` is now ``new``.
+
+    Args:
+        old: the old spelling, with enough context to find it (e.g. ``"the argument cls_loss= of DiffusionTrainer"``).
+        new: the spelling to use instead.
+        stacklevel: as for ``warnings.warn``, counted from the caller of this function.
+        note: a sentence appended to the message.
+    """
+    warnings.warn(
+        f"{old} is renamed {new}; the old name is deprecated and will be removed in the next release.{note}",
+        DeprecatedNameWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def renamed_key(old_value: Any, default: Any, old_key: str, new_key: str) -> Any:
+    """The value of a renamed bundle config key, reading the old key for one release.
+
+    A config keeps the old key as ``null`` and computes the new one from it::
+
+        "use_cls_head": null,
+        "use_grade_head": "$medsegdiff_monai.utils.renamed_key(@use_cls_head, True, 'use_cls_head', 'use_grade_head')"
+
+    so ``--use_cls_head false`` still works (with a warning) and ``--use_grade_head false`` replaces the expression.
+
+    Args:
+        old_value: the old key's value; None (``null``) when the user did not set it.
+        default: the new key's default value.
+        old_key: the old key's name (for the warning).
+        new_key: the new key's name (for the warning).
+
+    Returns:
+        ``default`` when ``old_value`` is None, else ``old_value``.
+    """
+    if old_value is None:
+        return default
+    warn_renamed(f"the config key {old_key!r}", repr(new_key))
+    return old_value
+
+
+def renamed_args(**renamed: str) -> Callable[[T], T]:
+    """Decorator: keyword arguments renamed ``old="new"`` are still accepted under their old name, with a warning.
+
+    A call that gives both names uses the old one's value: a bundle config names the new argument, and a user's
+    override of the old one (``net_override={"use_cls_head": False}``, ``--network_def#use_cls_head false``) is the
+    value meant. (MONAI's ``deprecated_arg(new_name=...)`` needs the old name in the signature or a ``**kwargs``, and
+    keeps the new value.)
+
+    Example::
+
+        @renamed_args(use_cls_head="use_grade_head")
+        def parse_stages(stages, use_grade_head=True): ...
+    """
+
+    def decorator(func: T) -> T:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renamed.items():
+                if old not in kwargs:
+                    continue
+                note = f" Both were given: the value of {old}= is used." if new in kwargs else ""
+                warn_renamed(f"the argument {old}= of {func.__qualname__}", f"{new}=", note=note)
+                kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+def _rename_keys(module: torch.nn.Module, state_dict: dict, prefix: str, *_: Any, renamed: Mapping[str, str]) -> None:
+    """Load-state-dict pre-hook of :func:`rename_state_dict_keys`."""
+    applied = []
+    for old, new in renamed.items():
+        old_path, new_path = prefix + old, prefix + new
+        keys = [k for k in state_dict if k == old_path or k.startswith(old_path + ".")]
+        keys = [k for k in keys if new_path + k[len(old_path) :] not in state_dict]
+        for key in keys:
+            state_dict[new_path + key[len(old_path) :]] = state_dict.pop(key)
+        if keys:
+            applied.append((old, new, len(keys)))
+    if applied:
+        warn_renamed(
+            f"the {type(module).__name__} state-dict key prefix "
+            + ", ".join(f"{old} ({count} keys, renamed on load)" for old, _, count in applied),
+            ", ".join(new for _, new, _ in applied),
+        )
+
+
+def rename_state_dict_keys(module: torch.nn.Module, renamed: Mapping[str, str]) -> None:
+    """Let ``module`` load state dicts written before some of its parameters were renamed.
+
+    Registers a load-state-dict pre-hook that renames each ``old`` key (a submodule or parameter path relative to
+    ``module``: ``"cls_head"`` renames ``cls_head.*``) to ``new``, with one warning per load. It runs wherever the
+    state dict comes from: ``module.load_state_dict``, a wrapper's (``module.`` / ``_orig_mod.`` prefixes) or
+    MONAI's ``CheckpointLoader``. A key whose new name is also present is left alone (``strict`` loading reports it).
+
+    Args:
+        module: the module whose keys were renamed.
+        renamed: ``{old: new}`` paths.
+    """
+    module.register_load_state_dict_pre_hook(functools.partial(_rename_keys, renamed=dict(renamed)))
+
+
+def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` resolving old names to the objects that moved or were renamed, with a warning.
+
+    Args:
+        module: the ``__name__`` of the module holding the old names.
+        moved: ``{old name: "dotted.module.path.new_name"}``; the new module is imported at the first use.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        package, new_name = moved[name].rsplit(".", 1)
+        if new_name == name:
+            warnings.warn(
+                f"{module}.{name} moved to {moved[name]}; import it from {package} (the old path is deprecated and "
+                "will be removed in the next release).",
+                DeprecatedNameWarning,
+                stacklevel=2,
+            )
+        else:
+            warn_renamed(f"{module}.{name}", moved[name])
+        return getattr(importlib.import_module(package), new_name)
+
+    return __getattr__
+
+
+def moved_module(old: str, new: str) -> None:
+    """Make the module path ``old`` an alias of the module ``new``, with a warning; the body of a module left at its
+    old path for one release (``moved_module(__name__, "medsegdiff_monai.workflows.export")``).
+
+    ``import old`` and ``from old import name`` then give the objects of ``new`` themselves.
+    """
+    warnings.warn(
+        f"the module {old} moved to {new}; import {new} (the old path is deprecated and will be removed in the next "
+        "release).",
+        DeprecatedNameWarning,
+        stacklevel=3,  # the import statement (warnings skips importlib's frames)
+    )
+    sys.modules[old] = importlib.import_module(new)

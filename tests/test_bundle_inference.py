@@ -24,7 +24,7 @@ TINY_NETWORK = {
     "attention_levels": [False, False, False],
     "num_head_channels": 8,
     "norm_num_groups": 4,
-    "cls_hidden_channels": 8,
+    "grade_hidden_channels": 8,
 }
 
 
@@ -128,7 +128,7 @@ print("RESULT" + json.dumps({
 def test_bundle_loads_in_a_fresh_python_and_evaluates(bundle_copy):
     result = _run(["-c", FRESH_PYTHON], cwd=bundle_copy)
     report = json.loads(result.stdout.split("RESULT", 1)[1])
-    assert report["network"] == "DiffusionUNetWithClsHead"
+    assert report["network"] == "DiffusionUNetWithGradeHead"
     assert report["probs"] == [2, 3, 64, 64] and report["p_hgg"] == [2] and report["steps"] == 2
     assert report["own_probs"] == [1, 3, 64, 64]
     assert report["missing"] == {"inference": [], "evaluate": []}

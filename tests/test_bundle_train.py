@@ -14,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-FIGURES = ("Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_cls", "L_total", "sigma_seg", "sigma_cls", "alpha_LGG",
+FIGURES = ("Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_grade", "L_total", "sigma_seg", "sigma_grade", "alpha_LGG",
            "alpha_HGG")  # fmt: skip
 
 
@@ -64,7 +64,7 @@ def test_staged_training_through_the_bundle(tmp_path, synthetic_brats_dir, synth
     assert [r["stage"] for r in rows] == ["segmentation", "segmentation", "classification", "joint"]
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[1]["L_seg"]) < float(rows[0]["L_seg"]), "segmentation loss did not fall in stage 1"
-    assert rows[2]["L_seg"] == "nan" and float(rows[2]["L_cls"]) > 0
+    assert rows[2]["L_seg"] == "nan" and float(rows[2]["L_grade"]) > 0
     for row in rows:
         assert 0.0 <= float(row["Dice"]) <= 1.0
         assert float(row["alpha_LGG"]) > float(row["alpha_HGG"])  # fewer LGG subjects in the training split
@@ -82,10 +82,10 @@ def test_staged_training_through_the_bundle(tmp_path, synthetic_brats_dir, synth
 
 
 def test_segmentation_only_bundle_run(tmp_path, synthetic_brats_dir, synthetic_datalist):
-    result = run(bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--use_cls_head", "false"))
+    result = run(bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--use_grade_head", "false"))
     rows = read_metrics(tmp_path)
     assert [r["stage"] for r in rows] == ["segmentation", "segmentation", "joint"]
-    assert all(r["AUC"] == "nan" and r["L_cls"] == "nan" for r in rows)
+    assert all(r["AUC"] == "nan" and r["L_grade"] == "nan" for r in rows)
     assert all(0.0 <= float(r["Dice"]) <= 1.0 for r in rows)
     assert "n_LGG=" in result.stdout
 
@@ -152,5 +152,5 @@ def test_training_without_grades_is_segmentation_only(tmp_path):
     assert out.count("has no grades") == 1 and "training segmentation only" in out
     assert "'classification'" not in out and "n_LGG=" not in out
     state = torch.load(tmp_path / "bundle_root" / "runs" / "train" / "model.pt", weights_only=True)
-    assert state and not any(key.startswith(("cls_head.", "grade_calibration.")) for key in state)
+    assert state and not any(key.startswith(("grade_head.", "grade_calibration.")) for key in state)
     assert len(read_metrics(tmp_path / "bundle_root")) == 2  # segmentation + joint, the grade stage left out

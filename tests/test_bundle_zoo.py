@@ -93,7 +93,7 @@ def test_evaluation_overlay_overrides_only_what_evaluation_changes():
     assert {"validate#dataset", "validate#inferer", "validate#evaluator", "validate#preprocessing"} <= replaced
     assert replaced - {key for key in overlay if key.startswith("validate#")} == {
         "output_dir",
-        "cls_head_enabled",
+        "grade_head_enabled",
         "channels_last",
         "network",
         "initialize",

@@ -53,7 +53,7 @@ def load_network(path: Path) -> dict[str, torch.Tensor]:
 
 
 def split_head(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    head = {k: v for k, v in state.items() if k.startswith("cls_head.")}
+    head = {k: v for k, v in state.items() if k.startswith("grade_head.")}
     return head, {k: v for k, v in state.items() if k not in head}
 
 

@@ -13,8 +13,8 @@ def test_as_bool_reads_command_line_switches(value, expected):
 
 
 def test_as_bool_rejects_garbage_naming_the_key():
-    with pytest.raises(ValueError, match="use_cls_head='maybe'"):
-        as_bool("maybe", "use_cls_head")
+    with pytest.raises(ValueError, match="use_grade_head='maybe'"):
+        as_bool("maybe", "use_grade_head")
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from medsegdiff_monai.engines.stages import (
     LOSS_NAMES,
     TRAINABLE_PARTS,
     TrainingStage,
+    current_stage_spelling,
     parse_stages,
     stage_at_epoch,
     total_epochs,

@@ -14,7 +14,7 @@ from monai.metrics import DiceMetric, MeanIoU
 
 from medsegdiff_monai.inferers import DiffusionSampler, sample_volume
 from medsegdiff_monai.networks.calibration import logit
-from medsegdiff_monai.utils import unwrap_module
+from medsegdiff_monai.utils import renamed_args, unwrap_module
 
 __all__ = ["DiffusionEvaluator", "validation_metrics", "REGION_NAMES"]
 
@@ -45,7 +45,8 @@ def _brats_overlap(metric: type[DiceMetric] | type[MeanIoU], output_transform: A
     )
 
 
-def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dict[str, Any]:
+@renamed_args(use_cls_head="use_grade_head")
+def validation_metrics(mask_channels: int = 3, use_grade_head: bool = True) -> dict[str, Any]:
     """The per-epoch validation metrics as MONAI / Ignite metric handlers, keyed by the printed name.
 
     ``Dice``/``IoU`` are the means over subjects and regions in the BraTS convention of
@@ -64,7 +65,7 @@ def validation_metrics(mask_channels: int = 3, use_cls_head: bool = True) -> dic
         select = partial(_region_output, index=index)
         metrics[f"Dice_{region}"] = _brats_overlap(DiceMetric, select)
         metrics[f"IoU_{region}"] = _brats_overlap(MeanIoU, select)
-    if use_cls_head:
+    if use_grade_head:
         metrics["AUC"] = ROCAUC(output_transform=_grade_scores)
         metrics["F1"] = ConfusionMatrix(
             include_background=True, metric_name="f1 score", output_transform=_grade_decisions
@@ -93,7 +94,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
         slice_batch_size: slices sampled together.
         threshold: probability at which a voxel counts as tumour.
         mask_channels: 3 (TC, WT, ET) or 1 (WT); names the per-region metrics.
-        use_cls_head: add the subject-level grade metrics.
+        use_grade_head: add the subject-level grade metrics.
         kwargs: passed to :class:`~monai.engines.SupervisedEvaluator`. Without ``key_val_metric`` the metrics of
             :func:`validation_metrics` are used, mean ``Dice`` as the key metric.
 
@@ -106,6 +107,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
         ValueError: when ``val_data_loader`` is empty (e.g. fewer validation subjects than processes).
     """
 
+    @renamed_args(use_cls_head="use_grade_head")
     def __init__(
         self,
         device: str | torch.device,
@@ -115,7 +117,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
         slice_batch_size: int = 32,
         threshold: float = 0.5,
         mask_channels: int = 3,
-        use_cls_head: bool = True,
+        use_grade_head: bool = True,
         **kwargs: Any,
     ) -> None:
         if hasattr(val_data_loader, "__len__") and len(val_data_loader) == 0:
@@ -129,7 +131,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
                 "process (check the datalist's validation split and the number of processes)."
             )
         if kwargs.get("key_val_metric") is None:
-            metrics = validation_metrics(mask_channels, use_cls_head)
+            metrics = validation_metrics(mask_channels, use_grade_head)
             kwargs["key_val_metric"] = {"Dice": metrics.pop("Dice")}
             kwargs["additional_metrics"] = {**metrics, **(kwargs.get("additional_metrics") or {})}
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)

@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from medsegdiff_monai.utils import renamed_args, warn_renamed
+
 __all__ = [
     "TRAINABLE_PARTS",
     "LOSS_NAMES",
     "TrainingStage",
+    "current_stage_spelling",
     "parse_stages",
     "stage_at_epoch",
     "total_epochs",
     "trained_log_sigmas",
 ]
 
-TRAINABLE_PARTS = ("backbone", "cls_head", "all")
-LOSS_NAMES = ("seg", "cls")
+TRAINABLE_PARTS = ("backbone", "grade_head", "all")
+LOSS_NAMES = ("seg", "grade")
+_RENAMED = {"cls_head": "grade_head", "cls": "grade"}
+"""Old spellings of a stage's ``train`` and ``losses`` values, read (with a warning) for one release."""
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,10 @@ class TrainingStage:
         name: a label printed and saved with the metrics (e.g. ``"segmentation"``).
         epochs: number of epochs of this stage (>= 0; a stage of 0 epochs is skipped).
         train: which parameters are optimised: ``"backbone"`` (both UNets and the calibration map, the grade head
-            frozen), ``"cls_head"`` (only the grade head; the backbone frozen and its norm/dropout in eval mode) or
+            frozen), ``"grade_head"`` (only the grade head; the backbone frozen and its norm/dropout in eval mode) or
             ``"all"``.
         lr_multiplier: the stage's learning rate is the base learning rate times this.
-        losses: the loss terms of the stage, a subset of ``("seg", "cls")``.
+        losses: the loss terms of the stage, a subset of ``("seg", "grade")``.
         uncertainty_weighting: combine the losses with the learnable Kendall weighting, whose log-sigma of each of
             the stage's losses then trains (also in a single-loss stage, where it follows ``sqrt(L_t)`` and leaves
             Adam's steps of the network unchanged); False sums the losses and freezes the log-sigmas.
@@ -44,15 +49,39 @@ class TrainingStage:
     uncertainty_weighting: bool = True
 
 
+def current_stage_spelling(stage: Mapping) -> dict:
+    """``stage`` (one dict of a plan) with the old spellings of its ``train`` (``"cls_head"``) and ``losses``
+    (``"cls"``) values replaced by ``"grade_head"`` and ``"grade"``, without a warning (e.g. to compare a plan
+    recorded before the renames with today's)."""
+    renamed = dict(stage)
+    if "train" in renamed:
+        renamed["train"] = _RENAMED.get(renamed["train"], renamed["train"])
+    if "losses" in renamed:
+        renamed["losses"] = [_RENAMED.get(name, name) for name in renamed["losses"]]
+    return renamed
+
+
+def _current_spelling(value: str, where: str) -> str:
+    """``value``, or its new spelling (with a warning) when it is an old one (``"cls_head"``, ``"cls"``)."""
+    if value not in _RENAMED:
+        return value
+    warn_renamed(f"{where}: {value!r}", repr(_RENAMED[value]))
+    return _RENAMED[value]
+
+
+@renamed_args(use_cls_head="use_grade_head")
 def parse_stages(
-    stages: Sequence[Mapping], use_cls_head: bool = True, only_stage: int | None = None
+    stages: Sequence[Mapping], use_grade_head: bool = True, only_stage: int | None = None
 ) -> list[TrainingStage]:
     """Validate a stage plan given as a list of dicts (as written in ``train.json``).
 
+    The old spellings ``train="cls_head"`` and the loss name ``"cls"`` are read as ``"grade_head"`` and ``"grade"``,
+    with a ``DeprecationWarning``, for one release.
+
     Args:
         stages: the plan, one dict per stage with the fields of :class:`TrainingStage`.
-        use_cls_head: when False, stages that need the classification head (a ``"cls"``-only loss or
-            ``train="cls_head"``) are dropped and ``"cls"`` is removed from the others, so the same plan trains a
+        use_grade_head: when False, stages that need the grade head (a ``"grade"``-only loss or
+            ``train="grade_head"``) are dropped and ``"grade"`` is removed from the others, so the same plan trains a
             segmentation-only network.
         only_stage: 1-based number of the single stage to run (e.g. stage 2 resuming from stage 1's checkpoint);
             None runs the whole plan.
@@ -75,31 +104,32 @@ def parse_stages(
         for required in ("name", "epochs", "train"):
             if required not in raw:
                 raise ValueError(f"{where}: missing field {required!r}.")
-        if raw["train"] not in TRAINABLE_PARTS:
+        train = _current_spelling(raw["train"], f"{where} train")
+        if train not in TRAINABLE_PARTS:
             raise ValueError(f"{where}: train={raw['train']!r}, expected one of {TRAINABLE_PARTS}.")
         if int(raw["epochs"]) < 0:
             raise ValueError(f"{where}: epochs={raw['epochs']} must be >= 0.")
         if float(raw.get("lr_multiplier", 1.0)) <= 0:
             raise ValueError(f"{where}: lr_multiplier={raw['lr_multiplier']} must be > 0.")
-        losses = tuple(raw.get("losses", ("seg",)))
+        losses = tuple(_current_spelling(name, f"{where} losses") for name in raw.get("losses", ("seg",)))
         if not losses or set(losses) - set(LOSS_NAMES):
             raise ValueError(f"{where}: losses={list(losses)} must be a non-empty subset of {list(LOSS_NAMES)}.")
         stage = TrainingStage(
             name=str(raw["name"]),
             epochs=int(raw["epochs"]),
-            train=raw["train"],
+            train=train,
             lr_multiplier=float(raw.get("lr_multiplier", 1.0)),
             losses=losses,
             uncertainty_weighting=bool(raw.get("uncertainty_weighting", True)),
         )
-        if not use_cls_head:
-            if stage.train == "cls_head" or losses == ("cls",):
+        if not use_grade_head:
+            if stage.train == "grade_head" or losses == ("grade",):
                 continue
-            stage = TrainingStage(**{**stage.__dict__, "losses": tuple(n for n in losses if n != "cls")})
+            stage = TrainingStage(**{**stage.__dict__, "losses": tuple(n for n in losses if n != "grade")})
         if stage.epochs > 0:
             parsed.append(stage)
     if not parsed:
-        raise ValueError("The stage plan has no stage with epochs > 0 (after dropping classification-only stages).")
+        raise ValueError("The stage plan has no stage with epochs > 0 (after dropping grade-only stages).")
     return parsed
 
 

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from medsegdiff_monai.engines.stages import TrainingStage
-from medsegdiff_monai.utils import parse_amp_dtype, unwrap_module
+from medsegdiff_monai.utils import parse_amp_dtype, renamed_args, unwrap_module
 
 __all__ = ["DiffusionTrainer", "NoisyMaskPrepareBatch", "NonFiniteLossEvents"]
 
@@ -107,13 +107,13 @@ class DiffusionTrainer(SupervisedTrainer):
 
     Each iteration runs MONAI's trainer steps: ``prepare_batch`` (by default :class:`NoisyMaskPrepareBatch`: draw
     ``t ~ U{0, T-1}`` and Gaussian noise, noise the [-1, 1] mask with ``noise_scheduler``), the ``inferer`` (by
-    default ``network(x_t, t, image) -> (seg_logits, cls_logits, calib_map)``), the losses of the current
+    default ``network(x_t, t, image) -> (seg_logits, grade_logits, calib_map)``), the losses of the current
     :attr:`stage`, backward, gradient clipping, the optimizer step. It fires MONAI's
     :class:`~monai.engines.utils.IterationEvents` as :class:`~monai.engines.SupervisedTrainer` does:
     ``FORWARD_COMPLETED`` (``engine.state.output`` holds ``"image"`` = x_t, ``"label"`` = the targets dict and
     ``"pred"`` = the network's tuple), ``LOSS_COMPLETED`` (``"loss"``), ``BACKWARD_COMPLETED`` and
     ``MODEL_COMPLETED`` (after the optimizer step). A stage without the segmentation loss runs only the condition
-    UNet (``pred`` is then ``(None, cls_logits, None)``). A step whose loss or
+    UNet (``pred`` is then ``(None, grade_logits, None)``). A step whose loss or
     gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and
     ``engine.state.consecutive_skipped_steps`` and announced with :attr:`NonFiniteLossEvents.STEP_SKIPPED`
     (``engine.state.skipped_step`` then holds the skipped step's ``(epoch, iteration)``).
@@ -131,12 +131,13 @@ class DiffusionTrainer(SupervisedTrainer):
         device: where to train.
         max_epochs: epochs of the run (normally the sum over the stage plan).
         train_data_loader: loader of 2D slice batches.
-        network: a :class:`~medsegdiff_monai.networks.DiffusionUNetWithClsHead` (optionally DDP-wrapped).
+        network: a :class:`~medsegdiff_monai.networks.DiffusionUNetWithGradeHead` (optionally DDP-wrapped).
         optimizer: built over the network and ``loss_function`` parameters.
         loss_function: the :class:`~medsegdiff_monai.losses.UncertaintyWeightedLoss` holding the log-sigmas.
         seg_loss: ``seg_loss(seg_logits, label, calib_map) -> Tensor``.
-        cls_loss: ``cls_loss(cls_logits, grade, sample_weight) -> Tensor`` (``sample_weight`` the targets'
-            ``"grade_weight"``, possibly None), or None for a segmentation-only network.
+        grade_loss: ``grade_loss(grade_logits, grade, sample_weight) -> Tensor`` (``sample_weight`` the targets'
+            ``"grade_weight"``, possibly None), or None for a segmentation-only network (its old name ``cls_loss=``
+            is accepted, with a ``DeprecationWarning``, for one release).
         noise_scheduler: MONAI DDPM scheduler used to noise the mask (``prediction_type="sample"``).
         stage: the initial stage; :class:`~medsegdiff_monai.handlers.StagedTraining` replaces it per epoch. None means
             everything trains with all available losses under uncertainty weighting.
@@ -155,6 +156,7 @@ class DiffusionTrainer(SupervisedTrainer):
             ``key_train_metric``, ``additional_metrics``, ``inferer``, ``compile``, ...).
     """
 
+    @renamed_args(cls_loss="grade_loss")
     def __init__(
         self,
         device: str | torch.device,
@@ -164,7 +166,7 @@ class DiffusionTrainer(SupervisedTrainer):
         optimizer: Optimizer,
         loss_function: torch.nn.Module,
         seg_loss: Callable,
-        cls_loss: Callable | None,
+        grade_loss: Callable | None,
         noise_scheduler: Scheduler,
         stage: TrainingStage | None = None,
         amp_dtype: str | None = None,
@@ -194,9 +196,9 @@ class DiffusionTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.seg_loss = seg_loss
-        self.cls_loss = cls_loss
+        self.grade_loss = grade_loss
         self.noise_scheduler = noise_scheduler
-        losses = ("seg", "cls") if cls_loss is not None else ("seg",)
+        losses = ("seg", "grade") if grade_loss is not None else ("seg",)
         self.stage = stage or TrainingStage("joint", max_epochs, "all", 1.0, losses, True)
         # mixed precision on CUDA only: CPU training runs in fp32 whatever is asked
         autocast_dtype = parse_amp_dtype(amp_dtype)
@@ -262,8 +264,8 @@ class DiffusionTrainer(SupervisedTrainer):
         """Train mode for the parts the current stage trains; eval mode (frozen norm/dropout) for the rest."""
         net = self.unwrapped_network
         net.train()
-        head = getattr(net, "cls_head", None)
-        if self.stage.train == "cls_head":
+        head = getattr(net, "grade_head", None)
+        if self.stage.train == "grade_head":
             net.eval()
             if head is not None:
                 head.train()
@@ -273,29 +275,29 @@ class DiffusionTrainer(SupervisedTrainer):
     def _forward_losses(
         self, inputs: torch.Tensor, targets: dict[str, torch.Tensor | None], args: tuple, kwargs: dict
     ) -> dict[str, torch.Tensor]:
-        """Run the network on the prepared batch and return the stage's loss terms (``"seg"``, ``"cls"``).
+        """Run the network on the prepared batch and return the stage's loss terms (``"seg"``, ``"grade"``).
 
         Fires ``IterationEvents.FORWARD_COMPLETED`` once ``engine.state.output["pred"]`` holds the network's output.
         """
         losses: dict[str, torch.Tensor] = {}
         use_seg = "seg" in self.stage.losses
-        use_cls = "cls" in self.stage.losses and self.cls_loss is not None
+        use_grade = "grade" in self.stage.losses and self.grade_loss is not None
         if not use_seg and not isinstance(self.network, DistributedDataParallel):
             # the grade needs only the condition UNet: skip the diffusion UNet entirely
             image = args[1]  # the prepared (timesteps, image)
-            cls_logits = self.unwrapped_network.encode_condition(image).cls_logits
-            self.state.output[Keys.PRED] = (None, cls_logits, None)
+            grade_logits = self.unwrapped_network.encode_condition(image).grade_logits
+            self.state.output[Keys.PRED] = (None, grade_logits, None)
             self.fire_event(IterationEvents.FORWARD_COMPLETED)
-            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"], targets.get("grade_weight"))
+            losses["grade"] = self.grade_loss(grade_logits.float(), targets["grade"], targets.get("grade_weight"))
             return losses
-        seg_logits, cls_logits, calib_map = self.state.output[Keys.PRED] = self.inferer(
+        seg_logits, grade_logits, calib_map = self.state.output[Keys.PRED] = self.inferer(
             inputs, self.network, *args, **kwargs
         )
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
         if use_seg:
             losses["seg"] = self.seg_loss(seg_logits.float(), targets["label"], calib_map.float())
-        if use_cls:
-            losses["cls"] = self.cls_loss(cls_logits.float(), targets["grade"], targets.get("grade_weight"))
+        if use_grade:
+            losses["grade"] = self.grade_loss(grade_logits.float(), targets["grade"], targets.get("grade_weight"))
         return losses
 
     def _iteration(self, engine: DiffusionTrainer, batchdata: dict) -> dict:
@@ -342,7 +344,7 @@ class DiffusionTrainer(SupervisedTrainer):
         return {
             Keys.LOSS: total.detach(),
             "L_seg": losses["seg"].detach() if "seg" in losses else nan,
-            "L_cls": losses["cls"].detach() if "cls" in losses else nan,
+            "L_grade": losses["grade"].detach() if "grade" in losses else nan,
             "L_total": total.detach(),
             "grad_norm": grad_norm.detach(),
             "finite": finite,

@@ -19,9 +19,11 @@ from medsegdiff_monai.utils import unwrap_module
 __all__ = ["EpochReport", "REPORT_COLUMNS"]
 
 REPORT_COLUMNS = (
-    "epoch", "stage", "lr", "Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_cls", "L_total",
-    "sigma_seg", "sigma_cls", "alpha_LGG", "alpha_HGG", "skipped_steps", "seconds",
+    "epoch", "stage", "lr", "Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_grade", "L_total",
+    "sigma_seg", "sigma_grade", "alpha_LGG", "alpha_HGG", "skipped_steps", "seconds",
 )  # fmt: skip
+_RENAMED_COLUMNS = {"L_cls": "L_grade", "sigma_cls": "sigma_grade"}
+"""Columns of a ``metrics.csv`` written before the grade figures were named ``*_grade``; renamed on resume."""
 
 
 class EpochReport:
@@ -30,11 +32,12 @@ class EpochReport:
     At the start of the run it prints ``n_LGG=.. n_HGG=.. alpha_LGG=.. alpha_HGG=..`` and the parameter count.
     After each epoch (attach it after the validation handler) it reports the validation figures of ``evaluator``
     (``Dice``, ``IoU`` and per-region ``Dice_<r>``/``IoU_<r>``, ``AUC``, ``F1``, ``Acc``), the training means of
-    ``L_seg``, ``L_cls``, ``L_total`` over the epoch's applied steps, ``sigma_seg``/``sigma_cls`` of the
+    ``L_seg``, ``L_grade``, ``L_total`` over the epoch's applied steps, ``sigma_seg``/``sigma_grade`` of the
     uncertainty weighting, the class weights, the stage, the learning rate, the skipped steps and the seconds.
-    A figure that is undefined (e.g. AUC with one grade in the validation split, L_cls in a segmentation stage) is
+    A figure that is undefined (e.g. AUC with one grade in the validation split, L_grade in a segmentation stage) is
     NaN, with a warning for validation figures. On a resumed run, rows of epochs after the restored one are dropped,
-    so no epoch appears twice.
+    so no epoch appears twice, and the columns ``L_cls``/``sigma_cls`` of a ``metrics.csv`` written before the grade
+    figures were renamed become ``L_grade``/``sigma_grade``.
 
     The row is written to ``metrics.csv`` (and TensorBoard) when the epoch completes, and the line is printed after
     every other handler of the epoch's end, the checkpoint saver included: a printed epoch is always in a checkpoint,
@@ -113,7 +116,7 @@ class EpochReport:
         # on the device, without a host synchronisation: skipped (non-finite) steps add nothing
         output = engine.state.output
         applied = torch.as_tensor(output.get("finite", True), device=output["L_total"].device)
-        for key in ("L_seg", "L_cls", "L_total"):
+        for key in ("L_seg", "L_grade", "L_total"):
             value = output[key].detach().float()
             value = torch.where(applied, value, torch.zeros_like(value))
             self._sums[key] = self._sums[key] + value if key in self._sums else value
@@ -154,15 +157,15 @@ class EpochReport:
             )
         row.update(self._loss_means(engine))
         row["sigma_seg"] = sigmas.get("seg", math.nan)
-        row["sigma_cls"] = sigmas.get("cls", math.nan)
+        row["sigma_grade"] = sigmas.get("grade", math.nan)
         row["alpha_LGG"], row["alpha_HGG"] = self.alpha
         row["skipped_steps"] = getattr(engine.state, "epoch_skipped_steps", 0)
         row["seconds"] = time.perf_counter() - self._epoch_start
         return row
 
     def _loss_means(self, engine: Engine) -> dict[str, float]:
-        """Means of ``L_seg``, ``L_cls``, ``L_total`` over the epoch's applied steps (of all ranks under DDP)."""
-        keys = ("L_seg", "L_cls", "L_total")
+        """Means of ``L_seg``, ``L_grade``, ``L_total`` over the epoch's applied steps (of all ranks under DDP)."""
+        keys = ("L_seg", "L_grade", "L_total")
         device = getattr(engine.state, "device", None) or "cpu"
         zero = torch.zeros((), device=device)
         count = torch.as_tensor(self._count, dtype=torch.float32, device=device)
@@ -181,8 +184,10 @@ class EpochReport:
             return
         with open(self.csv_path, newline="") as handle:
             reader = csv.DictReader(handle)
-            fieldnames = reader.fieldnames or []
-            rows = [r for r in reader if int(r["epoch"]) <= last_epoch]
+            fieldnames = [_RENAMED_COLUMNS.get(name, name) for name in reader.fieldnames or []]
+            rows = [
+                {_RENAMED_COLUMNS.get(k, k): v for k, v in r.items()} for r in reader if int(r["epoch"]) <= last_epoch
+            ]
         self._rewrite(fieldnames, rows)
 
     def _rewrite(self, fieldnames: list[str], rows: list[dict]) -> None:
@@ -210,7 +215,7 @@ class EpochReport:
 
     def _log_line(self, row: dict) -> None:
         parts = [f"epoch {row['epoch']}", f"stage={row['stage']}", f"lr={row['lr']:.2e}"]
-        for key in ("Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_cls", "L_total", "sigma_seg", "sigma_cls"):
+        for key in ("Dice", "IoU", "AUC", "F1", "Acc", "L_seg", "L_grade", "L_total", "sigma_seg", "sigma_grade"):
             parts.append(f"{key}={row[key]:.4f}")
         parts.append(f"alpha_LGG={row['alpha_LGG']:.3f}")
         parts.append(f"alpha_HGG={row['alpha_HGG']:.3f}")

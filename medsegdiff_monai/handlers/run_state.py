@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from monai.transforms import Randomizable
 
+from medsegdiff_monai.engines.stages import current_stage_spelling
+
 __all__ = [
     "RUN_FILENAME",
     "RandomState",
@@ -30,6 +32,18 @@ RUN_FILENAME = "run.json"
 """File of a run folder recording the fingerprint of the run it holds."""
 
 _CHECKPOINT_GLOB = "checkpoint_epoch=*.pt"
+_RENAMED_SETTINGS = {"use_cls_head": "use_grade_head"}
+
+
+def _current_spelling(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the spellings of before the grade renames (``use_cls_head``, the stages' ``"cls_head"`` and
+    ``"cls"``) replaced by today's, so that a run recorded before them compares equal and resumes."""
+    renamed = {_RENAMED_SETTINGS.get(key, key): value for key, value in settings.items()}
+    if isinstance(renamed.get("stages"), list):
+        renamed["stages"] = [
+            current_stage_spelling(stage) if isinstance(stage, Mapping) else stage for stage in renamed["stages"]
+        ]
+    return renamed
 
 
 class RunFolderError(ValueError):
@@ -73,7 +87,7 @@ def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> lis
         )
     if recorded.get("dataset_dir") != current["dataset_dir"]:
         found.append(f"dataset_dir: {recorded.get('dataset_dir')} then, {current['dataset_dir']} now")
-    old, new = recorded.get("settings", {}), current["settings"]
+    old, new = _current_spelling(recorded.get("settings", {})), _current_spelling(current["settings"])
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             found.append(f"{key}: {json.dumps(old.get(key))} then, {json.dumps(new.get(key))} now")

@@ -29,7 +29,7 @@ class StagedTraining:
     - ``engine.stage`` is set, which selects the losses of the step.
 
     Training data without grades (BraTS 2021 and 2023 ship no grade table) is segmentation-only: at the start of
-    the run the stages that train only the grade head are skipped, ``"cls"`` is dropped from the other stages'
+    the run the stages that train only the grade head are skipped, ``"grade"`` is dropped from the other stages'
     losses, the run is shortened by the skipped epochs, and one message says so.
 
     Args:
@@ -57,14 +57,14 @@ class StagedTraining:
         if graded is None:
             entries = getattr(getattr(engine.state.dataloader, "dataset", None), "data", None)
             graded = not (entries and all(isinstance(e, Mapping) and "grade" not in e for e in entries))
-        if graded or not any("cls" in stage.losses for stage in self.stages):
+        if graded or not any("grade" in stage.losses for stage in self.stages):
             return
-        kept = parse_stages([stage.__dict__ for stage in self.stages], use_cls_head=False)
-        skipped = [stage.name for stage in self.stages if stage.train == "cls_head" or stage.losses == ("cls",)]
+        kept = parse_stages([stage.__dict__ for stage in self.stages], use_grade_head=False)
+        skipped = [stage.name for stage in self.stages if stage.train == "grade_head" or stage.losses == ("grade",)]
         skipped_epochs = sum(stage.epochs for stage in self.stages) - sum(stage.epochs for stage in kept)
         engine.state.max_epochs = max(engine.state.max_epochs - skipped_epochs, 1)
         self.logger.warning(
-            f"the training data has no grades: segmentation only. Grade stage(s) {skipped} skipped and the 'cls' "
+            f"the training data has no grades: segmentation only. Grade stage(s) {skipped} skipped and the 'grade' "
             f"loss dropped, {engine.state.max_epochs} epoch(s) in all; the grade head is not trained. Give a grade "
             "table (datalist --grades CSV with subject_id,grade) to train it."
         )
@@ -94,8 +94,8 @@ class StagedTraining:
         """Freeze/unfreeze, set learning rates and the stage on ``engine`` (a :class:`DiffusionTrainer`)."""
         network = engine.unwrapped_network
         for name, parameter in network.named_parameters():
-            in_head = name.startswith("cls_head.")
-            parameter.requires_grad_(stage.train == "all" or (stage.train == "cls_head") == in_head)
+            in_head = name.startswith("grade_head.")
+            parameter.requires_grad_(stage.train == "all" or (stage.train == "grade_head") == in_head)
         trained = trained_log_sigmas(stage)
         # a loss without uncertainty weighting has no log-sigmas
         log_sigmas = getattr(unwrap_module(engine.loss_function), "log_sigmas", {})

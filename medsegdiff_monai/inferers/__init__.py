@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
 from medsegdiff_monai.inferers.sampler import (
     SAMPLING_SCHEDULERS,
     DiffusionSampler,
@@ -15,6 +11,7 @@ from medsegdiff_monai.inferers.sampler import (
 )
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler
 from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
+from medsegdiff_monai.utils import moved_names
 
 __all__ = [
     "SAMPLING_SCHEDULERS",
@@ -56,16 +53,4 @@ _MOVED = {
 }
 """Names that moved out of this package, and the package that holds each now (old paths work for one release)."""
 
-
-def __getattr__(name: str) -> Any:
-    """Forward a name that moved to its new package, with a ``DeprecationWarning`` naming the new import path."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    package = _MOVED[name]
-    warnings.warn(
-        f"medsegdiff_monai.inferers.{name} moved to {package}.{name}; import it from {package} "
-        "(the old path will be removed in the next release).",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(package), name)
+__getattr__ = moved_names(__name__, {name: f"{package}.{name}" for name, package in _MOVED.items()})

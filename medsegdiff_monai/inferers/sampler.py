@@ -31,7 +31,7 @@ class SamplerOutput(NamedTuple):
         uncertainty: (B, C, H, W) per-voxel standard deviation of the members' probabilities (population std,
             0 when all members agree or ``K == 1``).
         member_probs: (K, B, C, H, W) every member's probabilities, or ``None`` unless ``return_members=True``.
-        p_hgg: (B,) softmax probability of class 1 (HGG) from the classification head, or ``None`` without the head.
+        p_hgg: (B,) softmax probability of class 1 (HGG) from the grade head, or ``None`` without the head.
         calib_probs: (B, C, H, W) ``sigmoid(calib_map)``, the deterministic segmentation from the image alone.
     """
 
@@ -274,7 +274,7 @@ class DiffusionSampler:
                 f"(amp_dtype={self.amp_dtype}); nothing of this batch is usable. Check the checkpoint, or run with "
                 "amp_dtype=None (float32) or another scheduler."
             )
-        p_hgg = None if condition.cls_logits is None else torch.softmax(condition.cls_logits.float(), dim=1)[:, 1]
+        p_hgg = None if condition.grade_logits is None else torch.softmax(condition.grade_logits.float(), dim=1)[:, 1]
         return SamplerOutput(
             probs=member_probs.mean(dim=0),
             uncertainty=member_probs.std(dim=0, unbiased=False),

@@ -147,7 +147,7 @@ def _empty_volume_output(network: nn.Module, image: Tensor) -> VolumeOutput:
         condition = network.encode_condition(image[None, ..., 0])
     channels = condition.calib_map.shape[1]
     zeros = image.new_zeros((channels, *image.shape[1:]))
-    has_head = condition.cls_logits is not None
+    has_head = condition.grade_logits is not None
     p_hgg = subject_p_hgg(image.new_zeros(0), image.new_zeros(0, dtype=torch.bool)) if has_head else None
     slice_p_hgg = image.new_full((image.shape[-1],), math.nan) if has_head else None
     return VolumeOutput(probs=zeros, uncertainty=zeros.clone(), p_hgg=p_hgg, slice_p_hgg=slice_p_hgg)

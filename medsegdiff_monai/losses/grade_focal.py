@@ -8,6 +8,8 @@ import torch
 from monai.losses import FocalLoss
 from torch.nn.modules.loss import _Loss
 
+from medsegdiff_monai.utils import renamed_args
+
 __all__ = ["GradeFocalLoss"]
 
 
@@ -18,7 +20,7 @@ class GradeFocalLoss(_Loss):
     (``use_softmax=True, to_onehot_y=True, reduction="none"``; the weight ``alpha[y_b]`` of each sample's target class
     is applied after it, which equals FocalLoss's ``weight=alpha`` without its per-call host synchronisations):
 
-    ``L = (1/B) * sum_b alpha[y_b] * (1 - p_b[y_b])**gamma * (-log p_b[y_b])``, ``p_b = softmax(cls_logits_b)``.
+    ``L = (1/B) * sum_b alpha[y_b] * (1 - p_b[y_b])**gamma * (-log p_b[y_b])``, ``p_b = softmax(grade_logits_b)``.
 
     The weights are not normalised by ``sum_b alpha[y_b]`` (unlike ``torch.nn.CrossEntropyLoss(weight=...)`` with
     mean reduction). With ``alpha_c = N / (2 * n_c)`` from the training split's subject counts the weighted terms
@@ -49,12 +51,13 @@ class GradeFocalLoss(_Loss):
         self.alpha_weights: torch.Tensor | None
         self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=gamma, reduction="none")
 
+    @renamed_args(cls_logits="grade_logits")
     def forward(
-        self, cls_logits: torch.Tensor, grade: torch.Tensor, sample_weight: torch.Tensor | None = None
+        self, grade_logits: torch.Tensor, grade: torch.Tensor, sample_weight: torch.Tensor | None = None
     ) -> torch.Tensor:
         """
         Args:
-            cls_logits: grade logits (B, num_classes).
+            grade_logits: grade logits (B, num_classes).
             grade: integer class per sample (B,), values in [0, num_classes).
             sample_weight: optional (B,) weights >= 0 (for example 1 on tumour-bearing slices, 0 elsewhere). The
                 loss is then ``sum_b w_b * l_b / max(sum_b w_b, 1)``: the mean over the weighted samples, and 0 (with
@@ -63,20 +66,21 @@ class GradeFocalLoss(_Loss):
         Returns:
             scalar loss.
         """
-        if cls_logits.ndim != 2 or grade.shape != cls_logits.shape[:1]:
+        if grade_logits.ndim != 2 or grade.shape != grade_logits.shape[:1]:
             raise ValueError(
-                f"GradeFocalLoss expects cls_logits (B, num_classes) and grade (B,), got {tuple(cls_logits.shape)} "
+                f"GradeFocalLoss expects grade_logits (B, num_classes) and grade (B,), got {tuple(grade_logits.shape)} "
                 f"and {tuple(grade.shape)}."
             )
-        if self.alpha is not None and len(self.alpha) != cls_logits.shape[1]:
+        if self.alpha is not None and len(self.alpha) != grade_logits.shape[1]:
             raise ValueError(
-                f"GradeFocalLoss has {len(self.alpha)} alpha weights but cls_logits has {cls_logits.shape[1]} classes."
+                f"GradeFocalLoss has {len(self.alpha)} alpha weights but grade_logits has {grade_logits.shape[1]} "
+                "classes."
             )
         grade = grade.long()
-        per_sample = self.focal(cls_logits, grade[:, None]).sum(dim=1)
+        per_sample = self.focal(grade_logits, grade[:, None]).sum(dim=1)
         if self.alpha_weights is not None:
-            if self.alpha_weights.device != cls_logits.device:  # once, for a loss module left on the CPU
-                self.alpha_weights = self.alpha_weights.to(cls_logits.device)
+            if self.alpha_weights.device != grade_logits.device:  # once, for a loss module left on the CPU
+                self.alpha_weights = self.alpha_weights.to(grade_logits.device)
             per_sample = per_sample * self.alpha_weights[grade]
         if sample_weight is None:
             return per_sample.mean()

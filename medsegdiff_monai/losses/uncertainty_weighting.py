@@ -7,7 +7,19 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from medsegdiff_monai.utils import rename_state_dict_keys, warn_renamed
+
 __all__ = ["UncertaintyWeightedLoss"]
+
+_OLD_GRADE_TASK = "cls"
+
+
+def _current_task_name(task: str) -> str:
+    """``"grade"`` for the old task name ``"cls"`` (with a warning), any other name unchanged."""
+    if task != _OLD_GRADE_TASK:
+        return task
+    warn_renamed("the UncertaintyWeightedLoss task name 'cls'", "'grade'")
+    return "grade"
 
 
 class UncertaintyWeightedLoss(nn.Module):
@@ -20,23 +32,28 @@ class UncertaintyWeightedLoss(nn.Module):
     task from being switched off (sigma -> inf) or blown up. Each ``s_t`` is a separate ``nn.Parameter``
     (``log_sigmas.<task>``), so a training stage can freeze one and train the other; they are saved in the state dict.
 
+    The grade task was called ``"cls"`` before: that task name (in ``tasks`` and in the losses of a call) and the
+    state-dict key ``log_sigmas.cls`` of older checkpoints are read as ``"grade"``, with a ``DeprecationWarning``,
+    for one release.
+
     Args:
-        tasks: task names, e.g. ``("seg", "cls")``.
+        tasks: task names, e.g. ``("seg", "grade")``.
         init_log_sigma: initial value of every ``s_t`` (0: weight 0.5 on each loss).
         log_sigma_bounds: (min, max) of ``s_t``.
 
     Example:
-        >>> weighting = UncertaintyWeightedLoss(("seg", "cls"))
-        >>> weighting({"seg": torch.tensor(0.8), "cls": None})  # a stage without the classification loss
+        >>> weighting = UncertaintyWeightedLoss(("seg", "grade"))
+        >>> weighting({"seg": torch.tensor(0.8), "grade": None})  # a stage without the grade loss
     """
 
     def __init__(
         self,
-        tasks: Sequence[str] = ("seg", "cls"),
+        tasks: Sequence[str] = ("seg", "grade"),
         init_log_sigma: float = 0.0,
         log_sigma_bounds: tuple[float, float] = (-3.0, 3.0),
     ) -> None:
         super().__init__()
+        tasks = tuple(_current_task_name(task) for task in tasks)
         if len(tasks) == 0 or len(set(tasks)) != len(tasks):
             raise ValueError(f"UncertaintyWeightedLoss needs distinct task names, got {tuple(tasks)}.")
         low, high = log_sigma_bounds
@@ -47,6 +64,8 @@ class UncertaintyWeightedLoss(nn.Module):
         self.log_sigmas = nn.ParameterDict(
             {task: nn.Parameter(torch.tensor(float(init_log_sigma))) for task in self.tasks}
         )
+        if "grade" in self.tasks:  # checkpoints written when the grade task was called "cls"
+            rename_state_dict_keys(self, {f"log_sigmas.{_OLD_GRADE_TASK}": "log_sigmas.grade"})
 
     def clamped_log_sigma(self, task: str) -> torch.Tensor:
         """``s_t`` clamped to the bounds (0-d tensor)."""
@@ -60,6 +79,8 @@ class UncertaintyWeightedLoss(nn.Module):
         Returns:
             the weighted total (scalar).
         """
+        if _OLD_GRADE_TASK in losses and _OLD_GRADE_TASK not in self.tasks:
+            losses = {_current_task_name(task): loss for task, loss in losses.items()}
         unknown = set(losses) - set(self.tasks)
         if unknown:
             raise ValueError(

@@ -4,7 +4,7 @@ from medsegdiff_monai.networks.anchor import AnchorGate, SeparableGaussianBlur
 from medsegdiff_monai.networks.calibration import GradeCalibration, fit_platt_scaling, logit
 from medsegdiff_monai.networks.checkpoint import extract_network_state, load_network_weights
 from medsegdiff_monai.networks.condition_unet import ConditionResBlock, ConditionUNet
-from medsegdiff_monai.networks.diffusion_unet_cls import ConditionFeatures, DiffusionUNetWithClsHead
+from medsegdiff_monai.networks.diffusion_unet_grade import ConditionFeatures, DiffusionUNetWithGradeHead
 from medsegdiff_monai.networks.fused_norm import (
     FusedGroupNorm,
     FusedResnetBlock,
@@ -17,6 +17,7 @@ from medsegdiff_monai.networks.inferer_adapter import DiffusionInfererAdapter
 from medsegdiff_monai.networks.presets import NETWORK_PRESETS, get_network
 from medsegdiff_monai.networks.ss_former import SpectralCrossAttention, SSFormerBlock
 from medsegdiff_monai.networks.upsample import NearestUpsample, replace_nearest_upsampling
+from medsegdiff_monai.utils import moved_names
 
 __all__ = [
     "NETWORK_PRESETS",
@@ -25,7 +26,7 @@ __all__ = [
     "ConditionResBlock",
     "ConditionUNet",
     "DiffusionInfererAdapter",
-    "DiffusionUNetWithClsHead",
+    "DiffusionUNetWithGradeHead",
     "FusedGroupNorm",
     "FusedResnetBlock",
     "GradeCalibration",
@@ -45,3 +46,5 @@ __all__ = [
     "replace_nearest_upsampling",
     "triton_available",
 ]
+
+__getattr__ = moved_names(__name__, {"DiffusionUNetWithClsHead": f"{__name__}.DiffusionUNetWithGradeHead"})

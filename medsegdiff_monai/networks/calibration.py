@@ -52,11 +52,11 @@ class GradeCalibration(nn.Module):
         self.scale: torch.Tensor
         self.bias: torch.Tensor
 
-    def forward(self, cls_logits: torch.Tensor) -> torch.Tensor:
-        if cls_logits.ndim != 2 or cls_logits.shape[1] != 2:
-            raise ValueError(f"GradeCalibration expects (B, 2) logits, got {tuple(cls_logits.shape)}.")
-        shift = torch.stack([torch.zeros_like(self.bias), self.bias]).to(cls_logits.dtype)
-        return cls_logits * self.scale.to(cls_logits.dtype) + shift
+    def forward(self, grade_logits: torch.Tensor) -> torch.Tensor:
+        if grade_logits.ndim != 2 or grade_logits.shape[1] != 2:
+            raise ValueError(f"GradeCalibration expects (B, 2) logits, got {tuple(grade_logits.shape)}.")
+        shift = torch.stack([torch.zeros_like(self.bias), self.bias]).to(grade_logits.dtype)
+        return grade_logits * self.scale.to(grade_logits.dtype) + shift
 
     def set(self, scale: float, bias: float) -> None:
         """Set the calibration (``scale > 0``)."""

@@ -68,6 +68,6 @@ def load_network_weights(
         network.load_state_dict(state, strict=strict)
     except RuntimeError as error:
         raise ValueError(
-            f"checkpoint {path} does not match the network (check preset, use_cls_head, mask_channels): {error}"
+            f"checkpoint {path} does not match the network (check preset, use_grade_head, mask_channels): {error}"
         ) from error
     return network

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from medsegdiff_monai.networks.diffusion_unet_cls import DiffusionUNetWithClsHead
+from medsegdiff_monai.networks.diffusion_unet_grade import DiffusionUNetWithGradeHead
 
 __all__ = ["DiffusionInfererAdapter"]
 
 
 class DiffusionInfererAdapter(nn.Module):
-    """:class:`DiffusionUNetWithClsHead` with the call signature of MONAI's diffusion models.
+    """:class:`DiffusionUNetWithGradeHead` with the call signature of MONAI's diffusion models.
 
     MONAI's :class:`~monai.inferers.DiffusionInferer` calls ``diffusion_model(x=..., timesteps=..., context=...)``
     and expects one tensor back, which its scheduler's ``step`` takes as the model output. This module runs the
@@ -35,7 +35,7 @@ class DiffusionInfererAdapter(nn.Module):
         network: the segmentation network (its grade head, if any, is not used here).
     """
 
-    def __init__(self, network: DiffusionUNetWithClsHead) -> None:
+    def __init__(self, network: DiffusionUNetWithGradeHead) -> None:
         super().__init__()
         self.network = network
 

@@ -23,7 +23,7 @@ __all__ = [
 
 
 class _ConditionEncoder(nn.Module):
-    """``image -> (features, calib_map, cls_logits)`` as plain tensors (``cls_logits`` absent without a head)."""
+    """``image -> (features, calib_map, grade_logits)`` as plain tensors (``grade_logits`` absent without a head)."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
@@ -32,7 +32,7 @@ class _ConditionEncoder(nn.Module):
     def forward(self, image: Tensor) -> tuple[Any, ...]:
         condition = self.network.encode_condition(image)
         outputs: tuple[Any, ...] = (tuple(condition.features), condition.calib_map)
-        return outputs if condition.cls_logits is None else (*outputs, condition.cls_logits)
+        return outputs if condition.grade_logits is None else (*outputs, condition.grade_logits)
 
 
 class _MaskDenoiser(nn.Module):
@@ -59,12 +59,12 @@ def export_network(
     Export ``network`` with ``torch.export`` for inference without the Python package.
 
     Two programs are written because sampling runs the condition network once per slice and the denoiser at every
-    step: ``<prefix>_condition.pt2`` (``image (B, 4, H, W) -> (features, calib_map[, cls_logits])``) and
+    step: ``<prefix>_condition.pt2`` (``image (B, 4, H, W) -> (features, calib_map[, grade_logits])``) and
     ``<prefix>_denoise.pt2`` (``(x_t, t, features, calib_map) -> seg_logits``). The batch size is dynamic; the
     in-plane size is fixed to ``image_size`` (the bundle's ``roi_size``). Reload with :func:`load_exported_network`.
 
     Args:
-        network: a ``DiffusionUNetWithClsHead`` (or a module with the same ``encode_condition`` / ``denoise``).
+        network: a ``DiffusionUNetWithGradeHead`` (or a module with the same ``encode_condition`` / ``denoise``).
         directory: output folder (created if needed).
         image_size: (H, W) of the slices the programs will take.
         prefix: file name prefix.
@@ -121,19 +121,19 @@ class ExportedDiffusionNetwork(nn.Module):
         self.denoise_program = denoise_program
 
     def encode_condition(self, image: Tensor) -> ConditionFeatures:
-        """See ``DiffusionUNetWithClsHead.encode_condition``."""
+        """See ``DiffusionUNetWithGradeHead.encode_condition``."""
         outputs = self.condition_program(image)
-        cls_logits = outputs[2] if len(outputs) > 2 else None
-        return ConditionFeatures(features=tuple(outputs[0]), calib_map=outputs[1], cls_logits=cls_logits)
+        grade_logits = outputs[2] if len(outputs) > 2 else None
+        return ConditionFeatures(features=tuple(outputs[0]), calib_map=outputs[1], grade_logits=grade_logits)
 
     def denoise(self, x_t: Tensor, t: Tensor, condition: ConditionFeatures) -> Tensor:
-        """See ``DiffusionUNetWithClsHead.denoise``."""
+        """See ``DiffusionUNetWithGradeHead.denoise``."""
         return self.denoise_program(x_t, t, tuple(condition.features), condition.calib_map)
 
     def forward(self, x_t: Tensor, t: Tensor, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(seg_logits, cls_logits, calib_map)``, as ``DiffusionUNetWithClsHead.forward``."""
+        """``(seg_logits, grade_logits, calib_map)``, as ``DiffusionUNetWithGradeHead.forward``."""
         condition = self.encode_condition(image)
-        return self.denoise(x_t, t, condition), condition.cls_logits, condition.calib_map
+        return self.denoise(x_t, t, condition), condition.grade_logits, condition.calib_map
 
 
 def load_exported_network(directory: str | Path, prefix: str = "model") -> ExportedDiffusionNetwork:
@@ -166,7 +166,7 @@ def export_from_checkpoint(
         image_size: (H, W) of the exported slices.
         preset: network preset the checkpoint was trained with.
         prefix: file name prefix.
-        network_kwargs: other arguments of ``get_network`` (``use_cls_head``, ``mask_channels``, ...).
+        network_kwargs: other arguments of ``get_network`` (``use_grade_head``, ``mask_channels``, ...).
     """
     network = load_network_weights(get_network(preset, **network_kwargs), checkpoint)
     return export_network(network, directory, image_size, prefix)

@@ -179,7 +179,7 @@ class BratsVolumeInferer:
     ``overwrite``; ``grades.csv`` is updated by subject, so the grades of other subjects stay.
 
     Args:
-        network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithClsHead`` or
+        network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithGradeHead`` or
             :class:`~medsegdiff_monai.workflows.ExportedDiffusionNetwork`.
         sampler: the diffusion sampler (steps, scheduler, ensemble size, seed).
         roi_size: in-plane size of the transforms (the training ``roi_size``).

@@ -80,9 +80,9 @@ def test_network_carries_the_calibration_and_old_checkpoints_load_with_a_warning
     network = tiny_network()
     image = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        raw = network.encode_condition(image).cls_logits
+        raw = network.encode_condition(image).grade_logits
         network.grade_calibration.set(2.0, 0.25)
-        calibrated = network.encode_condition(image).cls_logits
+        calibrated = network.encode_condition(image).grade_logits
     torch.testing.assert_close(calibrated, 2.0 * raw + torch.tensor([0.0, 0.25]))
     state = network.state_dict()
     assert float(state["grade_calibration.scale"]) == 2.0 and float(state["grade_calibration.bias"]) == 0.25
@@ -160,7 +160,7 @@ class SliceMeanGrader(torch.nn.Module):
     def encode_condition(self, image: torch.Tensor) -> SimpleNamespace:
         brain = (image != 0).any(dim=1, keepdim=True).float().repeat(1, 3, 1, 1)
         hgg = image[:, 0].mean(dim=(1, 2))
-        return SimpleNamespace(features=[brain], calib_map=20 * brain - 10, cls_logits=torch.stack([0 * hgg, hgg], 1))
+        return SimpleNamespace(features=[brain], calib_map=20 * brain - 10, grade_logits=torch.stack([0 * hgg, hgg], 1))
 
     def denoise(self, x_t, t, condition):
         return condition.calib_map

@@ -14,15 +14,15 @@ from medsegdiff_monai.handlers import StagedTraining
 
 STAGES = [
     {"name": "segmentation", "epochs": 1, "train": "backbone", "losses": ["seg"]},
-    {"name": "classification", "epochs": 2, "train": "cls_head", "losses": ["cls"]},
-    {"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "cls"], "uncertainty_weighting": True},
+    {"name": "classification", "epochs": 2, "train": "grade_head", "losses": ["grade"]},
+    {"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "grade"], "uncertainty_weighting": True},
 ]
 
 
 def _engine(entries: list[dict]) -> tuple[Engine, list]:
     """A bare Ignite engine with the attributes StagedTraining sets (no network step)."""
     engine = Engine(lambda e, batch: None)
-    network = nn.ModuleDict({"backbone": nn.Linear(2, 2), "cls_head": nn.Linear(2, 1)})
+    network = nn.ModuleDict({"backbone": nn.Linear(2, 2), "grade_head": nn.Linear(2, 1)})
     engine.unwrapped_network = network
     engine.loss_function = nn.Module()
     engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
@@ -48,4 +48,4 @@ def test_graded_dataset_keeps_the_plan(caplog):
     with caplog.at_level(logging.WARNING):
         engine.run(torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=list), max_epochs=4)
     assert [name for name, _ in seen] == ["segmentation", "classification", "classification", "joint"]
-    assert seen[-1][1] == ("seg", "cls") and not [r for r in caplog.records if "no grades" in r.message]
+    assert seen[-1][1] == ("seg", "grade") and not [r for r in caplog.records if "no grades" in r.message]

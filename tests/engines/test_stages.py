@@ -4,13 +4,13 @@ from medsegdiff_monai.engines import TrainingStage, parse_stages, stage_at_epoch
 
 PLAN = [
     {"name": "segmentation", "epochs": 2, "train": "backbone", "losses": ["seg"]},
-    {"name": "classification", "epochs": 1, "train": "cls_head", "lr_multiplier": 10.0, "losses": ["cls"]},
+    {"name": "classification", "epochs": 1, "train": "grade_head", "lr_multiplier": 10.0, "losses": ["grade"]},
     {
         "name": "joint",
         "epochs": 3,
         "train": "all",
         "lr_multiplier": 0.1,
-        "losses": ["seg", "cls"],
+        "losses": ["seg", "grade"],
         "uncertainty_weighting": True,
     },
 ]
@@ -21,11 +21,11 @@ def test_parse_and_walk_the_plan():
     assert [s.name for s in stages] == ["segmentation", "classification", "joint"]
     assert total_epochs(stages) == 6
     assert [stage_at_epoch(stages, e)[0] for e in range(1, 8)] == [0, 0, 1, 2, 2, 2, 2]
-    assert stages[2] == TrainingStage("joint", 3, "all", 0.1, ("seg", "cls"), True)
+    assert stages[2] == TrainingStage("joint", 3, "all", 0.1, ("seg", "grade"), True)
 
 
 def test_segmentation_only_plan_drops_head_stages():
-    stages = parse_stages(PLAN, use_cls_head=False)
+    stages = parse_stages(PLAN, use_grade_head=False)
     assert [s.name for s in stages] == ["segmentation", "joint"]
     assert stages[1].losses == ("seg",)
 
@@ -51,3 +51,18 @@ def test_single_stage_selection():
 def test_bad_stage_names_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
         parse_stages([bad])
+
+
+def test_old_stage_spellings_parse_with_a_warning():
+    old = [{**stage, "train": stage["train"].replace("grade_head", "cls_head")} for stage in PLAN]
+    old = [{**stage, "losses": ["cls" if n == "grade" else n for n in stage["losses"]]} for stage in old]
+    with pytest.warns(
+        DeprecationWarning, match="'cls_head' is renamed 'grade_head'|'cls' is renamed 'grade'"
+    ) as caught:
+        stages = parse_stages(old)
+    assert stages == parse_stages(PLAN)
+    messages = [str(w.message) for w in caught]
+    assert any("train: 'cls_head'" in m for m in messages) and any("losses: 'cls'" in m for m in messages)
+    with pytest.warns(DeprecationWarning) as caught:
+        assert parse_stages(old, use_cls_head=False) == parse_stages(PLAN, use_grade_head=False)
+    assert "use_cls_head= of parse_stages is renamed use_grade_head=" in str(caught[0].message)

@@ -14,6 +14,7 @@ from medsegdiff_monai.engines import (
     NonFiniteLossEvents,
     build_optimizer,
     parse_stages,
+    validation_metrics,
 )
 from medsegdiff_monai.handlers import LoadNetworkWeights, NonFiniteLossGuard, StagedTraining
 from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, UncertaintyWeightedLoss
@@ -34,13 +35,13 @@ def make_batches(count: int = 3, batch: int = 2) -> list[dict]:
 
 
 def make_trainer(
-    stages, use_cls_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None, fused=False, log_sigma_lr=0.05
+    stages, use_grade_head=True, seg_loss=None, lr=1e-3, handlers=(), amp_dtype=None, fused=False, log_sigma_lr=0.05
 ):
     torch.manual_seed(0)
-    network = get_network("small", use_cls_head=use_cls_head)
-    weighting = UncertaintyWeightedLoss(tasks=("seg", "cls"))
+    network = get_network("small", use_grade_head=use_grade_head)
+    weighting = UncertaintyWeightedLoss(tasks=("seg", "grade"))
     optimizer = build_optimizer(network, weighting, lr=lr, weight_decay=0.1, fused=fused, log_sigma_lr=log_sigma_lr)
-    plan = parse_stages(stages, use_cls_head=use_cls_head)
+    plan = parse_stages(stages, use_grade_head=use_grade_head)
     staged = StagedTraining(plan)
     trainer = DiffusionTrainer(
         device="cpu",
@@ -50,7 +51,7 @@ def make_trainer(
         optimizer=optimizer,
         loss_function=weighting,
         seg_loss=seg_loss or SegmentationLoss(),
-        cls_loss=GradeFocalLoss(alpha=(2.0, 0.67)) if use_cls_head else None,
+        grade_loss=GradeFocalLoss(alpha=(2.0, 0.67)) if use_grade_head else None,
         noise_scheduler=DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"),
         stage=plan[0],
         amp_dtype=amp_dtype,
@@ -82,14 +83,16 @@ def snapshot(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tenso
 
 
 def test_stage2_freezes_backbone_bit_for_bit_and_trains_head():
-    stages = [{"name": "classification", "epochs": 1, "train": "cls_head", "lr_multiplier": 10.0, "losses": ["cls"]}]
+    stages = [
+        {"name": "classification", "epochs": 1, "train": "grade_head", "lr_multiplier": 10.0, "losses": ["grade"]}
+    ]
     trainer, network, _ = make_trainer(stages)
     before = snapshot(network)
     running_stats = {n: b.clone() for n, b in network.named_buffers()}
     trainer.run()
     after = snapshot(network)
-    backbone = [n for n in before if not n.startswith("cls_head.")]
-    head = [n for n in before if n.startswith("cls_head.")]
+    backbone = [n for n in before if not n.startswith("grade_head.")]
+    head = [n for n in before if n.startswith("grade_head.")]
     assert backbone and head
     assert all(torch.equal(before[n], after[n]) for n in backbone), "a frozen backbone weight changed"
     assert any(not torch.equal(before[n], after[n]) for n in head), "the grade head did not train"
@@ -102,17 +105,17 @@ def test_stage1_leaves_head_untouched_and_trains_backbone():
     before = snapshot(network)
     trainer.run()
     after = snapshot(network)
-    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("cls_head."))
-    assert any(not torch.equal(before[n], after[n]) for n in before if not n.startswith("cls_head."))
-    assert math.isnan(float(trainer.state.output["L_cls"]))
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("grade_head."))
+    assert any(not torch.equal(before[n], after[n]) for n in before if not n.startswith("grade_head."))
+    assert math.isnan(float(trainer.state.output["L_grade"]))
     assert math.isfinite(float(trainer.state.output["L_seg"]))
 
 
 def test_learning_rate_of_each_stage_is_base_times_multiplier():
     stages = [
         {"name": "segmentation", "epochs": 1, "train": "backbone", "lr_multiplier": 1.0},
-        {"name": "classification", "epochs": 1, "train": "cls_head", "lr_multiplier": 10.0, "losses": ["cls"]},
-        {"name": "joint", "epochs": 1, "train": "all", "lr_multiplier": 0.1, "losses": ["seg", "cls"]},
+        {"name": "classification", "epochs": 1, "train": "grade_head", "lr_multiplier": 10.0, "losses": ["grade"]},
+        {"name": "joint", "epochs": 1, "train": "all", "lr_multiplier": 0.1, "losses": ["seg", "grade"]},
     ]
     trainer, _, optimizer = make_trainer(stages, lr=2e-4)
     seen = {}
@@ -132,7 +135,7 @@ def test_learning_rate_of_each_stage_is_base_times_multiplier():
     ("stage", "trained"),
     [
         ({"name": "segmentation", "epochs": 1, "train": "backbone", "losses": ["seg"]}, {"seg"}),
-        ({"name": "classification", "epochs": 1, "train": "cls_head", "losses": ["cls"]}, {"cls"}),
+        ({"name": "classification", "epochs": 1, "train": "grade_head", "losses": ["grade"]}, {"grade"}),
         ({"name": "plain", "epochs": 1, "train": "all", "losses": ["seg"], "uncertainty_weighting": False}, set()),
     ],
 )
@@ -184,10 +187,10 @@ def test_guard_stops_a_diverged_run(fused):
 
 def test_segmentation_only_network_trains():
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
-    trainer, network, _ = make_trainer(stages, use_cls_head=False)
+    trainer, network, _ = make_trainer(stages, use_grade_head=False)
     before = snapshot(network)
     trainer.run()
-    assert network.cls_head is None
+    assert network.grade_head is None
     assert any(not torch.equal(before[n], p) for n, p in network.named_parameters())
 
 
@@ -244,16 +247,16 @@ def test_epoch_report_without_tensorboard_warns_and_keeps_training(tmp_path, mon
 
 def test_iteration_fires_monai_iteration_events_in_order():
     """A user handler on each of MONAI's IterationEvents sees the step's state at that point."""
-    trainer, network, _ = make_trainer([{"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "cls"]}])
+    trainer, network, _ = make_trainer([{"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "grade"]}])
     trainer.state.epoch_length = 1  # one step
     seen = []
     weight = next(p for n, p in network.named_parameters() if n.endswith("weight") and p.ndim == 4)
     before = weight.detach().clone()
 
     def on_forward(engine):
-        seg_logits, cls_logits, calib_map = engine.state.output["pred"]
+        seg_logits, grade_logits, calib_map = engine.state.output["pred"]
         assert seg_logits.shape == (2, 3, SIZE, SIZE) and calib_map.shape == seg_logits.shape
-        assert cls_logits.shape == (2, 2)
+        assert grade_logits.shape == (2, 2)
         assert engine.state.output["image"].shape == (2, 3, SIZE, SIZE)  # the noisy mask
         assert torch.equal(engine.state.output["label"]["grade"], torch.tensor([0, 1]))
         seen.append("forward")
@@ -330,3 +333,24 @@ def test_initial_weights_load_before_the_first_step(tmp_path):
     trainer.run()
     assert loaded.keys() == trained.keys()
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+
+def test_old_keyword_names_of_the_engines():
+    network = get_network("small")
+    weighting = UncertaintyWeightedLoss(tasks=("seg", "grade"))
+    grade_loss = GradeFocalLoss()
+    with pytest.warns(DeprecationWarning, match="cls_loss= of DiffusionTrainer.__init__ is renamed grade_loss="):
+        trainer = DiffusionTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=make_batches(1),
+            network=network,
+            optimizer=build_optimizer(network, weighting, lr=1e-3),
+            loss_function=weighting,
+            seg_loss=SegmentationLoss(),
+            cls_loss=grade_loss,
+            noise_scheduler=DDPMScheduler(num_train_timesteps=1000, prediction_type="sample"),
+        )
+    assert trainer.grade_loss is grade_loss and trainer.stage.losses == ("seg", "grade")
+    with pytest.warns(DeprecationWarning, match="use_cls_head= of validation_metrics is renamed use_grade_head="):
+        assert "AUC" not in validation_metrics(3, use_cls_head=False)

@@ -20,7 +20,7 @@ CONFIGS = REPO / "bundle" / "configs"
 TINY = {
     "network_def#channels": "[8,8,16]", "network_def#condition_channels": "[8,8,16]",
     "network_def#attention_levels": "[False,False,False]", "network_def#num_head_channels": "8",
-    "network_def#norm_num_groups": "4", "network_def#cls_hidden_channels": "8",
+    "network_def#norm_num_groups": "4", "network_def#grade_hidden_channels": "8",
     "roi_size": "[16,16]", "slices_per_volume": "2", "val_sampling_steps": "1",
     "stages#0#epochs": "1", "stages#1#epochs": "1", "stages#2#epochs": "1",
 }  # fmt: skip

@@ -3,8 +3,10 @@ small Ignite engines (no training)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import random
 from types import SimpleNamespace
 
@@ -25,6 +27,8 @@ from medsegdiff_monai.handlers import (
     run_fingerprint,
 )
 from medsegdiff_monai.losses import UncertaintyWeightedLoss
+from medsegdiff_monai.networks import get_network
+from tests.networks.tiny_network import TINY, tiny_network
 
 
 def draws(transform: Compose, generator: torch.Generator) -> list[float]:
@@ -105,10 +109,10 @@ def test_epoch_line_is_printed_after_its_checkpoint(tmp_path):
 
     def step(engine, batch):
         loss = torch.tensor(1.0)
-        return {"L_seg": loss, "L_cls": loss, "L_total": loss, "finite": True}
+        return {"L_seg": loss, "L_grade": loss, "L_total": loss, "finite": True}
 
     engine = Engine(step)
-    engine.loss_function = UncertaintyWeightedLoss(tasks=("seg", "cls"))
+    engine.loss_function = UncertaintyWeightedLoss(tasks=("seg", "grade"))
     engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     EpochReport(tmp_path, tensorboard=False).attach(engine)  # a training handler, attached before the saver
     TrainingCheckpointSaver(tmp_path / "checkpoints", {"network": network, "trainer": engine}).attach(engine)
@@ -148,3 +152,57 @@ def test_run_folder_is_recorded_once_and_resumed_with_the_same_fingerprint(tmp_p
     with pytest.raises(RunFolderError, match=r"lr: 0.001 then, 0.0001 now.*another --output_dir"):
         other = run_fingerprint(datalist, tmp_path, {"stages": [1, 2], "lr": 1e-4})
         prepare_run_folder(run, run / "checkpoints", other)
+
+
+def test_a_run_written_before_the_grade_renames_resumes(tmp_path):
+    """A run folder of before the ``cls`` -> ``grade`` renames (``run.json`` with ``use_cls_head`` and the stage
+    spellings ``cls_head`` / ``cls``, ``metrics.csv`` with ``L_cls`` / ``sigma_cls``, a checkpoint with the keys
+    ``cls_head.*`` and ``log_sigmas.cls``) is resumed by today's handlers."""
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"], "grade": 1}], "validation": []}))
+    stage = {"name": "classification", "epochs": 1, "train": "grade_head", "losses": ["seg", "grade"]}
+    old_stage = {**stage, "train": "cls_head", "losses": ["seg", "cls"]}
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    old_settings = {"use_cls_head": True, "stages": [old_stage], "lr": 1e-3}
+    (run / RUN_FILENAME).write_text(json.dumps(run_fingerprint(datalist, tmp_path, old_settings)))
+    (run / "metrics.csv").write_text(
+        "epoch,stage,L_seg,L_cls,L_total,sigma_seg,sigma_cls\n1,classification,1,0.5,2,1,0.9\n"
+    )
+    expected = tiny_network().state_dict()
+    finished = Engine(lambda engine, batch: None)
+    finished.run([0], max_epochs=1)
+    torch.save(
+        {
+            "network": {k.replace("grade_head.", "cls_head."): v for k, v in expected.items()},
+            "loss": {"log_sigmas.seg": torch.tensor(0.25), "log_sigmas.cls": torch.tensor(-0.5)},
+            "trainer": finished.state_dict(),
+        },
+        checkpoints / "checkpoint_epoch=1.pt",
+    )
+
+    new_settings = {"use_grade_head": True, "stages": [stage], "lr": 1e-3}
+    prepare_run_folder(run, checkpoints, run_fingerprint(datalist, tmp_path, new_settings))  # the same run
+    with pytest.raises(RunFolderError, match="use_grade_head: true then, false now"):
+        other = {**new_settings, "use_grade_head": False}
+        prepare_run_folder(run, checkpoints, run_fingerprint(datalist, tmp_path, other))
+
+    torch.manual_seed(1)
+    network = get_network("small", **TINY)
+    weighting = UncertaintyWeightedLoss(tasks=("seg", "grade"))
+    loss = torch.tensor(1.0)
+    engine = Engine(lambda engine, batch: {"L_seg": loss, "L_grade": loss, "L_total": loss, "finite": True})
+    engine.loss_function = weighting
+    engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    ResumeFromCheckpoint(checkpoints, {"network": network, "loss": weighting, "trainer": engine}).attach(engine)
+    EpochReport(run, tensorboard=False).attach(engine)
+    with pytest.warns(DeprecationWarning, match=r"cls_head|log_sigmas\.cls") as caught:
+        engine.run([0], max_epochs=2)
+    assert any("log_sigmas.cls" in str(w.message) for w in caught)
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
+    assert weighting.sigmas() == pytest.approx({"seg": math.exp(0.25), "grade": math.exp(-0.5)})
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "L_cls" not in rows[0] and "sigma_cls" not in rows[0]
+    assert [(r["epoch"], r["L_grade"], r["sigma_grade"]) for r in rows[:1]] == [("1", "0.5", "0.9")]
+    assert rows[1]["epoch"] == "2" and float(rows[1]["sigma_grade"]) == pytest.approx(math.exp(-0.5))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 class StandInCondition(NamedTuple):
     features: list[Tensor]
     calib_map: Tensor
-    cls_logits: Tensor | None
+    grade_logits: Tensor | None
 
 
 class StandInNetwork(nn.Module):
@@ -20,15 +20,15 @@ class StandInNetwork(nn.Module):
 
     Args:
         mask_channels: channels of the mask (3 = TC, WT, ET).
-        use_cls_head: return grade logits from the pooled image features.
+        use_grade_head: return grade logits from the pooled image features.
         noise_gain: weight of the noisy mask in ``denoise``; 0 makes the output independent of the noise.
     """
 
-    def __init__(self, mask_channels: int = 3, use_cls_head: bool = True, noise_gain: float = 1.0, hidden: int = 8):
+    def __init__(self, mask_channels: int = 3, use_grade_head: bool = True, noise_gain: float = 1.0, hidden: int = 8):
         super().__init__()
         self.encoder = nn.Conv2d(4, hidden, 3, padding=1)
         self.calib = nn.Conv2d(hidden, mask_channels, 1)
-        self.cls = nn.Linear(hidden, 2) if use_cls_head else None
+        self.grade = nn.Linear(hidden, 2) if use_grade_head else None
         self.mask_in = nn.Conv2d(mask_channels, hidden, 3, padding=1)
         self.time = nn.Embedding(1000, hidden)
         self.out = nn.Conv2d(hidden, mask_channels, 3, padding=1)
@@ -39,8 +39,8 @@ class StandInNetwork(nn.Module):
     def encode_condition(self, image: Tensor) -> StandInCondition:
         self.encode_batches.append(image.shape[0])
         features = torch.relu(self.encoder(image))
-        cls_logits = None if self.cls is None else self.cls(features.mean(dim=(2, 3)))
-        return StandInCondition([features], self.calib(features), cls_logits)
+        grade_logits = None if self.grade is None else self.grade(features.mean(dim=(2, 3)))
+        return StandInCondition([features], self.calib(features), grade_logits)
 
     def denoise(self, x_t: Tensor, t: Tensor, condition: StandInCondition) -> Tensor:
         self.denoise_inputs.append((x_t.clone(), t.clone()))
@@ -49,7 +49,7 @@ class StandInNetwork(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         condition = self.encode_condition(image)
-        return self.denoise(x_t, t, condition), condition.cls_logits, condition.calib_map
+        return self.denoise(x_t, t, condition), condition.grade_logits, condition.calib_map
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ class BrainOracle(nn.Module):
 
     def encode_condition(self, image: Tensor) -> StandInCondition:
         brain = (image != 0).any(dim=1, keepdim=True).float().repeat(1, 3, 1, 1)
-        cls_logits = torch.stack([torch.zeros_like(self.hgg_logit), self.hgg_logit]).expand(image.shape[0], 2)
-        return StandInCondition([brain], 20 * brain - 10, cls_logits)
+        grade_logits = torch.stack([torch.zeros_like(self.hgg_logit), self.hgg_logit]).expand(image.shape[0], 2)
+        return StandInCondition([brain], 20 * brain - 10, grade_logits)
 
     def denoise(self, x_t: Tensor, t: Tensor, condition: StandInCondition) -> Tensor:
         return condition.calib_map

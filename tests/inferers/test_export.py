@@ -13,7 +13,7 @@ TINY = {
     "attention_levels": (False, False, False),
     "num_head_channels": 8,
     "norm_num_groups": 4,
-    "cls_hidden_channels": 8,
+    "grade_hidden_channels": 8,
 }
 
 
@@ -29,7 +29,7 @@ def test_checkpoint_formats_load_the_same_weights(tmp_path):
     wrapped = {f"_orig_mod.{k}": v for k, v in state.items()}
     for name, content in (("plain.pt", state), ("nested.pt", nested), ("compiled.pt", wrapped)):
         torch.save(content, tmp_path / name)
-        loaded = load_network_weights(_tiny_network(use_cls_head=True), tmp_path / name)
+        loaded = load_network_weights(_tiny_network(use_grade_head=True), tmp_path / name)
         for key, value in loaded.state_dict().items():
             torch.testing.assert_close(value, state[key], rtol=0, atol=0)
     assert extract_network_state({"module.a": 1}) == {"a": 1}
@@ -38,9 +38,9 @@ def test_checkpoint_formats_load_the_same_weights(tmp_path):
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_network_weights(_tiny_network(), tmp_path / "missing.pt")
-    torch.save(_tiny_network(use_cls_head=False).state_dict(), tmp_path / "no_head.pt")
-    with pytest.raises(ValueError, match="use_cls_head"):
-        load_network_weights(_tiny_network(use_cls_head=True), tmp_path / "no_head.pt")
+    torch.save(_tiny_network(use_grade_head=False).state_dict(), tmp_path / "no_head.pt")
+    with pytest.raises(ValueError, match="use_grade_head"):
+        load_network_weights(_tiny_network(use_grade_head=True), tmp_path / "no_head.pt")
 
 
 def test_exported_network_matches_and_samples(tmp_path):

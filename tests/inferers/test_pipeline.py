@@ -84,7 +84,7 @@ def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, t
 
 
 def test_folder_input_and_num_cases(stand_in_network, brats_copy, tmp_path):
-    outputs = _inferer(stand_in_network(use_cls_head=False)).run(brats_copy, tmp_path / "out", num_cases=2)
+    outputs = _inferer(stand_in_network(use_grade_head=False)).run(brats_copy, tmp_path / "out", num_cases=2)
     assert [o.subject_id for o in outputs] == ["BraTS20_Training_001", "BraTS20_Training_002"]
     assert all(o.p_hgg is None for o in outputs)
     assert not (tmp_path / "out" / "grades.csv").exists()  # nothing to grade without a head

@@ -27,7 +27,7 @@ def test_output_shapes_and_condition_reuse(stand_in_network):
     assert [x.shape[0] for x, _ in network.denoise_inputs] == [15] * 4
     with torch.no_grad():
         condition = network.encode_condition(image)
-    torch.testing.assert_close(out.p_hgg, torch.softmax(condition.cls_logits, dim=1)[:, 1])
+    torch.testing.assert_close(out.p_hgg, torch.softmax(condition.grade_logits, dim=1)[:, 1])
     torch.testing.assert_close(out.calib_probs, torch.sigmoid(condition.calib_map))
 
 
@@ -89,7 +89,7 @@ def test_seeded_generator_is_reproducible(stand_in_network):
 
 
 def test_without_classification_head(stand_in_network):
-    out = DiffusionSampler(num_inference_steps=2, ensemble_size=1)(stand_in_network(use_cls_head=False), _image())
+    out = DiffusionSampler(num_inference_steps=2, ensemble_size=1)(stand_in_network(use_grade_head=False), _image())
     assert out.p_hgg is None and out.member_probs is None
     assert float(out.uncertainty.abs().max()) == 0.0
 

@@ -108,7 +108,7 @@ def test_volume_without_brain(stand_in_network):
         out = sample_volume(stand_in_network(), torch.zeros(4, 8, 8, 3), DiffusionSampler(num_inference_steps=2))
     assert out.probs.shape == (3, 8, 8, 3) and float(out.probs.abs().max()) == 0.0
     assert math.isnan(out.p_hgg)
-    out = sample_volume(stand_in_network(use_cls_head=False), torch.zeros(4, 8, 8, 3), DiffusionSampler(2))
+    out = sample_volume(stand_in_network(use_grade_head=False), torch.zeros(4, 8, 8, 3), DiffusionSampler(2))
     assert out.p_hgg is None and out.slice_p_hgg is None
 
 

@@ -122,45 +122,45 @@ def test_grade_focal_loss_input_checks():
     loss = GradeFocalLoss(alpha=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="3 alpha weights"):
         loss(torch.randn(2, 2), torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="cls_logits \\(B, num_classes\\) and grade \\(B,\\)"):
+    with pytest.raises(ValueError, match="grade_logits \\(B, num_classes\\) and grade \\(B,\\)"):
         GradeFocalLoss()(torch.randn(2, 2), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match=">= 0"):
         GradeFocalLoss(alpha=(-1.0, 1.0))
 
 
 def test_uncertainty_weighting_kendall_form_at_nonzero_log_sigma():
-    weighting = UncertaintyWeightedLoss(("seg", "cls"), init_log_sigma=0.0)
+    weighting = UncertaintyWeightedLoss(("seg", "grade"), init_log_sigma=0.0)
     with torch.no_grad():
         weighting.log_sigmas["seg"].fill_(0.3)
-        weighting.log_sigmas["cls"].fill_(-0.7)
-    seg, cls = torch.tensor(0.8), torch.tensor(1.7)
+        weighting.log_sigmas["grade"].fill_(-0.7)
+    seg, grade = torch.tensor(0.8), torch.tensor(1.7)
     expected = 0.5 * math.exp(-0.6) * 0.8 + 0.3 + 0.5 * math.exp(1.4) * 1.7 - 0.7
-    total = weighting({"seg": seg, "cls": cls})
+    total = weighting({"seg": seg, "grade": grade})
     assert total.item() == pytest.approx(expected, rel=1e-6)
     total.backward()
     # d/ds (0.5 exp(-2s) L + s) = 1 - exp(-2s) L
     assert weighting.log_sigmas["seg"].grad.item() == pytest.approx(1 - math.exp(-0.6) * 0.8, rel=1e-5)
-    assert weighting.log_sigmas["cls"].grad.item() == pytest.approx(1 - math.exp(1.4) * 1.7, rel=1e-5)
-    assert weighting.sigmas() == pytest.approx({"seg": math.exp(0.3), "cls": math.exp(-0.7)})
+    assert weighting.log_sigmas["grade"].grad.item() == pytest.approx(1 - math.exp(1.4) * 1.7, rel=1e-5)
+    assert weighting.sigmas() == pytest.approx({"seg": math.exp(0.3), "grade": math.exp(-0.7)})
 
 
 def test_uncertainty_weighting_skips_missing_tasks_and_clamps():
-    weighting = UncertaintyWeightedLoss(("seg", "cls"), log_sigma_bounds=(-1.0, 1.0))
-    assert weighting({"seg": torch.tensor(2.0), "cls": None}).item() == pytest.approx(1.0)
-    assert weighting({"cls": torch.tensor(3.0)}).item() == pytest.approx(1.5)
+    weighting = UncertaintyWeightedLoss(("seg", "grade"), log_sigma_bounds=(-1.0, 1.0))
+    assert weighting({"seg": torch.tensor(2.0), "grade": None}).item() == pytest.approx(1.0)
+    assert weighting({"grade": torch.tensor(3.0)}).item() == pytest.approx(1.5)
     with torch.no_grad():
         weighting.log_sigmas["seg"].fill_(5.0)
     total = weighting({"seg": torch.tensor(2.0)})
     assert total.item() == pytest.approx(0.5 * math.exp(-2.0) * 2.0 + 1.0)
     total.backward()
     assert weighting.log_sigmas["seg"].grad.item() == 0.0  # clamped: no gradient pushes it further out
-    assert weighting.log_sigmas["cls"].grad is None
+    assert weighting.log_sigmas["grade"].grad is None
     assert weighting.sigmas()["seg"] == pytest.approx(math.e)
-    assert [p is weighting.log_sigmas[t] for t, p in zip(("seg", "cls"), weighting.log_sigma_parameters())] == [
+    assert [p is weighting.log_sigmas[t] for t, p in zip(("seg", "grade"), weighting.log_sigma_parameters())] == [
         True,
         True,
     ]
-    assert set(weighting.state_dict()) == {"log_sigmas.seg", "log_sigmas.cls"}
+    assert set(weighting.state_dict()) == {"log_sigmas.seg", "log_sigmas.grade"}
     with pytest.raises(ValueError, match="unknown tasks"):
         weighting({"segmentation": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="at least one loss"):
@@ -179,7 +179,7 @@ def test_segmentation_loss_is_float32_for_bf16_logits():
 @pytest.mark.parametrize("fixed_loss", [0.058, 2.5])
 def test_uncertainty_weighting_sigma_approaches_sqrt_of_the_loss(fixed_loss):
     # d/ds [0.5 exp(-2s) L + s] = 1 - exp(-2s) L = 0 at s = log sqrt(L): sigma -> sqrt(L)
-    weighting = UncertaintyWeightedLoss(("seg", "cls"))
+    weighting = UncertaintyWeightedLoss(("seg", "grade"))
     network = torch.nn.Linear(2, 2)
     optimizer = build_optimizer(network, weighting, lr=1e-4, weight_decay=0.1, log_sigma_lr=0.01)
     assert optimizer.param_groups[-1]["weight_decay"] == 0.0 and optimizer.param_groups[-1]["lr"] == 0.01
@@ -193,4 +193,28 @@ def test_uncertainty_weighting_sigma_approaches_sqrt_of_the_loss(fixed_loss):
     distances = [abs(math.log(sigma / target)) for sigma in trajectory]
     assert distances[99] < distances[0] and distances[299] < distances[99]  # it moves towards sqrt(L)
     assert trajectory[-1] == pytest.approx(target, rel=0.03)
-    assert weighting.sigmas()["cls"] == 1.0  # no loss, no gradient: it stays at its start
+    assert weighting.sigmas()["grade"] == 1.0  # no loss, no gradient: it stays at its start
+
+
+def test_uncertainty_weighting_reads_the_old_grade_task_name():
+    """The grade task was called ``"cls"``: that name in ``tasks``, in a call and in a checkpoint still works."""
+    with pytest.warns(DeprecationWarning, match="task name 'cls' is renamed 'grade'"):
+        old_spelling = UncertaintyWeightedLoss(("seg", "cls"))
+    assert old_spelling.tasks == ("seg", "grade")
+    weighting = UncertaintyWeightedLoss(("seg", "grade"))
+    old_checkpoint = {"log_sigmas.seg": torch.tensor(0.25), "log_sigmas.cls": torch.tensor(-0.5)}
+    with pytest.warns(DeprecationWarning, match=r"log_sigmas.cls \(1 keys, renamed on load\)"):
+        weighting.load_state_dict(old_checkpoint, strict=True)
+    assert weighting.sigmas() == pytest.approx({"seg": math.exp(0.25), "grade": math.exp(-0.5)})
+    losses = {"seg": torch.tensor(0.8), "grade": torch.tensor(1.7)}
+    with pytest.warns(DeprecationWarning, match="'cls'"):
+        old_call = weighting({"seg": losses["seg"], "cls": losses["grade"]})
+    assert old_call.item() == weighting(losses).item()
+
+
+def test_grade_focal_loss_reads_the_old_keyword():
+    logits, grade = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    loss = GradeFocalLoss(alpha=(2.0, 0.5))
+    with pytest.warns(DeprecationWarning, match="cls_logits= of GradeFocalLoss.forward is renamed grade_logits="):
+        old = loss(cls_logits=logits, grade=grade)
+    assert old.item() == loss(logits, grade).item()

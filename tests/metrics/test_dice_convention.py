@@ -21,7 +21,7 @@ def _subjects() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_validation_dice_equals_evaluation_dice_on_empty_regions():
-    metrics = validation_metrics(mask_channels=3, use_cls_head=False)
+    metrics = validation_metrics(mask_channels=3, use_grade_head=False)
     subjects = _subjects()
     engine = Engine(lambda _engine, batch: {"pred": batch[0][None], "label": batch[1][None]})
     for name, metric in metrics.items():

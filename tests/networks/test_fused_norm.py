@@ -116,8 +116,8 @@ def test_fused_network_keeps_state_dict_outputs_and_gradients():
     for reference, value in zip(*outputs):
         # equal but for the order of the resnet blocks' bias and timestep-embedding additions
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
-    for seg_logits, cls_logits, calib_map in outputs:
-        (seg_logits.square().mean() + cls_logits.square().mean() + calib_map.square().mean()).backward()
+    for seg_logits, grade_logits, calib_map in outputs:
+        (seg_logits.square().mean() + grade_logits.square().mean() + calib_map.square().mean()).backward()
     for (name, p_plain), p_fused in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(p_fused.grad, p_plain.grad, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -7,7 +7,7 @@ import inspect
 import re
 from pathlib import Path
 
-from medsegdiff_monai.networks import DiffusionUNetWithClsHead
+from medsegdiff_monai.networks import DiffusionUNetWithGradeHead
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "network.md"
 
@@ -22,11 +22,11 @@ def test_docs_python_snippet_runs():
 
 
 def test_docs_api_listing_has_the_constructor_signature():
-    """The ``DiffusionUNetWithClsHead(...)`` line of the Public API listing names every argument with its default."""
-    listing = re.search(r"DiffusionUNetWithClsHead\((.*?)\)\n\s+\.forward", DOC.read_text(), flags=re.DOTALL)
-    assert listing, f"no DiffusionUNetWithClsHead(...) listing in {DOC}"
+    """The ``DiffusionUNetWithGradeHead(...)`` line of the Public API listing names every argument with its default."""
+    listing = re.search(r"DiffusionUNetWithGradeHead\((.*?)\)\n\s+\.forward", DOC.read_text(), flags=re.DOTALL)
+    assert listing, f"no DiffusionUNetWithGradeHead(...) listing in {DOC}"
     call = ast.parse(f"f({' '.join(listing.group(1).split())})", mode="eval").body
     documented = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-    parameters = inspect.signature(DiffusionUNetWithClsHead).parameters.values()
+    parameters = inspect.signature(DiffusionUNetWithGradeHead).parameters.values()
     actual = {p.name: p.default for p in parameters}
     assert documented == actual

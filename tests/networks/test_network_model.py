@@ -1,4 +1,4 @@
-"""DiffusionUNetWithClsHead: shapes, composition, conditioning gradients, presets, bundle config, export."""
+"""DiffusionUNetWithGradeHead: shapes, composition, conditioning gradients, presets, bundle config, export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 from medsegdiff_monai.networks import (
     NETWORK_PRESETS,
     ConditionFeatures,
-    DiffusionUNetWithClsHead,
+    DiffusionUNetWithGradeHead,
     get_network,
 )
 
@@ -28,18 +28,18 @@ def _count(network: torch.nn.Module, prefix: str = "") -> int:
 
 @pytest.mark.parametrize("mask_channels", [1, 3])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("use_cls_head", [True, False])
-def test_output_shapes(mask_channels, batch, use_cls_head):
-    network = get_network("small", mask_channels=mask_channels, use_cls_head=use_cls_head)
-    seg_logits, cls_logits, calib_map = network(*_inputs(batch, mask_channels))
+@pytest.mark.parametrize("use_grade_head", [True, False])
+def test_output_shapes(mask_channels, batch, use_grade_head):
+    network = get_network("small", mask_channels=mask_channels, use_grade_head=use_grade_head)
+    seg_logits, grade_logits, calib_map = network(*_inputs(batch, mask_channels))
     assert seg_logits.shape == (batch, mask_channels, 32, 32)
     assert calib_map.shape == (batch, mask_channels, 32, 32)
-    if use_cls_head:
-        assert cls_logits.shape == (batch, 2)
-        assert network.cls_head is not None
+    if use_grade_head:
+        assert grade_logits.shape == (batch, 2)
+        assert network.grade_head is not None
     else:
-        assert cls_logits is None and network.cls_head is None
-        assert not any(name.startswith("cls_head.") for name, _ in network.named_parameters())
+        assert grade_logits is None and network.grade_head is None
+        assert not any(name.startswith("grade_head.") for name, _ in network.named_parameters())
 
 
 def _fill_zero_initialised_weights(network: torch.nn.Module) -> None:
@@ -58,22 +58,22 @@ def test_encode_condition_then_denoise_equals_forward_and_ignores_t():
     condition = network.encode_condition(image)
     assert isinstance(condition, ConditionFeatures)
     assert len(condition.features) == len(network.channels) + 1
-    assert all(f.shape[0] == 3 for f in (*condition.features, condition.calib_map, condition.cls_logits))
-    seg_logits, cls_logits, calib_map = network(x_t, t, image)
+    assert all(f.shape[0] == 3 for f in (*condition.features, condition.calib_map, condition.grade_logits))
+    seg_logits, grade_logits, calib_map = network(x_t, t, image)
     torch.testing.assert_close(network.denoise(x_t, t, condition), seg_logits)
-    torch.testing.assert_close(condition.cls_logits, cls_logits)
+    torch.testing.assert_close(condition.grade_logits, grade_logits)
     torch.testing.assert_close(condition.calib_map, calib_map)
     # float timesteps are accepted; a different t changes seg_logits but not the image-only outputs
     torch.testing.assert_close(network(x_t, t.float(), image)[0], seg_logits)
     other = network(x_t, (t + 500) % 1000, image)
     assert not torch.allclose(other[0], seg_logits)
-    torch.testing.assert_close(other[1], cls_logits)
+    torch.testing.assert_close(other[1], grade_logits)
     # an ensemble reuses the condition repeated along the batch: member k of slice i equals slice i alone
     members = 2
     repeated = ConditionFeatures(
         features=tuple(f.repeat_interleave(members, 0) for f in condition.features),
         calib_map=condition.calib_map.repeat_interleave(members, 0),
-        cls_logits=condition.cls_logits.repeat_interleave(members, 0),
+        grade_logits=condition.grade_logits.repeat_interleave(members, 0),
     )
     ensemble = network.denoise(x_t.repeat_interleave(members, 0), t.repeat_interleave(members, 0), repeated)
     torch.testing.assert_close(ensemble[::members], seg_logits, atol=1e-5, rtol=1e-4)
@@ -90,13 +90,13 @@ def test_invalid_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="t must have shape"):
         network(torch.randn(2, 3, 32, 32), torch.tensor([1, 2, 3]), torch.randn(2, 4, 32, 32))
     with pytest.raises(ValueError, match="2D only"):
-        DiffusionUNetWithClsHead(spatial_dims=3)
+        DiffusionUNetWithGradeHead(spatial_dims=3)
     with pytest.raises(ValueError, match="unknown network preset"):
         get_network("huge")
 
 
 def test_3d_without_ss_former_runs():
-    network = DiffusionUNetWithClsHead(
+    network = DiffusionUNetWithGradeHead(
         spatial_dims=3,
         mask_channels=1,
         channels=(8, 16),
@@ -104,17 +104,17 @@ def test_3d_without_ss_former_runs():
         num_head_channels=8,
         condition_channels=(8, 8),
         num_ss_former_blocks=0,
-        cls_hidden_channels=8,
+        grade_hidden_channels=8,
     )
-    seg_logits, cls_logits, calib_map = network(
+    seg_logits, grade_logits, calib_map = network(
         torch.randn(2, 1, 8, 8, 8), torch.tensor([0, 999]), torch.randn(2, 4, 8, 8, 8)
     )
     assert seg_logits.shape == calib_map.shape == (2, 1, 8, 8, 8)
-    assert cls_logits.shape == (2, 2)
+    assert grade_logits.shape == (2, 2)
 
 
-def _condition_grad_norms(network: DiffusionUNetWithClsHead) -> dict[str, float]:
-    """Seg-only loss (no calib, no cls): gradient norms reaching parts of the condition UNet."""
+def _condition_grad_norms(network: DiffusionUNetWithGradeHead) -> dict[str, float]:
+    """Seg-only loss (no calib, no grade): gradient norms reaching parts of the condition UNet."""
     network.zero_grad(set_to_none=True)
     x_t, t, image = _inputs(2, 3, seed=1)
     network(x_t, t, image)[0].square().mean().backward()
@@ -127,7 +127,7 @@ def _condition_grad_norms(network: DiffusionUNetWithClsHead) -> dict[str, float]
         "conv_in": norm("condition_unet.conv_in."),
         "bottleneck": norm("condition_unet.bottleneck."),
         "calib_out": norm("condition_unet.calib_out."),
-        "cls_head": norm("cls_head."),
+        "grade_head": norm("grade_head."),
     }
 
 
@@ -143,7 +143,7 @@ def test_gradients_reach_condition_unet_through_anchor_path_only():
     network = get_network("small")
     baseline = _condition_grad_norms(network)
     assert all(baseline[key] > 0 for key in ("conv_in", "bottleneck", "calib_out"))
-    assert baseline["cls_head"] == 0.0
+    assert baseline["grade_head"] == 0.0
     # cut the feature injections and the SS-Former's keys/values: only the anchor gate is left
     _zero_(network.feature_injections, *(b.attention.to_k for b in network.ss_former))
     _zero_(*(b.attention.to_v for b in network.ss_former))
@@ -168,32 +168,32 @@ def test_gradients_reach_condition_unet_through_ss_former_only():
 def test_parameter_counts():
     small = get_network("small")
     assert _count(small) < 2_000_000
-    assert _count(small, "condition_unet.") > 0 and _count(small, "cls_head.") > 0
-    assert _count(get_network("small", use_cls_head=False)) == _count(small) - _count(small, "cls_head.")
+    assert _count(small, "condition_unet.") > 0 and _count(small, "grade_head.") > 0
+    assert _count(get_network("small", use_grade_head=False)) == _count(small) - _count(small, "grade_head.")
     assert NETWORK_PRESETS["base"]["channels"][0] == 128 and NETWORK_PRESETS["base"]["num_res_blocks"] == 2
 
 
 def test_bundle_config_builds_the_network():
     config = {
-        "preset_net": {"_target_": "medsegdiff_monai.networks.get_network", "preset": "small", "use_cls_head": True},
+        "preset_net": {"_target_": "medsegdiff_monai.networks.get_network", "preset": "small", "use_grade_head": True},
         "class_net": {
-            "_target_": "medsegdiff_monai.networks.DiffusionUNetWithClsHead",
+            "_target_": "medsegdiff_monai.networks.DiffusionUNetWithGradeHead",
             "mask_channels": 1,
             "channels": [16, 32, 32],
             "attention_levels": [False, False, True],
             "num_head_channels": 16,
             "condition_channels": [8, 16, 16],
-            "use_cls_head": False,
+            "use_grade_head": False,
         },
     }
     parser = ConfigParser(config)
     preset_net = parser.get_parsed_content("preset_net")
     class_net = parser.get_parsed_content("class_net")
-    assert isinstance(preset_net, DiffusionUNetWithClsHead) and preset_net.cls_head is not None
+    assert isinstance(preset_net, DiffusionUNetWithGradeHead) and preset_net.grade_head is not None
     assert _count(preset_net) == _count(get_network("small"))
-    assert isinstance(class_net, DiffusionUNetWithClsHead) and class_net.cls_head is None
-    seg_logits, cls_logits, _ = class_net(*_inputs(2, 1, size=16))
-    assert seg_logits.shape == (2, 1, 16, 16) and cls_logits is None
+    assert isinstance(class_net, DiffusionUNetWithGradeHead) and class_net.grade_head is None
+    seg_logits, grade_logits, _ = class_net(*_inputs(2, 1, size=16))
+    assert seg_logits.shape == (2, 1, 16, 16) and grade_logits is None
 
 
 def test_torch_export_of_forward_equals_eager_with_dynamic_batch():

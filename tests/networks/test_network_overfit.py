@@ -48,9 +48,9 @@ def _eval_seg_loss(network, scheduler, seg_loss, image, mask, noise, timesteps) 
 def test_small_network_overfits_two_slices_and_separates_grades():
     torch.manual_seed(0)
     image, mask, grade = _two_slices()
-    network = get_network("small", cls_dropout=0.0)
+    network = get_network("small", grade_dropout=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
-    seg_loss, cls_loss = SegmentationLoss(), GradeFocalLoss(alpha=(1.0, 1.0))
+    seg_loss, grade_loss = SegmentationLoss(), GradeFocalLoss(alpha=(1.0, 1.0))
     optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(1)
     eval_noise = torch.randn(mask.shape, generator=generator)
@@ -60,13 +60,13 @@ def test_small_network_overfits_two_slices_and_separates_grades():
         network.train()
         timesteps = torch.randint(0, 1000, (2,), generator=generator)
         x_t = scheduler.add_noise(2 * mask - 1, torch.randn(mask.shape, generator=generator), timesteps)
-        seg_logits, cls_logits, calib_map = network(x_t, timesteps, image)
-        loss = seg_loss(seg_logits, mask, calib_map) + cls_loss(cls_logits, grade)
+        seg_logits, grade_logits, calib_map = network(x_t, timesteps, image)
+        loss = seg_loss(seg_logits, mask, calib_map) + grade_loss(grade_logits, grade)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     after = _eval_seg_loss(network, scheduler, seg_loss, image, mask, eval_noise, eval_t)
     assert after < 0.5 * before, (before, after)
     with torch.no_grad():
-        cls_logits = network.eval().encode_condition(image).cls_logits
-    assert torch.equal(cls_logits.argmax(dim=1), grade), cls_logits
+        grade_logits = network.eval().encode_condition(image).grade_logits
+    assert torch.equal(grade_logits.argmax(dim=1), grade), grade_logits

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from medsegdiff_monai.networks import DiffusionUNetWithClsHead, get_network
+from medsegdiff_monai.networks import DiffusionUNetWithGradeHead, get_network
 
 TINY = {
     "channels": (8, 8, 16),
@@ -13,11 +13,11 @@ TINY = {
     "attention_levels": (False, False, True),
     "num_head_channels": 8,
     "norm_num_groups": 4,
-    "cls_hidden_channels": 8,
+    "grade_hidden_channels": 8,
 }
 
 
-def tiny_network(channels_last: bool = False) -> DiffusionUNetWithClsHead:
+def tiny_network(channels_last: bool = False) -> DiffusionUNetWithGradeHead:
     """The tiny network with seed-0 weights in eval mode (no dropout), optionally in channels-last memory."""
     torch.manual_seed(0)
     network = get_network("small", **TINY).eval()
