@@ -19,8 +19,13 @@ BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 
 
 def _old_keys(state: dict) -> dict:
-    """``state`` with every ``grade_head.`` key (after any wrapper prefix) spelled ``cls_head.`` as it once was."""
-    return {re.sub(r"(^|\.)grade_head\.", r"\1cls_head.", key): value for key, value in state.items()}
+    """``state`` as it was once saved: every ``grade_head.`` key (after any wrapper prefix) spelled ``cls_head.``,
+    and without the head's input statistics (``feature_norm``), which did not exist then."""
+    return {
+        re.sub(r"(^|\.)grade_head\.", r"\1cls_head.", key): value
+        for key, value in state.items()
+        if ".feature_norm." not in f".{key}"
+    }
 
 
 def _assert_same_weights(network: torch.nn.Module, expected: dict) -> None:
