@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -105,17 +106,21 @@ def test_new_keys_load_without_a_warning(recwarn, trained):
     _assert_same_weights(network, expected)
 
 
-def test_the_shipped_checkpoint_loads_strictly():
-    """``models/model.pt`` (written with ``cls_head.*`` keys, its bytes unchanged) loads into the renamed network."""
+def test_the_shipped_checkpoint_loads_strictly_without_warnings():
+    """``models/model.pt`` is saved in the current format: grade-head keys with input statistics and a fitted grade
+    calibration, so it loads strictly with no deprecation or missing-calibration warning."""
     checkpoint = BUNDLE / "models" / "model.pt"
     saved = torch.load(checkpoint, weights_only=True)
-    assert any(key.startswith("cls_head.") for key in saved)
+    assert not any(key.startswith("cls_head.") for key in saved)
+    assert int(saved["grade_head.feature_norm.num_batches_tracked"]) > 0
+    assert (float(saved["grade_calibration.scale"]), float(saved["grade_calibration.bias"])) != (1.0, 0.0)
     preset = json.loads((BUNDLE / "configs" / "inference.json").read_text())["preset"]
-    with pytest.warns(DeprecationWarning, match="cls_head"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         network = load_network_weights(get_network(preset), checkpoint, strict=True)
     state = network.state_dict()
     for key, value in saved.items():
-        assert torch.equal(state[key.replace("cls_head.", "grade_head.")], value), key
+        assert torch.equal(state[key], value), key
 
 
 def test_old_argument_and_attribute_names():
