@@ -287,14 +287,12 @@ class DiffusionTrainer(SupervisedTrainer):
             image = args[1]  # the prepared (timesteps, image)
             grade_logits = self.unwrapped_network.encode_condition(image).grade_logits
             self.state.output[Keys.PRED] = (None, grade_logits, None)
-            self.fire_event(IterationEvents.FORWARD_COMPLETED)
-            losses["grade"] = self.grade_loss(grade_logits.float(), targets["grade"], targets.get("grade_weight"))
-            return losses
-        seg_logits, grade_logits, calib_map = self.state.output[Keys.PRED] = self.inferer(
-            inputs, self.network, *args, **kwargs
-        )
+        else:
+            seg_logits, grade_logits, calib_map = self.state.output[Keys.PRED] = self.inferer(
+                inputs, self.network, *args, **kwargs
+            )
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
-        if use_seg:
+        if use_seg:  # the full network ran
             losses["seg"] = self.seg_loss(seg_logits.float(), targets["label"], calib_map.float())
         if use_grade:
             losses["grade"] = self.grade_loss(grade_logits.float(), targets["grade"], targets.get("grade_weight"))
