@@ -39,19 +39,22 @@ class RunningStandardization(nn.Module):
             raise ValueError(f"RunningStandardization momentum must be in (0, 1], got {momentum}.")
         self.momentum = momentum
         self.eps = eps
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.full((num_features,), 1.0 - eps))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        for name, value in self._identity_statistics(num_features).items():
+            self.register_buffer(name, value)
         self._register_load_state_dict_pre_hook(self._fill_missing_statistics)
+
+    def _identity_statistics(self, num_features: int) -> dict[str, torch.Tensor]:
+        """The statistics under which the module is the identity: mean 0, variance ``1 - eps``, no update yet."""
+        return {
+            "running_mean": torch.zeros(num_features),
+            "running_var": torch.full((num_features,), 1.0 - self.eps),
+            "num_batches_tracked": torch.zeros((), dtype=torch.long),
+        }
 
     def _fill_missing_statistics(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """A checkpoint without statistics loads as the identity (what the network computed when it was saved)."""
-        for name, value in self.named_buffers(recurse=False):
-            key = prefix + name
-            if key not in state_dict:
-                state_dict[key] = (
-                    torch.zeros_like(value) if name != "running_var" else torch.full_like(value, 1.0 - self.eps)
-                )
+        for name, value in self._identity_statistics(self.running_mean.numel()).items():
+            state_dict.setdefault(prefix + name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
