@@ -49,6 +49,7 @@ from medsegdiff_monai.metrics import (
     BRATS_REGIONS,
     bootstrap_interval,
     brier_score,
+    calibrated_ece_floor,
     expected_calibration_error,
     grade_metrics,
     mean_uncertainty,
@@ -86,9 +87,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=JSON", help="training config overrides (values JSON, else text)"
     )
+    parser.add_argument(
+        "--eval-shards", type=int, default=1, help="each plan evaluates its test subjects in this many processes"
+    )
+    parser.add_argument(
+        "--data-workers", type=int, default=0, help="processes writing the synthetic subjects (0: in this process)"
+    )
+    parser.add_argument(
+        "--train-only", action="store_true", help="train (or keep) each plan's network, then stop before evaluating"
+    )
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from <out>/<plan>/")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one plan of --jobs, no report
+    parser.add_argument("--eval-shard", type=int, help=argparse.SUPPRESS)  # one shard of --eval-shards
     args = parser.parse_args(argv)
+    if args.eval_shards < 1:
+        parser.error(f"--eval-shards must be at least 1, got {args.eval_shards}")
     if args.tiny:
         args.subjects, args.shape, args.epochs = 12, [32, 32, 24], [1, 1, 1]
         args.ensemble, args.steps, args.bootstrap = 2, 1, 200
@@ -110,6 +123,7 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> Path:
         seed=args.seed,
         progress=False,
         difficulty=args.difficulty,
+        num_workers=args.data_workers,
     )
     datalist = build_datalist(
         read_brats_folder(data_dir, progress=False),
@@ -196,20 +210,32 @@ def train(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, p
     return {"configs": [Path(c).name for c in configs], "overrides": overrides}
 
 
-def evaluate(
-    args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, plan_dir: Path, key: str, overrides: dict
-) -> list[dict[str, Any]]:
-    """Run ``evaluate.json`` (read over ``train.json``) on one split; per subject: Dice per region, grade,
-    uncalibrated p(HGG) (the network's calibration set to the identity), and the uncertainty figures."""
+def shard_folder(plan_dir: Path, shard: int) -> Path:
+    """The evaluation output folder of one shard of a plan's test subjects."""
+    return plan_dir / f"evaluate_testing_{shard}"
+
+
+def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path, shard: int) -> None:
+    """Run ``evaluate.json`` (read over ``train.json``) on shard ``shard`` of the test split (every
+    ``--eval-shards``-th subject) and write, in :func:`shard_folder`, ``rows.json`` (per subject: Dice per region,
+    grade, uncalibrated p(HGG) with the network's calibration set to the identity, the uncertainty figures) and
+    ``voxels.npz`` (uncertainty and wrongness of the voxels in the tumour neighbourhood and in the brain)."""
+    plan_dir = Path(args.out) / plan
+    overrides = json.loads((plan_dir / "setup.json").read_text())["overrides"]
+    output_dir = shard_folder(plan_dir, shard)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    subjects = json.loads(datalist.read_text())["testing"][shard :: args.eval_shards]
+    shard_datalist = output_dir / "datalist.json"
+    shard_datalist.write_text(json.dumps({"testing": subjects}, indent=2))
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "evaluate.json")])
     parser.update(
         {
             "dataset_dir": str(data_dir),
-            "datalist": str(datalist),
-            "datalist_key": key,
+            "datalist": str(shard_datalist),
+            "datalist_key": "testing",
             "checkpoint": str(plan_dir / "run" / "model.pt"),
-            "output_dir": str(plan_dir / f"evaluate_{key}"),
+            "output_dir": str(output_dir / "outputs"),
             "use_grade_head": plan != "segonly",
             "preset": overrides["preset"],
             "roi_size": overrides["roi_size"],
@@ -223,20 +249,31 @@ def evaluate(
     calibration = getattr(evaluator.network, "grade_calibration", None)
     if calibration is not None:  # score the raw grade; the stored calibration is applied to it in the report
         calibration.set(1.0, 0.0)
-    output_dir = plan_dir / f"evaluate_{key}"
+    outputs = output_dir / "outputs"
     result = run_evaluation(
-        evaluator, str(datalist), output_dir, datalist_key=key, data_dir=data_dir, include_hd95=False, print_table=False
+        evaluator,
+        str(shard_datalist),
+        outputs,
+        datalist_key="testing",
+        data_dir=data_dir,
+        include_hd95=False,
+        print_table=False,
     )
     entries = parser.get_parsed_content("validate#dataset#data")
-    rows = []
+    rows, voxels = [], {name: ([], []) for name in ("neighbourhood", "brain")}
     for row, entry in zip(result.rows, entries, strict=True):
         subject = row["subject_id"]
-        prediction = np.asarray(nib.load(str(output_dir / f"{subject}_seg.nii.gz")).dataobj)
-        uncertainty = np.asarray(nib.load(str(output_dir / f"{subject}_uncertainty.nii.gz")).dataobj, np.float32)
+        prediction = np.asarray(nib.load(str(outputs / f"{subject}_seg.nii.gz")).dataobj)
+        uncertainty = np.asarray(nib.load(str(outputs / f"{subject}_uncertainty.nii.gz")).dataobj, np.float32)
         truth = np.asarray(nib.load(str(entry["label"])).dataobj)
-        brain = np.asarray(nib.load(str(entry["image"][0])).dataobj) > 0
-        neighbourhood = tumour_neighbourhood([prediction, truth], args.margin)
+        regions = {
+            "neighbourhood": tumour_neighbourhood([prediction, truth], args.margin),
+            "brain": np.asarray(nib.load(str(entry["image"][0])).dataobj) > 0,
+        }
         wrong = wrong_voxels(prediction, truth)
+        for name, inside in regions.items():  # pooled over the split's subjects in the report
+            voxels[name][0].append(uncertainty[inside])
+            voxels[name][1].append(wrong[inside])
         rows.append(
             {
                 "subject_id": subject,
@@ -244,13 +281,54 @@ def evaluate(
                 "p_hgg": row["p_hgg"],
                 **{k: row[k] for k in DICE_KEYS},
                 "mean_uncertainty": mean_uncertainty(uncertainty, prediction, args.margin),
-                "auroc_neighbourhood": voxel_error_auroc(uncertainty[neighbourhood], wrong[neighbourhood]),
-                # pooled over the split's subjects below
-                "_neighbourhood": (uncertainty[neighbourhood], wrong[neighbourhood]),
-                "_brain": (uncertainty[brain], wrong[brain]),
+                "auroc_neighbourhood": voxel_error_auroc(
+                    uncertainty[regions["neighbourhood"]], wrong[regions["neighbourhood"]]
+                ),
             }
         )
-    return rows
+    np.savez(
+        output_dir / "voxels.npz",
+        **{f"{name}_{part}": np.concatenate(arrays[i]) for name, arrays in voxels.items() for i, part in
+           enumerate(("uncertainty", "wrong"))},
+    )  # fmt: skip
+    (output_dir / "rows.json").write_text(json.dumps(rows, indent=2))
+
+
+def evaluate_test_split(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path) -> dict[str, Any]:
+    """Evaluate a plan's network on the test split in ``--eval-shards`` processes (in this one when 1); returns the
+    per-subject rows in the datalist's order and the pooled voxel figures."""
+    plan_dir = Path(args.out) / plan
+    if args.eval_shards == 1:
+        evaluate_shard(args, plan, data_dir, datalist, 0)
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // (args.eval_shards * max(1, args.jobs))))
+        env = {"OMP_NUM_THREADS": threads, **os.environ}
+        own = [a for a in args.argv if a not in ("--worker", "--train-only")]
+        workers = [
+            subprocess.Popen([sys.executable, __file__, *own, "--plans", plan, "--eval-shard", str(k)], env=env)
+            for k in range(args.eval_shards)
+        ]
+        codes = [worker.wait() for worker in workers]
+        if any(codes):
+            raise RuntimeError(f"plan {plan}: evaluation processes exited with {codes}")
+    order = {entry_id: i for i, entry_id in enumerate(subject_ids(datalist, "testing"))}
+    rows, pooled = [], {}
+    shards = [shard_folder(plan_dir, k) for k in range(args.eval_shards)]
+    for folder in shards:
+        rows += json.loads((folder / "rows.json").read_text())
+    rows.sort(key=lambda row: order[row["subject_id"]])
+    archives = [np.load(folder / "voxels.npz") for folder in shards]
+    for name in ("neighbourhood", "brain"):
+        uncertainty = np.concatenate([a[f"{name}_uncertainty"] for a in archives])
+        wrong = np.concatenate([a[f"{name}_wrong"] for a in archives])
+        pooled[f"pooled_auroc_{name}"] = voxel_error_auroc(uncertainty, wrong)
+        pooled[f"error_share_{name}"] = float(wrong.mean())
+    return {"testing": rows, **pooled}
+
+
+def subject_ids(datalist: Path, key: str) -> list[str]:
+    """The subject folder names of a datalist split, in its order."""
+    return [Path(entry["label"]).parent.name for entry in json.loads(datalist.read_text())[key]]
 
 
 def mean_with_interval(values: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
@@ -275,10 +353,12 @@ def calibrated(p_raw: np.ndarray, scale: float, bias: float) -> np.ndarray:
 
 
 def grade_report(p: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    """AUC, accuracy, F1, ECE, Brier (with 95 % intervals for AUC, accuracy, ECE, Brier) of subject-level p(HGG)."""
+    """AUC, accuracy, F1, ECE, Brier (with 95 % intervals for AUC, accuracy, ECE, Brier) of subject-level p(HGG), and
+    the ECE a perfectly calibrated grader with the same p(HGG) would show on these subjects."""
     metrics = grade_metrics(p, y)
     report = {k: metrics[k] for k in ("auc", "accuracy", "f1", "ece", "confusion_matrix")}
     report["brier"] = brier_score(p, y)
+    report["ece_if_calibrated"] = calibrated_ece_floor(p)  # what sampling noise alone gives on these subjects
     statistics = {
         "auc": lambda ps, ys: voxel_error_auroc(ps, ys.astype(bool)),  # the rank AUROC of p(HGG) for HGG
         "accuracy": lambda ps, ys: float(np.mean((ps >= 0.5) == ys)),
@@ -291,31 +371,29 @@ def grade_report(p: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict
 
 
 def run_plan(args: argparse.Namespace, plan: str, data_dir: Path, datalist: Path) -> None:
-    """Train, evaluate on the test split, and write ``<out>/<plan>/result.json``."""
+    """Train (or keep the network of an earlier run in the same ``--out``), evaluate on the test split, and write
+    ``<out>/<plan>/result.json``."""
     plan_dir = Path(args.out) / plan
     plan_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    setup = train(args, plan, data_dir, datalist, plan_dir)
-    train_seconds = time.perf_counter() - start
-    result: dict[str, Any] = {"plan": plan, **setup, "train_seconds": train_seconds}
-    if plan != "segonly":
-        result["calibration"] = stored_calibration(plan_dir / "run" / "model.pt")
-    for key in ("testing",):
-        begin = time.perf_counter()
-        rows = evaluate(args, plan, data_dir, datalist, plan_dir, key, setup["overrides"])
-        result[f"{key}_seconds"] = time.perf_counter() - begin
-        voxels = {}
-        for name in ("_neighbourhood", "_brain"):
-            voxels[name] = [np.concatenate([r[name][i] for r in rows]) for i in (0, 1)]
-            for row in rows:
-                del row[name]
-        result[key] = rows
-        if key == "testing":
-            for name, (uncertainty, wrong) in voxels.items():
-                result[f"pooled_auroc{name}"] = voxel_error_auroc(uncertainty, wrong)
-                result[f"error_share{name}"] = float(wrong.mean())
+    setup_path, checkpoint = plan_dir / "setup.json", plan_dir / "run" / "model.pt"
+    if setup_path.is_file() and checkpoint.is_file():
+        setup = json.loads(setup_path.read_text())
+        print(f"[quality] {plan}: keeping the network trained earlier ({checkpoint})", flush=True)
+    else:
+        start = time.perf_counter()
+        setup = {"plan": plan, **train(args, plan, data_dir, datalist, plan_dir)}
+        setup["train_seconds"] = time.perf_counter() - start
+        if plan != "segonly":
+            setup["calibration"] = stored_calibration(checkpoint)
+        setup_path.write_text(json.dumps(setup, indent=2))
+        print(f"[quality] {plan}: trained in {setup['train_seconds']:.0f} s", flush=True)
+    if args.train_only:
+        return
+    begin = time.perf_counter()
+    result = {**setup, **evaluate_test_split(args, plan, data_dir, datalist)}
+    result["testing_seconds"] = time.perf_counter() - begin
     (plan_dir / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"[quality] {plan}: trained in {train_seconds:.0f} s, total {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"[quality] {plan}: evaluated {len(result['testing'])} test subjects in {result['testing_seconds']:.0f} s")
 
 
 def summarise(args: argparse.Namespace, results: dict[str, dict]) -> dict[str, Any]:
@@ -395,7 +473,7 @@ def print_table(summary: dict[str, Any]) -> None:
                                                        e["mean_dice_minus_naive"]["ci95"]))  # fmt: skip
     for when in ("before", "after"):
         grade = f"grade_{when}_calibration"
-        for name in ("auc", "accuracy", "f1", "ece", "brier"):
+        for name in ("auc", "accuracy", "f1", "ece", "ece_if_calibrated", "brier"):
             line(f"{name} {when} calibration", lambda e, g=grade, n=name: _cell(e[g][n], e[g].get(f"{n}_ci95")))
     line("voxel error AUROC, tumour neighbourhood", lambda e: _cell(e["uncertainty"]["auroc_neighbourhood_pooled"]))
     line("voxel error AUROC, brain", lambda e: _cell(e["uncertainty"]["auroc_brain_pooled"]))
@@ -406,15 +484,19 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
     start = time.perf_counter()
+    if args.eval_shard is not None:  # one shard of one plan's evaluation (a process of --eval-shards)
+        evaluate_shard(args, args.plans[-1], data_dir, data_dir / "datalist.json", args.eval_shard)
+        return 0
     if not args.report_only:
         datalist = prepare_data(args, data_dir)
         if args.jobs > 1 and len(args.plans) > 1:
             # one worker process per plan, at most --jobs at a time; the last --plans of a command line wins
-            own = list(argv if argv is not None else sys.argv[1:])
+            own = args.argv
             pending, running, codes = list(args.plans), [], []
             while pending or running:
                 while pending and len(running) < args.jobs:
@@ -428,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for plan in args.plans:
                 run_plan(args, plan, data_dir, datalist)
-        if args.worker:
+        if args.worker or args.train_only:
             return 0
     results = {
         plan: json.loads((out / plan / "result.json").read_text())
@@ -439,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[quality] no plan finished; nothing to report", file=sys.stderr)
         return 1
     summary = summarise(args, results)
-    summary["arguments"] = {k: v for k, v in vars(args).items() if k != "report_only"}
+    summary["arguments"] = {k: v for k, v in vars(args).items() if k not in ("report_only", "argv", "eval_shard")}
     summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     summary["torch"] = torch.__version__
     summary["wall_seconds"] = time.perf_counter() - start

@@ -34,6 +34,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -90,6 +97,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         difficulty=args.difficulty,
         layout=args.layout,
+        num_workers=args.workers,
     )
     print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} in the {args.layout} layout to {out}")
     return 0
@@ -123,6 +131,12 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
         default="standard",
         help="image difficulty: 'standard' (default) or 'hard' (low tumour contrast, patchy enhancement, "
         "multifocal and infiltrative tumours, strong bias field and noise).",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=0,
+        help="write subjects in this many worker processes (default 0: in this process); the files are the same.",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
     parser.set_defaults(handler=_run_synth)

@@ -24,9 +24,12 @@ How hard the images are is set by a :class:`SyntheticDifficulty`, by name from :
 from __future__ import annotations
 
 import csv
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -452,6 +455,39 @@ def _name_mapping_row(index: int, num_subjects: int, grade: int) -> list[str]:
     return [grade_name, brats17, brats17, tcga, brats19, f"{SUBJECT_PREFIX}{index:03d}"]
 
 
+class _SubjectJob(NamedTuple):
+    """What one worker needs to write one synthetic subject (picklable for worker processes)."""
+
+    out: Path
+    subject_id: str
+    index: int
+    grade: int
+    num_subjects: int
+    shape: tuple[int, ...]
+    seed: int
+    atypical_fraction: float
+    difficulty: SyntheticDifficulty
+    layout: str
+
+
+def _write_subject(job: _SubjectJob) -> list[str]:
+    """Write one subject's modalities and label; returns its ``name_mapping.csv`` row."""
+    spec = SYNTHETIC_LAYOUTS[job.layout]
+    rng = np.random.default_rng([job.seed, job.index])
+    atypical = bool(rng.random() < job.atypical_fraction)
+    subject = make_synthetic_subject(job.grade, shape=job.shape, seed=rng, atypical=atypical, difficulty=job.difficulty)
+    folder = job.out / job.subject_id
+    folder.mkdir(exist_ok=True)
+    for suffix, volume in zip(MODALITY_FILE_SUFFIXES[spec.release], subject.images, strict=True):
+        _save_nifti(volume, subject.affine, folder / f"{job.subject_id}{suffix}{spec.extension}")
+    label_name = f"{job.subject_id}{LABEL_FILE_SUFFIX[spec.release]}{spec.extension}"
+    if job.layout == "brats2020" and job.index == 355:
+        label_name = SUBJECT_355_LABEL_NAME
+    label = convert_label_convention(subject.label, "brats2020", spec.release)
+    _save_nifti(label, subject.affine, folder / label_name)
+    return _name_mapping_row(job.index, job.num_subjects, job.grade)
+
+
 def write_synthetic_brats(
     out_dir: str | Path,
     num_subjects: int,
@@ -462,6 +498,7 @@ def write_synthetic_brats(
     atypical_fraction: float = 0.12,
     difficulty: str | SyntheticDifficulty = "standard",
     layout: str = "brats2020",
+    num_workers: int = 0,
 ) -> Path:
     """Write a synthetic BraTS training release in the layout of BraTS 2020, 2021 or 2023 (glioma).
 
@@ -485,6 +522,8 @@ def write_synthetic_brats(
         atypical_fraction: probability that a subject's tumour has the look of the other grade.
         difficulty: image difficulty, a name of :data:`DIFFICULTIES` or a :class:`SyntheticDifficulty`.
         layout: one of :data:`SYNTHETIC_LAYOUTS` (``"brats2020"``, ``"brats2021"``, ``"brats2023"``).
+        num_workers: subjects are written by this many worker processes (0: in this process). Each subject has its
+            own seed ``[seed, index]``, so the files are the same for any number of workers.
 
     Returns:
         ``out_dir`` as a Path.
@@ -495,6 +534,8 @@ def write_synthetic_brats(
         raise ValueError(f"synthetic BraTS: lgg_fraction must be in [0, 1], got {lgg_fraction}.")
     if not 0.0 <= atypical_fraction <= 1.0:
         raise ValueError(f"synthetic BraTS: atypical_fraction must be in [0, 1], got {atypical_fraction}.")
+    if num_workers < 0:
+        raise ValueError(f"synthetic BraTS: num_workers must be 0 or more, got {num_workers}.")
     difficulty = get_difficulty(difficulty)
     if layout not in SYNTHETIC_LAYOUTS:
         raise ValueError(f"synthetic BraTS: layout {layout!r} is not one of {list(SYNTHETIC_LAYOUTS)}.")
@@ -512,24 +553,27 @@ def write_synthetic_brats(
 
     n_lgg = int(round(num_subjects * lgg_fraction))
     lgg_indices = set(np.random.default_rng(seed).choice(num_subjects, size=n_lgg, replace=False).tolist())
-    rows = []
-    bar = tqdm(subject_ids, desc="synthetic BraTS", unit="subject", disable=not progress)
-    for position, subject_id in enumerate(bar):
-        index = position + 1
-        grade = 0 if position in lgg_indices else 1
-        rng = np.random.default_rng([seed, index])
-        atypical = bool(rng.random() < atypical_fraction)
-        subject = make_synthetic_subject(grade, shape=shape, seed=rng, atypical=atypical, difficulty=difficulty)
-        folder = out / subject_id
-        folder.mkdir(exist_ok=True)
-        for suffix, volume in zip(MODALITY_FILE_SUFFIXES[spec.release], subject.images, strict=True):
-            _save_nifti(volume, subject.affine, folder / f"{subject_id}{suffix}{spec.extension}")
-        label_name = f"{subject_id}{LABEL_FILE_SUFFIX[spec.release]}{spec.extension}"
-        if layout == "brats2020" and index == 355:
-            label_name = SUBJECT_355_LABEL_NAME
-        label = convert_label_convention(subject.label, "brats2020", spec.release)
-        _save_nifti(label, subject.affine, folder / label_name)
-        rows.append(_name_mapping_row(index, num_subjects, grade))
+    jobs = [
+        _SubjectJob(
+            out,
+            subject_id,
+            position + 1,
+            0 if position in lgg_indices else 1,
+            num_subjects,
+            tuple(shape),
+            seed,
+            atypical_fraction,
+            difficulty,
+            layout,
+        )  # fmt: skip
+        for position, subject_id in enumerate(subject_ids)
+    ]
+    if num_workers > 0:
+        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            written = pool.map(_write_subject, jobs, chunksize=4)
+            rows = list(tqdm(written, total=len(jobs), desc="synthetic BraTS", unit="subject", disable=not progress))
+    else:
+        rows = [_write_subject(job) for job in tqdm(jobs, desc="synthetic BraTS", unit="subject", disable=not progress)]
 
     if spec.grade_table:
         with open(out / NAME_MAPPING_FILENAME, "w", newline="") as f:

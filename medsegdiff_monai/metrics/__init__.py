@@ -4,7 +4,7 @@ uncertainty metrics, bootstrap intervals and evaluation reports."""
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
 from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
 from medsegdiff_monai.metrics.evaluation import EvaluationResult, evaluate_subjects, format_table, write_evaluation
-from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics.grading import calibrated_ece_floor, expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.lesion_wise import (
     LESION_MISS_HD95,
     LESION_WISE_PARAMETERS,
@@ -34,6 +34,7 @@ __all__ = [
     "LESION_WISE_PARAMETERS",
     "EvaluationResult",
     "bootstrap_interval",
+    "calibrated_ece_floor",
     "brier_score",
     "evaluate_subjects",
     "expected_calibration_error",

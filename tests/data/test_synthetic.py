@@ -114,6 +114,15 @@ def test_deterministic_from_seed(tmp_path):
     assert digests(first) != digests(other)
 
 
+def test_worker_processes_write_the_same_files(tmp_path):
+    serial = write_synthetic_brats(tmp_path / "serial", 5, 0.4, (24, 24, 16), seed=6, progress=False)
+    parallel = write_synthetic_brats(tmp_path / "parallel", 5, 0.4, (24, 24, 16), seed=6, progress=False, num_workers=2)
+    assert len(digests(serial)) == 5 * 5 + 1
+    assert digests(parallel) == digests(serial)
+    with pytest.raises(ValueError, match="num_workers"):
+        write_synthetic_brats(tmp_path / "bad", 2, num_workers=-1)
+
+
 def test_refuses_foreign_subject_folders(tmp_path):
     (tmp_path / "BraTS20_Training_099").mkdir()
     with pytest.raises(FileExistsError, match="BraTS20_Training_099"):
@@ -192,7 +201,7 @@ def test_synth_cli_difficulty(tmp_path):
     from medsegdiff_monai.cli import main
 
     args = ["synth", "--subjects", "2", "--shape", "24", "24", "16", "--seed", "2", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "hard"), "--difficulty", "hard"]) == 0
+    assert main([*args, "--out", str(tmp_path / "hard"), "--difficulty", "hard", "--workers", "2"]) == 0
     assert main([*args, "--out", str(tmp_path / "standard")]) == 0
     expected = write_synthetic_brats(tmp_path / "api", 2, 0.2, (24, 24, 16), seed=2, progress=False, difficulty="hard")
     assert digests(tmp_path / "hard") == digests(expected)

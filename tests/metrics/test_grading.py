@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from medsegdiff_monai.metrics import expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics import calibrated_ece_floor, expected_calibration_error, grade_metrics
 
 
 def test_against_hand_computation():
@@ -60,3 +60,28 @@ def test_bad_inputs():
         grade_metrics([0.5], [2])
     with pytest.raises(ValueError, match="NaN"):
         grade_metrics([math.nan], [1])
+
+
+def test_calibrated_ece_floor_by_hand():
+    # four subjects at p = 0.5 share one bin; k of them HGG with probability C(4, k) / 16, ECE = |k / 4 - 0.5|
+    assert calibrated_ece_floor([0.5] * 4) == pytest.approx((0.5 + 4 * 0.25 + 0 + 4 * 0.25 + 0.5) / 16)
+    # certain predictions are always right: no sampling noise
+    assert calibrated_ece_floor([0.0, 1.0, 1.0]) == pytest.approx(0.0)
+    assert np.isnan(calibrated_ece_floor([]))
+
+
+def test_calibrated_ece_floor_matches_binomial_and_simulation():
+    from scipy.stats import binom
+
+    # one bin of n equal probabilities: the count of class 1 is binomial
+    n, q = 9, 0.93
+    k = np.arange(n + 1)
+    exact = float(np.sum(binom.pmf(k, n, q) * np.abs(k / n - q)))
+    assert calibrated_ece_floor([q] * n) == pytest.approx(exact, rel=1e-9)
+    # unequal probabilities over several bins (Poisson-binomial): against the mean ECE of simulated targets
+    rng = np.random.default_rng(0)
+    p = rng.beta(0.5, 0.5, size=40)
+    draws = (rng.random((20000, p.size)) < p).astype(int)
+    simulated = np.mean([expected_calibration_error(p, y) for y in draws])
+    assert calibrated_ece_floor(p) == pytest.approx(simulated, abs=0.002)
+    assert calibrated_ece_floor(p) > 0.02  # 40 subjects: the noise is far from zero
