@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 from medsegdiff_monai.data.layout import RELEASE_TITLES, convert_label_convention, label_convention
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
 from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
-from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics.grading import calibrated_ece_floor, expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
 from medsegdiff_monai.visualize import write_png
@@ -100,8 +100,9 @@ def evaluate_subjects(
         :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware) and,
         for every Dice (per region and mean, voxel-wise and lesion-wise), ``ci95`` = [low, high] of the mean; the
         grade metrics of :func:`~medsegdiff_monai.metrics.grade_metrics` (NaN with a warning when undefined) with
-        ``auc_ci95``, ``ece_ci95``, ``brier_ci95`` and the ``reliability`` bins
-        (:func:`~medsegdiff_monai.metrics.reliability_bins`); ``bootstrap`` (the interval method); and
+        ``auc_ci95``, ``ece_ci95``, ``brier_ci95``, the ``reliability`` bins
+        (:func:`~medsegdiff_monai.metrics.reliability_bins`) and ``ece_if_calibrated``
+        (:func:`~medsegdiff_monai.metrics.calibrated_ece_floor`); ``bootstrap`` (the interval method); and
         ``num_subjects``.
     """
     rows = []
@@ -161,6 +162,7 @@ def evaluate_subjects(
                 interval = bootstrap_interval(statistic, p_hgg, grade, num_resamples=bootstrap_resamples, seed=seed)
                 summary["grade"][f"{name}_ci95"] = list(interval)
         summary["grade"]["reliability"] = reliability_bins(p_hgg, grade)
+        summary["grade"]["ece_if_calibrated"] = calibrated_ece_floor(p_hgg)
     else:
         warnings.warn("evaluation: no subject has both p_hgg and a true grade; grade metrics skipped.", stacklevel=2)
     return EvaluationResult(subjects=rows, summary=summary)

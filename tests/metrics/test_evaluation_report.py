@@ -97,6 +97,10 @@ def test_grade_intervals_match_a_bootstrap_of_sklearn_figures(tmp_path):
     ece = bootstrap_interval(expected_calibration_error, p_hgg, grade, num_resamples=300, seed=7)
     assert summary["grade"]["ece_ci95"] == pytest.approx(list(ece))
     assert summary["grade"]["brier_ci95"][0] < summary["grade"]["brier"] < summary["grade"]["brier_ci95"][1]
+    simulated = np.mean(
+        [expected_calibration_error(p_hgg, y) for y in np.random.default_rng(1).random((4000, len(p_hgg))) < p_hgg]
+    )
+    assert summary["grade"]["ece_if_calibrated"] == pytest.approx(simulated, abs=0.01)
     assert summary["bootstrap"]["num_resamples"] == 300 and summary["dice_mean"]["ci95"] == [1.0, 1.0]
 
 
