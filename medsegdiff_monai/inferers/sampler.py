@@ -211,6 +211,11 @@ class DiffusionSampler:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
 
+    def is_compiled_for(self, network: nn.Module) -> bool:
+        """Whether this process already holds the compiled ``denoise`` of ``network``'s class (so compiling costs
+        nothing more, except for a new input shape)."""
+        return type(network).denoise in _COMPILED_DENOISE
+
     def _denoise_function(self, network: nn.Module) -> Callable[..., Tensor]:
         """``network.denoise``, or its compiled form (one per network class, holding no reference to the network)."""
         if not self.compile:

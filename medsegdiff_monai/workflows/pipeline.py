@@ -194,6 +194,9 @@ class BratsVolumeInferer:
         transforms: the invertible inference chain; default ``get_inference_transforms(roi_size)``.
         overwrite: replace the outputs of subjects that ``output_dir`` already holds.
         allow_empty_modality: accept an all-zero or constant modality instead of refusing the subject.
+        compile_min_volumes: with a compiling sampler (``sampler.compile``), a run of fewer volumes runs eagerly,
+            since compilation (seconds, once per process) would cost more than it saves; 1 always compiles. Once
+            this process holds the compiled denoiser, every run uses it.
     """
 
     def __init__(
@@ -211,7 +214,10 @@ class BratsVolumeInferer:
         transforms: Compose | None = None,
         overwrite: bool = False,
         allow_empty_modality: bool = False,
+        compile_min_volumes: int = 1,
     ) -> None:
+        if compile_min_volumes < 1:
+            raise ValueError(f"compile_min_volumes must be >= 1, got {compile_min_volumes}.")
         if min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
         if uncertainty_reduction not in ("max", "mean"):
@@ -230,11 +236,26 @@ class BratsVolumeInferer:
         self.progress = progress
         self.overwrite = overwrite
         self.allow_empty_modality = allow_empty_modality
+        self.compile_min_volumes = compile_min_volumes
         self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
         self.inverter = Invertd(
             keys=["probs", "uncertainty"], transform=self.transforms, orig_keys="image", nearest_interp=False
         )
         self.logger = logging.getLogger(__name__)
+
+    def _runs_eagerly(self, num_volumes: int) -> bool:
+        """Switch a compiling sampler to eager for a run of ``num_volumes`` that compilation would slow down
+        (``compile_min_volumes``); ``run`` switches it back. Returns whether it was switched."""
+        if not self.sampler.compile or num_volumes >= self.compile_min_volumes:
+            return False
+        if self.sampler.is_compiled_for(self.network):
+            return False
+        self.logger.info(
+            f"compile: {num_volumes} volume(s) run eagerly; compilation pays from compile_min_volumes="
+            f"{self.compile_min_volumes} volumes in one run"
+        )
+        self.sampler.compile = False
+        return True
 
     def predict(self, entry: dict[str, Any]) -> SubjectPrediction:
         """Segment and grade one subject entry (``{"image": [t1, t1ce, t2, flair], "subject_id": ...}``)."""
@@ -310,6 +331,7 @@ class BratsVolumeInferer:
             self.logger.info(f"removing {leftover}, the unfinished outputs of an interrupted run")
             shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+        eager = self._runs_eagerly(len(entries))
         try:
             outputs = []
             for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
@@ -325,5 +347,7 @@ class BratsVolumeInferer:
                 os.replace(file, output_dir / file.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if eager:
+                self.sampler.compile = True
         self.logger.info(f"wrote {len(outputs)} subject(s) to {output_dir}")
         return outputs

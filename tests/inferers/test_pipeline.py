@@ -182,3 +182,42 @@ def test_second_run_refuses_earlier_outputs_then_updates_them_on_request(brain_o
     assert rows[entries[0]["subject_id"]]["grade"] == "LGG" and rows[entries[1]["subject_id"]]["grade"] == "HGG"
     assert float(rows[entries[0]["subject_id"]]["p_hgg"]) == pytest.approx(1 / (1 + np.exp(2.0)), abs=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the killed run's partial folder is gone
+
+
+def test_compile_waits_for_runs_that_it_pays_for(brain_oracle, synthetic_datalist, tmp_path, monkeypatch):
+    import medsegdiff_monai.inferers.sampler as sampler_module
+
+    compiled, compiled_calls = [], []
+
+    def counting_compile(function, **kwargs):  # stands in for torch.compile: records the call, runs eagerly
+        compiled.append(kwargs)
+
+        def run(*args, **kw):
+            compiled_calls.append(1)
+            return function(*args, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(sampler_module, "_COMPILED_DENOISE", {})
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    assert len(entries) >= 2
+    network = brain_oracle(hgg_logit=1.0)
+    sampler = DiffusionSampler(num_inference_steps=2, ensemble_size=2, compile=True)
+    inferer = BratsVolumeInferer(network, sampler, roi_size=ROI, progress=False, compile_min_volumes=2)
+    eager = BratsVolumeInferer(network, DiffusionSampler(num_inference_steps=2, ensemble_size=2), roi_size=ROI,
+                               progress=False)  # fmt: skip
+
+    inferer.run(entries[:1], tmp_path / "one")  # one volume: below compile_min_volumes, eager
+    assert compiled == [] and compiled_calls == [] and sampler.compile
+    eager.run(entries[:1], tmp_path / "reference")
+    name = f"{entries[0]['subject_id']}_seg.nii.gz"
+    np.testing.assert_array_equal(_read(tmp_path / "one" / name), _read(tmp_path / "reference" / name))
+
+    inferer.run(entries[:2], tmp_path / "two")  # enough volumes: compiled, with static shapes
+    assert compiled == [{"dynamic": False}] and compiled_calls
+    calls = len(compiled_calls)
+    inferer.run(entries[:1], tmp_path / "again")  # the process holds the compiled denoiser: it is used
+    assert sampler.is_compiled_for(network) and len(compiled) == 1 and len(compiled_calls) > calls
+    with pytest.raises(ValueError, match="compile_min_volumes must be >= 1"):
+        BratsVolumeInferer(network, sampler, roi_size=ROI, compile_min_volumes=0)
