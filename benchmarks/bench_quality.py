@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plans", nargs="+", choices=PLANS, default=list(PLANS))
     parser.add_argument("--jobs", type=int, default=1, help="plans run in this many parallel processes")
     parser.add_argument("--ensemble", type=int, default=5, help="ensemble size of the evaluation sampler")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the evaluation sampler")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="steps of the evaluation sampler (evaluate.json's scheduler)"
+    )
     parser.add_argument("--margin", type=int, default=3, help="dilation (voxels) of the tumour neighbourhood")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the intervals")
     parser.add_argument(
