@@ -23,7 +23,9 @@ of the per-subject mean uncertainty with mean Dice). Prints a table and writes `
 
 ``--jobs N`` trains and evaluates the plans in N parallel processes (small networks leave a large GPU mostly idle);
 each plan's results are written to ``<out>/<plan>/result.json`` as soon as it finishes, and ``--report-only``
-rebuilds the table from them.
+rebuilds the table from them. ``--eval-shards N`` evaluates each plan's test subjects in N processes;
+``--train-only`` stops after training, and a later run into the same ``--out`` keeps the trained networks
+(``<plan>/setup.json`` and ``<plan>/run/model.pt``) instead of training them again.
 """
 
 from __future__ import annotations
