@@ -71,20 +71,43 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def prepare_data(args: argparse.Namespace, data_dir: Path) -> None:
-    """Write ``args.synth_subjects`` synthetic subjects and a subject-level datalist into ``data_dir``."""
+def write_synthetic_split(
+    data_dir: Path,
+    num_subjects: int,
+    lgg_fraction: float,
+    shape: list[int],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    difficulty: str = "standard",
+    num_workers: int = 0,
+) -> Path:
+    """Write synthetic subjects and their subject-level datalist (``training`` / ``validation`` [/ ``testing``]) into
+    ``data_dir``; returns the datalist's path."""
     start = time.perf_counter()
     write_synthetic_brats(
         data_dir,
-        num_subjects=args.synth_subjects,
-        lgg_fraction=args.lgg_fraction,
-        shape=args.shape,
-        seed=args.seed,
+        num_subjects=num_subjects,
+        lgg_fraction=lgg_fraction,
+        shape=shape,
+        seed=seed,
         progress=False,
+        difficulty=difficulty,
+        num_workers=num_workers,
     )
-    datalist = build_datalist(read_brats_folder(data_dir), data_dir, val_fraction=args.val_fraction, seed=args.seed)
-    write_datalist(datalist, data_dir / "datalist.json")
-    print(f"wrote {args.synth_subjects} synthetic subjects {args.shape} in {time.perf_counter() - start:.1f} s")
+    datalist = build_datalist(
+        read_brats_folder(data_dir, progress=False),
+        data_dir,
+        val_fraction=val_fraction,
+        seed=seed,
+        test_fraction=test_fraction,
+    )
+    datalist_path = data_dir / "datalist.json"
+    write_datalist(datalist, datalist_path)
+    sizes = {key: len(datalist[key]) for key in ("training", "validation", "testing") if key in datalist}
+    print(f"wrote {num_subjects} {difficulty} synthetic subjects {list(shape)}, split {sizes} "
+          f"in {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+    return datalist_path
 
 
 class EpochTimes:
@@ -178,7 +201,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir) if args.data_dir else out / "data"
     if args.synth_subjects:
-        prepare_data(args, data_dir)
+        write_synthetic_split(
+            data_dir, args.synth_subjects, args.lgg_fraction, args.shape, args.seed, args.val_fraction
+        )
     overrides = {
         "dataset_dir": str(data_dir),
         "output_dir": str(out / "run"),

@@ -43,10 +43,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from bench_bundle_training import parse_overrides  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
+from bench_bundle_training import parse_overrides, write_synthetic_split  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from medsegdiff_monai.data import build_datalist, read_brats_folder, write_datalist, write_synthetic_brats
 from medsegdiff_monai.metrics import (
     BRATS_REGIONS,
     bootstrap_interval,
@@ -118,29 +117,10 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> Path:
     datalist_path = data_dir / "datalist.json"
     if datalist_path.is_file():
         return datalist_path
-    start = time.perf_counter()
-    write_synthetic_brats(
-        data_dir,
-        num_subjects=args.subjects,
-        lgg_fraction=args.lgg_fraction,
-        shape=args.shape,
-        seed=args.seed,
-        progress=False,
-        difficulty=args.difficulty,
-        num_workers=args.data_workers,
-    )
-    datalist = build_datalist(
-        read_brats_folder(data_dir, progress=False),
-        data_dir,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-    )
-    write_datalist(datalist, datalist_path)
-    sizes = {key: len(datalist[key]) for key in ("training", "validation", "testing")}
-    print(f"[quality] wrote {args.subjects} {args.difficulty} subjects {args.shape}, split {sizes} "
-          f"in {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
-    return datalist_path
+    return write_synthetic_split(
+        data_dir, args.subjects, args.lgg_fraction, args.shape, args.seed, args.val_fraction, args.test_fraction,
+        args.difficulty, args.data_workers,
+    )  # fmt: skip
 
 
 def stage_plan(args: argparse.Namespace, plan: str) -> dict[str, Any]:
