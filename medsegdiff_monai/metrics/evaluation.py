@@ -200,6 +200,7 @@ def format_table(result: EvaluationResult, columns: Sequence[str] | None = None)
         text.append(
             "grade: "
             + " ".join(f"{k}={with_interval(k)}" for k in ("auc", "f1", "accuracy", "ece", "brier"))
+            + f" ece_if_calibrated={cell(grade['ece_if_calibrated'])}"
             + f" confusion_matrix={grade['confusion_matrix']} (rows true LGG, HGG; columns predicted)"
         )
     return "\n".join(text)

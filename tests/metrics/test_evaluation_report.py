@@ -64,6 +64,9 @@ def test_perfect_and_partial_predictions(tmp_path):
     assert result.summary["grade"]["auc"] == 1.0 and result.summary["grade"]["accuracy"] == 1.0
     table = format_table(result)
     assert "s1" in table and "mean" in table and "auc=1.000" in table
+    # one subject per bin at p 0.2 and 0.9: E|y - p| = 2 p (1 - p) each, 0.32 and 0.18, mean 0.25
+    assert result.summary["grade"]["ece_if_calibrated"] == pytest.approx(0.25)
+    assert "ece_if_calibrated=0.250" in table
 
     csv_path, json_path = write_evaluation(result, tmp_path / "report")
     with open(csv_path) as f:
