@@ -2,9 +2,14 @@
 uncertainty metrics, bootstrap intervals and evaluation reports."""
 
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
-from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
+from medsegdiff_monai.metrics.calibration import (
+    brier_score,
+    calibrated_ece_floor,
+    reliability_bins,
+    reliability_diagram,
+)
 from medsegdiff_monai.metrics.evaluation import EvaluationResult, evaluate_subjects, format_table, write_evaluation
-from medsegdiff_monai.metrics.grading import calibrated_ece_floor, expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.lesion_wise import (
     LESION_MISS_HD95,
     LESION_WISE_PARAMETERS,

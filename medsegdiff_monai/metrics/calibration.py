@@ -1,4 +1,5 @@
-"""Calibration of a binary probability: Brier score, reliability-diagram bins and their picture."""
+"""Calibration of a binary probability: Brier score, reliability-diagram bins and their picture, and the ECE that
+sampling noise alone gives."""
 
 from __future__ import annotations
 
@@ -7,17 +8,29 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["brier_score", "reliability_bins", "reliability_diagram"]
+__all__ = ["brier_score", "calibrated_ece_floor", "reliability_bins", "reliability_diagram"]
+
+
+def _as_probability(p_positive: Sequence[float] | np.ndarray) -> np.ndarray:
+    p = np.asarray(p_positive, dtype=np.float64).reshape(-1)
+    if p.size and (p.min() < 0.0 or p.max() > 1.0):
+        raise ValueError(f"p_positive must lie in [0, 1], got values from {p.min()} to {p.max()}.")
+    return p
 
 
 def _as_pair(p_positive: Sequence[float] | np.ndarray, target: Sequence[int] | np.ndarray) -> tuple[np.ndarray, ...]:
-    p = np.asarray(p_positive, dtype=np.float64).reshape(-1)
+    p = _as_probability(p_positive)
     y = np.asarray(target, dtype=np.float64).reshape(-1)
     if p.shape != y.shape:
         raise ValueError(f"p_positive and target must have the same length, got {p.size} and {y.size}.")
-    if p.size and (p.min() < 0.0 or p.max() > 1.0):
-        raise ValueError(f"p_positive must lie in [0, 1], got values from {p.min()} to {p.max()}.")
     return p, y
+
+
+def _bin_index(p: np.ndarray, num_bins: int) -> np.ndarray:
+    """Equal-width bin of each probability: ``[k/n, (k+1)/n)``, the last bin closed."""
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
+    return np.minimum((p * num_bins).astype(int), num_bins - 1)
 
 
 def brier_score(p_positive: Sequence[float] | np.ndarray, target: Sequence[int] | np.ndarray) -> float:
@@ -52,10 +65,8 @@ def reliability_bins(
         per bin the number of subjects, their mean probability and the share of class 1 among them (both NaN for
         an empty bin).
     """
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
     p, y = _as_pair(p_positive, target)
-    index = np.minimum((p * num_bins).astype(int), num_bins - 1)
+    index = _bin_index(p, num_bins)
     count = np.bincount(index, minlength=num_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_predicted = np.bincount(index, weights=p, minlength=num_bins) / count
@@ -66,6 +77,39 @@ def reliability_bins(
         "mean_predicted": mean_predicted.tolist(),
         "observed": observed.tolist(),
     }
+
+
+def calibrated_ece_floor(p_positive: Sequence[float] | np.ndarray, num_bins: int = 10) -> float:
+    """
+    The ECE that a perfectly calibrated predictor with these probabilities is expected to show on this many subjects.
+
+    :func:`~medsegdiff_monai.metrics.expected_calibration_error` on ``N`` subjects is biased upwards: even when every
+    subject's true class is drawn with exactly its predicted probability, the observed share of class 1 in a bin
+    scatters around the bin's mean probability. This returns ``E[ECE]`` over targets ``y_i ~ Bernoulli(p_i)`` drawn
+    independently, computed exactly: the bins (:func:`reliability_bins`) depend on ``p`` alone, and the number of
+    class-1 subjects in a bin follows the Poisson-binomial distribution of its probabilities. An ECE measured near
+    this value is what sampling noise alone gives; only the excess over it points to miscalibration.
+
+    Args:
+        p_positive: (N,) predicted probability of class 1.
+        num_bins: number of equal-width bins, as in ``expected_calibration_error``.
+
+    Returns:
+        the expected ECE in [0, 1]; NaN for an empty input.
+    """
+    p = _as_probability(p_positive)
+    index = _bin_index(p, num_bins)
+    if p.size == 0:
+        return math.nan
+    expected = 0.0
+    for b in np.unique(index):
+        members = p[index == b]
+        pmf = np.ones(1)  # distribution of the number of class-1 subjects in the bin, one subject at a time
+        for q in members:
+            pmf = np.concatenate([pmf * (1.0 - q), [0.0]]) + np.concatenate([[0.0], pmf * q])
+        gap = np.abs(np.arange(members.size + 1) / members.size - members.mean())
+        expected += members.size / p.size * float(np.sum(pmf * gap))
+    return expected
 
 
 def reliability_diagram(bins: dict[str, list], size: int = 360) -> np.ndarray:

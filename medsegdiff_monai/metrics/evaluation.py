@@ -17,8 +17,13 @@ from scipy.stats import rankdata
 
 from medsegdiff_monai.data.layout import RELEASE_TITLES, convert_label_convention, label_convention
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
-from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins, reliability_diagram
-from medsegdiff_monai.metrics.grading import calibrated_ece_floor, expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics.calibration import (
+    brier_score,
+    calibrated_ece_floor,
+    reliability_bins,
+    reliability_diagram,
+)
+from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
 from medsegdiff_monai.visualize import write_png

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_
 
 from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins
 
-__all__ = ["calibrated_ece_floor", "expected_calibration_error", "grade_metrics"]
+__all__ = ["expected_calibration_error", "grade_metrics"]
 
 
 def expected_calibration_error(
@@ -43,40 +43,6 @@ def expected_calibration_error(
             if n
         )
     )
-
-
-def calibrated_ece_floor(p_positive: Sequence[float] | np.ndarray, num_bins: int = 10) -> float:
-    """
-    The ECE that a perfectly calibrated predictor with these probabilities is expected to show on this many subjects.
-
-    :func:`expected_calibration_error` on ``N`` subjects is biased upwards: even when every subject's true class is
-    drawn with exactly its predicted probability, the observed share of class 1 in a bin scatters around the bin's
-    mean probability. This returns ``E[ECE]`` over targets ``y_i ~ Bernoulli(p_i)`` drawn independently, computed
-    exactly: the bins depend on ``p`` alone, and the number of class-1 subjects in a bin follows the Poisson-binomial
-    distribution of its probabilities. An ECE measured near this value is what sampling noise alone gives; only the
-    excess over it points to miscalibration.
-
-    Args:
-        p_positive: (N,) predicted probability of class 1.
-        num_bins: number of equal-width bins, as in :func:`expected_calibration_error`.
-
-    Returns:
-        the expected ECE in [0, 1]; NaN for an empty input.
-    """
-    p = np.asarray(p_positive, dtype=np.float64).reshape(-1)
-    bins = reliability_bins(p, np.zeros_like(p), num_bins)
-    if p.size == 0:
-        return math.nan
-    index = np.minimum((p * num_bins).astype(int), num_bins - 1)
-    expected = 0.0
-    for b, (count, mean_p) in enumerate(zip(bins["count"], bins["mean_predicted"])):
-        if not count:
-            continue
-        pmf = np.ones(1)  # distribution of the number of class-1 subjects in the bin, one subject at a time
-        for q in p[index == b]:
-            pmf = np.concatenate([pmf * (1.0 - q), [0.0]]) + np.concatenate([[0.0], pmf * q])
-        expected += count / p.size * float(np.sum(pmf * np.abs(np.arange(count + 1) / count - mean_p)))
-    return expected
 
 
 def grade_metrics(
