@@ -23,6 +23,7 @@ How hard the images are is set by a :class:`SyntheticDifficulty`, by name from :
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import multiprocessing
 from collections.abc import Sequence
@@ -568,12 +569,10 @@ def write_synthetic_brats(
         )  # fmt: skip
         for position, subject_id in enumerate(subject_ids)
     ]
-    if num_workers > 0:
-        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            written = pool.map(_write_subject, jobs, chunksize=4)
-            rows = list(tqdm(written, total=len(jobs), desc="synthetic BraTS", unit="subject", disable=not progress))
-    else:
-        rows = [_write_subject(job) for job in tqdm(jobs, desc="synthetic BraTS", unit="subject", disable=not progress)]
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) if num_workers else None
+    with pool or contextlib.nullcontext():
+        written = pool.map(_write_subject, jobs, chunksize=4) if pool else map(_write_subject, jobs)
+        rows = list(tqdm(written, total=len(jobs), desc="synthetic BraTS", unit="subject", disable=not progress))
 
     if spec.grade_table:
         with open(out / NAME_MAPPING_FILENAME, "w", newline="") as f:
