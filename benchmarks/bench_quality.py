@@ -295,7 +295,8 @@ def evaluate_test_split(args: argparse.Namespace, plan: str, data_dir: Path, dat
         codes = [worker.wait() for worker in workers]
         if any(codes):
             raise RuntimeError(f"plan {plan}: evaluation processes exited with {codes}")
-    order = {entry_id: i for i, entry_id in enumerate(subject_ids(datalist, "testing"))}
+    testing = json.loads(datalist.read_text())["testing"]
+    order = {entry["subject_id"]: i for i, entry in enumerate(testing)}
     rows, pooled = [], {}
     shards = [shard_folder(plan_dir, k) for k in range(args.eval_shards)]
     for folder in shards:
@@ -308,11 +309,6 @@ def evaluate_test_split(args: argparse.Namespace, plan: str, data_dir: Path, dat
         pooled[f"pooled_auroc_{name}"] = voxel_error_auroc(uncertainty, wrong)
         pooled[f"error_share_{name}"] = float(wrong.mean())
     return {"testing": rows, **pooled}
-
-
-def subject_ids(datalist: Path, key: str) -> list[str]:
-    """The subject folder names of a datalist split, in its order."""
-    return [Path(entry["label"]).parent.name for entry in json.loads(datalist.read_text())[key]]
 
 
 def mean_with_interval(values: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
