@@ -24,6 +24,7 @@ __all__ = [
     "renamed_key",
     "require_file",
     "unwrap_module",
+    "use_cudnn_benchmark",
     "warn_renamed",
 ]
 
@@ -73,6 +74,31 @@ def parse_amp_dtype(amp_dtype: str | torch.dtype | None) -> torch.dtype | None:
     if key not in AMP_DTYPES:
         raise ValueError(f"amp_dtype={amp_dtype!r}: expected one of {sorted(AMP_DTYPES)} or None.")
     return AMP_DTYPES[key]
+
+
+def use_cudnn_benchmark(enabled: bool | int | str, name: str = "cudnn_benchmark") -> bool:
+    """Let cuDNN time its algorithms once for each new convolution shape and keep the fastest (``enabled``), or leave
+    the deterministic choice of :func:`monai.utils.set_determinism` in place.
+
+    ``set_determinism(seed)`` sets ``cudnn.deterministic=True`` and ``cudnn.benchmark=False``: bit-reproducible runs,
+    with slower convolutions on a GPU. A bundle config calls this right after it, so the seeds stay set either way;
+    on a CPU the flags change nothing.
+
+    Args:
+        enabled: a switch as :func:`as_bool` reads it (``--cudnn_benchmark false`` on the command line).
+        name: the config key that sets ``enabled`` (named in the error).
+
+    Returns:
+        the switch, as a bool.
+
+    Raises:
+        ValueError: naming ``name`` when ``enabled`` is not a switch value.
+    """
+    enabled = as_bool(enabled, name)
+    if enabled:
+        torch.backends.cudnn.deterministic = False
+    torch.backends.cudnn.benchmark = enabled
+    return enabled
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -136,6 +136,38 @@ def test_gpu_overlay_overrides_only_existing_keys():
     assert [stage["lr_multiplier"] for stage in merged["stages"]] == [1.0, 10.0, 0.1]
 
 
+@pytest.mark.parametrize(
+    "overlays, benchmark",
+    [((), False), (("train_gpu.json",), True), (("train_gpu.json", "multi_gpu_train.json"), True)],
+)
+def test_initialize_sets_cudnn_mode_after_set_determinism(overlays, benchmark):
+    """The CPU demo keeps set_determinism's deterministic cuDNN; the GPU overlays switch benchmarking on right after
+    it (the seeds stay set), and ``--cudnn_benchmark false`` gives the deterministic mode back."""
+    from monai.bundle import ConfigParser
+
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    files = [str(CONFIGS / "train.json"), *(str(CONFIGS / name) for name in overlays)]
+    try:
+        for override, expected in ((None, benchmark), ("false", False)):
+            parser = ConfigParser()
+            parser.read_config(files)
+            if override is not None:
+                parser["cudnn_benchmark"] = override
+            steps = parser["initialize"]
+            first = next(i for i, step in enumerate(steps) if "set_determinism" in step)
+            assert "use_cudnn_benchmark(@cudnn_benchmark)" in steps[first + 1]
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+            if "dist.get_rank()" in steps[first]:  # multi_gpu_train.json seeds by rank; one process here
+                parser[f"initialize#{first}"] = "$monai.utils.set_determinism(seed=@seed)"
+            parser.get_parsed_content(f"initialize#{first}")
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            parser.get_parsed_content(f"initialize#{first + 1}")
+            assert torch.backends.cudnn.benchmark is expected
+            assert torch.backends.cudnn.deterministic is not expected
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def test_training_without_grades_is_segmentation_only(tmp_path):
     """A BraTS 2021 folder has no grade table: the bundle trains a network without the grade head, says so once, and
     never reads a grade."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from medsegdiff_monai.inferers import DiffusionSampler
-from medsegdiff_monai.utils import as_bool, parse_amp_dtype
+from medsegdiff_monai.utils import as_bool, parse_amp_dtype, use_cudnn_benchmark
 
 
 @pytest.mark.parametrize(
@@ -15,6 +15,32 @@ def test_as_bool_reads_command_line_switches(value, expected):
 def test_as_bool_rejects_garbage_naming_the_key():
     with pytest.raises(ValueError, match="use_grade_head='maybe'"):
         as_bool("maybe", "use_grade_head")
+
+
+@pytest.fixture
+def cudnn_flags():
+    """Restores cuDNN's global flags after the test."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("value, benchmark", [("true", True), (True, True), ("false", False), (0, False)])
+def test_use_cudnn_benchmark_after_monai_set_determinism(cudnn_flags, value, benchmark):
+    """MONAI's set_determinism selects deterministic cuDNN without benchmarking; switching benchmarking on lifts
+    both, switching it off keeps set_determinism's flags."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=0)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert use_cudnn_benchmark(value) is benchmark
+    assert torch.backends.cudnn.benchmark is benchmark
+    assert torch.backends.cudnn.deterministic is not benchmark
+
+
+def test_use_cudnn_benchmark_rejects_garbage_naming_the_key(cudnn_flags):
+    with pytest.raises(ValueError, match="cudnn_benchmark='fast'"):
+        use_cudnn_benchmark("fast")
 
 
 @pytest.mark.parametrize(
