@@ -13,8 +13,10 @@ soon as it exists, so a run cut short keeps what it measured):
   check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
   ``+compile`` torch.compile of the network, ``+graphs`` the same with CUDA graphs (``mode="reduce-overhead"``),
   ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench``
-  cudnn.benchmark off, ``+blocking`` blocking host-to-device copies, ``+nofuse`` plain ``nn.GroupNorm`` + SiLU
-  instead of :py:class:`FusedGroupNorm`, ``+fftout`` the SS-Former's FFT core outside the compiled graphs); peak
+  cudnn.benchmark off, ``+determ`` deterministic cuDNN (what ``monai.utils.set_determinism`` selects and the
+  bundle's ``cudnn_benchmark: false`` keeps; CUDA-graph variants of one run share one cuDNN mode), ``+blocking``
+  blocking host-to-device copies, ``+nofuse`` plain ``nn.GroupNorm`` + SiLU instead of :py:class:`FusedGroupNorm`,
+  ``+fftout`` the SS-Former's FFT core outside the compiled graphs); peak
   memory, slices/s and MFU against ``--peak-tflops``; the first variant at ``--extra-batches``; then the largest
   batch that fits.
 - ``profile``: GPU busy share, GPU time per step split into matrix kernels (convolutions, GEMMs, attention), cuDNN
@@ -78,7 +80,11 @@ from medsegdiff_monai.losses import GradeFocalLoss, SegmentationLoss, Uncertaint
 from medsegdiff_monai.networks import FusedGroupNorm, SpectralCrossAttention, get_network
 from medsegdiff_monai.transforms import get_inference_transforms, get_train_transforms
 
-VARIANT_FLAGS = {"fp32", "bf16", "cl", "compile", "graphs", "forcecl", "nobench", "blocking", "nofuse", "fftout"}
+VARIANT_FLAGS = {
+    "fp32", "bf16", "cl", "compile", "graphs", "forcecl", "nobench", "determ", "blocking", "nofuse", "fftout"
+}  # fmt: skip
+# cuDNN's mode per flag, as (deterministic, benchmark); without either flag (deterministic False, benchmark True)
+CUDNN_MODES = {"nobench": (False, False), "determ": (True, False)}
 # kernel-name fragments of the matrix (convolution / GEMM / attention) kernels and of cuDNN's layout conversions
 MATRIX_KERNELS = ("gemm", "xmma", "conv", "dgrad", "wgrad", "fprop", "cutlass", "flash", "fmha", "sm90_")
 LAYOUT_KERNELS = ("nchwToNhwc", "nhwcToNchw")
@@ -171,6 +177,18 @@ def parse_variant(variant: str) -> set[str]:
     if not flags <= VARIANT_FLAGS or len(flags & {"fp32", "bf16"}) != 1:
         raise ValueError(f"variant {variant!r}: expected fp32 or bf16 joined by '+' with {sorted(VARIANT_FLAGS)}.")
     return flags
+
+
+def cudnn_mode(flags: set[str]) -> tuple[bool, bool]:
+    """``(cudnn.deterministic, cudnn.benchmark)`` of a variant's flags."""
+    modes = [CUDNN_MODES[flag] for flag in flags & CUDNN_MODES.keys()]
+    if len(modes) > 1:
+        raise ValueError(f"variant flags {sorted(flags & CUDNN_MODES.keys())}: at most one cuDNN mode.")
+    return modes[0] if modes else (False, True)
+
+
+def set_cudnn_mode(mode: tuple[bool, bool]) -> None:
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = mode
 
 
 def synthetic_batch(batch: int, size: int, generator: torch.Generator) -> dict:
@@ -354,7 +372,7 @@ def train_step_flops(bench: Bench, size: int, batch_size: int) -> float:
 def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: int, steps: int) -> float:
     """Time one training variant; returns ms per step (inf on out-of-memory)."""
     flags = parse_variant(variant)
-    torch.backends.cudnn.benchmark = "nobench" not in flags
+    set_cudnn_mode(cudnn_mode(flags))
     bench.reset_memory()
     batch = synthetic_batch(batch_size, size, torch.Generator().manual_seed(0))  # on the host, like a loader's
     if bench.device.type == "cuda" and "blocking" not in flags:
@@ -388,7 +406,7 @@ def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: in
             bench.best_train = (ms, variant, trainer)
         if variant in bench.args.profile_variants:
             bench.profile_trainers[variant] = trainer
-    torch.backends.cudnn.benchmark = True
+    set_cudnn_mode(cudnn_mode(set()))
     return ms
 
 
@@ -872,13 +890,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="H100 SXM dense bf16 peak")
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds after which no new work starts")
     parser.add_argument("--out", default="gpu_results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_graph_cudnn_modes(parser, args)
+    return args
+
+
+def check_graph_cudnn_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse CUDA-graph train variants of more than one cuDNN mode in one run: once one mode's step is captured, the
+    process can fail to capture the same step in another (run each mode in its own process)."""
+    variants = [
+        *args.train_variants, *args.other_size_variants, *args.extra_variants, *args.fallback_variants,
+        *args.profile_variants, *([args.max_batch_variant] if args.max_batch_variant else []),
+    ]  # fmt: skip
+    modes = defaultdict(set)
+    for variant in variants:
+        try:
+            flags = parse_variant(variant)
+            mode = cudnn_mode(flags)
+        except ValueError as error:
+            parser.error(str(error))
+        if "graphs" in flags:
+            modes[mode].add(variant)
+    if len(modes) > 1:
+        named = "; ".join(", ".join(sorted(group)) for group in modes.values())
+        parser.error(f"CUDA-graph variants of different cuDNN modes ({named}) must run in separate processes.")
 
 
 def main(argv: list[str] | None = None) -> None:
     bench = Bench(parse_args(argv))
     args = bench.args
-    torch.backends.cudnn.benchmark = True
+    set_cudnn_mode(cudnn_mode(set()))
     print(f"torch {torch.__version__}, {bench.card}, preset {args.preset}, sections {args.sections}", flush=True)
     if args.flops_from:
         bench.flops.update(json.loads(Path(args.flops_from).read_text())["flops"])

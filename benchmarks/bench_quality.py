@@ -207,6 +207,7 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
     plan_dir = Path(args.out) / plan
     overrides = json.loads((plan_dir / "setup.json").read_text())["overrides"]
     output_dir = shard_folder(plan_dir, shard)
+    outputs = output_dir / "outputs"
     output_dir.mkdir(parents=True, exist_ok=True)
     subjects = json.loads(datalist.read_text())["testing"][shard :: args.eval_shards]
     shard_datalist = output_dir / "datalist.json"
@@ -219,7 +220,7 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
             "datalist": str(shard_datalist),
             "datalist_key": "testing",
             "checkpoint": str(plan_dir / "run" / "model.pt"),
-            "output_dir": str(output_dir / "outputs"),
+            "output_dir": str(outputs),
             "use_grade_head": plan != "segonly",
             "preset": overrides["preset"],
             "roi_size": overrides["roi_size"],
@@ -233,7 +234,6 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
     calibration = getattr(evaluator.network, "grade_calibration", None)
     if calibration is not None:  # score the raw grade; the stored calibration is applied to it in the report
         calibration.set(1.0, 0.0)
-    outputs = output_dir / "outputs"
     result = run_evaluation(
         evaluator,
         str(shard_datalist),
@@ -258,6 +258,7 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
         for name, inside in regions.items():  # pooled over the split's subjects in the report
             voxels[name][0].append(uncertainty[inside])
             voxels[name][1].append(wrong[inside])
+        neighbourhood_uncertainty, neighbourhood_wrong = voxels["neighbourhood"][0][-1], voxels["neighbourhood"][1][-1]
         rows.append(
             {
                 "subject_id": subject,
@@ -265,9 +266,7 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
                 "p_hgg": row["p_hgg"],
                 **{k: row[k] for k in DICE_KEYS},
                 "mean_uncertainty": mean_uncertainty(uncertainty, prediction, args.margin),
-                "auroc_neighbourhood": voxel_error_auroc(
-                    uncertainty[regions["neighbourhood"]], wrong[regions["neighbourhood"]]
-                ),
+                "auroc_neighbourhood": voxel_error_auroc(neighbourhood_uncertainty, neighbourhood_wrong),
             }
         )
     np.savez(
