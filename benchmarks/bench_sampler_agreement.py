@@ -7,8 +7,9 @@ the README's synthetic data set (write it first with README command 1's ``synth`
 
     python benchmarks/bench_sampler_agreement.py --samplers dpmpp_2m:8 ddim:10 ddpm:1000 --out agreement
 
-A sampler is ``scheduler:steps[:eta[:seed]]`` (scheduler: ``ddim``, ``dpmpp_2m`` or ``ddpm``; eta: DDIM
-stochasticity; seed: the sampler's noise seed, default 0).
+A sampler is ``scheduler:steps[:eta[:seed[:cpu_amp]]]`` (scheduler: ``ddim``, ``dpmpp_2m`` or ``ddpm``; eta: DDIM
+stochasticity; seed: the sampler's noise seed, default 0; a last field ``cpu_amp`` runs it with the bundle's
+``cpu_amp: true``, bf16 autocast on a CPU, so ``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``).
 ``--reference`` reuses every sampler stored in earlier runs' ``agreement.json`` files instead of running it again
 (a 1000-step DDPM run is the slow one); a sampler stored by several of them, e.g. runs on disjoint subsets of the
 subjects (``"datalist"`` override), is merged subject by subject.
@@ -84,6 +85,9 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
     """Run ``evaluate.json`` with one sampler; returns its summary plus the seconds it took."""
     scheduler, steps, *rest = sampler.split(":")
     eta, seed = (float(rest[0]) if rest else 0.0), (int(rest[1]) if len(rest) > 1 else 0)
+    cpu_amp = len(rest) > 2 and rest[2] == "cpu_amp"
+    if len(rest) > 2 and not cpu_amp:
+        raise ValueError(f"sampler {sampler!r}: the field after the seed must be 'cpu_amp', got {rest[2]!r}.")
     output_dir = Path(args.out) / sampler_folder(sampler)
     begin = time.perf_counter()
     run(
@@ -97,6 +101,7 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
         ensemble_size=args.ensemble,
         include_hd95=False,
         min_enhancing_voxels=args.min_enhancing_voxels,
+        cpu_amp=cpu_amp,
         output_dir=str(output_dir),
         **json.loads(args.overrides),
     )
@@ -163,9 +168,10 @@ def rescore(args: argparse.Namespace, sampler: str) -> dict:
 
 
 def family(sampler: str) -> str:
-    """The sampler without its seed, eta spelt out: ``ddim:10:0:2`` and ``ddim:10`` are both ``ddim:10:0``."""
+    """The sampler without its seed, eta spelt out: ``ddim:10:0:2`` and ``ddim:10`` are both ``ddim:10:0``,
+    ``dpmpp_2m:8:0:1:cpu_amp`` is ``dpmpp_2m:8:0:cpu_amp``."""
     scheduler, steps, *rest = sampler.split(":")
-    return f"{scheduler}:{steps}:{float(rest[0]) if rest else 0.0:g}"
+    return ":".join([scheduler, steps, f"{float(rest[0]) if rest else 0.0:g}", *rest[2:]])
 
 
 def family_dice(results: dict, members: list[str], region: str) -> pd.Series:

@@ -155,3 +155,27 @@ def test_gpu_inference_overlay_overrides_only_existing_keys():
     sampler = merged.get_parsed_content("inferer")
     assert sampler.scheduler_name == "dpmpp_2m" and sampler.compile is True
     assert sampler.num_inference_steps == overlay["num_inference_steps"]
+
+
+@pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
+def test_cpu_settings_of_the_inference_configs(config):
+    """On a CPU the network is channels-last like on a GPU, one call samples 4 x 64 x 64 in-plane pixels (one slice at
+    roi 192), and bf16 autocast is off unless ``--cpu_amp true``."""
+    from monai.bundle import ConfigParser
+
+    configs = BUNDLE / "configs"
+    files = [str(configs / "inference.json")]
+    if config == "evaluate.json":
+        files = [str(configs / "train.json"), str(configs / "evaluate.json")]
+    for cpu_amp, roi_size, slices in ((None, [64, 64], 4), ("true", [192, 192], 1)):
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser.update({"bundle_root": str(BUNDLE), "device": "$torch.device('cpu')", "roi_size": roi_size})
+        if cpu_amp is not None:
+            parser["cpu_amp"] = cpu_amp
+        sampler = parser.get_parsed_content("sampler")
+        assert sampler.cpu_amp is (cpu_amp is not None) and sampler.amp_dtype == torch.bfloat16
+        assert parser.get_parsed_content("slice_batch_size") == slices
+        network = parser.get_parsed_content("network")
+        weight = next(p for p in network.parameters() if p.ndim == 4 and p.shape[-1] > 1)
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()

@@ -57,6 +57,32 @@ def test_bad_amp_dtype_is_rejected_by_the_sampler():
         DiffusionSampler(num_inference_steps=2, ensemble_size=1, amp_dtype="int8")
 
 
+def test_cpu_amp_needs_bfloat16():
+    with pytest.raises(ValueError, match="cpu_amp=True needs amp_dtype='bfloat16', got amp_dtype=None"):
+        DiffusionSampler(num_inference_steps=2, ensemble_size=1, cpu_amp=True)
+    with pytest.raises(ValueError, match="amp_dtype='fp16'"):
+        DiffusionSampler(num_inference_steps=2, ensemble_size=1, amp_dtype="fp16", cpu_amp=True)
+
+
+def test_cpu_amp_sampler_equals_the_float32_sampler_under_torch_autocast():
+    """cpu_amp runs the network passes under torch's own CPU autocast, and only them: the same result as the float32
+    sampler called inside ``torch.autocast("cpu", torch.bfloat16)``, and not the float32 result."""
+    from medsegdiff_monai.networks import get_network
+
+    torch.manual_seed(0)
+    network = get_network("small").eval()
+    image = torch.randn(2, 4, 32, 32)
+    kwargs = {"num_inference_steps": 2, "ensemble_size": 2, "seed": 3}
+    mixed = DiffusionSampler(**kwargs, amp_dtype="bf16", cpu_amp=True)(network, image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = DiffusionSampler(**kwargs)(network, image)
+    full = DiffusionSampler(**kwargs)(network, image)
+    assert mixed.probs.dtype == torch.float32
+    assert torch.equal(mixed.probs, reference.probs) and torch.equal(mixed.p_hgg, reference.p_hgg)
+    assert not torch.equal(mixed.probs, full.probs)
+    assert torch.allclose(mixed.probs, full.probs, atol=0.05)
+
+
 def test_bf16_sampler_on_cpu_equals_fp32():
     from medsegdiff_monai.networks import get_network
 

@@ -10,7 +10,13 @@ from medsegdiff_monai.inferers.sampler import (
     repeat_condition,
 )
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler
-from medsegdiff_monai.inferers.volume import VolumeOutput, brain_slice_mask, sample_volume, subject_p_hgg
+from medsegdiff_monai.inferers.volume import (
+    VolumeOutput,
+    brain_slice_mask,
+    default_slice_batch_size,
+    sample_volume,
+    subject_p_hgg,
+)
 from medsegdiff_monai.utils import moved_names
 
 __all__ = [
@@ -20,6 +26,7 @@ __all__ = [
     "SamplerOutput",
     "VolumeOutput",
     "brain_slice_mask",
+    "default_slice_batch_size",
     "make_sampling_scheduler",
     "repeat_condition",
     "sample_volume",

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from medsegdiff_monai.inferers import DiffusionSampler, brain_slice_mask, sample_volume, subject_p_hgg
+from medsegdiff_monai.inferers import (
+    DiffusionSampler,
+    brain_slice_mask,
+    default_slice_batch_size,
+    sample_volume,
+    subject_p_hgg,
+)
 
 
 def _volume(depth: int = 9, empty: tuple[int, ...] = (0, 1, 8)) -> torch.Tensor:
@@ -115,3 +121,13 @@ def test_volume_without_brain(stand_in_network):
 def test_rejects_a_slice_batch_instead_of_a_volume(stand_in_network):
     with pytest.raises(ValueError, match="channels, H, W, D"):
         sample_volume(stand_in_network(), torch.zeros(2, 4, 8, 8, 3), DiffusionSampler(2))
+
+
+@pytest.mark.parametrize(
+    "device, roi_size, expected",
+    [("cuda", (192, 192), 32), ("cuda:1", (64, 64), 32), ("cpu", (64, 64), 4), ("cpu", (32, 32), 16),
+     ("cpu", (96, 96), 1), ("cpu", (192, 192), 1), (torch.device("cpu"), [48, 64], 5)],
+)  # fmt: skip
+def test_default_slice_batch_size(device, roi_size, expected):
+    """On a CPU 4 x 64 x 64 in-plane pixels per call (48 x 64: 16384 // 3072 = 5), at least one slice."""
+    assert default_slice_batch_size(device, roi_size) == expected
