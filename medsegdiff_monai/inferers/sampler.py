@@ -151,9 +151,9 @@ class DiffusionSampler:
         amp_dtype: autocast dtype of the network passes on CUDA (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``);
             None runs them in float32. The scheduler update, the noisy sample and every returned tensor stay
             float32. Ignored on CPU unless ``cpu_amp``.
-        cpu_amp: autocast on CPU too, in ``amp_dtype`` (which must then be bfloat16). CPUs with native bf16 matrix
-            units (AMX or AVX-512 BF16) sample about 2.5 times faster so (``docs/inference.md``, CPU); others
-            emulate bf16 and may run slower.
+        cpu_amp: autocast on CPU too, in ``amp_dtype`` (which must then be bfloat16): about twice as fast on a
+            Xeon with AMX (``docs/inference.md``, Speed on a CPU); a CPU without native bf16 units (AMX or AVX-512
+            BF16) emulates it and may run slower.
         compile: run ``network.denoise`` through ``torch.compile`` with static shapes (each input shape compiles
             once per process, later calls reuse the compiled code; :func:`~medsegdiff_monai.inferers.sample_volume`
             pads its last slice batch so that one shape serves every volume).
