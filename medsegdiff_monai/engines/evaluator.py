@@ -91,7 +91,8 @@ class DiffusionEvaluator(SupervisedEvaluator):
         val_data_loader: loader of whole-volume samples (batch size 1 is typical).
         network: the trained network (possibly wrapped; the sampler unwraps nothing, so pass the module).
         sampler: the diffusion sampler; a cheap one (few DDIM steps, one member) suits per-epoch validation.
-        slice_batch_size: slices sampled together.
+        slice_batch_size: slices sampled together; None: the device's default
+            (:func:`~medsegdiff_monai.inferers.default_slice_batch_size`).
         threshold: probability at which a voxel counts as tumour.
         mask_channels: 3 (TC, WT, ET) or 1 (WT); names the per-region metrics.
         use_grade_head: add the subject-level grade metrics.
@@ -114,7 +115,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
         val_data_loader: Any,
         network: torch.nn.Module,
         sampler: DiffusionSampler,
-        slice_batch_size: int = 32,
+        slice_batch_size: int | None = None,
         threshold: float = 0.5,
         mask_channels: int = 3,
         use_grade_head: bool = True,

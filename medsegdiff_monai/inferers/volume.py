@@ -94,7 +94,7 @@ def sample_volume(
     network: nn.Module,
     image: Tensor,
     sampler: DiffusionSampler,
-    slice_batch_size: int = 32,
+    slice_batch_size: int | None = None,
     brain_threshold: float = 0.0,
     tumour_threshold: float = 0.5,
     progress: bool = False,
@@ -116,7 +116,8 @@ def sample_volume(
         network: the diffusion network (``encode_condition`` / ``denoise``), in the mode the caller chose.
         image: (4, H, W, D) one subject after the inference / validation transforms.
         sampler: the :class:`DiffusionSampler`.
-        slice_batch_size: number of slices per sampler call.
+        slice_batch_size: number of slices per sampler call; None: :func:`default_slice_batch_size` of the image's
+            device and in-plane size.
         brain_threshold: see :func:`brain_slice_mask`.
         tumour_threshold: probability above which a voxel counts as tumour when choosing slices to grade.
         progress: show a tqdm bar over slice batches.
@@ -126,6 +127,8 @@ def sample_volume(
     """
     if image.ndim != 4:
         raise ValueError(f"image must have shape (channels, H, W, D), got {tuple(image.shape)}.")
+    if slice_batch_size is None:
+        slice_batch_size = default_slice_batch_size(image.device, image.shape[1:3])
     if slice_batch_size < 1:
         raise ValueError(f"slice_batch_size must be >= 1, got {slice_batch_size}.")
     depth = image.shape[-1]

@@ -183,7 +183,8 @@ class BratsVolumeInferer:
             :class:`~medsegdiff_monai.workflows.ExportedDiffusionNetwork`.
         sampler: the diffusion sampler (steps, scheduler, ensemble size, seed).
         roi_size: in-plane size of the transforms (the training ``roi_size``).
-        slice_batch_size: slices sampled together (times ``ensemble_size`` network inputs per step).
+        slice_batch_size: slices sampled together (times ``ensemble_size`` network inputs per step); None: the
+            device's default (:func:`~medsegdiff_monai.inferers.default_slice_batch_size`).
         threshold: probability above which a voxel belongs to a region.
         min_enhancing_voxels: an ET prediction of fewer voxels becomes necrotic / non-enhancing core (label 1);
             0 (default) keeps every prediction.
@@ -204,7 +205,7 @@ class BratsVolumeInferer:
         network: nn.Module,
         sampler: DiffusionSampler,
         roi_size: Sequence[int] = (192, 192),
-        slice_batch_size: int = 32,
+        slice_batch_size: int | None = None,
         threshold: float = 0.5,
         min_enhancing_voxels: int = 0,
         device: str | torch.device | None = None,

@@ -131,3 +131,16 @@ def test_rejects_a_slice_batch_instead_of_a_volume(stand_in_network):
 def test_default_slice_batch_size(device, roi_size, expected):
     """On a CPU 4 x 64 x 64 in-plane pixels per call (48 x 64: 16384 // 3072 = 5), at least one slice."""
     assert default_slice_batch_size(device, roi_size) == expected
+
+
+def test_slice_batch_defaults_to_the_device_rule(stand_in_network):
+    """Without ``slice_batch_size`` a CPU call takes the slices of 4 x 64 x 64 in-plane pixels: all 6 brain slices of
+    a 12 x 12 volume at once, one 96 x 96 slice at a time."""
+    network = stand_in_network(noise_gain=0.0)
+    sampler = DiffusionSampler(num_inference_steps=2, ensemble_size=2)
+    sample_volume(network, _volume(), sampler)
+    assert network.encode_batches == [6]
+    network.encode_batches.clear()
+    large = torch.randn(4, 96, 96, 3, generator=torch.Generator().manual_seed(1))
+    sample_volume(network, large, sampler)
+    assert network.encode_batches == [1, 1, 1]
