@@ -255,10 +255,10 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
             "brain": np.asarray(nib.load(str(entry["image"][0])).dataobj) > 0,
         }
         wrong = wrong_voxels(prediction, truth)
-        for name, inside in regions.items():  # pooled over the split's subjects in the report
-            voxels[name][0].append(uncertainty[inside])
-            voxels[name][1].append(wrong[inside])
-        neighbourhood_uncertainty, neighbourhood_wrong = voxels["neighbourhood"][0][-1], voxels["neighbourhood"][1][-1]
+        selected = {name: (uncertainty[inside], wrong[inside]) for name, inside in regions.items()}
+        for name, (region_uncertainty, region_wrong) in selected.items():  # pooled over the split in the report
+            voxels[name][0].append(region_uncertainty)
+            voxels[name][1].append(region_wrong)
         rows.append(
             {
                 "subject_id": subject,
@@ -266,7 +266,7 @@ def evaluate_shard(args: argparse.Namespace, plan: str, data_dir: Path, datalist
                 "p_hgg": row["p_hgg"],
                 **{k: row[k] for k in DICE_KEYS},
                 "mean_uncertainty": mean_uncertainty(uncertainty, prediction, args.margin),
-                "auroc_neighbourhood": voxel_error_auroc(neighbourhood_uncertainty, neighbourhood_wrong),
+                "auroc_neighbourhood": voxel_error_auroc(*selected["neighbourhood"]),
             }
         )
     np.savez(
