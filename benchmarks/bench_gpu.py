@@ -399,6 +399,7 @@ def train_row(bench: Bench, size: int, batch_size: int, variant: str, warmup: in
         warmup_s=warmup_s,
         tflops_per_s=tflops,
         mfu=tflops / bench.args.peak_tflops,
+        cudnn_benchmark_limit=torch.backends.cudnn.benchmark_limit,
         skipped=_resolved_skips(trainer),
     )
     if size == bench.args.size[0] and batch_size == bench.args.batch:
@@ -887,6 +888,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--volume-variants", nargs="+", default=["bf16+cl", "bf16+cl+compile"])
     parser.add_argument("--volume-slice-batches", type=int, nargs="+", default=[32], help="slices per sampler call")
     parser.add_argument("--flops-from", help="results.json of an earlier run whose FLOP counts to reuse")
+    parser.add_argument(
+        "--cudnn-benchmark-limit",
+        type=int,
+        default=None,
+        help="cuDNN algorithms timed per convolution shape when benchmarking (torch's default 10; 0: every one)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="H100 SXM dense bf16 peak")
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds after which no new work starts")
     parser.add_argument("--out", default="gpu_results")
@@ -920,6 +927,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(parse_args(argv))
     args = bench.args
     set_cudnn_mode(cudnn_mode(set()))
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     print(f"torch {torch.__version__}, {bench.card}, preset {args.preset}, sections {args.sections}", flush=True)
     if args.flops_from:
         bench.flops.update(json.loads(Path(args.flops_from).read_text())["flops"])
