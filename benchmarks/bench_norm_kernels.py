@@ -9,7 +9,9 @@ and the backward launcher (partial sums, reduce, dx) with the launchers' own til
 ``--tiles x --programs x --warps x --stages``, captured in CUDA graphs and timed with CUDA events (GPU time, as in the
 compiled, graph-captured training step; the launchers' host overhead exceeds the kernels' time on most inputs). It
 prints per input the rule's and ``LaunchConfig()``'s times, the best config's and its bandwidth; then the whole step's
-GroupNorm time (each input times its count) for each of them and for the best single config.
+GroupNorm time (each input times its count) for each of them and for the best single config. With
+``--samples-per-launch K ...`` it also times the rule's tiling of the whole input launched on one slab of K samples
+after another (config ``rule/slabK``), so that each slab's second pass could read its input from L2.
 Rows go to ``<out>/results.json`` and ``results.csv``.
 
 GPU:
@@ -48,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, nargs="+", default=[1], help="software-pipelining depths of the loops")
     parser.add_argument(
         "--min-elements", type=int, default=0, help="sweep only the inputs of at least this many elements"
+    )
+    parser.add_argument(
+        "--samples-per-launch",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the rule's tiling launched on slabs of this many samples, one slab after another",
     )
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per launcher and config")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds after which no new input starts")
@@ -132,20 +141,29 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
     bias = 0.1 * torch.randn(channels, device=device, generator=generator)
     _, mean, rstd = group_norm_forward(x, weight, bias, groups, eps, silu)
     tensor_bytes = x.numel() * x.element_size()
+    launches = [(config_name(config), config, config, batch) for config in configs]
+    launches += [
+        (f"rule/slab{slab}", LaunchConfig.for_input(shape, False), LaunchConfig.for_input(shape, True), slab)
+        for slab in args.samples_per_launch
+    ]
     rows = []
-    for config in configs:
-        forward_us = time_call(
-            device, lambda config=config: group_norm_forward(x, weight, bias, groups, eps, silu, config), args.repeats
-        )
-        backward_us = time_call(
-            device,
-            lambda config=config: group_norm_backward(grad_y, x, weight, bias, mean, rstd, groups, silu, config),
-            args.repeats,
-        )
+    for name, forward_config, backward_config, slab in launches:
+        slabs = [slice(start, start + slab) for start in range(0, batch, slab)]
+
+        def forward(slabs=slabs, config=forward_config) -> None:
+            for part in slabs:
+                group_norm_forward(x[part], weight, bias, groups, eps, silu, config)
+
+        def backward(slabs=slabs, config=backward_config) -> None:
+            for part in slabs:
+                group_norm_backward(grad_y[part], x[part], weight, bias, mean[part], rstd[part], groups, silu, config)
+
+        forward_us = time_call(device, forward, args.repeats)
+        backward_us = time_call(device, backward, args.repeats)
         rows.append(
             {
                 "input": input_name(key),
-                "config": config_name(config),
+                "config": name,
                 "forward_us": forward_us,
                 "backward_us": backward_us,
                 # forward: x read twice, y written; backward: x and dy read twice, dx written
@@ -158,8 +176,8 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
 
 def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
     """Per input: the rule's, the uniform default's and the best times; then the step totals (each input weighted by
-    its calls per step) of the rule, of ``LaunchConfig()`` everywhere, of the best config per input and pass, and of
-    the best single config."""
+    its calls per step) of the rule, of ``LaunchConfig()`` everywhere, of the best config per input and pass, of the
+    best single config and of the rule per slab of samples."""
     uniform = config_name(LaunchConfig())
     print(
         f"\n| input | calls/step | rule fwd / bwd us | {uniform} fwd / bwd us | best fwd us (config) | "
@@ -171,11 +189,14 @@ def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
         mine = {row["config"]: row for row in rows if row["input"] == key}
         if not mine:
             continue
-        best_forward = min(mine.values(), key=lambda r: r["forward_us"])
-        best_backward = min(mine.values(), key=lambda r: r["backward_us"])
+        tilings = [row for name, row in mine.items() if not name.startswith("rule/slab")]
+        best_forward = min(tilings, key=lambda r: r["forward_us"])
+        best_backward = min(tilings, key=lambda r: r["backward_us"])
         totals["rule"] += count * (mine["rule"]["forward_us"] + mine["rule"]["backward_us"])
         totals[uniform] += count * (mine[uniform]["forward_us"] + mine[uniform]["backward_us"])
         totals["best per input and pass"] += count * (best_forward["forward_us"] + best_backward["backward_us"])
+        for name in [name for name in mine if name.startswith("rule/slab")]:
+            totals[name] += count * (mine[name]["forward_us"] + mine[name]["backward_us"])
         cells = [f"{mine[name]['forward_us']:.1f} / {mine[name]['backward_us']:.1f}" for name in ("rule", uniform)]
         print(
             f"| {key} | {count} | {' | '.join(cells)} | {best_forward['forward_us']:.1f} ({best_forward['config']}) | "
@@ -184,7 +205,7 @@ def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
         )
     single: Counter = Counter()
     for row in rows:
-        if row["config"] != "rule":
+        if not row["config"].startswith("rule"):
             single[row["config"]] += counts[row["input"]] * (row["forward_us"] + row["backward_us"])
     config, best_single = min(single.items(), key=lambda item: item[1])
     totals[f"best single config ({config})"] = best_single
