@@ -27,14 +27,11 @@ import argparse
 import contextlib
 import math
 import os
-import tempfile
 import time
-from pathlib import Path
 
-import nibabel as nib
 import torch
+from bench_gpu import synthetic_volume  # a sibling script: benchmarks/ is sys.path[0]
 
-from medsegdiff_monai.data import MODALITIES, make_synthetic_subject
 from medsegdiff_monai.inferers import (
     DiffusionSampler,
     brain_slice_mask,
@@ -43,24 +40,11 @@ from medsegdiff_monai.inferers import (
     sample_volume,
 )
 from medsegdiff_monai.networks import get_network
-from medsegdiff_monai.transforms import get_inference_transforms
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def synthetic_volume(shape: tuple[int, int, int], roi: int) -> torch.Tensor:
-    """The transformed (4, roi, roi, D) image of a synthetic HGG subject of ``shape``."""
-    subject = make_synthetic_subject(grade=1, shape=shape, seed=0)
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for modality, volume in zip(MODALITIES, subject.images, strict=True):
-            path = Path(folder) / f"BraTS20_Training_999_{modality}.nii"
-            nib.save(nib.Nifti1Image(volume, subject.affine), str(path))
-            paths.append(str(path))
-        return get_inference_transforms((roi, roi))({"image": paths})["image"].as_tensor()
 
 
 def best_seconds(function, repeats: int, device: torch.device) -> float:
@@ -95,7 +79,7 @@ def main() -> None:
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     network = get_network(args.preset).to(device, memory_format=memory_format).eval()
-    volume = synthetic_volume(tuple(args.shape), args.roi).to(device)
+    volume = synthetic_volume(tuple(args.shape), args.roi)[0].to(device)
     brain = torch.nonzero(brain_slice_mask(volume)).flatten()
     slices = volume.permute(3, 0, 1, 2)[brain]
     slice_batch = args.slice_batch or default_slice_batch_size(device, (args.roi, args.roi))
