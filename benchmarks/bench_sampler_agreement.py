@@ -12,7 +12,9 @@ stochasticity; seed: the sampler's noise seed, default 0; a last field ``cpu_amp
 ``cpu_amp: true``, bf16 autocast on a CPU, so ``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``).
 ``--reference`` reuses every sampler stored in earlier runs' ``agreement.json`` files instead of running it again
 (a 1000-step DDPM run is the slow one); a sampler stored by several of them, e.g. runs on disjoint subsets of the
-subjects (``"datalist"`` override), is merged subject by subject.
+subjects (``"datalist"`` override), is merged subject by subject. Every sampled run stores the SHA-256 of the
+checkpoint it sampled; a stored sampler of another checkpoint is refused (its pairing would compare two networks),
+one stored without a digest is reused with a printed warning.
 
 Samplers that differ only in their seed form one *family* (the last family is the reference). A second table pairs
 each family with the reference subject by subject: per subject, the Dice averaged over the family's seeds minus the
@@ -31,6 +33,7 @@ on an H100), e.g.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections import defaultdict
@@ -108,7 +111,42 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
     summary = json.loads((output_dir / "summary.json").read_text())
     metrics = pd.read_csv(output_dir / "metrics_per_subject.csv").set_index("subject_id")
     per_subject = {region: metrics[f"dice_{region}"].astype(float).to_dict() for region in REGIONS}
-    return {**summary, "per_subject_dice": per_subject, "seconds": time.perf_counter() - begin}
+    return {
+        **summary,
+        "per_subject_dice": per_subject,
+        "seconds": time.perf_counter() - begin,
+        "checkpoint_sha256": checkpoint_sha256(args),
+    }
+
+
+def evaluation_config(args: argparse.Namespace) -> ConfigParser:
+    """``evaluate.json`` (over ``train.json``) with ``--bundle-root`` and the overrides, as the runs read it."""
+    parser = ConfigParser()
+    parser.read_config(args.config)
+    parser.update({"bundle_root": args.bundle_root, **json.loads(args.overrides)})
+    return parser
+
+
+def checkpoint_sha256(args: argparse.Namespace) -> str:
+    """SHA-256 of the checkpoint the evaluation config samples."""
+    return hashlib.sha256(Path(evaluation_config(args).get_parsed_content("checkpoint")).read_bytes()).hexdigest()
+
+
+def check_stored_checkpoints(stored: dict, names: list[str], digest: str) -> None:
+    """Refuse a reused sampler of ``names`` that sampled another checkpoint than the one of ``digest``; warn for one
+    stored without a digest (its checkpoint cannot be checked)."""
+    for name in names:
+        if name not in stored:
+            continue
+        stored_digest = stored[name].get("checkpoint_sha256")
+        if stored_digest is None:
+            print(f"warning: {name} (--reference) stores no checkpoint digest: check that it sampled this checkpoint.")
+        elif stored_digest != digest:
+            raise ValueError(
+                f"{name} (--reference) sampled the checkpoint of SHA-256 {stored_digest[:12]}..., this run's "
+                f"checkpoint is {digest[:12]}...: pairing them would compare two networks. Pass the checkpoint the "
+                "reference sampled (--overrides '{\"checkpoint\": ...}') or leave the sampler out of --reference."
+            )
 
 
 def merge_stored(paths: list[str]) -> dict:
@@ -122,11 +160,15 @@ def merge_stored(paths: list[str]) -> dict:
                 continue
             if "per_subject_dice" not in result or "per_subject_dice" not in merged[name]:
                 raise ValueError(f"{path}: {name} is stored twice, once without per-subject Dice: cannot merge")
+            digests = {merged[name].get("checkpoint_sha256"), result.get("checkpoint_sha256")}
+            if len(digests) > 1:
+                raise ValueError(f"{path}: {name} is stored for two checkpoints (or once without a digest)")
             combined = {
                 region: {**merged[name]["per_subject_dice"][region], **result["per_subject_dice"][region]}
                 for region in REGIONS
             }
             merged[name] = {
+                "checkpoint_sha256": digests.pop(),
                 "num_subjects": len(combined["mean"]),
                 **{
                     f"dice_{region}": {"mean": float(np.nanmean(list(combined[region].values())))} for region in REGIONS
@@ -141,9 +183,7 @@ def rescore(args: argparse.Namespace, sampler: str) -> dict:
     """Score again the label maps of ``sampler`` that an earlier run wrote (``<subject_id>_seg.nii.gz`` in a folder
     named after the sampler, anywhere under ``--rescore-from``), after ``--min-enhancing-voxels``; the subjects are
     those of ``evaluate.json`` with the overrides, those without a stored map are left out."""
-    parser = ConfigParser()
-    parser.read_config(args.config)
-    parser.update({"bundle_root": args.bundle_root, **json.loads(args.overrides)})
+    parser = evaluation_config(args)
     folder = sampler_folder(sampler)
     stored = {}  # subject id -> label map; the first found in path order
     for path in sorted(Path(args.rescore_from).glob(f"**/{folder}/*_seg.nii.gz")):
@@ -231,6 +271,8 @@ def main() -> None:
     args = parse_args()
     reference_name = args.samplers[-1]
     stored = merge_stored(args.reference)
+    if not args.rescore_from:
+        check_stored_checkpoints(stored, args.samplers, checkpoint_sha256(args))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.samplers:  # saved after each sampler: a run cut short keeps what it finished

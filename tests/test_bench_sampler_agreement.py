@@ -1,0 +1,86 @@
+"""``benchmarks/bench_sampler_agreement.py`` pairs a stored reference only with runs of the checkpoint it sampled."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def agreement():
+    spec = importlib.util.spec_from_file_location(
+        "bench_sampler_agreement", ROOT / "benchmarks" / "bench_sampler_agreement.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(agreement, monkeypatch, *argv: str):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["bench_sampler_agreement.py", *argv])
+    return agreement.parse_args()
+
+
+def _stored(digest: str | None, subjects: dict[str, float]) -> dict:
+    result = {
+        "num_subjects": len(subjects),
+        **{f"dice_{region}": {"mean": sum(subjects.values()) / len(subjects)} for region in ("TC", "WT", "ET", "mean")},
+        "per_subject_dice": {region: subjects for region in ("TC", "WT", "ET", "mean")},
+        "seconds": 1.0,
+    }
+    return result if digest is None else {**result, "checkpoint_sha256": digest}
+
+
+def test_checkpoint_digest_is_that_of_the_configured_file(agreement, monkeypatch, tmp_path):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"weights a")
+    second.write_bytes(b"weights b")
+    for path in (first, second):
+        args = _args(agreement, monkeypatch, "--overrides", json.dumps({"checkpoint": str(path)}))
+        assert agreement.checkpoint_sha256(args) == hashlib.sha256(path.read_bytes()).hexdigest()
+    shipped = _args(agreement, monkeypatch)  # the bundle's own models/model.pt
+    expected = hashlib.sha256((ROOT / "bundle" / "models" / "model.pt").read_bytes()).hexdigest()
+    assert agreement.checkpoint_sha256(shipped) == expected
+
+
+def test_a_reference_of_another_checkpoint_is_refused(agreement, capsys):
+    stored = {"ddpm:1000:0:0": _stored("a" * 64, {"s1": 0.8})}
+    agreement.check_stored_checkpoints(stored, ["dpmpp_2m:8", "ddpm:1000:0:0"], "a" * 64)  # same checkpoint
+    with pytest.raises(ValueError, match=r"ddpm:1000:0:0 .*aaaaaaaaaaaa.*bbbbbbbbbbbb.*two networks"):
+        agreement.check_stored_checkpoints(stored, ["ddpm:1000:0:0"], "b" * 64)
+    agreement.check_stored_checkpoints({"ddpm:1000:0:0": _stored(None, {"s1": 0.8})}, ["ddpm:1000:0:0"], "b" * 64)
+    assert "ddpm:1000:0:0 (--reference) stores no checkpoint digest" in capsys.readouterr().out
+
+
+def test_merging_keeps_one_checkpoint(agreement, tmp_path):
+    paths = []
+    for index, (digest, subjects) in enumerate(
+        [("a" * 64, {"s1": 0.8}), ("a" * 64, {"s2": 0.6}), ("c" * 64, {"s3": 0.5})]
+    ):
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps({"ddpm:1000:0:0": _stored(digest, subjects)}))
+    merged = agreement.merge_stored([str(paths[0]), str(paths[1])])["ddpm:1000:0:0"]
+    assert merged["checkpoint_sha256"] == "a" * 64 and merged["num_subjects"] == 2
+    assert merged["dice_TC"]["mean"] == pytest.approx(0.7)  # (0.8 + 0.6) / 2
+    with pytest.raises(ValueError, match="two checkpoints"):
+        agreement.merge_stored([str(path) for path in paths])
+
+
+def test_the_run_stops_before_sampling_against_another_checkpoint(agreement, monkeypatch, tmp_path):
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"ddpm:1000:0:0": _stored("0" * 64, {"s1": 0.8})}))
+    args = ["--samplers", "dpmpp_2m:8:0:0", "ddpm:1000:0:0", "--reference", str(reference), "--out", str(tmp_path)]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["bench_sampler_agreement.py", *args])
+    monkeypatch.setattr(agreement, "evaluate", lambda *_: pytest.fail("sampled before checking the reference"))
+    with pytest.raises(ValueError, match="two networks"):
+        agreement.main()
+    assert not (tmp_path / "agreement.json").exists()
