@@ -207,6 +207,16 @@ def rescore(args: argparse.Namespace, sampler: str) -> dict:
     return {**result.summary, "per_subject_dice": per_subject, "seconds": 0.0, "rescored_from": args.rescore_from}
 
 
+def mean_dice_difference(result: dict, reference: dict, region: str) -> float:
+    """Mean over the subjects both evaluated of ``result``'s Dice minus ``reference``'s in one region (the stored
+    means' difference where either has no per-subject Dice)."""
+    if "per_subject_dice" not in result or "per_subject_dice" not in reference:
+        return result[f"dice_{region}"]["mean"] - reference[f"dice_{region}"]["mean"]
+    ours, theirs = result["per_subject_dice"][region], reference["per_subject_dice"][region]
+    shared = sorted(ours.keys() & theirs.keys())
+    return float(np.nanmean([ours[subject] - theirs[subject] for subject in shared]))
+
+
 def family(sampler: str) -> str:
     """The sampler without its seed, eta spelt out: ``ddim:10:0:2`` and ``ddim:10`` are both ``ddim:10:0``,
     ``dpmpp_2m:8:0:1:cpu_amp`` is ``dpmpp_2m:8:0:cpu_amp``."""
@@ -283,13 +293,13 @@ def main() -> None:
         (Path(args.out) / "agreement.json").write_text(json.dumps(results, indent=1))
     reference = results[reference_name]
     print(f"\nensemble {args.ensemble}, {reference['num_subjects']} subjects, reference {reference_name}\n")
-    print("| sampler | seconds | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | max abs Dice difference |")
-    print("|---|---|" + "---|" * len(REGIONS) + "---|")
+    header = " | ".join(f"Dice {r}" for r in REGIONS)
+    print(f"| sampler | subjects | seconds | {header} | max abs Dice difference (shared subjects) |")
+    print("|---|---|---|" + "---|" * len(REGIONS) + "---|")
     for name, summary in results.items():
-        dice = [summary[f"dice_{r}"]["mean"] for r in REGIONS]
-        difference = max(abs(d - reference[f"dice_{r}"]["mean"]) for d, r in zip(dice, REGIONS, strict=True))
-        cells = " | ".join(f"{d:.4f}" for d in dice)
-        print(f"| {name} | {summary['seconds']:.1f} | {cells} | {difference:.4f} |")
+        difference = max(abs(mean_dice_difference(summary, reference, region)) for region in REGIONS)
+        cells = " | ".join(f"{summary[f'dice_{r}']['mean']:.4f}" for r in REGIONS)
+        print(f"| {name} | {summary['num_subjects']} | {summary['seconds']:.1f} | {cells} | {difference:.4f} |")
     paired = print_paired_table(args, results)
     (Path(args.out) / "paired.json").write_text(json.dumps(paired, indent=1))
 

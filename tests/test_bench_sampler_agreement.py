@@ -84,3 +84,12 @@ def test_the_run_stops_before_sampling_against_another_checkpoint(agreement, mon
     with pytest.raises(ValueError, match="two networks"):
         agreement.main()
     assert not (tmp_path / "agreement.json").exists()
+
+
+def test_summary_difference_uses_the_subjects_both_evaluated(agreement):
+    """A run of 2 subjects against a reference of 3: the difference of the two subjects, not of the two means."""
+    run = _stored(None, {"s1": 0.9, "s2": 0.5})
+    reference = _stored(None, {"s1": 0.8, "s2": 0.6, "s3": 0.1})
+    assert agreement.mean_dice_difference(run, reference, "TC") == pytest.approx(((0.9 - 0.8) + (0.5 - 0.6)) / 2)
+    del run["per_subject_dice"]  # an older stored run: only its means
+    assert agreement.mean_dice_difference(run, reference, "TC") == pytest.approx(0.7 - 0.5)
