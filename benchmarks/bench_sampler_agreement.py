@@ -84,8 +84,9 @@ def sampler_folder(sampler: str) -> str:
     return sampler.replace(":", "_")
 
 
-def evaluate(args: argparse.Namespace, sampler: str) -> dict:
-    """Run ``evaluate.json`` with one sampler; returns its summary plus the seconds it took."""
+def evaluate(args: argparse.Namespace, sampler: str, checkpoint_digest: str) -> dict:
+    """Run ``evaluate.json`` with one sampler; returns its summary plus the seconds it took and
+    ``checkpoint_digest``, the SHA-256 of the checkpoint it sampled."""
     scheduler, steps, *rest = sampler.split(":")
     eta, seed = (float(rest[0]) if rest else 0.0), (int(rest[1]) if len(rest) > 1 else 0)
     cpu_amp = len(rest) > 2 and rest[2] == "cpu_amp"
@@ -115,7 +116,7 @@ def evaluate(args: argparse.Namespace, sampler: str) -> dict:
         **summary,
         "per_subject_dice": per_subject,
         "seconds": time.perf_counter() - begin,
-        "checkpoint_sha256": checkpoint_sha256(args),
+        "checkpoint_sha256": checkpoint_digest,
     }
 
 
@@ -281,15 +282,16 @@ def main() -> None:
     args = parse_args()
     reference_name = args.samplers[-1]
     stored = merge_stored(args.reference)
-    if not args.rescore_from:
-        check_stored_checkpoints(stored, args.samplers, checkpoint_sha256(args))
+    digest = None if args.rescore_from else checkpoint_sha256(args)
+    if digest is not None:
+        check_stored_checkpoints(stored, args.samplers, digest)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.samplers:  # saved after each sampler: a run cut short keeps what it finished
         if name in stored:
             results[name] = stored[name]
         else:
-            results[name] = rescore(args, name) if args.rescore_from else evaluate(args, name)
+            results[name] = rescore(args, name) if args.rescore_from else evaluate(args, name, digest)
         (Path(args.out) / "agreement.json").write_text(json.dumps(results, indent=1))
     reference = results[reference_name]
     print(f"\nensemble {args.ensemble}, {reference['num_subjects']} subjects, reference {reference_name}\n")
