@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import inspect
 import re
 import shlex
-import sys
 from pathlib import Path
-from types import ModuleType
 from unittest import mock
 
 import pytest
+from benchmark_scripts import BENCHMARKS, load_benchmark
 from monai.bundle import ConfigParser
 
 from medsegdiff_monai.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
 BUNDLE_README = ROOT / "bundle" / "docs" / "README.md"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), BENCHMARKS / "README.md", BUNDLE_README]
 SCRIPT = re.compile(r"(?:^|/)(bench_\w+)\.py$")
@@ -172,18 +169,9 @@ class _Parser(Exception):
         self.parser = parser
 
 
-def _load(script: str) -> ModuleType:
-    if script not in sys.modules:
-        spec = importlib.util.spec_from_file_location(script, BENCHMARKS / f"{script}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[script] = module
-        spec.loader.exec_module(module)
-    return sys.modules[script]
-
-
 def parse_script_arguments(script: str, arguments: list[str]) -> None:
     """Parse ``arguments`` as ``script`` would; argparse's ``SystemExit`` on a bad one."""
-    module = _load(script)
+    module = load_benchmark(script)
     parse_args = getattr(module, "parse_args", None)
     if parse_args is not None and inspect.signature(parse_args).parameters:
         parse_args(arguments)
@@ -211,14 +199,6 @@ def missing_override_keys(config_files: list[Path], overrides: dict[str, str | N
 SCRIPTS = script_invocations()
 CLI = cli_invocations()
 BUNDLE_RUNS = bundle_runs()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def benchmarks_on_path():
-    """Scripts import their siblings (``from bench_gpu import ...``), as ``python benchmarks/x.py`` allows."""
-    sys.path.insert(0, str(BENCHMARKS))
-    yield
-    sys.path.remove(str(BENCHMARKS))
 
 
 def test_the_docs_print_these_commands():
