@@ -1,0 +1,103 @@
+"""``benchmarks/bench_conv_shapes.py`` records the step's convolutions as the FLOP counter and autograd see them."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+from benchmark_scripts import load_benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from medsegdiff_monai.networks import get_network
+
+
+@pytest.fixture(scope="module")
+def conv_shapes():
+    return load_benchmark("bench_conv_shapes")
+
+
+@pytest.fixture(scope="module")
+def step_args(conv_shapes) -> argparse.Namespace:
+    return conv_shapes.parse_args(["--device", "cpu", "--preset", "small", "--size", "32", "--batch", "2"])
+
+
+@pytest.fixture(scope="module")
+def recorded(conv_shapes, step_args):
+    torch.manual_seed(0)
+    return conv_shapes.step_convolutions(step_args)
+
+
+def _network_inputs(args: argparse.Namespace):
+    network = get_network(args.preset).to(memory_format=torch.channels_last)
+    shape = (args.batch, args.size, args.size)
+    return network, (
+        torch.randn(shape[0], network.mask_channels, *shape[1:]).contiguous(memory_format=torch.channels_last),
+        torch.randint(0, 1000, (args.batch,)),
+        torch.randn(shape[0], network.in_channels, *shape[1:]).contiguous(memory_format=torch.channels_last),
+    )
+
+
+def test_recorded_flops_match_the_flop_counter(recorded, step_args):
+    network, inputs = _network_inputs(step_args)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        network(*inputs)
+    expected = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert sum(call.flops() * count for call, count in recorded.items()) == expected
+
+
+class _InputGradients(TorchDispatchMode):
+    """How many ``convolution_backward`` calls compute an input gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.with_input_grad = self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.total += 1
+            self.with_input_grad += bool(args[-1][0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_input_gradient_flags_match_autograd(recorded, step_args):
+    network, inputs = _network_inputs(step_args)
+    seg_logits, grade_logits, calib_map = network(*inputs)
+    counter = _InputGradients()
+    with counter:
+        (seg_logits.mean() + grade_logits.mean() + calib_map.mean()).backward()
+    assert counter.total == sum(recorded.values())
+    assert counter.with_input_grad == sum(count for call, count in recorded.items() if call.input_grad)
+    assert counter.with_input_grad < counter.total  # the convolutions on the inputs need no input gradient
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation, kernel",
+    [((1, 1), (1, 1), (1, 1), 3), ((2, 2), (1, 1), (1, 1), 3), ((1, 2), (0, 3), (2, 1), 5)],
+)
+def test_output_shape_and_flops_by_hand(conv_shapes, stride, padding, dilation, kernel):
+    x, weight = torch.randn(2, 6, 13, 17), torch.randn(4, 3, kernel, kernel)
+    call = conv_shapes.ConvCall(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, 2, False, True)
+    output = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups=2)
+    assert call.output_shape() == tuple(output.shape)
+    # every output value is a dot product of C_in / groups x kH x kW pairs: one multiply and one add each
+    assert call.flops() == 2 * output.numel() * 3 * kernel * kernel
+
+
+def test_timing_rows_and_totals(conv_shapes, step_args, recorded, capsys):
+    args = argparse.Namespace(**{**vars(step_args), "repeats": 1})
+    first_layer = next(call for call in recorded if not call.input_grad)
+    inner_layer = next(call for call in recorded if call.input_grad)
+    rows = [{**conv_shapes.time_convolution(args, call), "calls": 2} for call in (first_layer, inner_layer)]
+    assert math.isnan(rows[0]["dgrad_us"]) and rows[0]["forward_us"] > 0 and rows[0]["wgrad_us"] > 0
+    assert all(rows[1][f"{name}_us"] > 0 for name in ("forward", "dgrad", "wgrad"))
+    totals = conv_shapes.summarise(rows)
+    expected_ms = sum(
+        2 * (r["forward_us"] + r["wgrad_us"] + (0 if math.isnan(r["dgrad_us"]) else r["dgrad_us"])) for r in rows
+    )
+    assert totals["all"]["ms_per_step"] == pytest.approx(expected_ms / 1000)
+    assert totals["dgrad"]["tflop_per_step"] == pytest.approx(2 * inner_layer.flops() / 1e12)
+    assert "| all |" in capsys.readouterr().out
