@@ -152,7 +152,10 @@ def check_stored_checkpoints(stored: dict, names: list[str], digest: str) -> Non
 
 def merge_stored(paths: list[str]) -> dict:
     """Samplers of several ``agreement.json`` files; one stored by several is merged subject by subject, its mean Dice
-    per region recomputed over the union of the subjects and its seconds summed."""
+    per region recomputed over the union of the subjects and its seconds summed. A stored run whose subjects are a
+    subset or a superset of those merged so far (a later run's file carries the reference it reused) is the same run
+    copied: it must have the same Dice, and the larger of the two is kept. Any other overlap is refused, since the
+    seconds of the shared subjects cannot be split."""
     merged: dict = {}
     for path in paths:
         for name, result in json.loads(Path(path).read_text()).items():
@@ -164,6 +167,25 @@ def merge_stored(paths: list[str]) -> dict:
             digests = {merged[name].get("checkpoint_sha256"), result.get("checkpoint_sha256")}
             if len(digests) > 1:
                 raise ValueError(f"{path}: {name} is stored for two checkpoints (or once without a digest)")
+            known, dice = merged[name]["per_subject_dice"], result["per_subject_dice"]
+            shared = known["mean"].keys() & dice["mean"].keys()
+            for region in REGIONS:
+                for subject in sorted(shared):
+                    if not np.isclose(known[region][subject], dice[region][subject], rtol=0, atol=1e-9, equal_nan=True):
+                        raise ValueError(
+                            f"{path}: {name} stores {region} Dice {dice[region][subject]:.4f} for {subject}, another "
+                            f"file {known[region][subject]:.4f}: two different runs of one sampler; keep one of them"
+                        )
+            if shared == dice["mean"].keys():
+                continue
+            if shared == known["mean"].keys():
+                merged[name] = result
+                continue
+            if shared:
+                raise ValueError(
+                    f"{path}: {name} covers {len(shared)} subjects merged from another file and "
+                    f"{len(dice['mean']) - len(shared)} new ones; pass runs of disjoint subjects or whole copies"
+                )
             combined = {
                 region: {**merged[name]["per_subject_dice"][region], **result["per_subject_dice"][region]}
                 for region in REGIONS

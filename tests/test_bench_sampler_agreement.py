@@ -69,6 +69,34 @@ def test_merging_keeps_one_checkpoint(agreement, tmp_path):
         agreement.merge_stored([str(path) for path in paths])
 
 
+def _write_runs(tmp_path, runs: list[tuple[dict[str, float], float]]) -> list[str]:
+    paths = []
+    for index, (subjects, seconds) in enumerate(runs):
+        paths.append(str(tmp_path / f"run{index}.json"))
+        Path(paths[-1]).write_text(json.dumps({"ddpm:1000:0:0": {**_stored("a" * 64, subjects), "seconds": seconds}}))
+    return paths
+
+
+def test_merging_counts_a_copied_run_once(agreement, tmp_path):
+    # two disjoint runs (10 s and 20 s), then a later run's file carrying their merged copy (30 s)
+    first, second, copy = _write_runs(
+        tmp_path, [({"s1": 0.8}, 10.0), ({"s2": 0.6}, 20.0), ({"s1": 0.8, "s2": 0.6}, 30.0)]
+    )
+    for order in ([first, second, copy], [copy, first, second], [first, copy, second]):
+        merged = agreement.merge_stored(order)["ddpm:1000:0:0"]
+        assert merged["num_subjects"] == 2 and merged["seconds"] == 30.0
+        assert merged["dice_mean"]["mean"] == pytest.approx(0.7)
+
+
+def test_merging_refuses_two_runs_that_disagree_or_overlap_in_part(agreement, tmp_path):
+    first, other_run = _write_runs(tmp_path, [({"s1": 0.8}, 10.0), ({"s1": 0.7}, 10.0)])
+    with pytest.raises(ValueError, match="stores TC Dice 0.7000 for s1, another file 0.8000"):
+        agreement.merge_stored([first, other_run])
+    first, partial = _write_runs(tmp_path, [({"s1": 0.8, "s2": 0.6}, 10.0), ({"s2": 0.6, "s3": 0.5}, 10.0)])
+    with pytest.raises(ValueError, match="covers 1 subjects merged from another file and 1 new ones"):
+        agreement.merge_stored([first, partial])
+
+
 def test_the_run_stops_before_sampling_against_another_checkpoint(agreement, monkeypatch, tmp_path):
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps({"ddpm:1000:0:0": _stored("0" * 64, {"s1": 0.8})}))
