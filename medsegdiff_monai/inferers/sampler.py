@@ -145,7 +145,9 @@ class DiffusionSampler:
         ensemble_size: number of members ``K`` drawn from different initial noise.
         seed: seed of the ``torch.Generator`` made on the image's device for each call that is not given a
             generator; ``None`` draws from the global random state.
-        eta: DDIM stochasticity (0 = deterministic given the initial noise).
+        eta: stochasticity of the ``"ddim"`` and ``"dpmpp_2m"`` steps, >= 0: 0 solves the probability-flow ODE
+            (deterministic given the initial noise), 1 the reverse SDE that ``"ddpm"`` discretises (DDIM with
+            ``eta`` = 1, SDE-DPM-Solver++(2M)), with noise from the sampler's generator. Not used by ``"ddpm"``.
         return_members: keep every member's probabilities in :attr:`SamplerOutput.member_probs`.
         schedule_args: extra arguments of the noise schedule (e.g. ``beta_start``, ``beta_end``).
         amp_dtype: autocast dtype of the network passes on CUDA (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``);
@@ -188,6 +190,11 @@ class DiffusionSampler:
     ) -> None:
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
+        if eta < 0 or (eta > 0 and scheduler == "ddpm"):
+            raise ValueError(
+                f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only 'ddim' and 'dpmpp_2m' take it "
+                "(1000 DDPM steps are stochastic already); leave eta at 0 for 'ddpm'."
+            )
         if noise_scheduler is not None:
             num_train_timesteps = noise_scheduler.num_train_timesteps
         self.amp_dtype = parse_amp_dtype(amp_dtype)
@@ -233,7 +240,7 @@ class DiffusionSampler:
         return functools.partial(_COMPILED_DENOISE[function], network)
 
     def _step(self, x0_estimate: Tensor, timestep: int, sample: Tensor, generator: torch.Generator | None) -> Tensor:
-        if isinstance(self.scheduler, DDIMScheduler):
+        if isinstance(self.scheduler, (DDIMScheduler, DPMSolverMultistepScheduler)):
             return self.scheduler.step(x0_estimate, timestep, sample, eta=self.eta, generator=generator)[0]
         return self.scheduler.step(x0_estimate, timestep, sample, generator=generator)[0]
 

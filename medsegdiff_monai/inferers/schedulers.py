@@ -91,6 +91,13 @@ class DPMSolverMultistepScheduler(Scheduler):
     so is the step into t = 0 with ``lower_order_final`` (its span of ``lambda`` is the largest, and extrapolating
     over it from a short previous step is unstable in few steps).
 
+    With ``eta > 0`` (``step``'s argument) the step solves the reverse diffusion SDE instead of the ODE, as
+    SDE-DPM-Solver++(2M) (the paper's section 5; ``eta = 1``) and the ``eta`` of k-diffusion's ``dpmpp_2m_sde``:
+    ``x_t = (sigma_t / sigma_s) exp(-eta h) x_s + alpha_t (1 - exp(-(1 + eta) h)) D
+    + sigma_t sqrt(1 - exp(-2 eta h)) z`` with fresh Gaussian noise ``z``. ``eta = 0`` is the ODE step above;
+    ``eta = 1`` at first order is DDIM with ``eta = 1``, the stochastic sampler of the same SDE that 1000 DDPM steps
+    discretise.
+
     The timesteps are evenly spaced in ``lambda`` (:func:`logsnr_timesteps`, ``timestep_spacing="logsnr"``) or in
     ``t`` as DDIM's (:func:`leading_timesteps`, ``"leading"``); both end at 0. The solver remembers the previous
     step's prediction; it starts afresh whenever ``step`` is called at the first timestep.
@@ -170,7 +177,12 @@ class DPMSolverMultistepScheduler(Scheduler):
         return alpha * sample - sigma * model_output
 
     def step(
-        self, model_output: Tensor, timestep: int, sample: Tensor, generator: torch.Generator | None = None
+        self,
+        model_output: Tensor,
+        timestep: int,
+        sample: Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """
         One solver step from ``timestep`` to the next of ``timesteps`` (past the last one: to the clean data).
@@ -179,12 +191,16 @@ class DPMSolverMultistepScheduler(Scheduler):
             model_output: the network's output at ``(sample, timestep)``, of ``prediction_type``; any shape.
             timestep: one of ``timesteps`` (an int or a 0-d tensor), in order.
             sample: the current noisy sample ``x_s``, ``model_output``'s shape.
-            generator: unused (the solver is deterministic); kept for MONAI's ``step`` signature.
+            eta: 0 for the ODE step (deterministic), > 0 for the SDE step (see the class docstring); as the ``eta``
+                of MONAI's ``DDIMScheduler.step``.
+            generator: random generator of the SDE step's noise (on ``sample``'s device); unused with ``eta = 0``.
 
         Returns:
             ``(x_t, x0)``: the sample at the next timestep and the prediction of the clean data.
         """
         timestep = int(timestep)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0 (0: the ODE step, 1: the SDE step), got {eta}.")
         if timestep not in self._next_timestep:
             raise ValueError(
                 f"timestep {timestep} is not one of the scheduler's timesteps {list(self._next_timestep)}."
@@ -195,7 +211,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         next_timestep = self._next_timestep[timestep]
         _, sigma_s, lambda_s = self._alpha_sigma_lambda(timestep)
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(next_timestep)
-        decay = math.exp(lambda_s - lambda_t)  # exp(-h); 0 past the end
+        step_size = lambda_t - lambda_s  # h; inf past the end
         data = x0
         final = next_timestep <= 0 if self.lower_order_final else next_timestep < 0
         if self.solver_order == 2 and self._previous is not None and not final:
@@ -203,5 +219,10 @@ class DPMSolverMultistepScheduler(Scheduler):
             ratio = (lambda_s - previous_lambda) / (lambda_t - lambda_s)
             data = (1 + 0.5 / ratio) * x0 - (0.5 / ratio) * previous_x0
         self._previous = (x0, lambda_s)
-        next_sample = (sigma_t / sigma_s) * sample + alpha_t * (1 - decay) * data
+        sample_decay = math.exp(-eta * step_size) if eta > 0 else 1.0  # exp(-eta h); h is inf past the end
+        next_sample = (sigma_t / sigma_s) * sample_decay * sample
+        next_sample = next_sample + alpha_t * -math.expm1(-(1 + eta) * step_size) * data
+        if eta > 0 and sigma_t > 0:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            next_sample = next_sample + sigma_t * math.sqrt(-math.expm1(-2 * eta * step_size)) * noise
         return next_sample, x0

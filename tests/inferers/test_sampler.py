@@ -88,6 +88,19 @@ def test_seeded_generator_is_reproducible(stand_in_network):
     assert not torch.allclose(first.probs, other.probs)
 
 
+def test_sde_sampling_is_reproducible_and_draws_its_own_noise(stand_in_network):
+    image = _image()
+
+    def probs(eta: float, seed: int) -> torch.Tensor:
+        sampler = DiffusionSampler(scheduler="dpmpp_2m", num_inference_steps=4, eta=eta, seed=seed)
+        return sampler(stand_in_network(), image).probs
+
+    first = probs(1.0, 7)
+    torch.testing.assert_close(probs(1.0, 7), first, rtol=0, atol=0)
+    assert not torch.allclose(probs(1.0, 8), first)
+    assert not torch.allclose(probs(0.0, 7), first)  # same initial noise, the SDE's own noise on top
+
+
 def test_without_classification_head(stand_in_network):
     out = DiffusionSampler(num_inference_steps=2, ensemble_size=1)(stand_in_network(use_grade_head=False), _image())
     assert out.p_hgg is None and out.member_probs is None
@@ -101,6 +114,10 @@ def test_invalid_arguments():
         DiffusionSampler(scheduler="euler")
     with pytest.raises(ValueError, match="ensemble_size"):
         DiffusionSampler(ensemble_size=0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        DiffusionSampler(scheduler="dpmpp_2m", eta=-0.5)
+    with pytest.raises(ValueError, match="leave eta at 0 for 'ddpm'"):
+        DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, eta=1.0)
     with pytest.raises(ValueError, match="shape"):
         DiffusionSampler()(None, torch.zeros(4, 8, 8))
 
