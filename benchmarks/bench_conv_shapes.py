@@ -3,13 +3,15 @@
 The convolutions are 99 % of the training step's FLOPs and 26 of its 41.5 ms on an H200 (``docs/performance.md``,
 section 1). This script finds which of them run below the rest: one forward of the network (``--preset``, channels
 last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``, the training step's inputs) under a dispatch mode that
-records every ``aten.convolution`` call (input and weight shapes, stride, padding, dilation, groups, bias, and
-whether its input needs a gradient). Each distinct call is then timed alone with cuDNN benchmarking on, as in
-``train_gpu.json``: the forward, the input gradient (dgrad; only where the step computes one) and the weight and bias
-gradient (wgrad), each ``--repeats`` calls captured in one CUDA graph and timed with CUDA events (GPU time, as in the
-graph-captured step). It prints a table of the shapes, longest step time first, with each pass's microseconds and
-TFLOP/s, then the step totals per pass. The totals of the passes add up to the convolutions' time in the step where
-cuDNN picks the same kernels there as here. Rows go to ``<out>/results.json``.
+records every ``aten.convolution`` call (input and weight shapes, stride, padding, dilation, groups, and whether
+its input needs a gradient). Each distinct call is then timed alone with cuDNN benchmarking on, as in
+``train_gpu.json``: the forward, the input gradient (dgrad; only where the step computes one) and the weight gradient
+(wgrad), each ``--repeats`` calls captured in one CUDA graph and timed with CUDA events (GPU time, as in the
+graph-captured step). The convolutions run without their bias, as in the compiled step: inductor calls cuDNN without
+it ("cudnn is slower with it") and adds the bias, and reduces its gradient, in its own fused kernels. It prints a
+table of the shapes, longest step time first, with each pass's microseconds and TFLOP/s, then the step totals per
+pass. The totals add up to the convolutions' time in the step where cuDNN picks the same kernels there as here. Rows
+go to ``<out>/results.json``.
 
 GPU:
     python benchmarks/bench_conv_shapes.py --out conv_shapes
@@ -36,8 +38,8 @@ from medsegdiff_monai.networks import get_network
 
 
 class ConvCall(NamedTuple):
-    """One convolution call of the step: shapes (N, C, H, W) and (C_out, C_in / groups, kH, kW), its arguments, and
-    whether the step computes its input gradient."""
+    """One convolution call of the step: shapes (N, C, H, W) and (C_out, C_in / groups, kH, kW), its arguments (the
+    bias left out, see the module docstring), and whether the step computes its input gradient."""
 
     input_shape: tuple[int, ...]
     weight_shape: tuple[int, ...]
@@ -45,7 +47,6 @@ class ConvCall(NamedTuple):
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
-    has_bias: bool
     input_grad: bool
 
     @property
@@ -79,7 +80,7 @@ class _RecordConvolutions(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default:
-            x, weight, bias, stride, padding, dilation, transposed, _, groups = args
+            x, weight, _, stride, padding, dilation, transposed, _, groups = args
             if transposed:
                 raise NotImplementedError("transposed convolutions are not timed")
             self.calls[
@@ -90,7 +91,6 @@ class _RecordConvolutions(TorchDispatchMode):
                     tuple(padding),
                     tuple(dilation),
                     groups,
-                    bias is not None,
                     x.requires_grad,
                 )
             ] += 1
@@ -139,19 +139,17 @@ def time_convolution(args: argparse.Namespace, call: ConvCall) -> dict:
         return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
     x, weight, grad_y = random(call.input_shape), random(call.weight_shape), random(call.output_shape())
-    bias = random(call.weight_shape[:1]) if call.has_bias else None
     conv_args = (list(call.stride), list(call.padding), list(call.dilation), False, [0, 0], call.groups)
-    bias_sizes = list(call.weight_shape[:1]) if call.has_bias else None
 
     def forward() -> None:
-        torch.ops.aten.convolution(x, weight, bias, *conv_args)
+        torch.ops.aten.convolution(x, weight, None, *conv_args)
 
     def backward(output_mask: list[bool]):
-        return lambda: torch.ops.aten.convolution_backward(grad_y, x, weight, bias_sizes, *conv_args, output_mask)
+        return lambda: torch.ops.aten.convolution_backward(grad_y, x, weight, None, *conv_args, output_mask)
 
     flops = call.flops()
     row = {"shape": call.name, "flops": flops}
-    passes = {"forward": forward, "wgrad": backward([False, True, call.has_bias])}
+    passes = {"forward": forward, "wgrad": backward([False, True, False])}
     if call.input_grad:
         passes["dgrad"] = backward([True, False, False])
     for name in ("forward", "dgrad", "wgrad"):

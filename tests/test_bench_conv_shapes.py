@@ -80,7 +80,7 @@ def test_input_gradient_flags_match_autograd(recorded, step_args):
 )
 def test_output_shape_and_flops_by_hand(conv_shapes, stride, padding, dilation, kernel):
     x, weight = torch.randn(2, 6, 13, 17), torch.randn(4, 3, kernel, kernel)
-    call = conv_shapes.ConvCall(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, 2, False, True)
+    call = conv_shapes.ConvCall(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, 2, True)
     output = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups=2)
     assert call.output_shape() == tuple(output.shape)
     # every output value is a dot product of C_in / groups x kH x kW pairs: one multiply and one add each
