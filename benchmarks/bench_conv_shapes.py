@@ -5,9 +5,9 @@ section 1). This script finds which of them run below the rest: one forward of t
 last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``, the training step's inputs) under a dispatch mode that
 records every ``aten.convolution`` call (input and weight shapes, stride, padding, dilation, groups, and whether
 its input needs a gradient). Each distinct call is then timed alone with cuDNN benchmarking on, as in
-``train_gpu.json``: the forward, the input gradient (dgrad; only where the step computes one) and the weight gradient
-(wgrad), each ``--repeats`` calls captured in one CUDA graph and timed with CUDA events (GPU time, as in the
-graph-captured step). The convolutions run without their bias, as in the compiled step: inductor calls cuDNN without
+``train_gpu.json``: the forward, the input gradient (dgrad) and the weight gradient (wgrad), each gradient only where
+the step computes it, each ``--repeats`` calls captured in one CUDA graph and timed with CUDA events (GPU time, as in
+the graph-captured step). The convolutions run without their bias, as in the compiled step: inductor calls cuDNN without
 it ("cudnn is slower with it") and adds the bias, and reduces its gradient, in its own fused kernels. It prints a
 table of the shapes, longest step time first, with each pass's microseconds and TFLOP/s, then the step totals per
 pass. The totals add up to the convolutions' time in the step where cuDNN picks the same kernels there as here. Rows
@@ -39,7 +39,7 @@ from medsegdiff_monai.networks import get_network
 
 class ConvCall(NamedTuple):
     """One convolution call of the step: shapes (N, C, H, W) and (C_out, C_in / groups, kH, kW), its arguments (the
-    bias left out, see the module docstring), and whether the step computes its input gradient."""
+    bias left out, see the module docstring), and whether the step computes its input and its weight gradient."""
 
     input_shape: tuple[int, ...]
     weight_shape: tuple[int, ...]
@@ -48,6 +48,7 @@ class ConvCall(NamedTuple):
     dilation: tuple[int, ...]
     groups: int
     input_grad: bool
+    weight_grad: bool
 
     @property
     def name(self) -> str:
@@ -92,6 +93,7 @@ class _RecordConvolutions(TorchDispatchMode):
                     tuple(dilation),
                     groups,
                     x.requires_grad,
+                    weight.requires_grad,
                 )
             ] += 1
         return func(*args, **(kwargs or {}))
@@ -128,8 +130,8 @@ def step_convolutions(args: argparse.Namespace) -> Counter:
 
 
 def time_convolution(args: argparse.Namespace, call: ConvCall) -> dict:
-    """Microseconds per call and TFLOP/s of the forward, dgrad (NaN where the step needs none) and wgrad of one
-    convolution, in the dtype of the training step (bf16 on CUDA, float32 on CPU) and channels-last."""
+    """Microseconds per call and TFLOP/s of the forward, dgrad and wgrad (each gradient NaN where the step needs none)
+    of one convolution, in the dtype of the training step (bf16 on CUDA, float32 on CPU) and channels-last."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator(device).manual_seed(0)
@@ -149,9 +151,11 @@ def time_convolution(args: argparse.Namespace, call: ConvCall) -> dict:
 
     flops = call.flops()
     row = {"shape": call.name, "flops": flops}
-    passes = {"forward": forward, "wgrad": backward([False, True, False])}
+    passes = {"forward": forward}
     if call.input_grad:
         passes["dgrad"] = backward([True, False, False])
+    if call.weight_grad:
+        passes["wgrad"] = backward([False, True, False])
     for name in ("forward", "dgrad", "wgrad"):
         us = time_call(device, passes[name], args.repeats) if name in passes else math.nan
         row[f"{name}_us"] = us
