@@ -31,10 +31,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from bench_norm_kernels import time_call
+from bench_norm_kernels import step_network, step_parser, time_call
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from medsegdiff_monai.networks import get_network
 
 
 class ConvCall(NamedTuple):
@@ -100,11 +98,7 @@ class _RecordConvolutions(TorchDispatchMode):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--preset", default="base")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    parser = step_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per shape and pass")
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds after which no new shape starts")
     parser.add_argument("--out", default="conv_shapes")
@@ -114,18 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def step_convolutions(args: argparse.Namespace) -> Counter:
     """The :py:class:`ConvCall` of one training forward (bf16 autocast on CUDA, float32 on CPU), with their counts."""
     device = torch.device(args.device)
-    network = get_network(args.preset).to(device).to(memory_format=torch.channels_last)
-    shape = (args.batch, args.size, args.size)
-    image = torch.randn(shape[0], network.in_channels, *shape[1:], device=device)
-    x_t = torch.randn(shape[0], network.mask_channels, *shape[1:], device=device)
-    timesteps = torch.randint(0, 1000, (args.batch,), device=device)
+    network, inputs = step_network(args)
     recorder = _RecordConvolutions()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), recorder:
-        network(
-            x_t.contiguous(memory_format=torch.channels_last),
-            timesteps,
-            image.contiguous(memory_format=torch.channels_last),
-        )
+        network(*inputs)
     return recorder.calls
 
 

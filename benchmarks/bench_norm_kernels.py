@@ -38,12 +38,19 @@ from medsegdiff_monai.networks import FusedGroupNorm, get_network
 from medsegdiff_monai.networks.kernels.group_norm_triton import LaunchConfig, group_norm_backward, group_norm_forward
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options of the training step whose inputs are timed: ``--device``, ``--preset`` (network
+    preset), ``--size`` and ``--batch`` (slices of ``size`` x ``size`` per step)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="base")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = step_parser(__doc__)
     parser.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--programs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
@@ -64,10 +71,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def step_network(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The ``--preset`` network on ``--device``, channels-last, and the inputs of one training step's forward:
+    ``x_t`` (B, mask_channels, S, S), the timesteps (B,) and the image (B, 4, S, S), with B ``--batch`` and S
+    ``--size``, the tensors channels-last."""
+    device = torch.device(args.device)
+    network = get_network(args.preset).to(device).to(memory_format=torch.channels_last)
+    shape = (args.batch, args.size, args.size)
+    image = torch.randn(shape[0], network.in_channels, *shape[1:], device=device)
+    x_t = torch.randn(shape[0], network.mask_channels, *shape[1:], device=device)
+    timesteps = torch.randint(0, 1000, (args.batch,), device=device)
+    channels_last = torch.channels_last
+    return network, (
+        x_t.contiguous(memory_format=channels_last),
+        timesteps,
+        image.contiguous(memory_format=channels_last),
+    )
+
+
 def step_norm_inputs(args: argparse.Namespace) -> Counter:
     """(N, C, H, W, groups, silu, eps) of every FusedGroupNorm call in one forward, with their counts."""
     device = torch.device(args.device)
-    network = get_network(args.preset).to(device).to(memory_format=torch.channels_last)
+    network, inputs = step_network(args)
     seen: Counter = Counter()
 
     def record(module: FusedGroupNorm, inputs: tuple[torch.Tensor]) -> None:
@@ -75,16 +100,8 @@ def step_norm_inputs(args: argparse.Namespace) -> Counter:
             seen[(*inputs[0].shape, module.num_groups, module.silu, module.eps)] += 1
 
     hooks = [m.register_forward_pre_hook(record) for m in network.modules() if isinstance(m, FusedGroupNorm)]
-    shape = (args.batch, args.size, args.size)
-    image = torch.randn(shape[0], network.in_channels, *shape[1:], device=device)
-    x_t = torch.randn(shape[0], network.mask_channels, *shape[1:], device=device)
-    timesteps = torch.randint(0, 1000, (args.batch,), device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        network(
-            x_t.contiguous(memory_format=torch.channels_last),
-            timesteps,
-            image.contiguous(memory_format=torch.channels_last),
-        )
+        network(*inputs)
     for hook in hooks:
         hook.remove()
     return seen
