@@ -30,8 +30,9 @@ soon as it exists, so a run cut short keeps what it measured):
 - ``sampling``: condition pass and one reverse step (denoise of B x K inputs + DDIM update) per variant.
 - ``volume``: :func:`sample_volume` of a synthetic full-size subject (inference transforms at ``--volume-roi``),
   grade included, timed end to end for each ``--volume-variants`` (eager and compiled), ``--volume-slice-batches``
-  and ``--volume-samplers`` (``scheduler:steps``, e.g. ``ddim:10``, ``dpmpp_2m:6``), after a 1-step warm-up run
-  that holds any compilation; 1000-step DDPM is extrapolated from two DDIM runs (``T(N) = a + N b``).
+  and ``--volume-samplers`` (``scheduler:steps[:eta]``, e.g. ``ddim:10``, ``dpmpp_2m:6``, ``dpmpp_2m:20:1``), after a
+  1-step warm-up run that holds any compilation; 1000-step DDPM is extrapolated from two DDIM runs
+  (``T(N) = a + N b``).
 
 GPU (defaults: base preset, 256 and 192, batch 8):
     python benchmarks/bench_gpu.py --out gpu_results
@@ -749,10 +750,12 @@ def synthetic_volume(shape: tuple[int, int, int], roi: int) -> tuple[torch.Tenso
         return image, time.perf_counter() - begin
 
 
-def parse_sampler(sampler: str) -> tuple[str, int]:
-    """``"dpmpp_2m:6"`` -> ``("dpmpp_2m", 6)``."""
-    name, steps = sampler.split(":")
-    return name, int(steps)
+def parse_sampler(sampler: str) -> tuple[str, int, float]:
+    """``"dpmpp_2m:6"`` -> ``("dpmpp_2m", 6, 0.0)``; ``"dpmpp_2m:20:1"`` -> ``("dpmpp_2m", 20, 1.0)`` (the ``eta``)."""
+    fields = sampler.split(":")
+    if len(fields) not in (2, 3):
+        raise ValueError(f"sampler {sampler!r}: expected scheduler:steps or scheduler:steps:eta, e.g. dpmpp_2m:20:1.")
+    return fields[0], int(fields[1]), float(fields[2]) if len(fields) == 3 else 0.0
 
 
 def volume_seconds(
@@ -763,11 +766,13 @@ def volume_seconds(
     slice_batch: int,
     name: str,
     steps: int,
+    eta: float = 0.0,
 ) -> float:
     """Seconds of one :func:`sample_volume` call (grade included) with the sampler ``name`` at ``steps`` steps."""
     sampler = DiffusionSampler(
         num_inference_steps=steps,
         scheduler=name,
+        eta=eta,
         ensemble_size=bench.args.ensemble,
         amp_dtype="bfloat16" if "bf16" in flags else None,
         compile="compile" in flags,
@@ -803,16 +808,17 @@ def volume(bench: Bench) -> None:
             one_step_s = run("ddim", 1)  # without the start-up costs: bounds the seconds per step from above
             measured: dict[str, float] = {}
             for sampler in args.volume_samplers:
-                name, steps = parse_sampler(sampler)
+                name, steps, eta = parse_sampler(sampler)
                 if bench.time_left() < 10 + one_step_s * steps:
                     break
-                measured[sampler] = run(name, steps)
+                measured[sampler] = run(name, steps, eta)
                 bench.record(
                     section="volume",
                     size=args.volume_roi,
                     variant=variant,
                     scheduler=name,
                     steps=steps,
+                    eta=eta,
                     seconds=measured[sampler],
                     how="measured end to end (sample_volume, grade included)",
                     depth=image.shape[-1],
@@ -823,7 +829,11 @@ def volume(bench: Bench) -> None:
                     warmup_s=warmup_s,
                     peak_gib=bench.peak_gib(),
                 )
-            ddim = sorted((parse_sampler(k)[1], v) for k, v in measured.items() if k.startswith("ddim:"))
+            ddim = sorted(
+                (parse_sampler(k)[1], v)
+                for k, v in measured.items()
+                if k.startswith("ddim:") and not parse_sampler(k)[2]
+            )
             if len(ddim) >= 2:
                 (n0, t0), (n1, t1) = ddim[:2]
                 bench.record(
@@ -883,7 +893,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--volume-samplers",
         nargs="+",
         default=["ddim:10", "ddim:25", "dpmpp_2m:5", "dpmpp_2m:8", "dpmpp_2m:10"],
-        help="scheduler:steps of the whole-volume runs",
+        help="scheduler:steps[:eta] of the whole-volume runs (eta: 1 for the SDE steps, default 0)",
     )
     parser.add_argument("--volume-variants", nargs="+", default=["bf16+cl", "bf16+cl+compile"])
     parser.add_argument("--volume-slice-batches", type=int, nargs="+", default=[32], help="slices per sampler call")
@@ -899,6 +909,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="gpu_results")
     args = parser.parse_args(argv)
     check_graph_cudnn_modes(parser, args)
+    for sampler in args.volume_samplers:
+        try:
+            parse_sampler(sampler)
+        except ValueError as error:
+            parser.error(f"--volume-samplers: {error}")
     return args
 
 
