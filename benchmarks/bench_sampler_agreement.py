@@ -7,14 +7,15 @@ the README's synthetic data set (write it first with README command 1's ``synth`
 
     python benchmarks/bench_sampler_agreement.py --samplers dpmpp_2m:8 ddim:10 ddpm:1000 --out agreement
 
-A sampler is ``scheduler:steps[:eta[:seed[:cpu_amp]]]`` (scheduler: ``ddim``, ``dpmpp_2m`` or ``ddpm``; eta: DDIM
-stochasticity; seed: the sampler's noise seed, default 0; a last field ``cpu_amp`` runs it with the bundle's
-``cpu_amp: true``, bf16 autocast on a CPU, so ``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``).
-``--reference`` reuses every sampler stored in earlier runs' ``agreement.json`` files instead of running it again
-(a 1000-step DDPM run is the slow one); a sampler stored by several of them, e.g. runs on disjoint subsets of the
-subjects (``"datalist"`` override), is merged subject by subject. Every sampled run stores the SHA-256 of the
-checkpoint it sampled; a stored sampler of another checkpoint is refused (its pairing would compare two networks),
-one stored without a digest is reused with a printed warning.
+A sampler is ``scheduler:steps[:eta[:seed[:cpu_amp]]]`` (scheduler: ``ddim``, ``dpmpp_2m`` or ``ddpm``; eta: the
+stochasticity of the DDIM and DPM-Solver++(2M) steps, 1 for the SDE; seed: the sampler's noise seed, default 0; a
+last field ``cpu_amp`` runs it with the bundle's ``cpu_amp: true``, bf16 autocast on a CPU, so
+``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``). ``--reference`` reuses every sampler stored
+in earlier runs' ``agreement.json`` files instead of running it again (a 1000-step DDPM run is the slow one); a
+sampler stored by several of them, e.g. runs on disjoint subsets of the subjects (``--part K/N``, or a
+``"datalist"`` override), is merged subject by subject. Every sampled run stores the SHA-256 of the checkpoint it
+sampled; a stored sampler of another checkpoint is refused (its pairing would compare two networks), one stored
+without a digest is reused with a printed warning.
 
 Samplers that differ only in their seed form one *family* (the last family is the reference). A second table pairs
 each family with the reference subject by subject: per subject, the Dice averaged over the family's seeds minus the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -76,7 +78,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--rescore-from", help="score the label maps an earlier run wrote under this folder instead of sampling again"
     )
-    return parser.parse_args()
+    parser.add_argument(
+        "--part",
+        help="K/N: only every N-th subject from the K-th (1 <= K <= N), so that N processes share a slow sampler; "
+        "--reference merges their runs",
+    )
+    args = parser.parse_args()
+    if args.part is not None:
+        match = re.fullmatch(r"(\d+)/(\d+)", args.part)
+        if match is None or not 1 <= int(match[1]) <= int(match[2]):
+            parser.error(f"--part {args.part}: expected K/N with 1 <= K <= N, e.g. 2/6.")
+    return args
 
 
 def sampler_folder(sampler: str) -> str:
@@ -126,6 +138,21 @@ def evaluation_config(args: argparse.Namespace) -> ConfigParser:
     parser.read_config(args.config)
     parser.update({"bundle_root": args.bundle_root, **json.loads(args.overrides)})
     return parser
+
+
+def write_part_datalist(args: argparse.Namespace) -> Path:
+    """Write ``<out>/datalist_part<K>of<N>.json``: every N-th entry, from the K-th, of the evaluation's datalist under
+    its ``datalist_key`` (``--part K/N``); paths stay relative to ``dataset_dir``. Returns the file's path."""
+    parser = evaluation_config(args)
+    key = parser.get_parsed_content("datalist_key")
+    entries = json.loads(Path(parser.get_parsed_content("datalist")).read_text())[key]
+    part, parts = map(int, args.part.split("/"))
+    chosen = entries[part - 1 :: parts]
+    if not chosen:
+        raise ValueError(f"--part {args.part}: the datalist's {key!r} list has {len(entries)} subjects, none for it.")
+    path = Path(args.out) / f"datalist_part{part}of{parts}.json"
+    path.write_text(json.dumps({key: chosen}, indent=1))
+    return path
 
 
 def checkpoint_sha256(args: argparse.Namespace) -> str:
@@ -308,6 +335,8 @@ def main() -> None:
     if digest is not None:
         check_stored_checkpoints(stored, args.samplers, digest)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.part is not None:
+        args.overrides = json.dumps({**json.loads(args.overrides), "datalist": str(write_part_datalist(args))})
     results = {}
     for name in args.samplers:  # saved after each sampler: a run cut short keeps what it finished
         if name in stored:

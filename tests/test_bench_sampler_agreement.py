@@ -116,3 +116,27 @@ def test_summary_difference_uses_the_subjects_both_evaluated(agreement):
     assert agreement.mean_dice_difference(run, reference, "TC") == pytest.approx(((0.9 - 0.8) + (0.5 - 0.6)) / 2)
     del run["per_subject_dice"]  # an older stored run: only its means
     assert agreement.mean_dice_difference(run, reference, "TC") == pytest.approx(0.7 - 0.5)
+
+
+def test_parts_split_the_subjects_once_each(agreement, monkeypatch, tmp_path):
+    entries = [
+        {"image": [f"s{index}/t1.nii"], "label": f"s{index}/seg.nii", "subject_id": f"s{index}"} for index in range(5)
+    ]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries, "validation": entries[:1]}))
+    overrides = json.dumps({"dataset_dir": str(tmp_path), "datalist_key": "training"})
+    chosen = []
+    for part in ("1/2", "2/2"):
+        args = _args(agreement, monkeypatch, "--part", part, "--out", str(tmp_path), "--overrides", overrides)
+        written = json.loads(agreement.write_part_datalist(args).read_text())
+        chosen.append([entry["subject_id"] for entry in written["training"]])
+    assert chosen == [["s0", "s2", "s4"], ["s1", "s3"]]  # every other subject, each in one part
+    args = _args(agreement, monkeypatch, "--part", "6/6", "--out", str(tmp_path), "--overrides", overrides)
+    with pytest.raises(ValueError, match="has 5 subjects, none for it"):
+        agreement.write_part_datalist(args)
+
+
+@pytest.mark.parametrize("part", ["0/3", "4/3", "2", "a/b"])
+def test_a_malformed_part_is_refused(agreement, monkeypatch, capsys, part):
+    with pytest.raises(SystemExit):
+        _args(agreement, monkeypatch, "--part", part)
+    assert "expected K/N with 1 <= K <= N" in capsys.readouterr().err
