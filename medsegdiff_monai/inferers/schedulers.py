@@ -216,7 +216,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         final = next_timestep <= 0 if self.lower_order_final else next_timestep < 0
         if self.solver_order == 2 and self._previous is not None and not final:
             previous_x0, previous_lambda = self._previous
-            ratio = (lambda_s - previous_lambda) / (lambda_t - lambda_s)
+            ratio = (lambda_s - previous_lambda) / step_size
             data = (1 + 0.5 / ratio) * x0 - (0.5 / ratio) * previous_x0
         self._previous = (x0, lambda_s)
         sample_decay = math.exp(-eta * step_size) if eta > 0 else 1.0  # exp(-eta h); h is inf past the end
