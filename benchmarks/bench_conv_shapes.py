@@ -34,6 +34,8 @@ import torch
 from bench_norm_kernels import step_network, step_parser, time_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
+PASSES = ("forward", "dgrad", "wgrad")
+
 
 class ConvCall(NamedTuple):
     """One convolution call of the step: shapes (N, C, H, W) and (C_out, C_in / groups, kH, kW), its arguments (the
@@ -142,19 +144,23 @@ def time_convolution(args: argparse.Namespace, call: ConvCall) -> dict:
         passes["dgrad"] = backward([True, False, False])
     if call.weight_grad:
         passes["wgrad"] = backward([False, True, False])
-    for name in ("forward", "dgrad", "wgrad"):
+    for name in PASSES:
         us = time_call(device, passes[name], args.repeats) if name in passes else math.nan
         row[f"{name}_us"] = us
         row[f"{name}_tflops_per_s"] = flops / us / 1e6
     return row
 
 
+def run_passes(row: dict) -> list[str]:
+    """The passes of a :func:`time_convolution` row that the step runs (the others' times are NaN)."""
+    return [name for name in PASSES if not math.isnan(row[f"{name}_us"])]
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Prints the shapes (longest step time first) and the step totals per pass; returns the totals."""
+    """Prints the shapes (longest step time first) and the step totals per pass; returns the totals. Adds each row's
+    ``step_us``, its microseconds per step (every pass the step runs, times its calls)."""
     for row in rows:
-        row["step_us"] = row["calls"] * sum(
-            row[f"{name}_us"] for name in ("forward", "dgrad", "wgrad") if not math.isnan(row[f"{name}_us"])
-        )
+        row["step_us"] = row["calls"] * sum(row[f"{name}_us"] for name in run_passes(row))
     rows = sorted(rows, key=lambda row: -row["step_us"])
     print(
         "\n| convolution (input -> out channels, kernel, stride) | calls/step | GFLOP/call | forward us (TFLOP/s) | "
@@ -164,7 +170,7 @@ def summarise(rows: list[dict]) -> dict:
     for row in rows:
         cells = [
             "-" if math.isnan(row[f"{name}_us"]) else f"{row[f'{name}_us']:.1f} ({row[f'{name}_tflops_per_s']:.0f})"
-            for name in ("forward", "dgrad", "wgrad")
+            for name in PASSES
         ]
         print(
             f"| {row['shape']} | {row['calls']} | {row['flops'] / 1e9:.2f} | {' | '.join(cells)} | "
@@ -172,12 +178,11 @@ def summarise(rows: list[dict]) -> dict:
         )
     totals = {}
     print("\n| pass | ms/step | TFLOP/step | TFLOP/s |\n|---|---|---|---|")
-    for name in ("forward", "dgrad", "wgrad", "all"):
-        names = ("forward", "dgrad", "wgrad") if name == "all" else (name,)
+    for name in (*PASSES, "all"):
         us = flops = 0.0
         for row in rows:
-            for part in names:
-                if not math.isnan(row[f"{part}_us"]):
+            for part in run_passes(row):
+                if name in (part, "all"):
                     us += row["calls"] * row[f"{part}_us"]
                     flops += row["calls"] * row["flops"]
         totals[name] = {"ms_per_step": us / 1000, "tflop_per_step": flops / 1e12}

@@ -806,12 +806,11 @@ def volume(bench: Bench) -> None:
             run = functools.partial(volume_seconds, bench, network, image, flags, slice_batch)
             warmup_s = run("ddim", 1)
             one_step_s = run("ddim", 1)  # without the start-up costs: bounds the seconds per step from above
-            measured: dict[str, float] = {}
-            for sampler in args.volume_samplers:
-                name, steps, eta = parse_sampler(sampler)
+            measured: dict[tuple[str, int, float], float] = {}
+            for name, steps, eta in args.volume_samplers:
                 if bench.time_left() < 10 + one_step_s * steps:
                     break
-                measured[sampler] = run(name, steps, eta)
+                measured[name, steps, eta] = run(name, steps, eta)
                 bench.record(
                     section="volume",
                     size=args.volume_roi,
@@ -819,7 +818,7 @@ def volume(bench: Bench) -> None:
                     scheduler=name,
                     steps=steps,
                     eta=eta,
-                    seconds=measured[sampler],
+                    seconds=measured[name, steps, eta],
                     how="measured end to end (sample_volume, grade included)",
                     depth=image.shape[-1],
                     brain_slices=brain_slices,
@@ -830,9 +829,9 @@ def volume(bench: Bench) -> None:
                     peak_gib=bench.peak_gib(),
                 )
             ddim = sorted(
-                (parse_sampler(k)[1], v)
-                for k, v in measured.items()
-                if k.startswith("ddim:") and not parse_sampler(k)[2]
+                (n, seconds)
+                for (scheduler, n, stochasticity), seconds in measured.items()
+                if scheduler == "ddim" and not stochasticity
             )
             if len(ddim) >= 2:
                 (n0, t0), (n1, t1) = ddim[:2]
@@ -909,11 +908,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="gpu_results")
     args = parser.parse_args(argv)
     check_graph_cudnn_modes(parser, args)
-    for sampler in args.volume_samplers:
-        try:
-            parse_sampler(sampler)
-        except ValueError as error:
-            parser.error(f"--volume-samplers: {error}")
+    try:
+        args.volume_samplers = [parse_sampler(sampler) for sampler in args.volume_samplers]
+    except ValueError as error:
+        parser.error(f"--volume-samplers: {error}")
     return args
 
 

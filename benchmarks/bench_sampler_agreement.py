@@ -84,10 +84,11 @@ def parse_args() -> argparse.Namespace:
         "--reference merges their runs",
     )
     args = parser.parse_args()
-    if args.part is not None:
+    if args.part is not None:  # read once, kept as (K, N)
         match = re.fullmatch(r"(\d+)/(\d+)", args.part)
         if match is None or not 1 <= int(match[1]) <= int(match[2]):
             parser.error(f"--part {args.part}: expected K/N with 1 <= K <= N, e.g. 2/6.")
+        args.part = (int(match[1]), int(match[2]))
     return args
 
 
@@ -142,14 +143,17 @@ def evaluation_config(args: argparse.Namespace) -> ConfigParser:
 
 def write_part_datalist(args: argparse.Namespace) -> Path:
     """Write ``<out>/datalist_part<K>of<N>.json``: every N-th entry, from the K-th, of the evaluation's datalist under
-    its ``datalist_key`` (``--part K/N``); paths stay relative to ``dataset_dir``. Returns the file's path."""
+    its ``datalist_key`` (``--part K/N``, ``args.part`` the pair ``(K, N)``); paths stay relative to ``dataset_dir``.
+    Returns the file's path."""
     parser = evaluation_config(args)
     key = parser.get_parsed_content("datalist_key")
     entries = json.loads(Path(parser.get_parsed_content("datalist")).read_text())[key]
-    part, parts = map(int, args.part.split("/"))
+    part, parts = args.part
     chosen = entries[part - 1 :: parts]
     if not chosen:
-        raise ValueError(f"--part {args.part}: the datalist's {key!r} list has {len(entries)} subjects, none for it.")
+        raise ValueError(
+            f"--part {part}/{parts}: the datalist's {key!r} list has {len(entries)} subjects, none for it."
+        )
     path = Path(args.out) / f"datalist_part{part}of{parts}.json"
     path.write_text(json.dumps({key: chosen}, indent=1))
     return path
@@ -213,10 +217,7 @@ def merge_stored(paths: list[str]) -> dict:
                     f"{path}: {name} covers {len(shared)} subjects merged from another file and "
                     f"{len(dice['mean']) - len(shared)} new ones; pass runs of disjoint subjects or whole copies"
                 )
-            combined = {
-                region: {**merged[name]["per_subject_dice"][region], **result["per_subject_dice"][region]}
-                for region in REGIONS
-            }
+            combined = {region: {**known[region], **dice[region]} for region in REGIONS}
             merged[name] = {
                 "checkpoint_sha256": digests.pop(),
                 "num_subjects": len(combined["mean"]),

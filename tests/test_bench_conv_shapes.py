@@ -11,8 +11,6 @@ from benchmark_scripts import load_benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from medsegdiff_monai.networks import get_network
-
 
 @pytest.fixture(scope="module")
 def conv_shapes():
@@ -30,18 +28,8 @@ def recorded(conv_shapes, step_args):
     return conv_shapes.step_convolutions(step_args)
 
 
-def _network_inputs(args: argparse.Namespace):
-    network = get_network(args.preset).to(memory_format=torch.channels_last)
-    shape = (args.batch, args.size, args.size)
-    return network, (
-        torch.randn(shape[0], network.mask_channels, *shape[1:]).contiguous(memory_format=torch.channels_last),
-        torch.randint(0, 1000, (args.batch,)),
-        torch.randn(shape[0], network.in_channels, *shape[1:]).contiguous(memory_format=torch.channels_last),
-    )
-
-
-def test_recorded_flops_match_the_flop_counter(recorded, step_args):
-    network, inputs = _network_inputs(step_args)
+def test_recorded_flops_match_the_flop_counter(conv_shapes, recorded, step_args):
+    network, inputs = conv_shapes.step_network(step_args)
     counter = FlopCounterMode(display=False)
     with counter:
         network(*inputs)
@@ -64,8 +52,8 @@ class _InputGradients(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_gradient_flags_match_autograd(recorded, step_args):
-    network, inputs = _network_inputs(step_args)
+def test_gradient_flags_match_autograd(conv_shapes, recorded, step_args):
+    network, inputs = conv_shapes.step_network(step_args)
     seg_logits, grade_logits, calib_map = network(*inputs)
     counter = _InputGradients()
     with counter:
