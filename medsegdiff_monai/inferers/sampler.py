@@ -17,7 +17,7 @@ from medsegdiff_monai.utils import parse_amp_dtype
 __all__ = ["SAMPLING_SCHEDULERS", "DiffusionSampler", "SamplerOutput", "make_sampling_scheduler", "repeat_condition"]
 
 # the ``scheduler`` names of :class:`DiffusionSampler`
-SAMPLING_SCHEDULERS = ("ddim", "dpmpp_2m", "ddpm")
+SAMPLING_SCHEDULERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "ddpm")
 
 # torch.compile'd ``denoise`` per network class, shared by every sampler of the process (one compilation per shape)
 _COMPILED_DENOISE: dict[Callable, Callable] = {}
@@ -55,12 +55,12 @@ def make_sampling_scheduler(
     The MONAI scheduler of one of :data:`SAMPLING_SCHEDULERS` for an x0-predicting network, timesteps set.
 
     DDIM takes the timesteps of :func:`~medsegdiff_monai.inferers.schedulers.leading_timesteps`, DPM-Solver++(2M)
-    by default those evenly spaced in log signal-to-noise ratio, DDPM every timestep.
+    and (3M) by default those evenly spaced in log signal-to-noise ratio, DDPM every timestep.
 
     Args:
-        name: ``"ddim"`` (:class:`~monai.networks.schedulers.DDIMScheduler`), ``"dpmpp_2m"``
-            (:class:`~medsegdiff_monai.inferers.schedulers.DPMSolverMultistepScheduler`, second order) or
-            ``"ddpm"`` (:class:`~monai.networks.schedulers.DDPMScheduler`, all ``num_train_timesteps`` steps).
+        name: ``"ddim"`` (:class:`~monai.networks.schedulers.DDIMScheduler`), ``"dpmpp_2m"`` and ``"dpmpp_3m"``
+            (:class:`~medsegdiff_monai.inferers.schedulers.DPMSolverMultistepScheduler`, second and third order)
+            or ``"ddpm"`` (:class:`~monai.networks.schedulers.DDPMScheduler`, all ``num_train_timesteps`` steps).
         num_inference_steps: reverse steps ``N``: ``[1, T]``, exactly ``T`` for ``"ddpm"``.
         num_train_timesteps: ``T``; with ``noise_scheduler``, its own.
         schedule: MONAI noise schedule name (ignored with ``noise_scheduler``).
@@ -80,11 +80,17 @@ def make_sampling_scheduler(
     if name == "ddpm" and num_inference_steps != num_train_timesteps:
         raise ValueError(
             f"scheduler='ddpm' runs all num_train_timesteps={num_train_timesteps} steps, got "
-            f"num_inference_steps={num_inference_steps}; use 'ddim' or 'dpmpp_2m' for 1 to {num_train_timesteps} steps."
+            f"num_inference_steps={num_inference_steps}; use 'ddim', 'dpmpp_2m' or 'dpmpp_3m' for 1 to "
+            f"{num_train_timesteps} steps."
         )
     timesteps = leading_timesteps(num_inference_steps, num_train_timesteps)  # checks the step count
-    classes = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
-    kwargs = {**(schedule_args or {}), **(scheduler_args or {})}
+    classes = {
+        "ddim": DDIMScheduler,
+        "dpmpp_2m": DPMSolverMultistepScheduler,
+        "dpmpp_3m": DPMSolverMultistepScheduler,
+        "ddpm": DDPMScheduler,
+    }
+    kwargs = {**(schedule_args or {}), **(scheduler_args or {}), **({"solver_order": 3} if name == "dpmpp_3m" else {})}
     scheduler: Scheduler = classes[name](num_train_timesteps, schedule, prediction_type="sample", **kwargs)
     if noise_scheduler is not None:
         share_noise_schedule(scheduler, noise_scheduler)
@@ -131,23 +137,25 @@ class DiffusionSampler:
     1000 DDPM steps on 98 % of voxels this way and on 90 % with "trailing" timesteps (999, ..., 99).
     ``scheduler="dpmpp_2m"`` (:class:`~medsegdiff_monai.inferers.schedulers.DPMSolverMultistepScheduler`) takes
     the same timesteps with the second-order DPM-Solver++(2M) update: the same network passes as DDIM, a more
-    accurate path, so fewer steps reach the same result. ``scheduler="ddpm"`` is the ancestral 1000-step sampler of
+    accurate path, so fewer steps reach the same result; ``scheduler="dpmpp_3m"`` is its third-order form
+    (DPM-Solver++(3M)). ``scheduler="ddpm"`` is the ancestral 1000-step sampler of
     training, the reference the others are measured against. A batch whose probabilities hold NaN raises
     ``FloatingPointError`` naming the scheduler, so nothing of it is written.
 
     Args:
         num_inference_steps: number of reverse steps ``N`` in ``[1, T]``; exactly ``T`` for ``"ddpm"``.
         scheduler: one of :data:`SAMPLING_SCHEDULERS`: ``"ddim"`` (deterministic DDIM, ``eta`` = 0 by default),
-            ``"dpmpp_2m"`` or ``"ddpm"``.
+            ``"dpmpp_2m"``, ``"dpmpp_3m"`` or ``"ddpm"``.
         num_train_timesteps: ``T`` of the training scheduler (taken from ``noise_scheduler`` when given).
         schedule: MONAI noise schedule name of the training scheduler (e.g. ``"linear_beta"``); ignored with
             ``noise_scheduler``.
         ensemble_size: number of members ``K`` drawn from different initial noise.
         seed: seed of the ``torch.Generator`` made on the image's device for each call that is not given a
             generator; ``None`` draws from the global random state.
-        eta: stochasticity of the ``"ddim"`` and ``"dpmpp_2m"`` steps, >= 0: 0 solves the probability-flow ODE
-            (deterministic given the initial noise), 1 the reverse SDE that ``"ddpm"`` discretises (DDIM with
-            ``eta`` = 1, SDE-DPM-Solver++(2M)), with noise from the sampler's generator. Not used by ``"ddpm"``.
+        eta: stochasticity of the ``"ddim"``, ``"dpmpp_2m"`` and ``"dpmpp_3m"`` steps, >= 0: 0 solves the
+            probability-flow ODE (deterministic given the initial noise), 1 the reverse SDE that ``"ddpm"``
+            discretises (DDIM with ``eta`` = 1, SDE-DPM-Solver++(2M) and (3M)), with noise from the sampler's
+            generator. Not used by ``"ddpm"``.
         return_members: keep every member's probabilities in :attr:`SamplerOutput.member_probs`.
         schedule_args: extra arguments of the noise schedule (e.g. ``beta_start``, ``beta_end``).
         amp_dtype: autocast dtype of the network passes on CUDA (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``);
@@ -192,8 +200,8 @@ class DiffusionSampler:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
         if eta < 0 or (eta > 0 and scheduler == "ddpm"):
             raise ValueError(
-                f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only 'ddim' and 'dpmpp_2m' take it "
-                "(1000 DDPM steps are stochastic already); leave eta at 0 for 'ddpm'."
+                f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only 'ddim', 'dpmpp_2m' and "
+                "'dpmpp_3m' take it (1000 DDPM steps are stochastic already); leave eta at 0 for 'ddpm'."
             )
         if noise_scheduler is not None:
             num_train_timesteps = noise_scheduler.num_train_timesteps

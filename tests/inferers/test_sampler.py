@@ -153,7 +153,7 @@ def test_few_step_ddim_agrees_with_1000_step_ddpm(stand_in_network):
     assert (ddim == target).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "dpmpp_3m"])
 def test_nan_probabilities_are_caught_and_named(stand_in_network, scheduler, monkeypatch):
     network = stand_in_network()  # its denoiser answers NaN, as an overflowing solver would
     monkeypatch.setattr(network, "denoise", lambda x_t, t, condition: torch.full_like(x_t, float("nan")))
@@ -172,7 +172,7 @@ def test_few_step_dpm_solver_agrees_with_1000_step_ddpm(stand_in_network):
     assert agreement > 0.95, f"DPM-Solver++(2M) 5 steps and DDPM-1000 agree on {float(agreement):.3f} of voxels"
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "dpmpp_3m"])
 def test_every_step_gets_the_same_layout_from_a_channels_last_network(stand_in_network, scheduler):
     # a compiled denoise recompiles when the strides of x_t change between steps
     network = stand_in_network().to(memory_format=torch.channels_last)

@@ -101,6 +101,46 @@ def test_second_order_sde_step_is_the_k_diffusion_update(eta):
         torch.testing.assert_close(ours, x_ve * a_t[following].sqrt())
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_third_order_step_is_the_k_diffusion_update(eta):
+    # k-diffusion's sample_dpmpp_3m_sde in its variance-exploding form (x / alpha, sigma / alpha): first, second
+    # and then third order, away from the last step
+    solver = DPMSolverMultistepScheduler(solver_order=3, prediction_type="sample", timestep_spacing="leading")
+    solver.set_timesteps(6)  # 830 -> 664 -> 498 -> 332 -> 166 -> 0
+    a_t = solver.alphas_cumprod.double()
+    generator = torch.Generator().manual_seed(9)
+    x_vp = torch.randn(64, generator=generator, dtype=torch.float64)
+    predictions = torch.tanh(torch.randn(4, 64, generator=generator, dtype=torch.float64))
+    ours, noise = x_vp, torch.Generator().manual_seed(10)
+    x_ve, reference_noise = x_vp / a_t[830].sqrt(), torch.Generator().manual_seed(10)
+    h_1 = h_2 = denoised_1 = denoised_2 = None
+    steps = ((830, 664), (664, 498), (498, 332), (332, 166))
+    for index, (timestep, following) in enumerate(steps):
+        ours = solver.step(predictions[index], timestep, ours, eta=eta, generator=noise)[0]
+        sigma_s, sigma_t = (((1 - a_t[t]) / a_t[t]).sqrt() for t in (timestep, following))
+        h = (sigma_s / sigma_t).log()
+        h_eta = h * (eta + 1)
+        denoised = predictions[index]
+        x_ve = torch.exp(-h_eta) * x_ve + (-h_eta).expm1().neg() * denoised
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            phi_3 = phi_2 / h_eta - 0.5
+            x_ve = x_ve + phi_2 * d1 - phi_3 * d2
+        elif h_1 is not None:
+            r = h_1 / h
+            phi_2 = h_eta.neg().expm1() / h_eta + 1
+            x_ve = x_ve + phi_2 * (denoised - denoised_1) / r
+        if eta:
+            z = torch.randn(x_ve.shape, generator=reference_noise, dtype=torch.float64)
+            x_ve = x_ve + z * sigma_t * (-2 * h * eta).expm1().neg().sqrt()
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
+        torch.testing.assert_close(ours, x_ve * a_t[following].sqrt())
+
+
 def test_sde_sampling_of_gaussian_data_has_the_data_distribution():
     # with the exact x0 predictor of N(0.4, 0.5^2) data, the SDE's end point is distributed as the data
     alphas_cumprod = DDPMScheduler(1000, "linear_beta").alphas_cumprod
@@ -180,8 +220,8 @@ def test_epsilon_and_v_predictions_give_the_same_step():
 
 
 def test_invalid_solver_arguments():
-    with pytest.raises(ValueError, match="solver_order"):
-        DPMSolverMultistepScheduler(solver_order=3)
+    with pytest.raises(ValueError, match="solver_order must be 1, 2 or 3"):
+        DPMSolverMultistepScheduler(solver_order=4)
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         DPMSolverMultistepScheduler(prediction_type="score")
     solver = DPMSolverMultistepScheduler()
@@ -193,20 +233,21 @@ def test_invalid_solver_arguments():
 
 
 def test_sampler_names_and_step_counts_are_checked():
-    with pytest.raises(ValueError, match="'ddim', 'dpmpp_2m', 'ddpm'"):
+    with pytest.raises(ValueError, match="'ddim', 'dpmpp_2m', 'dpmpp_3m', 'ddpm'"):
         DiffusionSampler(scheduler="euler")
     with pytest.raises(ValueError, match=r"\[1, num_train_timesteps=1000\]"):
         DiffusionSampler(scheduler="dpmpp_2m", num_inference_steps=1001)
-    with pytest.raises(ValueError, match="'ddim' or 'dpmpp_2m' for 1 to 1000 steps"):
+    with pytest.raises(ValueError, match="'ddim', 'dpmpp_2m' or 'dpmpp_3m' for 1 to 1000 steps"):
         DiffusionSampler(scheduler="ddpm", num_inference_steps=10)
 
 
 def test_sampler_takes_the_training_noise_schedule():
     training = DDPMScheduler(200, "scaled_linear_beta", beta_start=1e-3, beta_end=3e-2, prediction_type="sample")
-    for name, steps in (("ddim", 8), ("dpmpp_2m", 8), ("ddpm", 200)):
+    for name, steps in (("ddim", 8), ("dpmpp_2m", 8), ("dpmpp_3m", 8), ("ddpm", 200)):
         sampler = DiffusionSampler(scheduler=name, num_inference_steps=steps, noise_scheduler=training)
         torch.testing.assert_close(sampler.scheduler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
         assert sampler.timesteps[0] < 200 and sampler.timesteps[-1] == 0
+    assert DiffusionSampler(scheduler="dpmpp_3m").scheduler.solver_order == 3
 
 
 def test_bundle_training_and_inference_share_the_noise_schedule():
