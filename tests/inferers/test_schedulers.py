@@ -191,6 +191,21 @@ def test_second_order_follows_the_exact_ode_of_gaussian_data(std):
     assert errors["2m", 40] < errors["2m", 10] / 4, errors
 
 
+@pytest.mark.parametrize("std", [0.5, 1.0])
+def test_third_order_beats_second_order_in_many_steps(std):
+    alphas_cumprod = DDPMScheduler(1000, "linear_beta").alphas_cumprod
+    x0_of, ode_solution = _gaussian_data(mean=0.4, std=std, alphas_cumprod=alphas_cumprod)
+    noise = torch.randn(256, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    errors = {}
+    for order in (2, 3):
+        solver = DPMSolverMultistepScheduler(solver_order=order)
+        solver.set_timesteps(40)
+        a = alphas_cumprod[int(solver.timesteps[0])].double()
+        sample = 0.4 * a.sqrt() + (a * std**2 + 1 - a).sqrt() * noise
+        errors[order] = float((_run(solver, x0_of, sample, 40) - ode_solution(sample, 999)).abs().max())
+    assert errors[3] < errors[2] / 2, errors
+
+
 def test_logsnr_timesteps_are_distinct_and_even_in_lambda():
     alphas_cumprod = DDPMScheduler(1000, "linear_beta").alphas_cumprod.double()
     lambdas = 0.5 * (alphas_cumprod / (1 - alphas_cumprod)).log()
