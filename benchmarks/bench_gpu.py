@@ -728,7 +728,7 @@ def sampling_row(bench: Bench, variant: str) -> None:
 
 def _sampling_network(bench: Bench, flags: set[str], slices: int, roi: int) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    network = get_network(bench.args.preset).to(bench.device).eval()
+    network = get_network(bench.args.preset, fused_norm="nofuse" not in flags).to(bench.device).eval()
     image = torch.randn(slices, 4, roi, roi, device=bench.device)
     if "cl" in flags:
         network = network.to(memory_format=torch.channels_last)

@@ -1,8 +1,12 @@
-"""``benchmarks/bench_gpu.py`` reads whole-volume sampler specs with their ``eta`` and refuses malformed ones."""
+"""``benchmarks/bench_gpu.py`` reads whole-volume sampler specs with their ``eta`` and refuses malformed ones; its
+whole-volume network follows the ``nofuse`` flag."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
+import torch
 from benchmark_scripts import load_benchmark
 
 
@@ -28,3 +32,14 @@ def test_malformed_sampler_specs_stop_the_run(bench_gpu, spec, capsys):
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(["--volume-samplers", "ddim:10", spec])
     assert "--volume-samplers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant, fused", [("fp32", True), ("fp32+nofuse", False)])
+def test_volume_network_follows_the_nofuse_flag(bench_gpu, variant, fused):
+    from medsegdiff_monai.networks import FusedGroupNorm
+
+    args = bench_gpu.parse_args(["--device", "cpu", "--preset", "small", "--out", "unused"])
+    bench = argparse.Namespace(args=args, device=torch.device("cpu"))
+    network, _ = bench_gpu._sampling_network(bench, bench_gpu.parse_variant(variant), 1, 32)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(isinstance(m, FusedGroupNorm) == fused for m in norms)
