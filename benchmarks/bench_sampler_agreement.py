@@ -7,9 +7,9 @@ the README's synthetic data set (write it first with README command 1's ``synth`
 
     python benchmarks/bench_sampler_agreement.py --samplers dpmpp_2m:8 ddim:10 ddpm:1000 --out agreement
 
-A sampler is ``scheduler:steps[:eta[:seed[:cpu_amp]]]`` (scheduler: ``ddim``, ``dpmpp_2m`` or ``ddpm``; eta: the
-stochasticity of the DDIM and DPM-Solver++(2M) steps, 1 for the SDE; seed: the sampler's noise seed, default 0; a
-last field ``cpu_amp`` runs it with the bundle's ``cpu_amp: true``, bf16 autocast on a CPU, so
+A sampler is ``scheduler:steps[:eta[:seed[:cpu_amp]]]`` (scheduler: ``ddim``, ``dpmpp_2m``, ``dpmpp_3m`` or
+``ddpm``; eta: the stochasticity of the DDIM and DPM-Solver++ steps, 1 for the SDE; seed: the sampler's noise
+seed, default 0; a last field ``cpu_amp`` runs it with the bundle's ``cpu_amp: true``, bf16 autocast on a CPU, so
 ``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``). ``--reference`` reuses every sampler stored
 in earlier runs' ``agreement.json`` files instead of running it again (a 1000-step DDPM run is the slow one); a
 sampler stored by several of them, e.g. runs on disjoint subsets of the subjects (``--part K/N``, or a
