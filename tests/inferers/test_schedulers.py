@@ -73,17 +73,26 @@ def test_sde_and_ode_steps_take_different_paths():
     assert (_first_order_paths(1.0)[1] - _first_order_paths(0.0)[1]).abs().mean() > 0.1
 
 
+def _k_diffusion_start(order: int, steps: int, predictions: int, seed: int):
+    """A solver of ``order`` on DDIM's ``steps`` timesteps; 64 start values and ``predictions`` x0 predictions in
+    float64; the start in k-diffusion's variance-exploding form (x / alpha); two noise generators seeded alike, one
+    for the solver and one for the reference."""
+    solver = DPMSolverMultistepScheduler(solver_order=order, prediction_type="sample", timestep_spacing="leading")
+    solver.set_timesteps(steps)
+    a_t = solver.alphas_cumprod.double()
+    generator = torch.Generator().manual_seed(seed)
+    x_vp = torch.randn(64, generator=generator, dtype=torch.float64)
+    outputs = torch.tanh(torch.randn(predictions, 64, generator=generator, dtype=torch.float64))
+    x_ve = x_vp / a_t[int(solver.timesteps[0])].sqrt()
+    noises = (torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1))
+    return solver, a_t, outputs, x_vp, x_ve, noises
+
+
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 def test_second_order_sde_step_is_the_k_diffusion_update(eta):
     # k-diffusion's sample_dpmpp_2m_sde (midpoint) in its variance-exploding form: x / alpha, sigma / alpha
-    solver = DPMSolverMultistepScheduler(solver_order=2, prediction_type="sample", timestep_spacing="leading")
-    solver.set_timesteps(5)  # 800 -> 600 -> 400 -> 200 -> 0: the first three steps, away from the last one
-    a_t = solver.alphas_cumprod.double()
-    generator = torch.Generator().manual_seed(6)
-    x_vp = torch.randn(64, generator=generator, dtype=torch.float64)
-    predictions = torch.tanh(torch.randn(3, 64, generator=generator, dtype=torch.float64))
-    ours, noise = x_vp, torch.Generator().manual_seed(7)
-    x_ve, reference_noise = x_vp / a_t[800].sqrt(), torch.Generator().manual_seed(7)
+    # 800 -> 600 -> 400 -> 200 -> 0: the first three steps, away from the last one
+    solver, a_t, predictions, ours, x_ve, (noise, reference_noise) = _k_diffusion_start(2, 5, 3, seed=6)
     h_last = old_denoised = None
     for index, (timestep, following) in enumerate(((800, 600), (600, 400), (400, 200))):
         ours = solver.step(predictions[index], timestep, ours, eta=eta, generator=noise)[0]
@@ -105,14 +114,8 @@ def test_second_order_sde_step_is_the_k_diffusion_update(eta):
 def test_third_order_step_is_the_k_diffusion_update(eta):
     # k-diffusion's sample_dpmpp_3m_sde in its variance-exploding form (x / alpha, sigma / alpha): first, second
     # and then third order, away from the last step
-    solver = DPMSolverMultistepScheduler(solver_order=3, prediction_type="sample", timestep_spacing="leading")
-    solver.set_timesteps(6)  # 830 -> 664 -> 498 -> 332 -> 166 -> 0
-    a_t = solver.alphas_cumprod.double()
-    generator = torch.Generator().manual_seed(9)
-    x_vp = torch.randn(64, generator=generator, dtype=torch.float64)
-    predictions = torch.tanh(torch.randn(4, 64, generator=generator, dtype=torch.float64))
-    ours, noise = x_vp, torch.Generator().manual_seed(10)
-    x_ve, reference_noise = x_vp / a_t[830].sqrt(), torch.Generator().manual_seed(10)
+    # 830 -> 664 -> 498 -> 332 -> 166 -> 0
+    solver, a_t, predictions, ours, x_ve, (noise, reference_noise) = _k_diffusion_start(3, 6, 4, seed=9)
     h_1 = h_2 = denoised_1 = denoised_2 = None
     steps = ((830, 664), (664, 498), (498, 332), (332, 166))
     for index, (timestep, following) in enumerate(steps):
