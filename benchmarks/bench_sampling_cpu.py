@@ -13,7 +13,8 @@ and ``t_step`` (one denoising step on B x K inputs plus the scheduler update) ar
 after a warm-up (the cores are shared, so the fastest run is the least disturbed), and the volume time is computed
 from them, so no row needs the full run (which takes hours on a CPU at 1000 steps). The formula is checked against
 one real :class:`DiffusionSampler` call on ``--check-slices`` slices at the smallest N (measured vs predicted). A step
-costs the same for every few-step scheduler (``ddim``, ``dpmpp_2m``: one network pass and an element-wise update).
+costs the same for every few-step scheduler (``ddim``, ``dpmpp_2m``, ``dpmpp_3m``: one network pass and an
+element-wise update).
 ``--volume`` also times :func:`sample_volume` on the whole volume at the smallest N, end to end.
 
 The defaults are the bundle's on a CPU: ``--slice-batch`` from :func:`default_slice_batch_size`, the network and its
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 1000])
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--scheduler", default="ddim", help="sampling scheduler (ddim, dpmpp_2m)")
+    parser.add_argument("--scheduler", default="ddim", help="sampling scheduler (ddim, dpmpp_2m, dpmpp_3m)")
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155], help="synthetic volume shape")
     parser.add_argument("--roi", type=int, default=192)
     parser.add_argument("--slice-batch", type=int, default=None, help="slices per sampler call (B)")
