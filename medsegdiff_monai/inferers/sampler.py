@@ -16,8 +16,22 @@ from medsegdiff_monai.utils import parse_amp_dtype
 
 __all__ = ["SAMPLING_SCHEDULERS", "DiffusionSampler", "SamplerOutput", "make_sampling_scheduler", "repeat_condition"]
 
-# the ``scheduler`` names of :class:`DiffusionSampler`
-SAMPLING_SCHEDULERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "ddpm")
+# the ``scheduler`` names of :class:`DiffusionSampler` and the scheduler each builds
+_SCHEDULER_CLASSES: dict[str, Callable[..., Scheduler]] = {
+    "ddim": DDIMScheduler,
+    "dpmpp_2m": functools.partial(DPMSolverMultistepScheduler, solver_order=2),
+    "dpmpp_3m": functools.partial(DPMSolverMultistepScheduler, solver_order=3),
+    "ddpm": DDPMScheduler,
+}
+SAMPLING_SCHEDULERS = tuple(_SCHEDULER_CLASSES)
+# those that run 1 to T steps and take an ``eta``; "ddpm" runs all T steps
+_FEW_STEP_SCHEDULERS = tuple(name for name in SAMPLING_SCHEDULERS if name != "ddpm")
+
+
+def _quoted(names: tuple[str, ...], conjunction: str) -> str:
+    """``('a', 'b', 'c'), "or"`` -> ``"'a', 'b' or 'c'"``, for error messages."""
+    return f"{', '.join(map(repr, names[:-1]))} {conjunction} {names[-1]!r}"
+
 
 # torch.compile'd ``denoise`` per network class, shared by every sampler of the process (one compilation per shape)
 _COMPILED_DENOISE: dict[Callable, Callable] = {}
@@ -80,18 +94,12 @@ def make_sampling_scheduler(
     if name == "ddpm" and num_inference_steps != num_train_timesteps:
         raise ValueError(
             f"scheduler='ddpm' runs all num_train_timesteps={num_train_timesteps} steps, got "
-            f"num_inference_steps={num_inference_steps}; use 'ddim', 'dpmpp_2m' or 'dpmpp_3m' for 1 to "
+            f"num_inference_steps={num_inference_steps}; use {_quoted(_FEW_STEP_SCHEDULERS, 'or')} for 1 to "
             f"{num_train_timesteps} steps."
         )
     timesteps = leading_timesteps(num_inference_steps, num_train_timesteps)  # checks the step count
-    classes = {
-        "ddim": DDIMScheduler,
-        "dpmpp_2m": DPMSolverMultistepScheduler,
-        "dpmpp_3m": DPMSolverMultistepScheduler,
-        "ddpm": DDPMScheduler,
-    }
-    kwargs = {**(schedule_args or {}), **(scheduler_args or {}), **({"solver_order": 3} if name == "dpmpp_3m" else {})}
-    scheduler: Scheduler = classes[name](num_train_timesteps, schedule, prediction_type="sample", **kwargs)
+    kwargs = {**(schedule_args or {}), **(scheduler_args or {})}
+    scheduler = _SCHEDULER_CLASSES[name](num_train_timesteps, schedule, prediction_type="sample", **kwargs)
     if noise_scheduler is not None:
         share_noise_schedule(scheduler, noise_scheduler)
     scheduler.set_timesteps(num_inference_steps)
@@ -200,8 +208,9 @@ class DiffusionSampler:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
         if eta < 0 or (eta > 0 and scheduler == "ddpm"):
             raise ValueError(
-                f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only 'ddim', 'dpmpp_2m' and "
-                "'dpmpp_3m' take it (1000 DDPM steps are stochastic already); leave eta at 0 for 'ddpm'."
+                f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only "
+                f"{_quoted(_FEW_STEP_SCHEDULERS, 'and')} take it (1000 DDPM steps are stochastic already); leave eta "
+                "at 0 for 'ddpm'."
             )
         if noise_scheduler is not None:
             num_train_timesteps = noise_scheduler.num_train_timesteps
