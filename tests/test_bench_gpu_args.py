@@ -9,6 +9,8 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
+from medsegdiff_monai.networks import FusedGroupNorm
+
 
 @pytest.fixture(scope="module")
 def bench_gpu():
@@ -36,8 +38,6 @@ def test_malformed_sampler_specs_stop_the_run(bench_gpu, spec, capsys):
 
 @pytest.mark.parametrize("variant, fused", [("fp32", True), ("fp32+nofuse", False)])
 def test_volume_network_follows_the_nofuse_flag(bench_gpu, variant, fused):
-    from medsegdiff_monai.networks import FusedGroupNorm
-
     args = bench_gpu.parse_args(["--device", "cpu", "--preset", "small", "--out", "unused"])
     bench = argparse.Namespace(args=args, device=torch.device("cpu"))
     network, _ = bench_gpu._sampling_network(bench, bench_gpu.parse_variant(variant), 1, 32)
