@@ -30,7 +30,8 @@ soon as it exists, so a run cut short keeps what it measured):
 - ``sampling``: condition pass and one reverse step (denoise of B x K inputs + DDIM update) per variant.
 - ``volume``: :func:`sample_volume` of a synthetic full-size subject (inference transforms at ``--volume-roi``),
   grade included, timed end to end for each ``--volume-variants`` (eager and compiled), ``--volume-slice-batches``
-  and ``--volume-samplers`` (``scheduler:steps[:eta]``, e.g. ``ddim:10``, ``dpmpp_2m:6``, ``dpmpp_2m:20:1``), after a
+  and ``--volume-samplers`` (``scheduler:steps[:eta]``, e.g. ``ddim:10``, ``dpmpp_2m:6``, ``dpmpp_2m:20:1``), each
+  with every ``--volume-shared-steps`` below its step count (the sampler's ``shared_steps``), after a
   1-step warm-up run that holds any compilation; 1000-step DDPM is extrapolated from two DDIM runs
   (``T(N) = a + N b``).
 
@@ -767,8 +768,10 @@ def volume_seconds(
     name: str,
     steps: int,
     eta: float = 0.0,
+    shared_steps: int = 0,
 ) -> float:
-    """Seconds of one :func:`sample_volume` call (grade included) with the sampler ``name`` at ``steps`` steps."""
+    """Seconds of one :func:`sample_volume` call (grade included) with the sampler ``name`` at ``steps`` steps, the
+    first ``shared_steps`` of them shared by the ensemble members."""
     sampler = DiffusionSampler(
         num_inference_steps=steps,
         scheduler=name,
@@ -776,6 +779,7 @@ def volume_seconds(
         ensemble_size=bench.args.ensemble,
         amp_dtype="bfloat16" if "bf16" in flags else None,
         compile="compile" in flags,
+        shared_steps=shared_steps,
     )
     bench.sync()
     begin = time.perf_counter()
@@ -805,12 +809,17 @@ def volume(bench: Bench) -> None:
 
             run = functools.partial(volume_seconds, bench, network, image, flags, slice_batch)
             warmup_s = run("ddim", 1)
+            if any(args.volume_shared_steps):  # the shared passes' batch shape (slices alone) compiles apart
+                warmup_s += run("ddim", 2, shared_steps=1)
             one_step_s = run("ddim", 1)  # without the start-up costs: bounds the seconds per step from above
-            measured: dict[tuple[str, int, float], float] = {}
-            for name, steps, eta in args.volume_samplers:
+            measured: dict[tuple[str, int, float, int], float] = {}
+            runs = [(*sampler, shared) for sampler in args.volume_samplers for shared in args.volume_shared_steps]
+            for name, steps, eta, shared_steps in runs:
+                if shared_steps >= steps:
+                    continue
                 if bench.time_left() < 10 + one_step_s * steps:
                     break
-                measured[name, steps, eta] = run(name, steps, eta)
+                measured[name, steps, eta, shared_steps] = run(name, steps, eta, shared_steps)
                 bench.record(
                     section="volume",
                     size=args.volume_roi,
@@ -818,7 +827,8 @@ def volume(bench: Bench) -> None:
                     scheduler=name,
                     steps=steps,
                     eta=eta,
-                    seconds=measured[name, steps, eta],
+                    shared_steps=shared_steps,
+                    seconds=measured[name, steps, eta, shared_steps],
                     how="measured end to end (sample_volume, grade included)",
                     depth=image.shape[-1],
                     brain_slices=brain_slices,
@@ -830,8 +840,8 @@ def volume(bench: Bench) -> None:
                 )
             ddim = sorted(
                 (n, seconds)
-                for (scheduler, n, stochasticity), seconds in measured.items()
-                if scheduler == "ddim" and not stochasticity
+                for (scheduler, n, stochasticity, shared_steps), seconds in measured.items()
+                if scheduler == "ddim" and not stochasticity and not shared_steps
             )
             if len(ddim) >= 2:
                 (n0, t0), (n1, t1) = ddim[:2]
@@ -896,6 +906,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--volume-variants", nargs="+", default=["bf16+cl", "bf16+cl+compile"])
     parser.add_argument("--volume-slice-batches", type=int, nargs="+", default=[32], help="slices per sampler call")
+    parser.add_argument(
+        "--volume-shared-steps",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="first steps whose network pass the ensemble members share (DiffusionSampler's shared_steps)",
+    )
     parser.add_argument("--flops-from", help="results.json of an earlier run whose FLOP counts to reuse")
     parser.add_argument(
         "--cudnn-benchmark-limit",

@@ -7,15 +7,17 @@ the README's synthetic data set (write it first with README command 1's ``synth`
 
     python benchmarks/bench_sampler_agreement.py --samplers dpmpp_2m:8 ddim:10 ddpm:1000 --out agreement
 
-A sampler is ``scheduler:steps[:eta[:seed[:cpu_amp]]]`` (scheduler: ``ddim``, ``dpmpp_2m``, ``dpmpp_3m`` or
+A sampler is ``scheduler:steps[:eta[:seed[:option...]]]`` (scheduler: ``ddim``, ``dpmpp_2m``, ``dpmpp_3m`` or
 ``ddpm``; eta: the stochasticity of the DDIM and DPM-Solver++ steps, 1 for the SDE; seed: the sampler's noise
-seed, default 0; a last field ``cpu_amp`` runs it with the bundle's ``cpu_amp: true``, bf16 autocast on a CPU, so
-``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``). ``--reference`` reuses every sampler stored
-in earlier runs' ``agreement.json`` files instead of running it again (a 1000-step DDPM run is the slow one); a
-sampler stored by several of them, e.g. runs on disjoint subsets of the subjects (``--part K/N``, or a
-``"datalist"`` override), is merged subject by subject. Every sampled run stores the SHA-256 of the checkpoint it
-sampled; a stored sampler of another checkpoint is refused (its pairing would compare two networks), one stored
-without a digest is reused with a printed warning.
+seed, default 0; options: ``cpu_amp`` runs it with the bundle's ``cpu_amp: true``, bf16 autocast on a CPU, so
+``dpmpp_2m:8:0:0:cpu_amp`` pairs with the float32 ``dpmpp_2m:8:0:0``; ``sharedK`` sets the sampler's
+``shared_steps`` to K, the first K network passes shared by the ensemble members, e.g.
+``dpmpp_2m:12:1:0:shared5``). ``--reference`` reuses every sampler stored in earlier runs' ``agreement.json``
+files instead of running it again (a 1000-step DDPM run is the slow one); a sampler stored by several of them,
+e.g. runs on disjoint subsets of the subjects (``--part K/N``, or a ``"datalist"`` override), is merged subject
+by subject. Every sampled run stores the SHA-256 of the checkpoint it sampled; a stored sampler of another
+checkpoint is refused (its pairing would compare two networks), one stored without a digest is reused with a
+printed warning.
 
 Samplers that differ only in their seed form one *family* (the last family is the reference). A second table pairs
 each family with the reference subject by subject: per subject, the Dice averaged over the family's seeds minus the
@@ -84,6 +86,11 @@ def parse_args() -> argparse.Namespace:
         "--reference merges their runs",
     )
     args = parser.parse_args()
+    for sampler in args.samplers:
+        try:
+            sampler_options(sampler)
+        except ValueError as error:
+            parser.error(f"--samplers: {error}")
     if args.part is not None:  # read once, kept as (K, N)
         match = re.fullmatch(r"(\d+)/(\d+)", args.part)
         if match is None or not 1 <= int(match[1]) <= int(match[2]):
@@ -97,14 +104,25 @@ def sampler_folder(sampler: str) -> str:
     return sampler.replace(":", "_")
 
 
+def sampler_options(sampler: str) -> tuple[bool, int]:
+    """``(cpu_amp, shared_steps)`` of the fields after a sampler's seed: ``cpu_amp`` and ``sharedK``."""
+    options = sampler.split(":")[4:]
+    shared = [int(option[6:]) for option in options if re.fullmatch(r"shared\d+", option)]
+    unknown = [option for option in options if option != "cpu_amp" and not re.fullmatch(r"shared\d+", option)]
+    if unknown or len(shared) > 1 or options.count("cpu_amp") > 1:
+        raise ValueError(
+            f"sampler {sampler!r}: the fields after the seed are 'cpu_amp' and 'sharedK' (K an integer), each at "
+            f"most once; got {options}."
+        )
+    return "cpu_amp" in options, shared[0] if shared else 0
+
+
 def evaluate(args: argparse.Namespace, sampler: str, checkpoint_digest: str) -> dict:
     """Run ``evaluate.json`` with one sampler; returns its summary plus the seconds it took and
     ``checkpoint_digest``, the SHA-256 of the checkpoint it sampled."""
     scheduler, steps, *rest = sampler.split(":")
     eta, seed = (float(rest[0]) if rest else 0.0), (int(rest[1]) if len(rest) > 1 else 0)
-    cpu_amp = len(rest) > 2 and rest[2] == "cpu_amp"
-    if len(rest) > 2 and not cpu_amp:
-        raise ValueError(f"sampler {sampler!r}: the field after the seed must be 'cpu_amp', got {rest[2]!r}.")
+    cpu_amp, shared_steps = sampler_options(sampler)
     output_dir = Path(args.out) / sampler_folder(sampler)
     begin = time.perf_counter()
     run(
@@ -119,6 +137,7 @@ def evaluate(args: argparse.Namespace, sampler: str, checkpoint_digest: str) -> 
         include_hd95=False,
         min_enhancing_voxels=args.min_enhancing_voxels,
         cpu_amp=cpu_amp,
+        shared_steps=shared_steps,
         output_dir=str(output_dir),
         **json.loads(args.overrides),
     )
@@ -270,7 +289,8 @@ def mean_dice_difference(result: dict, reference: dict, region: str) -> float:
 
 def family(sampler: str) -> str:
     """The sampler without its seed, eta spelt out: ``ddim:10:0:2`` and ``ddim:10`` are both ``ddim:10:0``,
-    ``dpmpp_2m:8:0:1:cpu_amp`` is ``dpmpp_2m:8:0:cpu_amp``."""
+    ``dpmpp_2m:8:0:1:cpu_amp`` is ``dpmpp_2m:8:0:cpu_amp``, ``dpmpp_2m:12:1:2:shared5`` is
+    ``dpmpp_2m:12:1:shared5``."""
     scheduler, steps, *rest = sampler.split(":")
     return ":".join([scheduler, steps, f"{float(rest[0]) if rest else 0.0:g}", *rest[2:]])
 

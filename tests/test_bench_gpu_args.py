@@ -1,5 +1,5 @@
 """``benchmarks/bench_gpu.py`` reads whole-volume sampler specs with their ``eta`` and refuses malformed ones; its
-whole-volume network follows the ``nofuse`` flag."""
+whole-volume network follows the ``nofuse`` flag; each sampler runs with each shared-step count below its steps."""
 
 from __future__ import annotations
 
@@ -43,3 +43,34 @@ def test_volume_network_follows_the_nofuse_flag(bench_gpu, variant, fused):
     network, _ = bench_gpu._sampling_network(bench, bench_gpu.parse_variant(variant), 1, 32)
     norms = [m for m in network.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(isinstance(m, FusedGroupNorm) == fused for m in norms)
+
+
+def test_volume_runs_each_sampler_with_each_shared_step_count(bench_gpu, monkeypatch, tmp_path):
+    calls = []
+
+    def seconds(bench, network, image, flags, slice_batch, name, steps, eta=0.0, shared_steps=0):
+        calls.append((name, steps, eta, shared_steps))
+        return 1.0
+
+    monkeypatch.setattr(bench_gpu, "volume_seconds", seconds)
+    args = bench_gpu.parse_args(
+        ["--device", "cpu", "--preset", "small", "--volume-variants", "fp32", "--volume-roi", "64"]
+        + ["--volume-shape", "64", "64", "24", "--volume-samplers", "ddim:2", "dpmpp_2m:3:1"]
+        + ["--volume-shared-steps", "0", "2", "--out", str(tmp_path)]
+    )
+    bench = bench_gpu.Bench(args)
+    bench_gpu.volume(bench)
+    # warm-up (with the shared passes' shape), one step, then every sampler below its step count
+    assert calls == [
+        ("ddim", 1, 0.0, 0),
+        ("ddim", 2, 0.0, 1),
+        ("ddim", 1, 0.0, 0),
+        ("ddim", 2, 0.0, 0),
+        ("dpmpp_2m", 3, 1.0, 0),
+        ("dpmpp_2m", 3, 1.0, 2),
+    ]
+    assert [(row["scheduler"], row["shared_steps"]) for row in bench.rows] == [
+        ("ddim", 0),
+        ("dpmpp_2m", 0),
+        ("dpmpp_2m", 2),
+    ]

@@ -140,3 +140,37 @@ def test_a_malformed_part_is_refused(agreement, monkeypatch, capsys, part):
     with pytest.raises(SystemExit):
         _args(agreement, monkeypatch, "--part", part)
     assert "expected K/N with 1 <= K <= N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sampler, family, options",
+    [
+        ("dpmpp_2m:12:1:0:shared5", "dpmpp_2m:12:1:shared5", {"cpu_amp": False, "shared_steps": 5}),
+        ("dpmpp_2m:8:0:2:cpu_amp:shared3", "dpmpp_2m:8:0:cpu_amp:shared3", {"cpu_amp": True, "shared_steps": 3}),
+        ("ddim:10", "ddim:10:0", {"cpu_amp": False, "shared_steps": 0}),
+    ],
+)
+def test_shared_steps_reach_the_evaluation_and_name_their_family(
+    agreement, monkeypatch, tmp_path, sampler, family, options
+):
+    seen = {}
+
+    def run(**kwargs):
+        seen.update(kwargs)
+        folder = Path(kwargs["output_dir"])
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"num_subjects": 1}))
+        (folder / "metrics_per_subject.csv").write_text("subject_id,dice_TC,dice_WT,dice_ET,dice_mean\ns1,1,1,1,1\n")
+
+    monkeypatch.setattr(agreement, "run", run)
+    args = _args(agreement, monkeypatch, "--samplers", sampler, "--out", str(tmp_path))
+    agreement.evaluate(args, sampler, "0" * 64)
+    assert {key: seen[key] for key in options} == options
+    assert agreement.family(sampler) == family
+
+
+@pytest.mark.parametrize("option", ["sharedx", "amp", "shared2:shared3"])
+def test_a_malformed_sampler_option_is_refused_before_sampling(agreement, monkeypatch, capsys, option):
+    with pytest.raises(SystemExit):
+        _args(agreement, monkeypatch, "--samplers", f"dpmpp_2m:12:1:0:{option}", "ddpm:1000")
+    assert "the fields after the seed are 'cpu_amp' and 'sharedK'" in capsys.readouterr().err

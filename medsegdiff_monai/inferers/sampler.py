@@ -150,6 +150,12 @@ class DiffusionSampler:
     training, the reference the others are measured against. A batch whose probabilities hold NaN raises
     ``FloatingPointError`` naming the scheduler, so nothing of it is written.
 
+    ``shared_steps`` > 0 runs the first network passes once per slice instead of once per member: the pass sees
+    the first member's sample, and every member takes its x0 estimate in its own update (each member keeps its own
+    initial noise and, with ``eta`` > 0, its own step noise). At the highest noise levels the estimate depends on
+    the image, hardly on the sample (at t >= 554 the sample holds less than a fifth of the mask signal: its
+    coefficient ``sqrt(alphas_cumprod[t])`` is below 0.2), so these passes cost ``1 / K`` of a full step each.
+
     Args:
         num_inference_steps: number of reverse steps ``N`` in ``[1, T]``; exactly ``T`` for ``"ddpm"``.
         scheduler: one of :data:`SAMPLING_SCHEDULERS`: ``"ddim"`` (deterministic DDIM, ``eta`` = 0 by default),
@@ -179,6 +185,8 @@ class DiffusionSampler:
             ``DDPMScheduler``); the sampling scheduler takes its noise schedule and ``num_train_timesteps``, so
             training and sampling share one definition.
         scheduler_args: further arguments of the sampling scheduler class (see :func:`make_sampling_scheduler`).
+        shared_steps: number of first steps whose network pass runs once per slice and is shared by the members,
+            in ``[0, num_inference_steps)``; 0 runs every pass for every member.
 
     Example::
 
@@ -203,9 +211,15 @@ class DiffusionSampler:
         noise_scheduler: Scheduler | None = None,
         scheduler_args: dict | None = None,
         cpu_amp: bool = False,
+        shared_steps: int = 0,
     ) -> None:
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
+        if not 0 <= shared_steps < num_inference_steps:
+            raise ValueError(
+                f"shared_steps must be in [0, num_inference_steps) = [0, {num_inference_steps}), got {shared_steps}: "
+                "the last step's pass gives each member its own mask, so it is never shared."
+            )
         if eta < 0 or (eta > 0 and scheduler == "ddpm"):
             raise ValueError(
                 f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only "
@@ -233,6 +247,7 @@ class DiffusionSampler:
         self.seed = seed
         self.eta = eta
         self.return_members = return_members
+        self.shared_steps = shared_steps
         self.compile = compile
         self.timesteps: list[int] = self.scheduler.timesteps.tolist()
 
@@ -297,12 +312,16 @@ class DiffusionSampler:
         mask_shape = (members * num_slices, calib_map.shape[1], *image.shape[2:])
         sample = torch.randn(mask_shape, generator=generator, device=image.device, dtype=torch.float32)
         seg_logits = sample
-        for timestep in self.timesteps:
-            t_batch = torch.full((mask_shape[0],), timestep, device=image.device, dtype=torch.long)
+        for index, timestep in enumerate(self.timesteps):
+            shared = index < self.shared_steps
+            inputs = sample[:num_slices] if shared else sample
+            t_batch = torch.full((inputs.shape[0],), timestep, device=image.device, dtype=torch.long)
             with autocast:
-                seg_logits = denoise(sample, t_batch, member_condition)
+                seg_logits = denoise(inputs, t_batch, condition if shared else member_condition)
             # contiguous: the network may answer in channels-last, and one layout of x_t keeps one compiled graph
             x0_estimate = torch.tanh(seg_logits.float() / 2).contiguous()
+            if shared:
+                x0_estimate = x0_estimate.repeat(members, 1, 1, 1)
             sample = self._step(x0_estimate, timestep, sample, generator)
         member_probs = torch.sigmoid(seg_logits.float()).view(members, num_slices, *mask_shape[1:])
         if bool(torch.isnan(member_probs).any()):

@@ -79,6 +79,32 @@ def test_ddim_update_matches_hand_formula(stand_in_network):
     torch.testing.assert_close(x_800.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_shared_steps_run_once_per_slice_and_feed_every_member(stand_in_network):
+    network = stand_in_network()
+    image = _image(batch=2)
+    sampler = DiffusionSampler(num_inference_steps=10, ensemble_size=3, shared_steps=2, seed=5)
+    sampler(network, image)
+    # the first two passes see the first member's 2 slices, the others all 3 x 2 inputs
+    assert [x.shape[0] for x, _ in network.denoise_inputs] == [2, 2] + [6] * 8
+    x_900 = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(network.denoise_inputs[0][0], x_900[:2], rtol=0, atol=0)
+    alphas_cumprod = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta").alphas_cumprod.double()
+    with torch.no_grad():
+        condition = network.encode_condition(image)
+
+        def ddim_step(x_t: torch.Tensor, t: int) -> torch.Tensor:
+            # DDIM by hand, every member with the x0 estimate of the first member's sample, tiled member-major
+            x0 = torch.tanh(network.denoise(x_t[:2], torch.full((2,), t), condition) / 2).double().repeat(3, 1, 1, 1)
+            a_t, a_prev = alphas_cumprod[t], alphas_cumprod[t - 100]
+            eps = (x_t.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
+
+        x_700 = ddim_step(ddim_step(x_900, 900), 800)
+    torch.testing.assert_close(network.denoise_inputs[1][0], ddim_step(x_900, 900)[:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(network.denoise_inputs[2][0], x_700, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(x_700[:2], x_700[2:4])  # the members keep their own noise
+
+
 def test_seeded_generator_is_reproducible(stand_in_network):
     image = _image()
     first = DiffusionSampler(num_inference_steps=3, seed=7)(stand_in_network(), image)
@@ -116,6 +142,9 @@ def test_invalid_arguments():
         DiffusionSampler(ensemble_size=0)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         DiffusionSampler(scheduler="dpmpp_2m", eta=-0.5)
+    for shared_steps in (-1, 4):
+        with pytest.raises(ValueError, match=r"shared_steps must be in \[0, num_inference_steps\) = \[0, 4\)"):
+            DiffusionSampler(num_inference_steps=4, shared_steps=shared_steps)
     with pytest.raises(ValueError, match="leave eta at 0 for 'ddpm'"):
         DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, eta=1.0)
     with pytest.raises(ValueError, match="shape"):

@@ -53,18 +53,21 @@ def test_batch_size_does_not_change_a_noise_free_result(stand_in_network):
     assert one.p_hgg == pytest.approx(many.p_hgg)
 
 
-def test_compiled_sampler_gets_one_static_batch_shape(stand_in_network, monkeypatch):
+@pytest.mark.parametrize("shared_steps, batch_shapes", [(0, {8}), (1, {4, 8})])
+def test_compiled_sampler_gets_static_batch_shapes(stand_in_network, monkeypatch, shared_steps, batch_shapes):
     network = stand_in_network(noise_gain=0.0)
     image = _volume()
-    eager = sample_volume(network, image, DiffusionSampler(num_inference_steps=2, ensemble_size=2), slice_batch_size=4)
-    compiled = DiffusionSampler(num_inference_steps=2, ensemble_size=2, compile=True)
+    options = {"num_inference_steps": 2, "ensemble_size": 2, "shared_steps": shared_steps}
+    eager = sample_volume(network, image, DiffusionSampler(**options), slice_batch_size=4)
+    compiled = DiffusionSampler(**options, compile=True)
     # the padding depends on the flag alone; the plain denoise keeps the test free of compilation time
     monkeypatch.setattr(compiled, "_denoise_function", lambda network: network.denoise)
     network.encode_batches.clear()
     network.denoise_inputs.clear()
     padded = sample_volume(network, image, compiled, slice_batch_size=4)
     assert network.encode_batches == [4, 4]  # 6 brain slices: the second batch padded from 2 to 4
-    assert {x_t.shape[0] for x_t, _ in network.denoise_inputs} == {8}
+    # one shape for the members' passes, one for the shared passes (slices alone)
+    assert {x_t.shape[0] for x_t, _ in network.denoise_inputs} == batch_shapes
     torch.testing.assert_close(padded.probs, eager.probs)
     torch.testing.assert_close(padded.uncertainty, eager.uncertainty)
     torch.testing.assert_close(padded.slice_p_hgg, eager.slice_p_hgg, equal_nan=True)
