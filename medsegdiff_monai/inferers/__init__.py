@@ -12,6 +12,7 @@ from medsegdiff_monai.inferers.sampler import (
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler
 from medsegdiff_monai.inferers.volume import (
     VolumeOutput,
+    balanced_batch_size,
     brain_slice_mask,
     default_slice_batch_size,
     sample_volume,
@@ -25,6 +26,7 @@ __all__ = [
     "DiffusionSampler",
     "SamplerOutput",
     "VolumeOutput",
+    "balanced_batch_size",
     "brain_slice_mask",
     "default_slice_batch_size",
     "make_sampling_scheduler",

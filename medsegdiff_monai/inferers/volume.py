@@ -14,7 +14,17 @@ from tqdm.auto import tqdm
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.networks.calibration import logit
 
-__all__ = ["VolumeOutput", "brain_slice_mask", "default_slice_batch_size", "sample_volume", "subject_p_hgg"]
+__all__ = [
+    "VolumeOutput",
+    "balanced_batch_size",
+    "brain_slice_mask",
+    "default_slice_batch_size",
+    "sample_volume",
+    "subject_p_hgg",
+]
+
+# a compiled sampler's batch sizes are multiples of this, so that a few compiled shapes serve every volume
+STATIC_BATCH_MULTIPLE = 8
 
 
 class VolumeOutput(NamedTuple):
@@ -90,6 +100,23 @@ def subject_p_hgg(slice_p_hgg: Tensor, tumour_slices: Tensor) -> float:
     return float(torch.sigmoid(logit(chosen).mean()))
 
 
+def balanced_batch_size(count: int, max_batch_size: int, multiple: int = 1) -> int:
+    """
+    Slices per batch when ``count`` slices run in the fewest batches of at most ``max_batch_size``: batches as equal
+    as they can be, the size rounded up to a multiple of ``multiple`` but not past ``max_batch_size``. E.g. 140
+    slices, at most 68 per batch: 47 (3 batches of 47, 47, 46), or 48 with ``multiple`` 8, instead of 68, 68, 4.
+
+    Args:
+        count: number of slices, >= 0.
+        max_batch_size: the largest batch, >= 1.
+        multiple: the size's granularity, >= 1.
+    """
+    if count == 0:
+        return max_batch_size
+    size = math.ceil(count / math.ceil(count / max_batch_size))
+    return min(max_batch_size, math.ceil(size / multiple) * multiple)
+
+
 def sample_volume(
     network: nn.Module,
     image: Tensor,
@@ -103,20 +130,22 @@ def sample_volume(
     Segment one subject slice by slice with ``sampler`` and grade it.
 
     Axial slices without brain (see :func:`brain_slice_mask`) are skipped and get probability 0 and uncertainty 0.
-    The others run in batches of ``slice_batch_size`` slices (``slice_batch_size * ensemble_size`` network inputs
-    per step, members and slices in one batch, the condition features computed once per slice). With a compiled
-    sampler (``sampler.compile``) every batch has exactly ``slice_batch_size`` slices, the last one padded with
-    copies of its last slice whose results are dropped, so one compiled shape serves every batch of every volume;
-    without it the last batch is just shorter (no padded work). One random generator (seeded by ``sampler.seed``)
-    serves the whole volume. A slice is tumour-bearing when some voxel's probability exceeds ``tumour_threshold``
-    in any channel (for the nested BraTS regions this is the whole tumour); the subject's p(HGG) is the mean slice
-    p(HGG) over those slices, or over all brain slices when the model finds no tumour.
+    The others run in the fewest batches of at most ``slice_batch_size`` slices, of equal size
+    (:func:`balanced_batch_size`; ``size * ensemble_size`` network inputs per step, members and slices in one batch,
+    the condition features computed once per slice). With a compiled sampler (``sampler.compile``) the size is
+    rounded up to a multiple of :data:`STATIC_BATCH_MULTIPLE` (at most ``slice_batch_size``) and every batch has
+    exactly that many slices, the last one padded with copies of its last slice whose results are dropped, so a few
+    compiled shapes serve every batch of every volume; without it the last batch is just shorter (no padded work).
+    One random generator (seeded by ``sampler.seed``) serves the whole volume. A slice is tumour-bearing when some
+    voxel's probability exceeds ``tumour_threshold`` in any channel (for the nested BraTS regions this is the whole
+    tumour); the subject's p(HGG) is the mean slice p(HGG) over those slices, or over all brain slices when the
+    model finds no tumour.
 
     Args:
         network: the diffusion network (``encode_condition`` / ``denoise``), in the mode the caller chose.
         image: (4, H, W, D) one subject after the inference / validation transforms.
         sampler: the :class:`DiffusionSampler`.
-        slice_batch_size: number of slices per sampler call; None: :func:`default_slice_batch_size` of the image's
+        slice_batch_size: the most slices per sampler call; None: :func:`default_slice_batch_size` of the image's
             device and in-plane size.
         brain_threshold: see :func:`brain_slice_mask`.
         tumour_threshold: probability above which a voxel counts as tumour when choosing slices to grade.
@@ -138,9 +167,11 @@ def sample_volume(
     probs: Tensor | None = None
     uncertainty: Tensor | None = None
     slice_p_hgg: Tensor | None = None
-    batches = [brain_index[i : i + slice_batch_size] for i in range(0, len(brain_index), slice_batch_size)]
+    multiple = STATIC_BATCH_MULTIPLE if sampler.compile else 1
+    batch_size = balanced_batch_size(len(brain_index), slice_batch_size, multiple)
+    batches = [brain_index[i : i + batch_size] for i in range(0, len(brain_index), batch_size)]
     for batch_index in tqdm(batches, desc="slices", unit="batch", disable=not progress, leave=False):
-        padding = [batch_index[-1]] * (slice_batch_size - len(batch_index)) if sampler.compile else []
+        padding = [batch_index[-1]] * (batch_size - len(batch_index)) if sampler.compile else []
         out = sampler(network, slices[batch_index + padding], generator=generator)
         if probs is None or uncertainty is None:
             shape = (depth, *out.probs.shape[1:])

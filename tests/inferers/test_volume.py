@@ -7,6 +7,7 @@ import torch
 
 from medsegdiff_monai.inferers import (
     DiffusionSampler,
+    balanced_batch_size,
     brain_slice_mask,
     default_slice_batch_size,
     sample_volume,
@@ -33,7 +34,7 @@ def test_skips_slices_without_brain_and_matches_slice_sampling(stand_in_network)
     sampler = DiffusionSampler(num_inference_steps=3, ensemble_size=2)
     out = sample_volume(network, image, sampler, slice_batch_size=4)
     assert out.probs.shape == out.uncertainty.shape == (3, 12, 12, 9)
-    assert network.encode_batches == [4, 2]  # only the 6 brain slices, in batches of 4
+    assert network.encode_batches == [3, 3]  # only the 6 brain slices, in two equal batches of at most 4
     for empty in (0, 1, 8):
         assert float(out.probs[..., empty].abs().max()) == 0.0
         assert float(out.uncertainty[..., empty].abs().max()) == 0.0
@@ -72,6 +73,40 @@ def test_compiled_sampler_gets_static_batch_shapes(stand_in_network, monkeypatch
     torch.testing.assert_close(padded.uncertainty, eager.uncertainty)
     torch.testing.assert_close(padded.slice_p_hgg, eager.slice_p_hgg, equal_nan=True)
     assert padded.p_hgg == pytest.approx(eager.p_hgg)
+
+
+@pytest.mark.parametrize(
+    "count, max_batch_size, multiple, expected",
+    [
+        (136, 16, 1, 16),  # 9 batches: 8 x 16 + 8
+        (136, 68, 8, 68),  # 68 is its own bound
+        (140, 68, 1, 47),  # 3 batches: 47, 47, 46 instead of 68, 68, 4
+        (140, 68, 8, 48),
+        (130, 68, 8, 68),  # 65 rounds to 72, past the bound
+        (5, 16, 8, 8),
+        (0, 16, 8, 16),
+    ],
+)
+def test_balanced_batch_size(count, max_batch_size, multiple, expected):
+    size = balanced_batch_size(count, max_batch_size, multiple)
+    assert size == expected
+    if count:  # never more batches than the fewest at the bound
+        assert math.ceil(count / size) == math.ceil(count / max_batch_size)
+
+
+def test_compiled_sampler_balances_its_batches(stand_in_network, monkeypatch):
+    network = stand_in_network(noise_gain=0.0)
+    image = _volume(depth=21, empty=(0,))  # 20 brain slices, at most 16 per batch
+    compiled = DiffusionSampler(num_inference_steps=1, ensemble_size=1, compile=True)
+    monkeypatch.setattr(compiled, "_denoise_function", lambda network: network.denoise)
+    sample_volume(network, image, compiled, slice_batch_size=16)
+    assert network.encode_batches == [16, 16]  # two batches of 10, each padded to 16 (multiple of 8, bound 16)
+    network.encode_batches.clear()
+    sample_volume(network, image, compiled, slice_batch_size=12)
+    assert network.encode_batches == [12, 12]  # 10 rounds up to 16, past the bound of 12
+    network.encode_batches.clear()
+    sample_volume(network, _volume(depth=25, empty=(0,)), compiled, slice_batch_size=20)
+    assert network.encode_batches == [16, 16]  # 24 slices: two batches of 12, padded to 16 (not to 20)
 
 
 def _pooled(p: torch.Tensor) -> float:
