@@ -153,8 +153,8 @@ class DiffusionSampler:
     ``shared_steps`` > 0 runs the first network passes once per slice instead of once per member: the pass sees
     the first member's sample, and every member takes its x0 estimate in its own update (each member keeps its own
     initial noise and, with ``eta`` > 0, its own step noise). At the highest noise levels the estimate depends on
-    the image, hardly on the sample (at t >= 554 the sample holds less than a fifth of the mask signal: its
-    coefficient ``sqrt(alphas_cumprod[t])`` is below 0.2), so these passes cost ``1 / K`` of a full step each.
+    the image, hardly on the sample (with 12 steps, the first four timesteps, 999 to 691, weigh the mask in the
+    sample by ``sqrt(alphas_cumprod[t])`` <= 0.088), so each of these passes does ``1 / K`` of a full step's work.
 
     Args:
         num_inference_steps: number of reverse steps ``N`` in ``[1, T]``; exactly ``T`` for ``"ddpm"``.
