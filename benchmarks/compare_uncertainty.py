@@ -1,11 +1,12 @@
 """Uncertainty maps of several sampler runs on the same subjects, against the first run.
 
 Each run is an evaluation output folder (``<subject>_seg.nii.gz`` and ``<subject>_uncertainty.nii.gz``, as
-``bench_sampler_agreement.py`` writes one per sampler); the truth is ``<dataset>/<subject>/<subject>_seg.nii[.gz]``.
-Per run it prints the uncertainty's voxel error-detection AUROC in the tumour neighbourhood (predicted and true
-tumour dilated by 3 voxels, voxels of all subjects pooled: ``voxel_error_auroc``), the mean over subjects of
-``mean_uncertainty`` (predicted tumour dilated by 3 voxels), and that mean's ratio to the first run's, per subject:
-their mean and lowest value. E.g. the shared first passes against 12 unshared SDE steps:
+``bench_sampler_agreement.py`` writes one per sampler); the truth is the label file of ``<dataset>/<subject>``,
+found as the data readers find it (``locate_subject_files``). Per run it prints the uncertainty's voxel
+error-detection AUROC in the tumour neighbourhood (predicted and true tumour dilated by 3 voxels, voxels of all
+subjects pooled: ``voxel_error_auroc``), the mean over subjects of ``mean_uncertainty`` (predicted tumour dilated by
+3 voxels), and that mean's ratio to the first run's, per subject: their mean and lowest value. E.g. the shared
+first passes against 12 unshared SDE steps:
 
     python benchmarks/compare_uncertainty.py /tmp/sde12/dpmpp_2m_12_1_0 /tmp/s4/dpmpp_2m_12_1_0_shared4 \\
         --dataset data/agreement_brats
@@ -19,6 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medsegdiff_monai.data import locate_subject_files
 from medsegdiff_monai.metrics.uncertainty import (
     mean_uncertainty,
     tumour_neighbourhood,
@@ -34,11 +36,11 @@ def _volume(path: Path) -> np.ndarray:
 
 
 def _truth(dataset: Path, subject: str) -> np.ndarray:
-    for suffix in ("_seg.nii.gz", "_seg.nii"):
-        path = dataset / subject / f"{subject}{suffix}"
-        if path.is_file():
-            return _volume(path)
-    raise FileNotFoundError(f"no label map {dataset / subject / subject}_seg.nii[.gz] for subject {subject}.")
+    """The subject's label map, found as the data readers find it (either BraTS naming)."""
+    found = locate_subject_files(dataset / subject)
+    if found.subject is None:
+        raise FileNotFoundError("; ".join(found.problems))
+    return _volume(found.subject.label)
 
 
 def run_summary(run: Path, dataset: Path) -> tuple[float, dict[str, float]]:

@@ -22,6 +22,8 @@ def test_runs_are_scored_against_the_first(tmp_path):
     prediction = truth.copy()
     prediction[5, 5, 5] = 0  # one wrong voxel
     _save(tmp_path / "data" / "s1" / "s1_seg.nii", truth)
+    for modality in ("t1", "t1ce", "t2", "flair"):  # a subject folder as the data readers expect it
+        _save(tmp_path / "data" / "s1" / f"s1_{modality}.nii", np.zeros((9, 9, 9), np.float32))
     rng = np.random.default_rng(0)
     uncertainty = rng.uniform(0, 0.1, truth.shape).astype(np.float32)
     uncertainty[5, 5, 5] = 0.4
