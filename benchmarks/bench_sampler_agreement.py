@@ -108,13 +108,13 @@ def sampler_options(sampler: str) -> tuple[bool, int]:
     """``(cpu_amp, shared_steps)`` of the fields after a sampler's seed: ``cpu_amp`` and ``sharedK``."""
     options = sampler.split(":")[4:]
     shared = [int(option[6:]) for option in options if re.fullmatch(r"shared\d+", option)]
-    unknown = [option for option in options if option != "cpu_amp" and not re.fullmatch(r"shared\d+", option)]
-    if unknown or len(shared) > 1 or options.count("cpu_amp") > 1:
+    cpu_amp = options.count("cpu_amp")
+    if len(shared) + cpu_amp != len(options) or len(shared) > 1 or cpu_amp > 1:
         raise ValueError(
             f"sampler {sampler!r}: the fields after the seed are 'cpu_amp' and 'sharedK' (K an integer), each at "
             f"most once; got {options}."
         )
-    return "cpu_amp" in options, shared[0] if shared else 0
+    return cpu_amp == 1, shared[0] if shared else 0
 
 
 def evaluate(args: argparse.Namespace, sampler: str, checkpoint_digest: str) -> dict:
