@@ -42,6 +42,7 @@ import re
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -88,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     for sampler in args.samplers:
         try:
-            sampler_options(sampler)
+            parse_sampler(sampler)
         except ValueError as error:
             parser.error(f"--samplers: {error}")
     if args.part is not None:  # read once, kept as (K, N)
@@ -104,9 +105,25 @@ def sampler_folder(sampler: str) -> str:
     return sampler.replace(":", "_")
 
 
-def sampler_options(sampler: str) -> tuple[bool, int]:
-    """``(cpu_amp, shared_steps)`` of the fields after a sampler's seed: ``cpu_amp`` and ``sharedK``."""
-    options = sampler.split(":")[4:]
+class SamplerSpec(NamedTuple):
+    """One ``--samplers`` entry, ``scheduler:steps[:eta[:seed[:option...]]]``, read field by field."""
+
+    scheduler: str
+    steps: int
+    eta: float
+    seed: int
+    cpu_amp: bool
+    shared_steps: int
+
+
+def parse_sampler(sampler: str) -> SamplerSpec:
+    """The fields of a sampler spec (eta 0 and seed 0 when left out; options ``cpu_amp`` and ``sharedK`` after the
+    seed, each at most once); ``ValueError`` naming the sampler when a field does not read."""
+    fields = sampler.split(":")
+    if len(fields) < 2:
+        raise ValueError(f"sampler {sampler!r}: expected scheduler:steps[:eta[:seed[:option...]]], e.g. ddim:10.")
+    scheduler, steps, *rest = fields
+    options = rest[2:]
     shared = [int(option[6:]) for option in options if re.fullmatch(r"shared\d+", option)]
     cpu_amp = options.count("cpu_amp")
     if len(shared) + cpu_amp != len(options) or len(shared) > 1 or cpu_amp > 1:
@@ -114,30 +131,32 @@ def sampler_options(sampler: str) -> tuple[bool, int]:
             f"sampler {sampler!r}: the fields after the seed are 'cpu_amp' and 'sharedK' (K an integer), each at "
             f"most once; got {options}."
         )
-    return cpu_amp == 1, shared[0] if shared else 0
+    try:
+        eta, seed = (float(rest[0]) if rest else 0.0), (int(rest[1]) if len(rest) > 1 else 0)
+        return SamplerSpec(scheduler, int(steps), eta, seed, cpu_amp == 1, shared[0] if shared else 0)
+    except ValueError as error:
+        raise ValueError(f"sampler {sampler!r}: steps and seed are integers, eta a number ({error}).") from None
 
 
 def evaluate(args: argparse.Namespace, sampler: str, checkpoint_digest: str) -> dict:
     """Run ``evaluate.json`` with one sampler; returns its summary plus the seconds it took and
     ``checkpoint_digest``, the SHA-256 of the checkpoint it sampled."""
-    scheduler, steps, *rest = sampler.split(":")
-    eta, seed = (float(rest[0]) if rest else 0.0), (int(rest[1]) if len(rest) > 1 else 0)
-    cpu_amp, shared_steps = sampler_options(sampler)
+    spec = parse_sampler(sampler)
     output_dir = Path(args.out) / sampler_folder(sampler)
     begin = time.perf_counter()
     run(
         run_id="run",
         config_file=args.config,
         bundle_root=args.bundle_root,
-        scheduler=scheduler,
-        num_inference_steps=int(steps),
-        eta=eta,
-        seed=seed,
+        scheduler=spec.scheduler,
+        num_inference_steps=spec.steps,
+        eta=spec.eta,
+        seed=spec.seed,
         ensemble_size=args.ensemble,
         include_hd95=False,
         min_enhancing_voxels=args.min_enhancing_voxels,
-        cpu_amp=cpu_amp,
-        shared_steps=shared_steps,
+        cpu_amp=spec.cpu_amp,
+        shared_steps=spec.shared_steps,
         output_dir=str(output_dir),
         **json.loads(args.overrides),
     )

@@ -174,3 +174,10 @@ def test_a_malformed_sampler_option_is_refused_before_sampling(agreement, monkey
     with pytest.raises(SystemExit):
         _args(agreement, monkeypatch, "--samplers", f"dpmpp_2m:12:1:0:{option}", "ddpm:1000")
     assert "the fields after the seed are 'cpu_amp' and 'sharedK'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddim:ten", "dpmpp_2m:12:one", "dpmpp_2m:12:1:0.5"])
+def test_a_malformed_sampler_field_is_refused_before_sampling(agreement, monkeypatch, capsys, sampler):
+    with pytest.raises(SystemExit):
+        _args(agreement, monkeypatch, "--samplers", sampler, "ddpm:1000")
+    assert f"--samplers: sampler {sampler!r}" in capsys.readouterr().err
