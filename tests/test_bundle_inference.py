@@ -158,6 +158,38 @@ def test_gpu_inference_overlay_overrides_only_existing_keys():
 
 
 @pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
+def test_shared_passes_compile_only_runs_that_pay_for_it(config):
+    """With ``shared_steps`` the compiled sampler holds a second shape, so its compilation costs more: the threshold
+    under which a run stays eager lies past the break-even measured on an H100 (extra compile seconds of the warm-up
+    over the seconds each compiled volume saves), and an explicit ``compile_min_volumes`` still wins."""
+    from monai.bundle import ConfigParser
+
+    rows = json.loads(
+        (BUNDLE.parent / "benchmarks" / "results" / "gpu_volume_compile_eager_shared_h100.json").read_text()
+    )
+    timed = {r["variant"]: r for r in rows["rows"] if r["shared_steps"] == 4}
+    compiled, eager = timed["bf16+cl+compile"], timed["bf16+cl"]
+    break_even = (compiled["warmup_s"] - eager["warmup_s"]) / (eager["seconds"] - compiled["seconds"])
+    files = [
+        str(BUNDLE / "configs" / name) for name in (["train.json"] if config == "evaluate.json" else []) + [config]
+    ]
+    for overrides, expected in (
+        ({}, 12),
+        ({"shared_steps": 4}, None),
+        ({"shared_steps": 4, "compile_min_volumes": 5}, 5),
+    ):
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser.update(overrides)
+        threshold = parser.get_parsed_content("compile_min_volumes")
+        if expected is None:
+            assert threshold > break_even > 12, (threshold, break_even)
+        else:
+            assert threshold == expected
+    assert parser.config["volume_inferer"]["compile_min_volumes"] == "@compile_min_volumes"
+
+
+@pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
 def test_cpu_settings_of_the_inference_configs(config):
     """On a CPU the network is channels-last like on a GPU, one call samples 4 x 64 x 64 in-plane pixels (one slice at
     roi 192), and bf16 autocast is off unless ``--cpu_amp true``."""
