@@ -181,3 +181,28 @@ def test_a_malformed_sampler_field_is_refused_before_sampling(agreement, monkeyp
     with pytest.raises(SystemExit):
         _args(agreement, monkeypatch, "--samplers", sampler, "ddpm:1000")
     assert f"--samplers: sampler {sampler!r}" in capsys.readouterr().err
+
+
+def test_the_paired_table_averages_seeds_then_pairs_subjects(agreement, monkeypatch, capsys):
+    """Per subject the family's seeds are averaged, then differenced with the reference; the row holds their mean, an
+    interval around it inside the subjects' range, the agreement verdict and the subject of the largest difference."""
+    fast = {"s1": 0.90, "s2": 0.80, "s3": 1.00, "s4": 0.70}
+    other_seed = {"s1": 0.92, "s2": 0.80, "s3": 0.00, "s4": 0.72}
+    reference = {"s1": 0.90, "s2": 0.81, "s3": 1.00, "s4": 0.70}
+    results = {
+        "ddim:10:0:0": _stored(None, fast),
+        "ddim:10:0:1": _stored(None, other_seed),
+        "ddpm:1000:0:0": _stored(None, reference),
+    }
+    args = _args(agreement, monkeypatch, "--samplers", *results)
+    rows = agreement.print_paired_table(args, results)
+    by_hand = [(fast[s] + other_seed[s]) / 2 - reference[s] for s in sorted(reference)]  # +0.01, -0.01, -0.5, +0.01
+    for region in ("TC", "WT", "ET", "mean"):
+        row = rows[f"ddim:10:0/{region}"]
+        low, high = row["interval_95"]
+        assert row["seeds"] == 2 and row["subjects"] == 4
+        assert row["mean_difference"] == pytest.approx(sum(by_hand) / 4)
+        assert min(by_hand) <= low <= row["mean_difference"] <= high <= max(by_hand)
+        assert row["agrees"] is False
+        assert row["largest_subject_difference"] == {"subject": "s3", "difference": pytest.approx(-0.5)}
+    assert "| -0.5000 (s3) |" in capsys.readouterr().out
