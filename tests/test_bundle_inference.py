@@ -157,6 +157,12 @@ def test_gpu_inference_overlay_overrides_only_existing_keys():
     assert sampler.num_inference_steps == overlay["num_inference_steps"]
 
 
+def _inference_config_files(config: str) -> list[str]:
+    """The config files a run of ``config`` merges: ``evaluate.json`` sits on top of ``train.json``."""
+    names = ["train.json", "evaluate.json"] if config == "evaluate.json" else [config]
+    return [str(BUNDLE / "configs" / name) for name in names]
+
+
 @pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
 def test_shared_passes_compile_only_runs_that_pay_for_it(config):
     """With ``shared_steps`` the compiled sampler holds a second shape, so its compilation costs more: the threshold
@@ -170,23 +176,18 @@ def test_shared_passes_compile_only_runs_that_pay_for_it(config):
     timed = {r["variant"]: r for r in rows["rows"] if r["shared_steps"] == 4}
     compiled, eager = timed["bf16+cl+compile"], timed["bf16+cl"]
     break_even = (compiled["warmup_s"] - eager["warmup_s"]) / (eager["seconds"] - compiled["seconds"])
-    files = [
-        str(BUNDLE / "configs" / name) for name in (["train.json"] if config == "evaluate.json" else []) + [config]
-    ]
-    for overrides, expected in (
-        ({}, 12),
-        ({"shared_steps": 4}, None),
-        ({"shared_steps": 4, "compile_min_volumes": 5}, 5),
-    ):
+
+    def parsed(**overrides) -> ConfigParser:
         parser = ConfigParser()
-        parser.read_config(files)
+        parser.read_config(_inference_config_files(config))
         parser.update(overrides)
-        threshold = parser.get_parsed_content("compile_min_volumes")
-        if expected is None:
-            assert threshold > break_even > 12, (threshold, break_even)
-        else:
-            assert threshold == expected
-    assert parser.config["volume_inferer"]["compile_min_volumes"] == "@compile_min_volumes"
+        return parser
+
+    assert parsed().get_parsed_content("compile_min_volumes") == 12
+    shared = parsed(shared_steps=4)
+    assert shared.get_parsed_content("compile_min_volumes") > break_even > 12, break_even
+    assert shared.config["volume_inferer"]["compile_min_volumes"] == "@compile_min_volumes"
+    assert parsed(shared_steps=4, compile_min_volumes=5).get_parsed_content("compile_min_volumes") == 5
 
 
 @pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
@@ -195,10 +196,7 @@ def test_cpu_settings_of_the_inference_configs(config):
     roi 192), and bf16 autocast is off unless ``--cpu_amp true``."""
     from monai.bundle import ConfigParser
 
-    configs = BUNDLE / "configs"
-    files = [str(configs / "inference.json")]
-    if config == "evaluate.json":
-        files = [str(configs / "train.json"), str(configs / "evaluate.json")]
+    files = _inference_config_files(config)
     for cpu_amp, roi_size, slices in ((None, [64, 64], 4), ("true", [192, 192], 1)):
         parser = ConfigParser()
         parser.read_config(files)
