@@ -25,7 +25,10 @@ reference's, then the mean of those differences over the subjects with a 95 % bo
 resampled). A family agrees within ``--tolerance`` when the whole interval lies inside +-tolerance; averaging over
 seeds removes most of the sampler's own noise, which on the demo checkpoint's 6 subjects is larger than 0.01 in ET.
 Each row also names the subject of the largest difference: a subject without enhancing tumour scores ET Dice 1 or
-0 as a sample predicts none or some, and one such flip moves the mean of 12 subjects by up to 0.08.
+0 as a sample predicts none or some, and one such flip moves the mean of 12 subjects by up to 0.08. Such
+all-or-nothing subjects are listed after the table with each family's runs scoring 1 (``paired.json``:
+``all_or_nothing``), and the table is printed again without them (``rows_without_all_or_nothing``), a reading
+that shows the other subjects' agreement, not the test.
 For more subjects, evaluate a separate synthetic set (12 subjects: one 1000-step DDPM pass took 38 s per subject
 on an H100), e.g.
 
@@ -329,30 +332,39 @@ def paired_difference(difference: np.ndarray, resamples: int) -> tuple[float, fl
     return float(difference.mean()), float(low), float(high)
 
 
-def print_paired_table(args: argparse.Namespace, results: dict) -> dict:
-    """Each family against the reference family, subject by subject; returns the rows."""
-    families = defaultdict(list)
-    for name in args.samplers:
-        if "per_subject_dice" in results[name]:
-            families[family(name)].append(name)
-    reference_family = family(args.samplers[-1])
-    if reference_family not in families:
-        print("\nno per-subject Dice for the reference (stored by an older run): no paired table")
-        return {}
-    rows = {}
-    print(
-        f"\npaired by subject against {reference_family} ({len(families[reference_family])} seed(s)); agreement: "
-        f"the 95 % interval of the mean difference inside +-{args.tolerance}\n"
-    )
+def all_or_nothing_subjects(results: dict, families: dict[str, list[str]], region: str) -> dict[str, dict]:
+    """Subjects whose Dice in ``region`` is exactly 0 or 1 in every run and not the same in all: an empty region in
+    the truth (BraTS convention: 1 when the prediction is empty too, 0 when it is not), where each run keeps the
+    region or not. Per subject: per family, ``[runs scoring 1, runs]``. One such subject moves a family's mean over N
+    subjects by up to 1 / N, so no interval closes while the families keep it at different rates."""
+    runs = defaultdict(dict)  # subject -> family -> the runs' Dice
+    for name, members in families.items():
+        for member in members:
+            for subject, dice in results[member]["per_subject_dice"][region].items():
+                runs[subject].setdefault(name, []).append(dice)
+    found = {}
+    for subject, by_family in sorted(runs.items()):
+        scores = [dice for values in by_family.values() for dice in values]
+        if set(scores) == {0.0, 1.0}:
+            found[subject] = {name: [int(sum(values)), len(values)] for name, values in by_family.items()}
+    return found
+
+
+def paired_rows(
+    args: argparse.Namespace, results: dict, families: dict[str, list[str]], reference_family: str, left_out=()
+) -> dict:
+    """Each family against the reference family, subject by subject (``left_out`` subjects dropped); prints and
+    returns the rows."""
     print("| family | seeds | region | mean difference | 95 % interval | agrees | largest subject difference |")
     print("|---|---|---|---|---|---|---|")
+    rows = {}
     reference_dice = {region: family_dice(results, families[reference_family], region) for region in REGIONS}
     for name, members in families.items():
         if name == reference_family:
             continue
         for region in REGIONS:
             ours, reference = family_dice(results, members, region), reference_dice[region]
-            common = ours.index.intersection(reference.index)
+            common = ours.index.intersection(reference.index).difference(left_out)
             difference = ours[common] - reference[common]
             mean, low, high = paired_difference(difference.to_numpy(), args.bootstrap)
             agrees = -args.tolerance <= low and high <= args.tolerance
@@ -370,6 +382,36 @@ def print_paired_table(args: argparse.Namespace, results: dict) -> dict:
                 f"{'yes' if agrees else 'no'} | {difference[largest]:+.4f} ({largest}) |"
             )
     return rows
+
+
+def print_paired_table(args: argparse.Namespace, results: dict) -> dict:
+    """Each family against the reference family, subject by subject; then the all-or-nothing subjects of each region
+    (:func:`all_or_nothing_subjects`) and, when there are some, the table again without them (a reading, not the
+    test). Returns the rows, those subjects and the second table."""
+    families = defaultdict(list)
+    for name in args.samplers:
+        if "per_subject_dice" in results[name]:
+            families[family(name)].append(name)
+    reference_family = family(args.samplers[-1])
+    if reference_family not in families:
+        print("\nno per-subject Dice for the reference (stored by an older run): no paired table")
+        return {}
+    print(
+        f"\npaired by subject against {reference_family} ({len(families[reference_family])} seed(s)); agreement: "
+        f"the 95 % interval of the mean difference inside +-{args.tolerance}\n"
+    )
+    paired = {"rows": paired_rows(args, results, families, reference_family)}
+    all_or_nothing = {region: all_or_nothing_subjects(results, families, region) for region in REGIONS}
+    paired["all_or_nothing"] = {region: found for region, found in all_or_nothing.items() if found}
+    for region, found in paired["all_or_nothing"].items():
+        for subject, counts in found.items():
+            seeds = ", ".join(f"{name} {ones}/{total}" for name, (ones, total) in counts.items())
+            print(f"\n{region} of {subject} is all or nothing (Dice 0 or 1 in every run); runs scoring 1: {seeds}")
+    left_out = sorted({subject for found in paired["all_or_nothing"].values() for subject in found})
+    if left_out:
+        print(f"\nthe same without {', '.join(left_out)} (a reading, not the test)\n")
+        paired["rows_without_all_or_nothing"] = paired_rows(args, results, families, reference_family, left_out)
+    return paired
 
 
 def main() -> None:

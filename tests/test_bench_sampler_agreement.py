@@ -195,7 +195,7 @@ def test_the_paired_table_averages_seeds_then_pairs_subjects(agreement, monkeypa
         "ddpm:1000:0:0": _stored(None, reference),
     }
     args = _args(agreement, monkeypatch, "--samplers", *results)
-    rows = agreement.print_paired_table(args, results)
+    rows = agreement.print_paired_table(args, results)["rows"]
     by_hand = [(fast[s] + other_seed[s]) / 2 - reference[s] for s in sorted(reference)]  # +0.01, -0.01, -0.5, +0.01
     for region in ("TC", "WT", "ET", "mean"):
         row = rows[f"ddim:10:0/{region}"]
@@ -206,3 +206,32 @@ def test_the_paired_table_averages_seeds_then_pairs_subjects(agreement, monkeypa
         assert row["agrees"] is False
         assert row["largest_subject_difference"] == {"subject": "s3", "difference": pytest.approx(-0.5)}
     assert "| -0.5000 (s3) |" in capsys.readouterr().out
+
+
+def test_all_or_nothing_subjects_are_counted_and_left_out_of_a_second_table(agreement, monkeypatch, capsys):
+    """A subject scoring exactly 0 or 1 in every run (an empty region in the truth) is listed with each family's runs
+    scoring 1; the second table is the first without it, by hand. A subject at 1 in every run is not listed."""
+    fast = {"s1": 0.90, "s2": 0.80, "s3": 1.00, "s4": 0.70, "s5": 1.0}
+    other_seed = {"s1": 0.91, "s2": 0.83, "s3": 0.00, "s4": 0.70, "s5": 1.0}
+    reference = {"s1": 0.90, "s2": 0.81, "s3": 0.00, "s4": 0.70, "s5": 1.0}
+    results = {
+        "ddim:10:0:0": _stored(None, fast),
+        "ddim:10:0:1": _stored(None, other_seed),
+        "ddpm:1000:0:0": _stored(None, reference),
+    }
+    args = _args(agreement, monkeypatch, "--samplers", *results)
+    paired = agreement.print_paired_table(args, results)
+    for region in ("TC", "WT", "ET", "mean"):
+        assert paired["all_or_nothing"][region] == {"s3": {"ddim:10:0": [1, 2], "ddpm:1000:0": [0, 1]}}
+        with_it, without = (
+            paired["rows"][f"ddim:10:0/{region}"],
+            paired["rows_without_all_or_nothing"][f"ddim:10:0/{region}"],
+        )
+        assert with_it["subjects"] == 5 and without["subjects"] == 4
+        by_hand = [(fast[s] + other_seed[s]) / 2 - reference[s] for s in ("s1", "s2", "s4", "s5")]
+        assert without["mean_difference"] == pytest.approx(sum(by_hand) / 4)
+        assert with_it["mean_difference"] == pytest.approx((sum(by_hand) + 0.5) / 5)
+        assert without["agrees"] is True and with_it["agrees"] is False
+    out = capsys.readouterr().out
+    assert "ET of s3 is all or nothing" in out and "ddim:10:0 1/2, ddpm:1000:0 0/1" in out
+    assert "the same without s3" in out
