@@ -46,6 +46,7 @@ import json
 import re
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -351,7 +352,11 @@ def all_or_nothing_subjects(results: dict, families: dict[str, list[str]], regio
 
 
 def paired_rows(
-    args: argparse.Namespace, results: dict, families: dict[str, list[str]], reference_family: str, left_out=()
+    args: argparse.Namespace,
+    results: dict,
+    families: dict[str, list[str]],
+    reference_family: str,
+    left_out: Sequence[str] = (),
 ) -> dict:
     """Each family against the reference family, subject by subject (``left_out`` subjects dropped); prints and
     returns the rows."""
