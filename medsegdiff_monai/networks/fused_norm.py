@@ -1,7 +1,7 @@
 """GroupNorm (+ SiLU) that runs a fused channels-last Triton kernel on the GPU, and the rewrite that installs it.
 
 Why: with bf16 on Hopper, cuDNN's convolutions work in NHWC. In a network stored NCHW every convolution converts its
-input, weights and output (26 % of the training step's GPU time, ``docs/performance.md``), while a network stored
+input, weights and output (26 % of the training step's GPU time, ``docs/network.md``), while a network stored
 channels-last had its GroupNorms reduce along the strided channel dimension, which cost more than the conversions it
 saved. :py:class:`FusedGroupNorm` removes that trade-off: on CUDA tensors in channels-last memory it calls
 ``torch.ops.medsegdiff.group_norm`` (Triton kernels of :py:mod:`.kernels.group_norm_triton` behind a custom op with a

@@ -4,9 +4,9 @@ Why: the UNet decoders concatenate each feature with a skip feature, so the grad
 concatenation is a channel slice of a wider buffer. Such a slice is not dense (its pixel stride is the wider
 channel count), and cuDNN's convolution backward copies it into a dense tensor with aten's generic strided copy,
 once per convolution that reads it (a residual block's output feeds ``conv2`` and the skip convolution): 61
-copies and 2.6 ms of the H200 training step (``docs/performance.md``, section 0.7). :py:func:`dense_gradient` at the
-outputs that feed a concatenation makes the gradient dense once, as a copy that ``torch.compile`` generates (and may
-fuse), before it reaches the convolutions.
+copies and 2.6 ms of the H200 training step (``docs/network.md``, Speed-related choices).
+:py:func:`dense_gradient` at the outputs that feed a concatenation makes the gradient dense once, as a copy that
+``torch.compile`` generates (and may fuse), before it reaches the convolutions.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Why: ``torch.compile`` generates no code for complex tensors, so every complex element-wise operation of a spectral
 layer, and of the gradients autograd derives for ``torch.fft.rfft2`` / ``irfft2`` (complex zero-fills, slice
 copies, conjugations, doubling of bins), runs as a separate eager kernel: the SS-Former's share of the training step
-on the H200 (``docs/performance.md``, section 0.2). Here complex values exist only between an FFT call and a
+on the H200 (``docs/network.md``, Speed-related choices). Here complex values exist only between an FFT call and a
 ``view_as_real`` / ``view_as_complex``; the spectral arithmetic (:py:func:`complex_multiply`) and the gradients'
 bookkeeping are real tensor operations that ``torch.compile`` fuses. The gradients are the ones PyTorch defines for
 ``rfft2`` / ``irfft2`` (``fft_r2c_backward`` / ``fft_c2r_backward``), written on the real views.

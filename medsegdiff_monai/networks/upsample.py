@@ -2,11 +2,11 @@
 
 Why: ``F.interpolate(mode="nearest")`` differentiates into ``upsample_nearest*_backward``, which ``torch.compile``
 lowers to a scatter-add (``index_put`` with accumulation) into a zeroed buffer: on the H200 the two full-resolution
-upsamplings of the ``base`` preset's training step spend 1.3 ms there (``docs/performance.md``, section 0.2). Written
-as a broadcast (``expand``) and a ``reshape``, the forward is the same copy and the backward a plain sum over each
-``factor**d`` block, which compiles to a reduction kernel. The broadcast runs in the input's memory layout, so a
-channels-last input gives a channels-last output (a channels-first broadcast would return a contiguous tensor and
-make the next convolution convert it).
+upsamplings of the ``base`` preset's training step spend 1.3 ms there (``docs/network.md``, Speed-related
+choices). Written as a broadcast (``expand``) and a ``reshape``, the forward is the same copy and the backward a
+plain sum over each ``factor**d`` block, which compiles to a reduction kernel. The broadcast runs in the input's
+memory layout, so a channels-last input gives a channels-last output (a channels-first broadcast would return a
+contiguous tensor and make the next convolution convert it).
 """
 
 from __future__ import annotations
