@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -155,6 +156,24 @@ def test_gpu_inference_overlay_overrides_only_existing_keys():
     sampler = merged.get_parsed_content("inferer")
     assert sampler.scheduler_name == "dpmpp_2m" and sampler.compile is True
     assert sampler.num_inference_steps == overlay["num_inference_steps"]
+
+
+@pytest.mark.parametrize(("total_gib", "slices"), [(79.19, 68), (24, 23)])
+def test_gpu_inference_overlay_sizes_slice_batches_by_the_card(monkeypatch, total_gib, slices):
+    """inference_gpu.json samples as many slices per call as 60 % of the card's memory holds (68 on an 80 GB card),
+    and ``--slice_batch_size`` still wins."""
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total_gib * 2**30)
+    )
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    merged = ConfigParser()
+    merged.read_config([str(configs / "inference.json"), str(configs / "inference_gpu.json")])
+    merged["device"] = "$torch.device('cuda:0')"
+    assert merged.get_parsed_content("slice_batch_size") == slices
+    merged["slice_batch_size"] = 16
+    assert merged.get_parsed_content("volume_inferer#slice_batch_size", lazy=False) == 16
 
 
 def _inference_config_files(config: str) -> list[str]:

@@ -16,6 +16,7 @@ from medsegdiff_monai.inferers.volume import (
     brain_slice_mask,
     default_slice_batch_size,
     sample_volume,
+    slice_batch_size_for_memory,
     subject_p_hgg,
 )
 from medsegdiff_monai.utils import moved_names
@@ -32,6 +33,7 @@ __all__ = [
     "make_sampling_scheduler",
     "repeat_condition",
     "sample_volume",
+    "slice_batch_size_for_memory",
     "subject_p_hgg",
 ]
 

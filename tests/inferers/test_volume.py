@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from medsegdiff_monai.inferers import (
     brain_slice_mask,
     default_slice_batch_size,
     sample_volume,
+    slice_batch_size_for_memory,
     subject_p_hgg,
 )
 
@@ -169,6 +171,33 @@ def test_rejects_a_slice_batch_instead_of_a_volume(stand_in_network):
 def test_default_slice_batch_size(device, roi_size, expected):
     """On a CPU 4 x 64 x 64 in-plane pixels per call (48 x 64: 16384 // 3072 = 5), at least one slice."""
     assert default_slice_batch_size(device, roi_size) == expected
+
+
+@pytest.mark.parametrize(
+    "total_gib, ensemble_size, expected",
+    [
+        (24, 5, 23),  # 0.6 * 24 GiB = 15,461,882,265 B / (5 * 192 * 192 * 3,584 B = 660,602,880 B) = 23.4
+        (79.19, 5, 68),  # an H100's 79.19 GiB: 77.2 slices, capped at 68
+        (79.19, 10, 38),  # ten members: half the slices, 38.6
+        (1, 5, 1),  # 0.98 of a slice: at least one
+    ],
+)
+def test_slice_batch_size_for_memory_on_a_gpu(monkeypatch, total_gib, ensemble_size, expected):
+    """The most slices whose inputs, at 3,584 bytes per input pixel, fit in 60 % of the card's memory, at most 68."""
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return SimpleNamespace(total_memory=int(total_gib * 2**30))
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert slice_batch_size_for_memory("cuda:1", (192, 192), ensemble_size) == expected
+    assert asked == [torch.device("cuda:1")]
+
+
+def test_slice_batch_size_for_memory_elsewhere_is_the_device_rule(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no GPU is asked"))
+    assert slice_batch_size_for_memory("cpu", (64, 64), 5) == default_slice_batch_size("cpu", (64, 64)) == 4
 
 
 def test_slice_batch_defaults_to_the_device_rule(stand_in_network):
