@@ -147,16 +147,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
     norms = norm_calls(device, step_norm_inputs(args))
     dgrad, wgrad = convolutions["dgrad"], convolutions["wgrad"]
     critical = interleave(dgrad, norms)
-    alone = {
-        "dgrad": time_lists(device, dgrad, None, args.repeats),
-        "wgrad": time_lists(device, wgrad, None, args.repeats),
-        "norm": time_lists(device, norms, None, args.repeats),
-        "dgrad+norm": time_lists(device, critical, None, args.repeats),
-        "serial": time_lists(device, critical + wgrad, None, args.repeats),
-    }
-    rows = [{"row": name, "calls": None, "ms": ms, "hidden_ms": None} for name, ms in alone.items()]
-    for index, count in enumerate((len(dgrad), len(wgrad), len(norms), len(critical), len(critical) + len(wgrad))):
-        rows[index]["calls"] = count
+    lists = {"dgrad": dgrad, "wgrad": wgrad, "norm": norms, "dgrad+norm": critical, "serial": critical + wgrad}
+    alone = {name: time_lists(device, calls, None, args.repeats) for name, calls in lists.items()}
+    rows = [{"row": name, "calls": len(lists[name]), "ms": ms, "hidden_ms": None} for name, ms in alone.items()]
     for main_name, main in (("dgrad+norm", critical), ("norm", norms)):
         ms = time_lists(device, main, wgrad, args.repeats) if device.type == "cuda" else float("nan")
         rows.append(
