@@ -12,7 +12,9 @@ soon as it exists, so a run cut short keeps what it measured):
 - ``train``: ``DiffusionTrainer._iteration`` (noise, forward, losses, backward, clipping, fused AdamW, the finite
   check) timed with CUDA events after a warm-up, for each variant (``fp32``, ``bf16``, ``+cl`` channels-last,
   ``+compile`` torch.compile of the network, ``+graphs`` the same with CUDA graphs (``mode="reduce-overhead"``),
-  ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+nobench``
+  ``+forcecl`` the same with inductor's channels-last layout forced for all convolutions, ``+autotune`` the same
+  with inductor's ``max_autotune`` (each matrix product and forward convolution timed against Triton templates, the
+  pointwise and reduction kernels' tilings tuned by coordinate descent), ``+nobench``
   cudnn.benchmark off, ``+determ`` deterministic cuDNN (what ``monai.utils.set_determinism`` selects and the
   bundle's ``cudnn_benchmark: false`` keeps; CUDA-graph variants of one run share one cuDNN mode), ``+blocking``
   blocking host-to-device copies, ``+nofuse`` plain ``nn.GroupNorm`` + SiLU instead of :py:class:`FusedGroupNorm`,
@@ -83,7 +85,8 @@ from medsegdiff_monai.networks import FusedGroupNorm, SpectralCrossAttention, ge
 from medsegdiff_monai.transforms import get_inference_transforms, get_train_transforms
 
 VARIANT_FLAGS = {
-    "fp32", "bf16", "cl", "compile", "graphs", "forcecl", "nobench", "determ", "blocking", "nofuse", "fftout"
+    "fp32", "bf16", "cl", "compile", "graphs", "forcecl", "autotune", "nobench", "determ", "blocking", "nofuse",
+    "fftout"
 }  # fmt: skip
 # cuDNN's mode per flag, as (deterministic, benchmark); without either flag (deterministic False, benchmark True)
 CUDNN_MODES = {"nobench": (False, False), "determ": (True, False)}
@@ -208,7 +211,7 @@ def synthetic_batch(batch: int, size: int, generator: torch.Generator) -> dict:
 def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -> DiffusionTrainer:
     torch.manual_seed(0)
     channels_last = "cl" in flags
-    compile_network = bool(flags & {"compile", "graphs", "forcecl"})
+    compile_network = bool(flags & {"compile", "graphs", "forcecl", "autotune"})
     compile_kwargs = {"dynamic": False, "options": compile_options(flags)}
     network = get_network(bench.args.preset, fused_norm="nofuse" not in flags).to(bench.device)
     if "fftout" in flags:
@@ -239,8 +242,15 @@ def make_trainer(bench: Bench, batch: dict, flags: set[str], lr: float = 1e-4) -
 def compile_options(flags: set[str]) -> dict[str, bool]:
     """Inductor options of a variant: ``graphs`` CUDA graphs (what ``mode="reduce-overhead"`` sets), ``forcecl``
     channels-last layout for every convolution of the compiled graphs (inductor's heuristic otherwise skips it for
-    UNets, whose decoder convolutions have more input than output channels)."""
-    return {"triton.cudagraphs": "graphs" in flags, "force_layout_optimization": "forcecl" in flags}
+    UNets, whose decoder convolutions have more input than output channels), ``autotune`` Triton templates for
+    matrix products and forward convolutions where they beat aten's, and kernel tilings tuned by coordinate descent
+    (what ``mode="max-autotune"`` adds)."""
+    return {
+        "triton.cudagraphs": "graphs" in flags,
+        "force_layout_optimization": "forcecl" in flags,
+        "max_autotune": "autotune" in flags,
+        "coordinate_descent_tuning": "autotune" in flags,
+    }
 
 
 def kernels(bench: Bench) -> None:
