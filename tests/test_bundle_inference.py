@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -158,15 +157,13 @@ def test_gpu_inference_overlay_overrides_only_existing_keys():
     assert sampler.num_inference_steps == overlay["num_inference_steps"]
 
 
-@pytest.mark.parametrize(("total_gib", "slices"), [(79.19, 68), (24, 23)])
-def test_gpu_inference_overlay_sizes_slice_batches_by_the_card(monkeypatch, total_gib, slices):
-    """inference_gpu.json samples as many slices per call as 60 % of the card's memory holds (68 on an 80 GB card),
-    and ``--slice_batch_size`` still wins."""
+@pytest.mark.parametrize(("free_gib", "slices"), [(79.19, 68), (24, 23)])
+def test_gpu_inference_overlay_sizes_slice_batches_by_the_card(monkeypatch, free_gib, slices):
+    """inference_gpu.json samples as many slices per call as 60 % of the card's free memory holds (68 on an idle 80 GB
+    card), and ``--slice_batch_size`` still wins."""
     from monai.bundle import ConfigParser
 
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total_gib * 2**30)
-    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(free_gib * 2**30), 80 * 2**30))
     configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
     merged = ConfigParser()
     merged.read_config([str(configs / "inference.json"), str(configs / "inference_gpu.json")])

@@ -88,27 +88,29 @@ def slice_batch_size_for_memory(
     memory_fraction: float = 0.6,
     max_slices: int = 68,
 ) -> int:
-    """Slices per sampler call on a GPU: the most whose sampling fits in ``memory_fraction`` of the device's memory,
-    at most ``max_slices``; on any other device :func:`default_slice_batch_size`.
+    """Slices per sampler call on a GPU: the most whose sampling fits in ``memory_fraction`` of the device's free
+    memory, at most ``max_slices``; on any other device :func:`default_slice_batch_size`.
 
     A call samples ``slices * ensemble_size`` network inputs of ``H * W`` pixels, and its peak memory grows with them:
     the ``base`` preset in bf16 at roi 192, ensemble 5, peaked at 35.5 GiB with 68 slices and 9.5 GiB with 16, eager,
     on an H100 (3,040 and 3,450 bytes per input pixel; the default rounds up). Larger calls fill the GPU better (a
-    volume of 136 brain slices took 4.31 s at 68 and 4.66 s at 16, compiled), so on an 80 GB card this gives 68 and
-    on a 24 GB card 23 (``docs/inference.md``, Speed and agreement).
+    volume of 136 brain slices took 4.31 s at 68 and 4.66 s at 16, compiled), so on an idle 80 GB card this gives 68
+    and on an idle 24 GB card 23 (``docs/inference.md``, Speed and agreement). Memory that other processes hold is
+    left to them.
 
     Args:
         device: where the network runs.
         roi_size: the in-plane ``(H, W)`` of the slices.
         ensemble_size: members sampled per slice.
         bytes_per_input_pixel: peak memory per network input pixel of one call.
-        memory_fraction: the share of the device's total memory a call may take.
+        memory_fraction: the share of the device's free memory a call may take.
         max_slices: the largest batch returned.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return default_slice_batch_size(device, roi_size)
-    budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    budget = memory_fraction * free_bytes
     slices = int(budget // (ensemble_size * math.prod(roi_size) * bytes_per_input_pixel))
     return max(1, min(max_slices, slices))
 

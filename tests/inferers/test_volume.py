@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,29 +173,30 @@ def test_default_slice_batch_size(device, roi_size, expected):
 
 
 @pytest.mark.parametrize(
-    "total_gib, ensemble_size, expected",
+    "free_gib, ensemble_size, expected",
     [
         (24, 5, 23),  # 0.6 * 24 GiB = 15,461,882,265 B / (5 * 192 * 192 * 3,584 B = 660,602,880 B) = 23.4
-        (79.19, 5, 68),  # an H100's 79.19 GiB: 77.2 slices, capped at 68
+        (79.19, 5, 68),  # an idle H100's 79.19 GiB: 77.2 slices, capped at 68
         (79.19, 10, 38),  # ten members: half the slices, 38.6
         (1, 5, 1),  # 0.98 of a slice: at least one
     ],
 )
-def test_slice_batch_size_for_memory_on_a_gpu(monkeypatch, total_gib, ensemble_size, expected):
-    """The most slices whose inputs, at 3,584 bytes per input pixel, fit in 60 % of the card's memory, at most 68."""
+def test_slice_batch_size_for_memory_on_a_gpu(monkeypatch, free_gib, ensemble_size, expected):
+    """The most slices whose inputs, at 3,584 bytes per input pixel, fit in 60 % of the card's free memory, at most
+    68."""
     asked = []
 
-    def properties(device):
+    def memory(device):
         asked.append(device)
-        return SimpleNamespace(total_memory=int(total_gib * 2**30))
+        return int(free_gib * 2**30), 80 * 2**30
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", memory)
     assert slice_batch_size_for_memory("cuda:1", (192, 192), ensemble_size) == expected
     assert asked == [torch.device("cuda:1")]
 
 
 def test_slice_batch_size_for_memory_elsewhere_is_the_device_rule(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("no GPU is asked"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: pytest.fail("no GPU is asked"))
     assert slice_batch_size_for_memory("cpu", (64, 64), 5) == default_slice_batch_size("cpu", (64, 64)) == 4
 
 
