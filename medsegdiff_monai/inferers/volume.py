@@ -91,12 +91,12 @@ def slice_batch_size_for_memory(
     """Slices per sampler call on a GPU: the most whose sampling fits in ``memory_fraction`` of the device's free
     memory, at most ``max_slices``; on any other device :func:`default_slice_batch_size`.
 
-    A call samples ``slices * ensemble_size`` network inputs of ``H * W`` pixels, and its peak memory grows with them:
-    the ``base`` preset in bf16 at roi 192, ensemble 5, peaked at 35.5 GiB with 68 slices and 9.5 GiB with 16, eager,
-    on an H100 (3,040 and 3,450 bytes per input pixel; the default rounds up). Larger calls fill the GPU better (a
-    volume of 136 brain slices took 4.31 s at 68 and 4.66 s at 16, compiled), so on an idle 80 GB card this gives 68
-    and on an idle 24 GB card 23 (``docs/inference.md``, Speed and agreement). Memory that other processes hold is
-    left to them.
+    A call samples ``slices * ensemble_size`` network inputs of ``H * W`` pixels, and its peak memory grows with
+    them: the ``base`` preset in bf16 at roi 192, ensemble 5, peaked at 35.5 GiB with 68 slices, 13.4 GiB with 23
+    and 9.5 GiB with 16, eager, on an H100 (3,040 to 3,450 bytes per input pixel; the default rounds up). Larger
+    calls fill the GPU better (a volume of 136 brain slices took 4.31 s at 68 and 4.66 s at 16, compiled), so on an
+    idle 80 GB card this gives 68 and on an idle 24 GB card 23 (``docs/inference.md``, Speed and agreement). Memory
+    that other processes hold is left to them.
 
     Args:
         device: where the network runs.
