@@ -1,5 +1,6 @@
 """``benchmarks/bench_gpu.py`` reads whole-volume sampler specs with their ``eta`` and refuses malformed ones; its
-whole-volume network follows the ``nofuse`` flag; each sampler runs with each shared-step count below its steps."""
+whole-volume network follows the ``nofuse`` flag; each sampler runs with each shared-step count below its steps; its
+compile flags are torch.compile's modes."""
 
 from __future__ import annotations
 
@@ -74,3 +75,16 @@ def test_volume_runs_each_sampler_with_each_shared_step_count(bench_gpu, monkeyp
         ("dpmpp_2m", 0),
         ("dpmpp_2m", 2),
     ]
+
+
+@pytest.mark.parametrize(
+    "variant, mode",
+    [("bf16+cl+graphs", "reduce-overhead"), ("bf16+cl+graphs+autotune", "max-autotune"), ("bf16+cl", "default")],
+)
+def test_compile_flags_set_what_torch_compile_modes_set(bench_gpu, variant, mode):
+    """``graphs`` is ``mode="reduce-overhead"`` and ``graphs+autotune`` is ``mode="max-autotune"``, by inductor's own
+    table of mode options; every option a mode does not set stays off."""
+    from torch._inductor import list_mode_options
+
+    switched_on = {name for name, on in bench_gpu.compile_options(bench_gpu.parse_variant(variant)).items() if on}
+    assert switched_on == {name for name, on in list_mode_options(mode).items() if on}
