@@ -35,6 +35,8 @@ from bench_norm_kernels import step_network, step_parser, time_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 PASSES = ("forward", "dgrad", "wgrad")
+# ``aten.convolution_backward``'s output mask (input, weight, bias gradients) of each gradient pass
+GRADIENT_MASKS = {"dgrad": [True, False, False], "wgrad": [False, True, False]}
 
 
 class ConvCall(NamedTuple):
@@ -70,6 +72,18 @@ class ConvCall(NamedTuple):
     def flops(self) -> int:
         """Multiply-adds x 2 of the forward; the dgrad and the wgrad cost the same."""
         return 2 * math.prod(self.output_shape()) * math.prod(self.weight_shape[1:])
+
+    def aten_arguments(self) -> tuple:
+        """The arguments that follow the bias in ``aten.convolution`` and ``aten.convolution_backward``: stride,
+        padding, dilation, transposed, output padding, groups."""
+        return list(self.stride), list(self.padding), list(self.dilation), False, [0, 0], self.groups
+
+
+def step_tensor(device: torch.device, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """A standard normal tensor in the training step's dtype (bf16 on CUDA, float32 on CPU), channels-last when 4D."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tensor = torch.randn(shape, device=device, generator=generator, dtype=dtype)
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
 
 class _RecordConvolutions(TorchDispatchMode):
@@ -121,15 +135,11 @@ def time_convolution(args: argparse.Namespace, call: ConvCall) -> dict:
     """Microseconds per call and TFLOP/s of the forward, dgrad and wgrad (each gradient NaN where the step needs none)
     of one convolution, in the dtype of the training step (bf16 on CUDA, float32 on CPU) and channels-last."""
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator(device).manual_seed(0)
-
-    def random(shape: tuple[int, ...]) -> torch.Tensor:
-        tensor = torch.randn(shape, device=device, generator=generator, dtype=dtype)
-        return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
-
-    x, weight, grad_y = random(call.input_shape), random(call.weight_shape), random(call.output_shape())
-    conv_args = (list(call.stride), list(call.padding), list(call.dilation), False, [0, 0], call.groups)
+    x, weight, grad_y = (
+        step_tensor(device, generator, shape) for shape in (call.input_shape, call.weight_shape, call.output_shape())
+    )
+    conv_args = call.aten_arguments()
 
     def forward() -> None:
         torch.ops.aten.convolution(x, weight, None, *conv_args)
@@ -141,9 +151,9 @@ def time_convolution(args: argparse.Namespace, call: ConvCall) -> dict:
     row = {"shape": call.name, "flops": flops}
     passes = {"forward": forward}
     if call.input_grad:
-        passes["dgrad"] = backward([True, False, False])
+        passes["dgrad"] = backward(GRADIENT_MASKS["dgrad"])
     if call.weight_grad:
-        passes["wgrad"] = backward([False, True, False])
+        passes["wgrad"] = backward(GRADIENT_MASKS["wgrad"])
     for name in PASSES:
         us = time_call(device, passes[name], args.repeats) if name in passes else math.nan
         row[f"{name}_us"] = us

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_conv_shapes import ConvCall, step_convolutions
+from bench_conv_shapes import GRADIENT_MASKS, ConvCall, step_convolutions, step_tensor
 from bench_norm_kernels import step_norm_inputs, step_parser
 
 from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_backward
@@ -49,28 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _random(device: torch.device, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tensor = torch.randn(shape, device=device, generator=generator, dtype=dtype)
-    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
-
-
 def convolution_calls(device: torch.device, calls: dict[ConvCall, int]) -> dict[str, list[Call]]:
     """``{"dgrad": [...], "wgrad": [...]}``: one closure per gradient call the step makes (each convolution's
     count times), on random channels-last tensors of the recorded shapes."""
     generator = torch.Generator(device).manual_seed(0)
     lists: dict[str, list[Call]] = {"dgrad": [], "wgrad": []}
     for call, count in calls.items():
-        x, weight = _random(device, generator, call.input_shape), _random(device, generator, call.weight_shape)
-        grad_y = _random(device, generator, call.output_shape())
-        conv_args = (list(call.stride), list(call.padding), list(call.dilation), False, [0, 0], call.groups)
-        for name, needed, mask in (
-            ("dgrad", call.input_grad, [True, False, False]),
-            ("wgrad", call.weight_grad, [False, True, False]),
-        ):
+        x, weight, grad_y = (
+            step_tensor(device, generator, shape)
+            for shape in (call.input_shape, call.weight_shape, call.output_shape())
+        )
+        conv_args = call.aten_arguments()
+        for name, needed in (("dgrad", call.input_grad), ("wgrad", call.weight_grad)):
             if needed:
                 lists[name] += count * [
-                    lambda mask=mask, x=x, weight=weight, grad_y=grad_y, conv_args=conv_args: (
+                    lambda mask=GRADIENT_MASKS[name], x=x, weight=weight, grad_y=grad_y, conv_args=conv_args: (
                         torch.ops.aten.convolution_backward(grad_y, x, weight, None, *conv_args, mask)
                     )
                 ]
@@ -83,7 +76,7 @@ def norm_calls(device: torch.device, inputs: dict[tuple, int]) -> list[Call]:
     calls: list[Call] = []
     for (batch, channels, height, width, groups, silu, _), count in inputs.items():
         shape = (batch, channels, height, width)
-        x, grad_y = _random(device, generator, shape), _random(device, generator, shape)
+        x, grad_y = step_tensor(device, generator, shape), step_tensor(device, generator, shape)
         weight = torch.ones(channels, device=device)
         bias = torch.zeros(channels, device=device)
         mean = torch.zeros(batch, groups, device=device)

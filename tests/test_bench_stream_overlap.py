@@ -50,7 +50,7 @@ def test_gradient_calls_compute_what_autograd_computes(overlap):
     # the same tensors, drawn in the order convolution_calls draws them
     generator = torch.Generator().manual_seed(0)
     x, weight, grad_y = (
-        overlap._random(torch.device("cpu"), generator, shape)
+        conv_shapes.step_tensor(torch.device("cpu"), generator, shape)
         for shape in (call.input_shape, call.weight_shape, call.output_shape())
     )
     x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
