@@ -12,8 +12,6 @@ from monai.networks.layers import Pool
 
 __all__ = ["AnchorGate", "SeparableGaussianBlur"]
 
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
 
 class SeparableGaussianBlur(nn.Module):
     """
@@ -22,6 +20,7 @@ class SeparableGaussianBlur(nn.Module):
     The kernel is built from ``sigma`` at every call (a few flops), so a learnable sigma gets gradients; the kernel
     size never depends on ``sigma``, which keeps the shapes static (no host sync, ``torch.compile``/export friendly).
     Borders are zero-padded. Unlike ``monai.networks.layers.GaussianFilter`` this needs no ``float(sigma)`` in forward.
+    The arithmetic is float32 (float64 for float64 inputs) whatever the input dtype, rounded to it once at the end.
 
     Args:
         spatial_dims: number of spatial dimensions (1, 2 or 3).
@@ -42,7 +41,7 @@ class SeparableGaussianBlur(nn.Module):
         sigma_bounds: tuple[float, float] = (0.3, 4.0),
     ) -> None:
         super().__init__()
-        if spatial_dims not in _CONV_FUNCTIONS:
+        if spatial_dims not in (1, 2, 3):
             raise ValueError(f"SeparableGaussianBlur supports spatial_dims 1, 2 or 3, got {spatial_dims}.")
         if kernel_size % 2 != 1 or kernel_size < 3:
             raise ValueError(f"SeparableGaussianBlur kernel_size must be an odd number >= 3, got {kernel_size}.")
@@ -69,18 +68,19 @@ class SeparableGaussianBlur(nn.Module):
         return weights / weights.sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        kernel = self.kernel_1d().to(x.dtype)
-        conv = _CONV_FUNCTIONS[self.spatial_dims]
-        for dim in range(self.spatial_dims):
-            shape = [channels, 1] + [1] * self.spatial_dims
-            shape[2 + dim] = self.kernel_size
-            padding = [0] * self.spatial_dims
-            padding[dim] = self.kernel_size // 2
-            x = conv(
-                x, kernel.reshape(1, 1, -1).expand(channels, 1, -1).reshape(shape), padding=padding, groups=channels
-            )
-        return x
+        # each pass is a weighted sum of shifted copies, accumulated in float32 or wider: pointwise operations that
+        # torch.compile fuses into one kernel, where a depthwise convolution of a few channels runs far below the
+        # GPU's bandwidth, its weight gradient most of all (docs/performance.md, section 1)
+        kernel = self.kernel_1d()
+        radius = self.kernel_size // 2
+        blurred = x.to(torch.promote_types(x.dtype, torch.float32))
+        for dim in range(2, 2 + self.spatial_dims):
+            size = blurred.shape[dim]
+            padding = [0, 0] * (x.dim() - 2)  # F.pad lists the last dimension first
+            padding[2 * (x.dim() - 1 - dim)] = padding[2 * (x.dim() - 1 - dim) + 1] = radius
+            padded = F.pad(blurred, padding)
+            blurred = sum(kernel[tap] * padded.narrow(dim, tap, size) for tap in range(self.kernel_size))
+        return blurred.to(x.dtype)
 
 
 class AnchorGate(nn.Module):
