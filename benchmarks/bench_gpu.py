@@ -95,6 +95,30 @@ MATRIX_KERNELS = ("gemm", "xmma", "conv", "dgrad", "wgrad", "fprop", "cutlass", 
 LAYOUT_KERNELS = ("nchwToNhwc", "nhwcToNchw")
 
 
+def time_calls(device: torch.device, function: Callable[[], object], warmup: int, steps: int) -> tuple[float, float]:
+    """(milliseconds per call, seconds of the warm-up): ``warmup`` calls, then ``steps`` calls timed with CUDA events
+    (GPU time, the calls launched one after another), or with the host clock off CUDA."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    warmup_s = time.perf_counter() - begin
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps, warmup_s
+    begin = time.perf_counter()
+    for _ in range(steps):
+        function()
+    return 1000 * (time.perf_counter() - begin) / steps, warmup_s
+
+
 class Bench:
     """Shared state: arguments, device, deadline, the result rows and their files."""
 
@@ -125,25 +149,8 @@ class Bench:
         return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else math.nan
 
     def time_calls(self, function: Callable[[], object], warmup: int, steps: int) -> tuple[float, float]:
-        """(milliseconds per call, seconds of the warm-up) with CUDA events, or a host clock on CPU."""
-        self.sync()
-        begin = time.perf_counter()
-        for _ in range(warmup):
-            function()
-        self.sync()
-        warmup_s = time.perf_counter() - begin
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                function()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / steps, warmup_s
-        begin = time.perf_counter()
-        for _ in range(steps):
-            function()
-        return 1000 * (time.perf_counter() - begin) / steps, warmup_s
+        """:func:`time_calls` on this run's device."""
+        return time_calls(self.device, function, warmup, steps)
 
     def record(self, **row: object) -> None:
         row = {"card": self.card, "elapsed_s": round(time.perf_counter() - self.start, 1), **row}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_conv_shapes import ConvCall, step_convolutions, step_tensor
+from bench_gpu import time_calls
 from bench_norm_kernels import step_parser
 
 NARROW = 8  # cuDNN's NHWC kernels take channels in multiples of this
@@ -135,25 +135,6 @@ def formulations(call: ConvCall) -> dict[str, Callable[[torch.Tensor, torch.Tens
     return {"cudnn": cudnn, "pad8": padded(8), "pad16": padded(16), "gemm": gemm}
 
 
-def _gpu_microseconds(function: Callable[[], object], repeats: int) -> float:
-    """GPU time per call from CUDA events around ``repeats`` calls (host time without CUDA)."""
-    for _ in range(3):
-        function()
-    if not torch.cuda.is_available():
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            function()
-        return 1e6 * (time.perf_counter() - begin) / repeats
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    end.synchronize()
-    return 1000 * start.elapsed_time(end) / repeats
-
-
 def _gradients(
     forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad_y: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
@@ -181,8 +162,8 @@ def time_formulations(args: argparse.Namespace, call: ConvCall) -> list[dict]:
             {
                 "shape": call.name,
                 "formulation": name,
-                "forward_us": _gpu_microseconds(forward, args.repeats),
-                "forward_backward_us": _gpu_microseconds(forward_backward, args.repeats),
+                "forward_us": 1000 * time_calls(device, forward, 3, args.repeats)[0],
+                "forward_backward_us": 1000 * time_calls(device, forward_backward, 3, args.repeats)[0],
                 "max_relative_difference": difference,
             }
         )
