@@ -3,13 +3,15 @@
 The GroupNorm kernels are the largest block of memory-bound time in the compiled training step
 (``docs/performance.md``). This script finds the inputs they see: one forward of the network (``--preset``, channels
 last, bf16 autocast, ``--batch`` x ``--size`` x ``--size``) with a hook on every :py:class:`FusedGroupNorm`, counting
-each distinct (shape, groups, SiLU). For each such input it times the forward launcher (statistics, combine, apply)
-and the backward launcher (partial sums, reduce, dx) with the launchers' own tiling (``rule``,
-:py:meth:`LaunchConfig.for_input`), with ``LaunchConfig()`` and with every config of the grid
-``--tiles x --programs x --warps x --stages``, captured in CUDA graphs and timed with CUDA events (GPU time, as in the
-compiled, graph-captured training step; the launchers' host overhead exceeds the kernels' time on most inputs). It
-prints per input the rule's and ``LaunchConfig()``'s times, the best config's and its bandwidth; then the whole step's
-GroupNorm time (each input times its count) for each of them and for the best single config. With
+each distinct (shape, groups, SiLU). For each such input it times the forward launcher (statistics, combine, apply;
+or one kernel for whole groups) and the backward launcher (partial sums, reduce, dx; or the whole-group kernel and
+reduce) with the launchers' own tiling (``rule``, :py:meth:`LaunchConfig.for_input`), with ``LaunchConfig()``, with
+every config of the grid ``--tiles x --programs x --warps x --stages`` and, where the input's groups fit one
+program's tile, with whole groups over each of ``--whole-groups-warps`` (``whole/W``), captured in CUDA graphs and
+timed with CUDA events (GPU time, as in the compiled, graph-captured training step; the launchers' host overhead
+exceeds the kernels' time on most inputs). It prints per input the rule's and ``LaunchConfig()``'s times, the best
+config's and its bandwidth; then the whole step's GroupNorm time (each input times its count) for each of them, for
+the best single pixel-chunk config and for the rule with each whole-group config where it runs. With
 ``--samples-per-launch K ...`` it also times the rule's tiling of the whole input launched on one slab of K samples
 after another (config ``rule/slabK``), so that each slab's second pass could read its input from L2.
 Rows go to ``<out>/results.json`` and ``results.csv``.
@@ -35,7 +37,12 @@ from pathlib import Path
 import torch
 
 from medsegdiff_monai.networks import FusedGroupNorm, get_network
-from medsegdiff_monai.networks.kernels.group_norm_triton import LaunchConfig, group_norm_backward, group_norm_forward
+from medsegdiff_monai.networks.kernels.group_norm_triton import (
+    LaunchConfig,
+    group_norm_backward,
+    group_norm_forward,
+    whole_groups_fit,
+)
 
 
 def step_parser(description: str) -> argparse.ArgumentParser:
@@ -57,6 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, nargs="+", default=[1], help="software-pipelining depths of the loops")
     parser.add_argument(
         "--min-elements", type=int, default=0, help="sweep only the inputs of at least this many elements"
+    )
+    parser.add_argument(
+        "--max-elements", type=int, default=2**62, help="sweep only the inputs of at most this many elements"
+    )
+    parser.add_argument(
+        "--whole-groups-warps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time whole groups (LaunchConfig(whole_groups=True)) with these warps, where the groups fit",
     )
     parser.add_argument(
         "--samples-per-launch",
@@ -138,9 +155,12 @@ def time_call(device: torch.device, function: Callable[[], object], repeats: int
 
 
 def config_name(config: LaunchConfig | None) -> str:
-    """``tile/programs/warps/stages``, or ``rule`` for the launchers' own choice (:py:meth:`LaunchConfig.for_input`)."""
+    """``tile/programs/warps/stages``, ``whole/warps`` for whole groups, or ``rule`` for the launchers' own choice
+    (:py:meth:`LaunchConfig.for_input`)."""
     if config is None:
         return "rule"
+    if config.whole_groups:
+        return f"whole/{config.num_warps}"
     return f"{config.tile_elements}/{config.programs}/{config.num_warps}/{config.num_stages}"
 
 
@@ -158,9 +178,16 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
     bias = 0.1 * torch.randn(channels, device=device, generator=generator)
     _, mean, rstd = group_norm_forward(x, weight, bias, groups, eps, silu)
     tensor_bytes = x.numel() * x.element_size()
+    if whole_groups_fit(shape, groups):
+        configs = configs + [LaunchConfig(whole_groups=True, num_warps=warps) for warps in args.whole_groups_warps]
     launches = [(config_name(config), config, config, batch) for config in configs]
     launches += [
-        (f"rule/slab{slab}", LaunchConfig.for_input(shape, False), LaunchConfig.for_input(shape, True), slab)
+        (
+            f"rule/slab{slab}",
+            LaunchConfig.for_input(shape, backward=False),
+            LaunchConfig.for_input(shape, backward=True),
+            slab,
+        )
         for slab in args.samples_per_launch
     ]
     rows = []
@@ -220,9 +247,15 @@ def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
             f"{best_backward['backward_us']:.1f} ({best_backward['config']}) | "
             f"{best_forward['forward_tb_per_s']:.2f} / {best_backward['backward_tb_per_s']:.2f} |"
         )
+    for whole in sorted({row["config"] for row in rows if row["config"].startswith("whole/")}):
+        for key, count in counts.items():
+            mine = {row["config"]: row for row in rows if row["input"] == key}
+            if mine:
+                row = mine.get(whole, mine["rule"])
+                totals[f"rule, but {whole} where groups fit"] += count * (row["forward_us"] + row["backward_us"])
     single: Counter = Counter()
     for row in rows:
-        if not row["config"].startswith("rule"):
+        if not row["config"].startswith(("rule", "whole/")):
             single[row["config"]] += counts[row["input"]] * (row["forward_us"] + row["backward_us"])
     config, best_single = min(single.items(), key=lambda item: item[1])
     totals[f"best single config ({config})"] = best_single
@@ -247,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = [None, *dict.fromkeys([LaunchConfig(), *configs])]
     rows: list[dict] = []
     for key in sorted(seen, key=lambda k: -k[0] * k[1] * k[2] * k[3] * seen[k]):
-        if key[0] * key[1] * key[2] * key[3] < args.min_elements:
+        if not args.min_elements <= key[0] * key[1] * key[2] * key[3] <= args.max_elements:
             continue
         if time.perf_counter() - begin > args.deadline:
             print(f"deadline: {key} not swept", flush=True)

@@ -31,7 +31,9 @@ from medsegdiff_monai.networks.kernels.group_norm_triton import (  # noqa: E402
 # channels per group (12, 6), several pixel chunks (33 x 33), both layouts, bf16, inputs far from zero mean (mean
 # shift) for the variance's cancellation, a tiling other than the default: small tiles, a chunk count that does not
 # divide the rows, and a reduce kernel that takes the 3 samples in blocks of 2 (the last one masked), with the row
-# loops software-pipelined; and a per-(sample, channel) offset added before the norm, with both tilings
+# loops software-pipelined; and a per-(sample, channel) offset added before the norm, with both tilings; and whole
+# groups, one program per (sample, group) (their rows and channels padded to powers of two and masked).
+WHOLE = LaunchConfig(whole_groups=True)
 CASES = [
     (2, 8, 5, 7, 2, False, "float32", True, 0.0, None, False),
     (3, 24, 4, 6, 2, True, "float32", True, 0.0, None, False),
@@ -42,6 +44,12 @@ CASES = [
     (3, 16, 13, 11, 4, True, "float32", True, 0.0, LaunchConfig(128, 21, 8, 64, num_stages=3), False),
     (2, 24, 5, 7, 4, True, "float32", True, 0.0, None, True),
     (3, 16, 13, 11, 4, False, "bfloat16", True, 0.0, LaunchConfig(128, 21, 8, 64, num_stages=3), True),
+    (2, 48, 6, 6, 8, True, "float32", False, 0.0, WHOLE, False),
+    (1, 16, 33, 33, 4, True, "float32", True, 0.0, WHOLE, False),
+    (2, 32, 8, 8, 4, True, "float32", True, 1000.0, WHOLE, False),
+    (2, 96, 6, 6, 8, True, "bfloat16", True, 0.0, WHOLE, False),
+    (2, 24, 5, 7, 4, True, "float32", True, 0.0, WHOLE, True),
+    (3, 16, 13, 11, 4, False, "bfloat16", True, 0.0, WHOLE, True),
 ]
 
 
@@ -92,6 +100,7 @@ def run_case(
         }
     return {
         "case": [batch, channels, height, width, groups, silu, dtype, channels_last, mean_shift, channel_offset],
+        "whole_groups": config is not None and config.whole_groups,
         "y": relative_error(y, reference.detach()),
         "grad_x": relative_error(grad_x, reference_x.grad),
         "grad_weight": relative_error(grad_weight, reference_weight.grad),

@@ -143,7 +143,8 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not 
 @needs_triton
 def test_triton_kernels_match_float64_reference_under_interpreter():
     results = _interpreted()
-    assert len(results) == 9 and sum(result["case"][9] for result in results) == 2
+    assert len(results) == 15 and sum(result["case"][9] for result in results) == 4
+    assert sum(result["whole_groups"] for result in results) == 6
     for result in results:
         dtype, offset = result["case"][6], result["case"][8]
         # float32 arithmetic on every path; bf16 outputs are rounded to 8 bits of mantissa; at a mean of 1000 and a
@@ -183,11 +184,34 @@ def test_default_tiling_covers_every_pixel_row_once(shape, backward):
     launch = _Launch(torch.empty(shape, device="meta"), 32 if shape[1] % 32 == 0 else 1, config)
     rows = shape[2] * shape[3]
     # chunks of whole tiles that cover the rows, none empty, within the reduce kernels' block sizes
+    assert not config.whole_groups
     assert launch.rows_per_chunk % launch.block_r == 0
     assert (launch.num_chunks - 1) * launch.rows_per_chunk < rows <= launch.num_chunks * launch.rows_per_chunk
     assert launch.num_chunks <= launch.block_s and launch.block_r * launch.block_c <= max(config.tile_elements, 1024)
     assert launch.block_n == 1 or launch.block_n * launch.block_s * launch.block_cg <= config.reduce_tile_elements
     assert (launch.num_warps, launch.num_stages) == (config.num_warps, config.num_stages)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(8, 512, 16, 16), (8, 256, 32, 32), (1, 64, 7, 5), (3, 96, 33, 33)])
+def test_whole_groups_hold_each_group_in_one_padded_tile(shape):
+    from medsegdiff_monai.networks.kernels.group_norm_triton import MAX_WHOLE_GROUP_TILE, LaunchConfig, _Launch
+
+    launch = _Launch(torch.empty(shape, device="meta"), 32, LaunchConfig(whole_groups=True))
+    rows, channels_per_group = shape[2] * shape[3], shape[1] // 32
+    # one chunk of all the rows, padded to the next power of two, as are the group's channels
+    assert (launch.num_chunks, launch.rows_per_chunk, launch.block_s) == (1, rows, 1)
+    assert rows <= launch.block_r < 2 * rows and channels_per_group <= launch.block_cg < 2 * channels_per_group
+    assert launch.block_r * launch.block_cg <= MAX_WHOLE_GROUP_TILE
+
+
+@needs_triton
+def test_whole_groups_reject_a_group_larger_than_the_tile():
+    from medsegdiff_monai.networks.kernels.group_norm_triton import LaunchConfig, _Launch
+
+    # 64 x 64 rows of 4 channels: 16,384 elements, twice the tile
+    with pytest.raises(ValueError, match=r"up to 8192 elements.*4096 rows x 4 channels needs 16384"):
+        _Launch(torch.empty(8, 128, 64, 64, device="meta"), 32, LaunchConfig(whole_groups=True))
 
 
 @needs_triton

@@ -12,7 +12,11 @@ kernels that merge the per-chunk sums know about groups:
   cast back);
 - backward: ``partial`` (per chunk and channel, the sums of ``dz`` and ``dz * x_hat``, where ``dz`` is the gradient
   entering the affine normalisation, i.e. after the SiLU backward), ``reduce`` (per group: the two sums per sample, the
-  weight and bias gradients over the batch, in a fixed order so the result is deterministic), ``dx``.
+  weight and bias gradients over the batch, in a fixed order so the result is deterministic), ``dx``;
+- whole groups (``LaunchConfig(whole_groups=True)``, for inputs whose groups fit one program's tile): one
+  program per (sample, group) holds the group in registers; the forward is one kernel (exact two-pass mean and
+  variance, then the output), the backward one kernel (the group's sums and ``dx``, and the per-channel sums as if
+  from one pixel chunk) followed by ``reduce``.
 
 An optional (N, C) ``offset`` is added to every pixel of each sample's channel before the norm without the sum being
 stored: it moves the chunks' channel means in ``combine`` and the centring value in ``apply``, ``partial`` and ``dx``;
@@ -36,9 +40,22 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LaunchConfig", "group_norm_backward", "group_norm_forward"]
+__all__ = ["LaunchConfig", "group_norm_backward", "group_norm_forward", "whole_groups_fit"]
 
 _MAX_CHUNKS = 512
+MAX_WHOLE_GROUP_TILE = 8192  # elements of a whole group that one program holds (``LaunchConfig.whole_groups``)
+
+
+def _whole_group_tile(num_rows: int, channels_per_group: int) -> int:
+    """Elements of the register tile that holds a whole group: its pixel rows and channels, each padded to a power
+    of two."""
+    return triton.next_power_of_2(num_rows) * triton.next_power_of_2(channels_per_group)
+
+
+def whole_groups_fit(shape: torch.Size | tuple[int, ...], num_groups: int) -> bool:
+    """Whether ``LaunchConfig(whole_groups=True)`` can run a (N, C, H, W) input with ``num_groups`` groups: each
+    group fits :data:`MAX_WHOLE_GROUP_TILE` once padded."""
+    return _whole_group_tile(shape[2] * shape[3], shape[1] // num_groups) <= MAX_WHOLE_GROUP_TILE
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,11 @@ class LaunchConfig:
         num_stages: software-pipelining depth of the pixel-chunk kernels' row loops (``tl.range(num_stages=...)``:
             the loads of the next ``num_stages - 1`` tiles are issued, through shared memory, before the current
             tile is used); 1 issues each tile's loads when it is used.
+        whole_groups: instead of pixel chunks, one program per (sample, group) that holds the whole group in
+            registers (up to :data:`MAX_WHOLE_GROUP_TILE` elements, rows and channels of the group each padded to a
+            power of two): the forward is one kernel that reads the input once, the backward one kernel that reads
+            it and the output gradient once, then the reduce kernel over the samples. ``tile_elements``,
+            ``programs`` and ``num_stages`` are then unused.
     """
 
     tile_elements: int = 4096
@@ -63,6 +85,7 @@ class LaunchConfig:
     num_warps: int = 4
     reduce_tile_elements: int = 4096
     num_stages: int = 1
+    whole_groups: bool = False
 
     @classmethod
     def for_input(cls, shape: torch.Size | tuple[int, ...], backward: bool) -> LaunchConfig:
@@ -71,7 +94,8 @@ class LaunchConfig:
         training step's norm inputs on an H200 (``docs/performance.md``): inputs of up to 2^22 elements run as few
         programs of one large tile each; larger ones as small tiles looped over the pixel chunks, software-pipelined
         (backward: 2,048 elements, 4 warps, 3 stages; forward: 1,024 elements over 8 warps without pipelining from
-        256 channels on, 2,048 elements, 4 warps, 4 stages below).
+        256 channels on, 2,048 elements, 4 warps, 4 stages below). Whole groups are opt-in (``whole_groups``):
+        ``bench_norm_kernels.py --whole-groups-warps`` times them against these.
 
         Args:
             shape: (N, C, H, W) of the input.
@@ -436,6 +460,174 @@ def _backward_dx_kernel(
         tl.store(dx_base + rows * stride_gr, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_offsets(sample, channel, stride_n, stride_r, stride_c, BLOCK_R: tl.constexpr):
+    """Element offsets of one sample's (BLOCK_R rows, ``channel``) tile, ``channel`` a (1, BLOCK_CG) row."""
+    rows = tl.arange(0, BLOCK_R)[:, None].to(tl.int64)
+    return sample.to(tl.int64) * stride_n + rows * stride_r + channel * stride_c
+
+
+@triton.jit
+def _whole_group(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    offset_ptr,
+    sample,
+    group,
+    num_rows,
+    stride_n,
+    stride_r,
+    stride_c,
+    HAS_OFFSET: tl.constexpr,
+    G: tl.constexpr,
+    CG: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    """One sample's group as a float32 (BLOCK_R, BLOCK_CG) tile (plus the channel offset; 0 outside the group), the
+    tile's mask, and per channel ((1, BLOCK_CG)): the channel index, the float32 affine weight and bias."""
+    channel = (group * CG + tl.arange(0, BLOCK_CG))[None, :]
+    mask = (tl.arange(0, BLOCK_R)[:, None] < num_rows) & (channel < (group + 1) * CG)
+    x = tl.load(x_ptr + _group_offsets(sample, channel, stride_n, stride_r, stride_c, BLOCK_R), mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_OFFSET:
+        shift = tl.load(offset_ptr + sample * G * CG + channel, mask=channel < (group + 1) * CG, other=0.0)
+        x = tl.where(mask, x + shift.to(tl.float32), 0.0)
+    weight = tl.load(weight_ptr + channel, mask=channel < (group + 1) * CG, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channel, mask=channel < (group + 1) * CG, other=0.0).to(tl.float32)
+    return x, mask, channel, weight, bias
+
+
+@triton.jit
+def _whole_group_forward_kernel(
+    x_ptr,
+    y_ptr,
+    weight_ptr,
+    bias_ptr,
+    offset_ptr,
+    mean_ptr,
+    rstd_ptr,
+    num_rows,
+    stride_xn,
+    stride_xr,
+    stride_xc,
+    stride_yn,
+    stride_yr,
+    stride_yc,
+    eps,
+    SILU: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    G: tl.constexpr,
+    CG: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    sample = tl.program_id(0)
+    group = tl.program_id(1)
+    x, mask, channel, weight, bias = _whole_group(
+        x_ptr,
+        weight_ptr,
+        bias_ptr,
+        offset_ptr,
+        sample,
+        group,
+        num_rows,
+        stride_xn,
+        stride_xr,
+        stride_xc,
+        HAS_OFFSET,
+        G,
+        CG,
+        BLOCK_R,
+        BLOCK_CG,
+    )
+    # the whole group is in registers: the mean, then the centred sum of squares, exactly
+    count = num_rows * CG
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(centred * centred, axis=1), axis=0) / count + eps)
+    y = centred * (rstd * weight) + bias
+    if SILU:
+        y = y * tl.sigmoid(y)
+    y_offsets = _group_offsets(sample, channel, stride_yn, stride_yr, stride_yc, BLOCK_R)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + sample * G + group, mean)
+    tl.store(rstd_ptr + sample * G + group, rstd)
+
+
+@triton.jit
+def _whole_group_backward_kernel(
+    dy_ptr,
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    rstd_ptr,
+    offset_ptr,
+    partial_ptr,
+    dx_ptr,
+    num_rows,
+    stride_xn,
+    stride_xr,
+    stride_xc,
+    stride_dn,
+    stride_dr,
+    stride_dc,
+    stride_gn,
+    stride_gr,
+    stride_gc,
+    SILU: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+    G: tl.constexpr,
+    CG: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+):
+    # the group's sums, its input gradient, and the per-channel sums for the reduce kernel (as one pixel chunk)
+    sample = tl.program_id(0)
+    group = tl.program_id(1)
+    x, mask, channel, weight, bias = _whole_group(
+        x_ptr,
+        weight_ptr,
+        bias_ptr,
+        offset_ptr,
+        sample,
+        group,
+        num_rows,
+        stride_xn,
+        stride_xr,
+        stride_xc,
+        HAS_OFFSET,
+        G,
+        CG,
+        BLOCK_R,
+        BLOCK_CG,
+    )
+    dy_offsets = _group_offsets(sample, channel, stride_dn, stride_dr, stride_dc, BLOCK_R)
+    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + sample * G + group)
+    rstd = tl.load(rstd_ptr + sample * G + group)
+    x_hat, dz = _normalized_and_grad(x, dy, mean, rstd, weight, bias, SILU)
+    x_hat = tl.where(mask, x_hat, 0.0)
+    dz = tl.where(mask, dz, 0.0)
+    sum_dz = tl.sum(dz, axis=0)
+    sum_dz_x_hat = tl.sum(dz * x_hat, axis=0)
+    count = num_rows * CG
+    mean_grad = tl.sum(weight * sum_dz[None, :], axis=1) / count
+    mean_grad_x_hat = tl.sum(weight * sum_dz_x_hat[None, :], axis=1) / count
+    dx = rstd * (weight * dz - mean_grad[:, None] - x_hat * mean_grad_x_hat[:, None])
+    dx_offsets = _group_offsets(sample, channel, stride_gn, stride_gr, stride_gc, BLOCK_R)
+    tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    channel = group * CG + tl.arange(0, BLOCK_CG)
+    within = channel < (group + 1) * CG
+    out = partial_ptr + sample * (2 + HAS_OFFSET) * G * CG + channel
+    tl.store(out, sum_dz, mask=within)
+    tl.store(out + G * CG, sum_dz_x_hat, mask=within)
+    if HAS_OFFSET:
+        tl.store(out + 2 * G * CG, tl.sum(x_hat, axis=0), mask=within)
+
+
 class _Launch:
     """Block sizes and the pixel chunking of one (N, C, H, W) input with ``num_groups`` groups."""
 
@@ -450,10 +642,22 @@ class _Launch:
         self.num_stages = config.num_stages
         self.block_c = triton.next_power_of_2(channels)
         self.block_cg = triton.next_power_of_2(self.channels_per_group)
-        self.block_r = max(1, min(triton.next_power_of_2(self.num_rows), config.tile_elements // self.block_c))
-        chunks = max(1, min(triton.cdiv(self.num_rows, self.block_r), triton.cdiv(config.programs, batch), _MAX_CHUNKS))
-        self.rows_per_chunk = triton.cdiv(triton.cdiv(self.num_rows, chunks), self.block_r) * self.block_r
-        self.num_chunks = triton.cdiv(self.num_rows, self.rows_per_chunk)
+        self.whole_groups = config.whole_groups
+        if self.whole_groups:
+            if not whole_groups_fit(x.shape, num_groups):
+                tile = _whole_group_tile(self.num_rows, self.channels_per_group)
+                raise ValueError(
+                    f"LaunchConfig(whole_groups=True) holds groups of up to {MAX_WHOLE_GROUP_TILE} elements (pixel "
+                    f"rows and channels each padded to a power of two); a group of {self.num_rows} rows x "
+                    f"{self.channels_per_group} channels needs {tile}: use pixel chunks (whole_groups=False)."
+                )
+            self.block_r, self.rows_per_chunk, self.num_chunks = triton.next_power_of_2(self.num_rows), self.num_rows, 1
+        else:
+            self.block_r = max(1, min(triton.next_power_of_2(self.num_rows), config.tile_elements // self.block_c))
+            chunks = triton.cdiv(config.programs, batch)
+            chunks = max(1, min(triton.cdiv(self.num_rows, self.block_r), chunks, _MAX_CHUNKS))
+            self.rows_per_chunk = triton.cdiv(triton.cdiv(self.num_rows, chunks), self.block_r) * self.block_r
+            self.num_chunks = triton.cdiv(self.num_rows, self.rows_per_chunk)
         self.block_s = triton.next_power_of_2(self.num_chunks)
         self.block_n = max(
             1, min(triton.next_power_of_2(batch), config.reduce_tile_elements // (self.block_s * self.block_cg))
@@ -538,12 +742,32 @@ def group_norm_forward(
     offset = _checked_offset(offset, x)
     offset_or_x = x if offset is None else offset  # the kernels need a pointer even where HAS_OFFSET is off
     launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=False))
-    partial = torch.empty(
-        (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
-    )
     mean = torch.empty((launch.num_samples, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
+    if launch.whole_groups:
+        _whole_group_forward_kernel[(launch.num_samples, num_groups)](
+            x,
+            y,
+            weight,
+            bias,
+            offset_or_x,
+            mean,
+            rstd,
+            launch.num_rows,
+            *_row_strides(x),
+            *_row_strides(y),
+            eps,
+            SILU=silu,
+            HAS_OFFSET=offset is not None,
+            BLOCK_R=launch.block_r,
+            num_warps=launch.num_warps,
+            **launch.group_blocks,
+        )
+        return y, mean, rstd
+    partial = torch.empty(
+        (launch.num_samples, launch.num_chunks, 2, launch.channels), device=x.device, dtype=torch.float32
+    )
     _stats_kernel[launch.grid](
         x, partial, launch.num_rows, launch.rows_per_chunk, launch.num_chunks, *_row_strides(x), **launch.tile
     )
@@ -620,25 +844,47 @@ def group_norm_backward(
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.empty_like(bias)
     grad_offset = torch.empty_like(offset) if has_offset else None
-    _backward_partial_kernel[launch.grid](
-        grad_y,
-        x,
-        weight,
-        bias,
-        mean,
-        rstd,
-        offset_or_x,
-        partial,
-        launch.num_rows,
-        launch.rows_per_chunk,
-        launch.num_chunks,
-        *_row_strides(x),
-        *_row_strides(grad_y),
-        SILU=silu,
-        HAS_OFFSET=has_offset,
-        G=num_groups,
-        **launch.tile,
-    )
+    if launch.whole_groups:
+        _whole_group_backward_kernel[(launch.num_samples, num_groups)](
+            grad_y,
+            x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            offset_or_x,
+            partial,
+            grad_x,
+            launch.num_rows,
+            *_row_strides(x),
+            *_row_strides(grad_y),
+            *_row_strides(grad_x),
+            SILU=silu,
+            HAS_OFFSET=has_offset,
+            BLOCK_R=launch.block_r,
+            num_warps=launch.num_warps,
+            **launch.group_blocks,
+        )
+    else:
+        _backward_partial_kernel[launch.grid](
+            grad_y,
+            x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            offset_or_x,
+            partial,
+            launch.num_rows,
+            launch.rows_per_chunk,
+            launch.num_chunks,
+            *_row_strides(x),
+            *_row_strides(grad_y),
+            SILU=silu,
+            HAS_OFFSET=has_offset,
+            G=num_groups,
+            **launch.tile,
+        )
     _backward_reduce_kernel[(num_groups,)](
         partial,
         weight,
@@ -654,6 +900,8 @@ def group_norm_backward(
         BLOCK_N=launch.block_n,
         **launch.group_blocks,
     )
+    if launch.whole_groups:
+        return grad_x, grad_weight, grad_bias, grad_offset
     _backward_dx_kernel[launch.grid](
         grad_y,
         x,
