@@ -121,8 +121,10 @@ class DiffusionTrainer(SupervisedTrainer):
     No host synchronisation in the loop: with an optimizer that takes a ``found_inf`` flag (fused AdamW, as
     :func:`~medsegdiff_monai.engines.build_optimizer` builds on CUDA) the skip happens on the device, and the host
     learns of it one iteration later, while the GPU already runs the next step (the skip is then announced during the
-    next iteration, or at the end of the epoch for the last step). Other optimizers, and float16 with its gradient
-    scaler, check the flag at once (one synchronisation per step). The iteration output's ``"finite"`` (a 0-d bool
+    next iteration, or at the end of the epoch for the last step); such an optimizer also applies the clipping, as the
+    ``grad_scale`` it divides each gradient by while reading it, so no pass over the gradients scales them first.
+    Other optimizers, and float16 with its gradient scaler, clip with ``clip_grad_norm_`` and check the flag at once
+    (one synchronisation per step). The iteration output's ``"finite"`` (a 0-d bool
     tensor on the device) tells whether that step was applied.
 
     Batch keys: those of :class:`NoisyMaskPrepareBatch`.
@@ -328,13 +330,15 @@ class DiffusionTrainer(SupervisedTrainer):
         else:
             total.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm, foreach=True)
-            if engine.grad_clip_norm is not None
-            else torch.zeros((), device=total.device)
-        )
+        if engine.grad_clip_norm is None:
+            grad_norm = torch.zeros((), device=total.device)
+        elif engine._fuses_step_checks():
+            # the fused optimizer scales the gradients as it reads them (see _optimizer_step): no pass over them here
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm, foreach=True)
         finite = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
-        engine._optimizer_step(finite)
+        engine._optimizer_step(finite, grad_norm)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
         # the step's output: loss terms only (the network's outputs are not kept past the step)
@@ -348,15 +352,27 @@ class DiffusionTrainer(SupervisedTrainer):
             "finite": finite,
         }
 
-    def _optimizer_step(self, finite: torch.Tensor) -> None:
-        """Apply the step only where ``finite`` (0-d bool tensor) holds; queue or resolve the flag."""
-        if self.grad_scaler is None and getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            # fused optimizers skip the update (and undo their step count) on the device when found_inf is 1
+    def _fuses_step_checks(self) -> bool:
+        """Whether the optimizer takes the clipping and the non-finite check into its own kernel (fused AdamW's
+        ``grad_scale`` and ``found_inf``), which it does unless float16's gradient scaler holds them."""
+        return self.grad_scaler is None and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+
+    def _optimizer_step(self, finite: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Apply the step only where ``finite`` (0-d bool tensor) holds; queue or resolve the flag. ``grad_norm``: the
+        gradients' total norm, already clipped to unless the optimizer fuses the clipping."""
+        if self._fuses_step_checks():
+            # fused optimizers skip the update (and undo their step count) on the device when found_inf is 1, and
+            # divide every gradient by grad_scale as they read it: clip_grad_norm_'s factor
+            # min(1, max_norm / (norm + 1e-6)) as that divisor
             self.optimizer.found_inf = (~finite).float()
+            if self.grad_clip_norm is not None:
+                self.optimizer.grad_scale = torch.clamp((grad_norm.float() + 1e-6) / self.grad_clip_norm, min=1.0)
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
+                if self.grad_clip_norm is not None:
+                    del self.optimizer.grad_scale
             self._queue_finite_flag(finite)
             self.resolve_skipped_steps(keep_latest=True)
             return
