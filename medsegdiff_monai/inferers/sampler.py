@@ -215,11 +215,6 @@ class DiffusionSampler:
     ) -> None:
         if ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}.")
-        if not 0 <= shared_steps < num_inference_steps:
-            raise ValueError(
-                f"shared_steps must be in [0, num_inference_steps) = [0, {num_inference_steps}), got {shared_steps}: "
-                "the last step's pass gives each member its own mask, so it is never shared."
-            )
         if eta < 0 or (eta > 0 and scheduler == "ddpm"):
             raise ValueError(
                 f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only "
@@ -241,6 +236,12 @@ class DiffusionSampler:
             noise_scheduler,
             scheduler_args,
         )
+        # after the scheduler, which names a step count out of range first
+        if not 0 <= shared_steps < num_inference_steps:
+            raise ValueError(
+                f"shared_steps must be in [0, num_inference_steps) = [0, {num_inference_steps}), got {shared_steps}: "
+                "the last step's pass gives each member its own mask, so it is never shared."
+            )
         self.scheduler_name = scheduler
         self.num_inference_steps = num_inference_steps
         self.ensemble_size = ensemble_size

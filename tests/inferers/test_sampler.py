@@ -145,6 +145,12 @@ def test_invalid_arguments():
     for shared_steps in (-1, 4):
         with pytest.raises(ValueError, match=r"shared_steps must be in \[0, num_inference_steps\) = \[0, 4\)"):
             DiffusionSampler(num_inference_steps=4, shared_steps=shared_steps)
+    # a step count out of range is named as such, not as a range of shared_steps
+    for steps in (0, 1001):
+        with pytest.raises(
+            ValueError, match=rf"num_inference_steps must be in \[1, num_train_timesteps=1000\], got {steps}"
+        ):
+            DiffusionSampler(scheduler="dpmpp_2m", num_inference_steps=steps)
     with pytest.raises(ValueError, match="leave eta at 0 for 'ddpm'"):
         DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, eta=1.0)
     with pytest.raises(ValueError, match="shape"):
