@@ -219,6 +219,10 @@ class BratsVolumeInferer:
     ) -> None:
         if compile_min_volumes < 1:
             raise ValueError(f"compile_min_volumes must be >= 1, got {compile_min_volumes}.")
+        if slice_batch_size is not None and slice_batch_size < 1:
+            raise ValueError(
+                f"slice_batch_size must be >= 1 (or None for the device's default), got {slice_batch_size}."
+            )
         if min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
         if uncertainty_reduction not in ("max", "mean"):

@@ -68,6 +68,9 @@ def test_min_enhancing_voxels_relabels_a_small_enhancing_prediction(brain_oracle
         np.testing.assert_array_equal(_read(out / f"{entry['subject_id']}_seg.nii.gz"), np.where(brain, label, 0))
     with pytest.raises(ValueError, match="min_enhancing_voxels must be >= 0"):
         _inferer(brain_oracle(), min_enhancing_voxels=-1)
+    # a bad slice batch is named when the inferer is built, before any subject is read
+    with pytest.raises(ValueError, match="slice_batch_size must be >= 1 .*got 0"):
+        _inferer(brain_oracle(), slice_batch_size=0)
 
 
 def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, tmp_path):
