@@ -473,8 +473,6 @@ def _whole_group(
     weight_ptr,
     bias_ptr,
     offset_ptr,
-    sample,
-    group,
     num_rows,
     stride_n,
     stride_r,
@@ -485,18 +483,22 @@ def _whole_group(
     BLOCK_R: tl.constexpr,
     BLOCK_CG: tl.constexpr,
 ):
-    """One sample's group as a float32 (BLOCK_R, BLOCK_CG) tile (plus the channel offset; 0 outside the group), the
-    tile's mask, and per channel ((1, BLOCK_CG)): the channel index, the float32 affine weight and bias."""
+    """The (sample, group) of this program; the group as a float32 (BLOCK_R, BLOCK_CG) tile (plus the channel offset;
+    0 outside the group) and the tile's mask; per channel ((1, BLOCK_CG)): the channel index, whether it is in the
+    group, the float32 affine weight and bias."""
+    sample = tl.program_id(0)
+    group = tl.program_id(1)
     channel = (group * CG + tl.arange(0, BLOCK_CG))[None, :]
-    mask = (tl.arange(0, BLOCK_R)[:, None] < num_rows) & (channel < (group + 1) * CG)
+    in_group = channel < (group + 1) * CG
+    mask = (tl.arange(0, BLOCK_R)[:, None] < num_rows) & in_group
     x = tl.load(x_ptr + _group_offsets(sample, channel, stride_n, stride_r, stride_c, BLOCK_R), mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_OFFSET:
-        shift = tl.load(offset_ptr + sample * G * CG + channel, mask=channel < (group + 1) * CG, other=0.0)
+        shift = tl.load(offset_ptr + sample * G * CG + channel, mask=in_group, other=0.0)
         x = tl.where(mask, x + shift.to(tl.float32), 0.0)
-    weight = tl.load(weight_ptr + channel, mask=channel < (group + 1) * CG, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + channel, mask=channel < (group + 1) * CG, other=0.0).to(tl.float32)
-    return x, mask, channel, weight, bias
+    weight = tl.load(weight_ptr + channel, mask=in_group, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channel, mask=in_group, other=0.0).to(tl.float32)
+    return sample, group, x, mask, channel, in_group, weight, bias
 
 
 @triton.jit
@@ -523,15 +525,11 @@ def _whole_group_forward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_CG: tl.constexpr,
 ):
-    sample = tl.program_id(0)
-    group = tl.program_id(1)
-    x, mask, channel, weight, bias = _whole_group(
+    sample, group, x, mask, channel, _, weight, bias = _whole_group(
         x_ptr,
         weight_ptr,
         bias_ptr,
         offset_ptr,
-        sample,
-        group,
         num_rows,
         stride_xn,
         stride_xr,
@@ -585,15 +583,11 @@ def _whole_group_backward_kernel(
     BLOCK_CG: tl.constexpr,
 ):
     # the group's sums, its input gradient, and the per-channel sums for the reduce kernel (as one pixel chunk)
-    sample = tl.program_id(0)
-    group = tl.program_id(1)
-    x, mask, channel, weight, bias = _whole_group(
+    sample, group, x, mask, channel, in_group, weight, bias = _whole_group(
         x_ptr,
         weight_ptr,
         bias_ptr,
         offset_ptr,
-        sample,
-        group,
         num_rows,
         stride_xn,
         stride_xr,
@@ -619,13 +613,11 @@ def _whole_group_backward_kernel(
     dx = rstd * (weight * dz - mean_grad[:, None] - x_hat * mean_grad_x_hat[:, None])
     dx_offsets = _group_offsets(sample, channel, stride_gn, stride_gr, stride_gc, BLOCK_R)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    channel = group * CG + tl.arange(0, BLOCK_CG)
-    within = channel < (group + 1) * CG
     out = partial_ptr + sample * (2 + HAS_OFFSET) * G * CG + channel
-    tl.store(out, sum_dz, mask=within)
-    tl.store(out + G * CG, sum_dz_x_hat, mask=within)
+    tl.store(out, sum_dz[None, :], mask=in_group)
+    tl.store(out + G * CG, sum_dz_x_hat[None, :], mask=in_group)
     if HAS_OFFSET:
-        tl.store(out + 2 * G * CG, tl.sum(x_hat, axis=0), mask=within)
+        tl.store(out + 2 * G * CG, tl.sum(x_hat, axis=0)[None, :], mask=in_group)
 
 
 class _Launch:
