@@ -221,7 +221,7 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
 def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
     """Per input: the rule's, the uniform default's and the best times; then the step totals (each input weighted by
     its calls per step) of the rule, of ``LaunchConfig()`` everywhere, of the best config per input and pass, of the
-    best single config and of the rule per slab of samples."""
+    best single config, of the rule per slab of samples and of the rule with each whole-group config where it ran."""
     uniform = config_name(LaunchConfig())
     print(
         f"\n| input | calls/step | rule fwd / bwd us | {uniform} fwd / bwd us | best fwd us (config) | "
@@ -229,6 +229,7 @@ def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
     )
     print("|---|---|---|---|---|---|---|")
     totals: Counter = Counter()
+    whole_configs = sorted({row["config"] for row in rows if row["config"].startswith("whole/")})
     for key, count in counts.items():
         mine = {row["config"]: row for row in rows if row["input"] == key}
         if not mine:
@@ -241,18 +242,15 @@ def summarise(rows: list[dict], counts: dict[str, int]) -> dict:
         totals["best per input and pass"] += count * (best_forward["forward_us"] + best_backward["backward_us"])
         for name in [name for name in mine if name.startswith("rule/slab")]:
             totals[name] += count * (mine[name]["forward_us"] + mine[name]["backward_us"])
+        for whole in whole_configs:
+            row = mine.get(whole, mine["rule"])  # the rule where the groups do not fit
+            totals[f"rule, but {whole} where groups fit"] += count * (row["forward_us"] + row["backward_us"])
         cells = [f"{mine[name]['forward_us']:.1f} / {mine[name]['backward_us']:.1f}" for name in ("rule", uniform)]
         print(
             f"| {key} | {count} | {' | '.join(cells)} | {best_forward['forward_us']:.1f} ({best_forward['config']}) | "
             f"{best_backward['backward_us']:.1f} ({best_backward['config']}) | "
             f"{best_forward['forward_tb_per_s']:.2f} / {best_backward['backward_tb_per_s']:.2f} |"
         )
-    for whole in sorted({row["config"] for row in rows if row["config"].startswith("whole/")}):
-        for key, count in counts.items():
-            mine = {row["config"]: row for row in rows if row["input"] == key}
-            if mine:
-                row = mine.get(whole, mine["rule"])
-                totals[f"rule, but {whole} where groups fit"] += count * (row["forward_us"] + row["backward_us"])
     single: Counter = Counter()
     for row in rows:
         if not row["config"].startswith(("rule", "whole/")):
