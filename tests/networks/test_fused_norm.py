@@ -215,6 +215,46 @@ def test_whole_groups_reject_a_group_larger_than_the_tile():
 
 
 @needs_triton
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("whole_groups", [False, True])
+def test_every_kernel_launch_binds_to_its_kernel_parameters(monkeypatch, whole_groups, offset):
+    """Each launch of the two launchers passes exactly its kernel's parameters (besides launch options), which Triton's
+    JIT checks before compiling on a GPU and the interpreter does not: the launches are bound to the kernels'
+    signatures instead of run."""
+    import inspect
+
+    import triton
+
+    from medsegdiff_monai.networks.kernels.group_norm_triton import (
+        LaunchConfig,
+        group_norm_backward,
+        group_norm_forward,
+    )
+
+    launched = []
+
+    def bind(kernel, *args, grid, warmup, **kwargs):
+        for option in ("num_warps", "num_stages"):
+            kwargs.pop(option, None)
+        inspect.signature(kernel.fn).bind(*args, **kwargs)  # TypeError on a missing or unknown parameter
+        launched.append(kernel.fn.__name__)
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", bind)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.ones(64), torch.zeros(64)
+    channel_offset = torch.zeros(2, 64) if offset else None
+    config = LaunchConfig(whole_groups=whole_groups)
+    y, mean, rstd = group_norm_forward(x, weight, bias, 8, 1e-5, True, config, offset=channel_offset)
+    group_norm_backward(y, x, weight, bias, mean, rstd, 8, True, config, offset=channel_offset)
+    expected = (
+        ["_whole_group_forward_kernel", "_whole_group_backward_kernel"]
+        if whole_groups
+        else ["_stats_kernel", "_combine_kernel", "_apply_kernel", "_backward_partial_kernel"]
+    )
+    assert launched == [*expected, "_backward_reduce_kernel"] + ([] if whole_groups else ["_backward_dx_kernel"])
+
+
+@needs_triton
 def test_kernel_launchers_reject_an_offset_of_the_wrong_shape():
     from medsegdiff_monai.networks.kernels.group_norm_triton import group_norm_forward
 

@@ -673,6 +673,17 @@ class _Launch:
     def group_blocks(self) -> dict[str, int]:
         return {"G": self.groups, "CG": self.channels_per_group, "BLOCK_S": self.block_s, "BLOCK_CG": self.block_cg}
 
+    @property
+    def whole_group_blocks(self) -> dict[str, int]:
+        """The block sizes of the whole-group kernels (one program per (sample, group), no pixel chunks)."""
+        return {
+            "G": self.groups,
+            "CG": self.channels_per_group,
+            "BLOCK_R": self.block_r,
+            "BLOCK_CG": self.block_cg,
+            "num_warps": self.num_warps,
+        }
+
 
 def _row_strides(tensor: torch.Tensor) -> tuple[int, int, int]:
     """(sample, pixel, channel) strides of a (N, C, H, W) tensor whose H and W collapse into one pixel index."""
@@ -752,9 +763,7 @@ def group_norm_forward(
             eps,
             SILU=silu,
             HAS_OFFSET=offset is not None,
-            BLOCK_R=launch.block_r,
-            num_warps=launch.num_warps,
-            **launch.group_blocks,
+            **launch.whole_group_blocks,
         )
         return y, mean, rstd
     partial = torch.empty(
@@ -853,9 +862,7 @@ def group_norm_backward(
             *_row_strides(grad_x),
             SILU=silu,
             HAS_OFFSET=has_offset,
-            BLOCK_R=launch.block_r,
-            num_warps=launch.num_warps,
-            **launch.group_blocks,
+            **launch.whole_group_blocks,
         )
     else:
         _backward_partial_kernel[launch.grid](
