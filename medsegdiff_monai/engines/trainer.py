@@ -62,6 +62,9 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
             (any region) and 0 on the others. A subject's grade is read from the slices where tumour is found
             (:func:`~medsegdiff_monai.inferers.subject_p_hgg`), and a slice without tumour carries no evidence of
             it, so the head learns on the slices it is read on. False: every slice counts (``grade_weight`` None).
+        copy_stream: with ``non_blocking`` copies to a CUDA device, issue them on a side stream that the current
+            stream then waits for: the host, running ahead of the GPU, starts the next batch's copy while the GPU
+            still computes the previous step, instead of queueing it behind that step's kernels.
     """
 
     def __init__(
@@ -69,11 +72,45 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
         noise_scheduler: Scheduler,
         memory_format: torch.memory_format = torch.contiguous_format,
         grade_tumour_slices_only: bool = True,
+        copy_stream: bool = True,
     ) -> None:
         super().__init__(num_train_timesteps=noise_scheduler.num_train_timesteps, condition_name="image")
         self.noise_scheduler = noise_scheduler
         self.memory_format = memory_format
         self.grade_tumour_slices_only = grade_tumour_slices_only
+        self.copy_stream = copy_stream
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _batch_to_device(
+        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None, non_blocking: bool, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The batch's image, float label, float mask (None when absent) and long (B,) grade (None when absent) on
+        ``device``, copied on the side stream where ``copy_stream`` applies."""
+
+        def copy() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            image = _to_device(batchdata["image"], device, non_blocking, memory_format=self.memory_format, **kwargs)
+            label = _to_device(batchdata["label"], device, non_blocking, **kwargs).float()
+            mask = (
+                _to_device(batchdata["mask"], device, non_blocking, **kwargs).float() if "mask" in batchdata else None
+            )
+            grade = batchdata.get("grade")
+            if grade is not None:
+                grade = _to_device(grade, device, non_blocking, **kwargs).long().view(-1)
+            return image, label, mask, grade
+
+        target = torch.device(device) if device is not None else None
+        if not (self.copy_stream and non_blocking and target is not None and target.type == "cuda"):
+            return copy()
+        if target not in self._copy_streams:
+            self._copy_streams[target] = torch.cuda.Stream(target)
+        current = torch.cuda.current_stream(target)
+        with torch.cuda.stream(self._copy_streams[target]):
+            tensors = copy()
+        current.wait_stream(self._copy_streams[target])
+        for tensor in tensors:
+            if tensor is not None:
+                tensor.record_stream(current)  # allocated on the side stream, used on the current one
+        return tensors
 
     def __call__(
         self,
@@ -82,16 +119,9 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor], dict]:
-        image = _to_device(batchdata["image"], device, non_blocking, memory_format=self.memory_format, **kwargs)
-        label = _to_device(batchdata["label"], device, non_blocking, **kwargs).float()
-        mask = (
-            _to_device(batchdata["mask"], device, non_blocking, **kwargs).float()
-            if "mask" in batchdata
-            else 2.0 * label - 1.0
-        )
-        grade = batchdata.get("grade")
-        if grade is not None:
-            grade = _to_device(grade, device, non_blocking, **kwargs).long().view(-1)
+        image, label, mask, grade = self._batch_to_device(batchdata, device, non_blocking, **kwargs)
+        if mask is None:
+            mask = 2.0 * label - 1.0
         timesteps = self.get_timesteps(mask)
         noise = self.get_noise(mask)
         noisy_mask = self.noise_scheduler.add_noise(original_samples=mask, noise=noise, timesteps=timesteps)
