@@ -62,9 +62,10 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
             (any region) and 0 on the others. A subject's grade is read from the slices where tumour is found
             (:func:`~medsegdiff_monai.inferers.subject_p_hgg`), and a slice without tumour carries no evidence of
             it, so the head learns on the slices it is read on. False: every slice counts (``grade_weight`` None).
-        copy_stream: with ``non_blocking`` copies to a CUDA device, issue them on a side stream that the current
-            stream then waits for: the host, running ahead of the GPU, starts the next batch's copy while the GPU
-            still computes the previous step, instead of queueing it behind that step's kernels.
+        copy_stream: with ``non_blocking`` copies of a host batch to a CUDA device, issue them on a side stream that
+            the current stream then waits for: the host, running ahead of the GPU, starts the next batch's copy
+            while the GPU still computes the previous step, instead of queueing it behind that step's kernels. A
+            batch already on the GPU stays on the current stream.
     """
 
     def __init__(
@@ -99,7 +100,10 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
             return image, label, mask, grade
 
         target = torch.device(device) if device is not None else None
-        if not (self.copy_stream and non_blocking and target is not None and target.type == "cuda"):
+        sources = [batchdata[key] for key in ("image", "label", "mask", "grade") if key in batchdata]
+        from_host = all(not isinstance(source, torch.Tensor) or source.device.type == "cpu" for source in sources)
+        # a batch already on the GPU (written by the current stream's queued work) is converted where it was written
+        if not (self.copy_stream and non_blocking and from_host and target is not None and target.type == "cuda"):
             return copy()
         if target not in self._copy_streams:
             self._copy_streams[target] = torch.cuda.Stream(target)

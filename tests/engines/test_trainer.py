@@ -337,24 +337,34 @@ def test_prepare_batch_noises_the_mask_as_ddpm_defines():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side copy stream exists on CUDA only")
-def test_prepare_batch_side_stream_copy_is_ordered_before_the_step():
-    """With the side stream held up (a 50 ms spin queued on it before the copy), the step's kernels on the current
-    stream still see the batch complete: the outputs equal those of the plain copy on the current stream, drawn from
-    the same seed."""
-    batch = {key: value.pin_memory() for key, value in make_batches(count=1)[0].items()}
+@pytest.mark.parametrize("batch_on_gpu", [False, True])
+def test_prepare_batch_side_stream_copy_is_ordered_before_the_step(batch_on_gpu):
+    """A pinned host batch, with the side stream held up (a 50 ms spin queued on it before the copy), or a batch that
+    the current stream writes on the GPU after a 50 ms spin: the step's kernels on the current stream see the batch
+    complete either way. The outputs (channels-last image) equal those of the plain copy on the current stream, drawn
+    from the same seed."""
+    host_batch = {key: value.pin_memory() for key, value in make_batches(count=1)[0].items()}
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
-    side = NoisyMaskPrepareBatch(scheduler, copy_stream=True)
-    side(batch, "cuda", non_blocking=True)  # creates the side stream
+    side = NoisyMaskPrepareBatch(scheduler, torch.channels_last, copy_stream=True)
+    side(host_batch, "cuda", non_blocking=True)  # creates the side stream
     outputs = []
-    for prepare in (NoisyMaskPrepareBatch(scheduler, copy_stream=False), side):
+    for prepare in (NoisyMaskPrepareBatch(scheduler, torch.channels_last, copy_stream=False), side):
         torch.cuda.manual_seed(5)
-        with torch.cuda.stream(side._copy_streams[torch.device("cuda")]):
+        if batch_on_gpu:  # GPU buffers holding -7 until the current stream, after its spin, writes the batch
+            batch = {key: torch.full_like(value, -7, device="cuda") for key, value in host_batch.items()}
+            torch.cuda.synchronize()
             torch.cuda._sleep(50_000_000)
+            for key, value in batch.items():
+                value.copy_(host_batch[key], non_blocking=True)
+        else:
+            batch = host_batch
+            with torch.cuda.stream(side._copy_streams[torch.device("cuda")]):
+                torch.cuda._sleep(50_000_000)
         noisy, targets, (timesteps, image), _ = prepare(batch, "cuda", non_blocking=True)
         outputs.append([noisy.cpu(), targets["label"].cpu(), targets["grade"].cpu(), timesteps.cpu(), image.cpu()])
     for plain, copied in zip(*outputs, strict=True):
         assert torch.equal(plain, copied)
-    assert torch.equal(outputs[1][4], batch["image"]) and torch.equal(outputs[1][2], batch["grade"])
+    assert torch.equal(outputs[1][4], host_batch["image"]) and torch.equal(outputs[1][2], host_batch["grade"])
 
 
 def test_prepare_batch_weights_the_grade_on_tumour_bearing_slices():
