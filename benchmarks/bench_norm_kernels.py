@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="*",
         default=[],
-        help="also time whole groups (LaunchConfig(whole_groups=True)) with these warps, where the groups fit",
+        help="also time whole groups (LaunchConfig(whole_groups=True)) with these warps, where the groups fit (the "
+        "rule runs them over 8 warps on inputs of up to 2^22 elements)",
     )
     parser.add_argument(
         "--samples-per-launch",
@@ -184,8 +185,8 @@ def sweep_input(args: argparse.Namespace, key: tuple, configs: list[LaunchConfig
     launches += [
         (
             f"rule/slab{slab}",
-            LaunchConfig.for_input(shape, backward=False),
-            LaunchConfig.for_input(shape, backward=True),
+            LaunchConfig.for_input(shape, backward=False, num_groups=groups),
+            LaunchConfig.for_input(shape, backward=True, num_groups=groups),
             slab,
         )
         for slab in args.samples_per_launch

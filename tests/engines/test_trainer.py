@@ -346,7 +346,10 @@ def test_prepare_batch_side_stream_copy_is_ordered_before_the_step(batch_on_gpu)
     host_batch = {key: value.pin_memory() for key, value in make_batches(count=1)[0].items()}
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
     side = NoisyMaskPrepareBatch(scheduler, torch.channels_last, copy_stream=True)
-    side(host_batch, "cuda", non_blocking=True)  # creates the side stream
+    # creates the side stream and leaves -7 in the blocks its pool hands out next (the same sizes), so that a read
+    # before the copy lands cannot find the batch's values there by chance
+    side({key: torch.full_like(value, -7).pin_memory() for key, value in host_batch.items()}, "cuda", non_blocking=True)
+    torch.cuda.synchronize()
     outputs = []
     for prepare in (NoisyMaskPrepareBatch(scheduler, torch.channels_last, copy_stream=False), side):
         torch.cuda.manual_seed(5)

@@ -4,6 +4,7 @@ Triton kernels (run on the CPU by the Triton interpreter) match a float64 refere
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,25 @@ def test_default_tiling_covers_every_pixel_row_once(shape, backward):
     assert launch.num_chunks <= launch.block_s and launch.block_r * launch.block_c <= max(config.tile_elements, 1024)
     assert launch.block_n == 1 or launch.block_n * launch.block_s * launch.block_cg <= config.reduce_tile_elements
     assert (launch.num_warps, launch.num_stages) == (config.num_warps, config.num_stages)
+
+
+@needs_triton
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(8, 256, 16, 16), (8, 256, 32, 32), (8, 512, 32, 32), (8, 128, 64, 64), (1, 64, 7, 5), (160, 256, 24, 24)]
+)
+def test_default_tiling_holds_small_inputs_whole_where_groups_fit(shape, backward):
+    """Whole groups over 8 warps exactly for inputs of at most 2^22 elements whose group, its pixel rows and channels
+    each padded to a power of two, has at most 8,192 elements (by hand: 2 ** ceil(log2(n))); never without the
+    group count."""
+    from medsegdiff_monai.networks.kernels.group_norm_triton import LaunchConfig
+
+    batch, channels, height, width = shape
+    padded_group = 2 ** math.ceil(math.log2(height * width)) * 2 ** math.ceil(math.log2(channels // 32))
+    whole = batch * channels * height * width <= 4194304 and padded_group <= 8192
+    config = LaunchConfig.for_input(shape, backward, num_groups=32)
+    assert config.whole_groups == whole and (config.num_warps == 8 or not whole)
+    assert not LaunchConfig.for_input(shape, backward).whole_groups
 
 
 @needs_triton

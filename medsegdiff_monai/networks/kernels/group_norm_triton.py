@@ -13,10 +13,10 @@ kernels that merge the per-chunk sums know about groups:
 - backward: ``partial`` (per chunk and channel, the sums of ``dz`` and ``dz * x_hat``, where ``dz`` is the gradient
   entering the affine normalisation, i.e. after the SiLU backward), ``reduce`` (per group: the two sums per sample, the
   weight and bias gradients over the batch, in a fixed order so the result is deterministic), ``dx``;
-- whole groups (``LaunchConfig(whole_groups=True)``, for inputs whose groups fit one program's tile): one
-  program per (sample, group) holds the group in registers; the forward is one kernel (exact two-pass mean and
-  variance, then the output), the backward one kernel (the group's sums and ``dx``, and the per-channel sums as if
-  from one pixel chunk) followed by ``reduce``.
+- whole groups (``LaunchConfig(whole_groups=True)``, the default for small inputs whose groups fit one program's
+  tile): one program per (sample, group) holds the group in registers; the forward is one kernel (exact two-pass
+  mean and variance, then the output), the backward one kernel (the group's sums and ``dx``, and the per-channel
+  sums as if from one pixel chunk) followed by ``reduce``.
 
 An optional (N, C) ``offset`` is added to every pixel of each sample's channel before the norm without the sum being
 stored: it moves the chunks' channel means in ``combine`` and the centring value in ``apply``, ``partial`` and ``dx``;
@@ -88,21 +88,26 @@ class LaunchConfig:
     whole_groups: bool = False
 
     @classmethod
-    def for_input(cls, shape: torch.Size | tuple[int, ...], backward: bool) -> LaunchConfig:
+    def for_input(
+        cls, shape: torch.Size | tuple[int, ...], backward: bool, num_groups: int | None = None
+    ) -> LaunchConfig:
         """
         The tiling the launchers use unless given one, chosen from ``benchmarks/bench_norm_kernels.py``'s sweeps of a
-        training step's norm inputs on an H200 (``docs/performance.md``): inputs of up to 2^22 elements run as few
-        programs of one large tile each; larger ones as small tiles looped over the pixel chunks, software-pipelined
-        (backward: 2,048 elements, 4 warps, 3 stages; forward: 1,024 elements over 8 warps without pipelining from
-        256 channels on, 2,048 elements, 4 warps, 4 stages below). Whole groups are opt-in (``whole_groups``):
-        ``bench_norm_kernels.py --whole-groups-warps`` times them against these.
+        training step's norm inputs (``docs/performance.md``): inputs of up to 2^22 elements whose groups fit one
+        program (:func:`whole_groups_fit`) run as whole groups over 8 warps, other inputs of up to 2^22 elements as
+        few programs of one large tile each; larger ones as small tiles looped over the pixel chunks,
+        software-pipelined (backward: 2,048 elements, 4 warps, 3 stages; forward: 1,024 elements over 8 warps
+        without pipelining from 256 channels on, 2,048 elements, 4 warps, 4 stages below).
 
         Args:
             shape: (N, C, H, W) of the input.
             backward: for the backward launcher instead of the forward.
+            num_groups: the norm's groups; None never picks whole groups.
         """
         batch, channels, height, width = shape
         if batch * channels * height * width <= 2**22:
+            if num_groups is not None and whole_groups_fit(shape, num_groups):
+                return cls(num_warps=8, whole_groups=True)
             return cls(tile_elements=8192, programs=2048, num_warps=4)
         if backward:
             return cls(tile_elements=2048, programs=1024, num_warps=4, num_stages=3)
@@ -744,7 +749,7 @@ def group_norm_forward(
     x = as_row_layout(x)
     offset = _checked_offset(offset, x)
     offset_or_x = x if offset is None else offset  # the kernels need a pointer even where HAS_OFFSET is off
-    launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=False))
+    launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=False, num_groups=num_groups))
     mean = torch.empty((launch.num_samples, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
@@ -836,7 +841,7 @@ def group_norm_backward(
     offset = _checked_offset(offset, x)
     has_offset = offset is not None
     offset_or_x = offset if has_offset else x  # the kernels need a pointer even where HAS_OFFSET is off
-    launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=True))
+    launch = _Launch(x, num_groups, config or LaunchConfig.for_input(x.shape, backward=True, num_groups=num_groups))
     partial = torch.empty(
         (launch.num_samples, launch.num_chunks, 2 + has_offset, launch.channels), device=x.device, dtype=torch.float32
     )
