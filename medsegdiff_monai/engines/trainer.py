@@ -105,12 +105,13 @@ class NoisyMaskPrepareBatch(DiffusionPrepareBatch):
         # a batch already on the GPU (written by the current stream's queued work) is converted where it was written
         if not (self.copy_stream and non_blocking and from_host and target is not None and target.type == "cuda"):
             return copy()
-        if target not in self._copy_streams:
-            self._copy_streams[target] = torch.cuda.Stream(target)
+        side = self._copy_streams.get(target)
+        if side is None:
+            side = self._copy_streams[target] = torch.cuda.Stream(target)
         current = torch.cuda.current_stream(target)
-        with torch.cuda.stream(self._copy_streams[target]):
+        with torch.cuda.stream(side):
             tensors = copy()
-        current.wait_stream(self._copy_streams[target])
+        current.wait_stream(side)
         for tensor in tensors:
             if tensor is not None:
                 tensor.record_stream(current)  # allocated on the side stream, used on the current one
