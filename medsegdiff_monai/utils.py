@@ -120,13 +120,14 @@ def require_file(path: str | os.PathLike, key: str, hint: str = "") -> str:
         hint: a last sentence of the error, e.g. the command that writes the file.
 
     Raises:
-        FileNotFoundError: naming the absolute path looked for, ``bundle_root`` and ``key``.
+        FileNotFoundError: naming the absolute path looked for, ``key`` and how ``bundle_root`` places its default.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{os.path.abspath(path)} does not exist ('{key}' resolves to {os.fspath(path)!r}). Run the bundle "
-            "from inside its folder (bundle_root is '.'), pass --bundle_root with the bundle folder (e.g. "
-            f"--bundle_root bundle from the repository root), or set --{key}. {hint}".rstrip()
+            f"{os.path.abspath(path)} does not exist ('{key}' resolves to {os.fspath(path)!r}). Set --{key}; its "
+            "default lies under bundle_root ('.' unless --bundle_root is given), so without --"
+            f"{key} run the bundle from inside its folder or pass --bundle_root with the bundle folder (e.g. "
+            f"--bundle_root bundle from the repository root). {hint}".rstrip()
         )
     return os.fspath(path)
 

@@ -239,3 +239,21 @@ def test_cpu_settings_of_the_inference_configs(config):
         network = parser.get_parsed_content("network")
         weight = next(p for p in network.parameters() if p.ndim == 4 and p.shape[-1] > 1)
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def test_inference_without_a_datalist_names_both_ways_out(tmp_path):
+    """A data folder without ``datalist.json``: the error gives the command that writes one and the ``--input`` that
+    segments the folder as it is; with ``--input`` the datalist is never looked for."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(_inference_config_files("inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError) as raised:
+        parser.get_parsed_content("input")
+    cause = raised.value.__cause__
+    assert isinstance(cause, FileNotFoundError), raised.value
+    assert f"medsegdiff-monai datalist --data-dir {tmp_path} --out {tmp_path / 'datalist.json'}" in str(cause)
+    assert str(cause).endswith(f"or segment every subject of the folder with --input {tmp_path}.")
+    parser["input"] = str(tmp_path)
+    assert parser.get_parsed_content("input") == str(tmp_path)

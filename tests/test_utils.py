@@ -1,8 +1,10 @@
+import os
+
 import pytest
 import torch
 
 from medsegdiff_monai.inferers import DiffusionSampler
-from medsegdiff_monai.utils import as_bool, parse_amp_dtype, use_cudnn_benchmark
+from medsegdiff_monai.utils import as_bool, parse_amp_dtype, require_file, use_cudnn_benchmark
 
 
 @pytest.mark.parametrize(
@@ -15,6 +17,21 @@ def test_as_bool_reads_command_line_switches(value, expected):
 def test_as_bool_rejects_garbage_naming_the_key():
     with pytest.raises(ValueError, match="use_grade_head='maybe'"):
         as_bool("maybe", "use_grade_head")
+
+
+def test_require_file_names_the_file_the_key_and_what_to_do(tmp_path):
+    """An existing file comes back as given; a missing one is named absolutely, with the key to set, how its default
+    depends on bundle_root, and the config's hint last."""
+    present = tmp_path / "datalist.json"
+    present.write_text("{}")
+    assert require_file(present, "dataset_dir") == os.fspath(present)
+    relative = os.path.relpath(tmp_path / "absent.json")
+    with pytest.raises(FileNotFoundError) as raised:
+        require_file(relative, "dataset_dir", "Write it with `make-it`.")
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'absent.json'} does not exist ('dataset_dir' resolves to {relative!r}).")
+    assert "Set --dataset_dir;" in message and "--bundle_root bundle" in message
+    assert message.endswith("Write it with `make-it`.")
 
 
 @pytest.fixture
