@@ -125,7 +125,7 @@ def require_file(path: str | os.PathLike, key: str, hint: str = "") -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{os.path.abspath(path)} does not exist ('{key}' resolves to {os.fspath(path)!r}). Set --{key}; its "
-            "default lies under bundle_root ('.' unless --bundle_root is given), so without --"
+            "default is relative to bundle_root ('.' unless --bundle_root is given), so without --"
             f"{key} run the bundle from inside its folder or pass --bundle_root with the bundle folder (e.g. "
             f"--bundle_root bundle from the repository root). {hint}".rstrip()
         )
