@@ -122,7 +122,8 @@ def prepare_run_folder(
 ) -> None:
     """Make sure a run folder belongs to this run before any work starts, and record the fingerprint of a new run.
 
-    - A folder without a run (no checkpoint, no ``metrics.csv``) gets ``run.json`` with ``fingerprint``.
+    - A folder without a run (no checkpoint, no ``metrics.csv``) gets ``run.json`` with ``fingerprint``, also when it
+      holds the ``run.json`` of a start that failed before its first epoch ended.
     - A folder holding a run is resumed only when ``resume`` and its ``run.json`` matches ``fingerprint``; otherwise
       this stops with the differences and how to start fresh, so no file of another run is overwritten.
     - The newest checkpoint (which resume loads) and ``initial_checkpoint`` must be readable.
@@ -146,15 +147,16 @@ def prepare_run_folder(
     checkpoints = sorted(ckpt_dir.glob(_CHECKPOINT_GLOB), key=_epoch_of) if ckpt_dir.is_dir() else []
     record = output_dir / RUN_FILENAME
     has_run = bool(checkpoints) or (output_dir / "metrics.csv").is_file()
-    if record.is_file():
+    if not has_run:
+        # a run.json alone is left by a start that failed before its first epoch: the folder holds nothing to keep
+        recorded = None
+    elif record.is_file():
         try:
             recorded = json.loads(record.read_text())
         except json.JSONDecodeError as error:
             raise RunFolderError(f"{record} is not valid JSON ({error}). {fresh}") from None
-    elif has_run:
-        raise RunFolderError(f"{output_dir} holds a run without a {RUN_FILENAME}, so it cannot be checked. {fresh}")
     else:
-        recorded = None
+        raise RunFolderError(f"{output_dir} holds a run without a {RUN_FILENAME}, so it cannot be checked. {fresh}")
     if has_run and not resume:
         raise RunFolderError(
             f"{output_dir} already holds a run and this command does not resume it (resume off or --run_stage "

@@ -154,6 +154,22 @@ def test_run_folder_is_recorded_once_and_resumed_with_the_same_fingerprint(tmp_p
         prepare_run_folder(run, run / "checkpoints", other)
 
 
+def test_a_start_that_failed_before_its_first_epoch_does_not_block_the_corrected_command(tmp_path):
+    """A failed start (bad learning rate, out of memory) leaves run.json but no checkpoint and no metrics.csv: the
+    corrected command takes the folder over and records its own fingerprint; once the folder holds a run, another
+    fingerprint is refused again."""
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"]}], "validation": []}))
+    run = tmp_path / "run"
+    prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, {"lr": -1e-3}))
+    corrected = run_fingerprint(datalist, tmp_path, {"lr": 1e-3})
+    prepare_run_folder(run, run / "checkpoints", corrected)
+    assert json.loads((run / RUN_FILENAME).read_text()) == corrected
+    (run / "metrics.csv").write_text("epoch\n1\n")
+    with pytest.raises(RunFolderError, match=r"lr: 0.001 then, -0.001 now"):
+        prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, {"lr": -1e-3}))
+
+
 def test_a_run_written_before_the_grade_renames_resumes(tmp_path):
     """A run folder of before the ``cls`` -> ``grade`` renames (``run.json`` with ``use_cls_head`` and the stage
     spellings ``cls_head`` / ``cls``, ``metrics.csv`` with ``L_cls`` / ``sigma_cls``, a checkpoint with the keys
