@@ -90,6 +90,27 @@ def test_inference_bundle_runs_from_the_command_line(bundle_copy, synthetic_data
     assert rows[0] == "subject_id,p_hgg,grade" and rows[1].startswith(subject["subject_id"] + ",")
 
 
+def test_a_bad_sampler_setting_on_the_command_line_ends_with_one_message(bundle_copy):
+    """A setting that the sampler refuses ends the run with its message and exit code 1, not a traceback through
+    MONAI's config parser; nothing is written."""
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "monai.bundle", "run",
+            "--meta_file", "bundle/configs/metadata.json",
+            "--config_file", "bundle/configs/inference.json",
+            "--logging_file", "bundle/configs/logging.conf",
+            "--args_file", "args.json",
+            "--scheduler", "euler",
+            "--output_dir", "bad_setting_out",
+        ],
+        cwd=bundle_copy, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: scheduler must be one of 'ddim', 'dpmpp_2m', 'dpmpp_3m', 'ddpm', got 'euler'." in result.stderr
+    assert not (bundle_copy / "bad_setting_out").exists()
+
+
 FRESH_PYTHON = """
 import json, sys, torch
 import monai.bundle

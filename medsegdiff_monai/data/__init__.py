@@ -27,7 +27,12 @@ from medsegdiff_monai.data.layout import (
 )
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
 from medsegdiff_monai.data.nifti_reader import ThreadSafeNibabelReader
-from medsegdiff_monai.data.preflight import check_training_inputs, exit_on_bad_input, read_datalist_json
+from medsegdiff_monai.data.preflight import (
+    check_training_inputs,
+    exit_on_bad_input,
+    read_datalist_json,
+    report_errors_briefly,
+)
 from medsegdiff_monai.data.reader import SubjectFiles, list_subject_dirs, locate_subject_files
 from medsegdiff_monai.data.split import (
     SubjectSplit,
@@ -101,6 +106,7 @@ __all__ = [
     "read_name_mapping",
     "modality_of_file",
     "release_of_file",
+    "report_errors_briefly",
     "stratified_split",
     "subject_entry",
     "validate_brats_folder",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +24,7 @@ __all__ = [
     "check_training_inputs",
     "exit_on_bad_input",
     "read_datalist_json",
+    "report_errors_briefly",
 ]
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
@@ -37,6 +41,60 @@ def exit_on_bad_input(check: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+TRACEBACK_VARIABLE = "MEDSEGDIFF_TRACEBACK"
+"""Environment variable that, set to any non-empty value, keeps Python's full tracebacks in bundle runs."""
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    """An exception and its causes, the first raised last: MONAI's config parser wraps an error raised while it
+    builds a component or evaluates an expression in a ``RuntimeError("Failed to ...")`` raised from it."""
+    chain = [error]
+    while (cause := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
+        chain.append(cause)
+        error = cause
+    return chain
+
+
+_BUILDING = re.compile(r"Failed to instantiate component '([^']+)'")
+
+
+def report_errors_briefly(interrupted: str = "") -> None:
+    """Make the process report a bad setting or input as one message instead of a traceback (``sys.excepthook``).
+
+    Installed by the bundle configs as their first ``initialize`` step, so that what the config builds and runs
+    afterwards (a sampler given an unknown scheduler, an optimizer given a negative learning rate, an input file
+    whose voxels are not finite) ends with ``error: <message>`` on stderr, the place it was raised, and exit code 1:
+    an error of :data:`INPUT_ERRORS` at the root of the exception chain. Ctrl-C prints ``interrupted.`` followed by
+    ``interrupted``. Any other error keeps its traceback, and so does every error while the environment variable
+    ``MEDSEGDIFF_TRACEBACK`` is set.
+
+    Args:
+        interrupted: what to do after Ctrl-C, e.g. how to resume.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        chain = _exception_chain(error)
+        root = chain[-1]
+        if os.environ.get(TRACEBACK_VARIABLE) or not isinstance(root, (KeyboardInterrupt, *INPUT_ERRORS)):
+            previous(kind, error, trace)
+            return
+        if isinstance(root, KeyboardInterrupt):
+            print(f"\ninterrupted. {interrupted}".rstrip(), file=sys.stderr, flush=True)
+            return
+        frames = traceback.extract_tb(root.__traceback__)
+        where = f" in {frames[-1].name} ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+        built = [match.group(1) for link in chain if (match := _BUILDING.match(str(link)))]
+        where += f" while building {built[-1]}" if built else ""
+        print(
+            f"\nerror: {root}\n  ({type(root).__name__}{where}; set {TRACEBACK_VARIABLE}=1 for the whole traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    sys.excepthook = hook
 
 
 def check_roi_size(roi_size: Sequence[int], multiple: int) -> tuple[int, int]:
