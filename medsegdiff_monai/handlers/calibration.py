@@ -17,6 +17,7 @@ from monai.utils import evenly_divisible_all_gather
 from medsegdiff_monai.handlers.checkpoint import validation_score
 from medsegdiff_monai.networks.calibration import GradeCalibration, fit_platt_scaling
 from medsegdiff_monai.networks.checkpoint import extract_network_state
+from medsegdiff_monai.utils import unwrap_module
 
 __all__ = ["GradeCalibrationFit"]
 
@@ -58,11 +59,18 @@ class GradeCalibrationFit:
     The decision threshold stays p(HGG) >= 0.5 on the calibrated probability (equal costs of both errors); the
     calibration moves the probabilities, not the threshold.
 
+    A resumed run fits on the same subjects as an uninterrupted one: the kept epoch's score and log-odds are the
+    handler's ``state_dict``, which the training checkpoint holds (attach the handler before the checkpoint saver, so
+    that each epoch's checkpoint includes that epoch). With ``network``, the fit happens once per run: when the best
+    network file's calibration already differs from the network's own (the buffers that training never changes),
+    the file holds this run's fit, and re-running a finished run leaves it as it is.
+
     Args:
         evaluator: the validation engine (a :class:`~medsegdiff_monai.engines.DiffusionEvaluator`).
         best_path: the best network file written by the checkpoint saver (e.g. ``models/model.pt``).
         score_names: the checkpoint-selection figures (see :func:`~medsegdiff_monai.handlers.validation_score`).
         min_subjects: fewest graded validation subjects to fit on.
+        network: the trained network, to tell a fitted best network file from one still to fit (None: always fit).
         name: logger name.
     """
 
@@ -72,10 +80,12 @@ class GradeCalibrationFit:
         best_path: str | Path,
         score_names: Sequence[str] = ("Dice", "-Brier"),
         min_subjects: int = 4,
+        network: torch.nn.Module | None = None,
         name: str = "medsegdiff_monai",
     ) -> None:
         self.evaluator = evaluator
         self.best_path = Path(best_path)
+        self.network = network
         self.score_function: Callable[[Mapping], float] = lambda metrics: validation_score(metrics, score_names)
         self.min_subjects = min_subjects
         self.logger = logging.getLogger(name)
@@ -90,6 +100,18 @@ class GradeCalibrationFit:
         self.evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._keep_if_best)
         engine.add_event_handler(Events.COMPLETED, self._fit_and_store)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The kept epoch's score and, once an epoch is kept, its subjects' log-odds and grades (float64)."""
+        state = {"best_score": torch.tensor(self.best_score, dtype=torch.float64)}
+        if self.best is not None:
+            state["log_odds"], state["grades"] = (torch.from_numpy(values) for values in self.best)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (a resumed run)."""
+        self.best_score = float(state["best_score"])
+        self.best = (state["log_odds"].numpy(), state["grades"].numpy()) if "log_odds" in state else None
 
     def _reset(self, _: Engine) -> None:
         self._epoch_log_odds.clear()
@@ -131,9 +153,12 @@ class GradeCalibrationFit:
         if not self.best_path.is_file():
             self.logger.warning(f"grade calibration: {self.best_path} does not exist; nothing calibrated.")
             return
-        scale, bias = fit_platt_scaling(log_odds, grades)
         checkpoint = torch.load(self.best_path, map_location="cpu", weights_only=True)
         state = extract_network_state(checkpoint)
+        if self._already_fitted(state):
+            self.logger.info(f"grade calibration: {self.best_path} already holds this run's fitted calibration.")
+            return
+        scale, bias = fit_platt_scaling(log_odds, grades)
         calibration = GradeCalibration()
         if all(key in state for key in _KEYS):
             calibration.set(float(state[_KEYS[0]]), float(state[_KEYS[1]]))
@@ -149,3 +174,10 @@ class GradeCalibrationFit:
         )
         self.logger.info(f"  before: {_grade_summary(log_odds, grades)}")
         self.logger.info(f"  after:  {_grade_summary(scale * log_odds + bias, grades)} (decision at p >= 0.5)")
+
+    def _already_fitted(self, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the best network file's calibration differs from the network's own, i.e. the fit was stored."""
+        if self.network is None or not all(key in state for key in _KEYS):
+            return False
+        own = unwrap_module(self.network).state_dict()
+        return any(key in own and not torch.equal(state[key].cpu(), own[key].cpu()) for key in _KEYS)

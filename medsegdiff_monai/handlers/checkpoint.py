@@ -80,9 +80,9 @@ class TrainingCheckpointSaver:
       score so far, so a resumed run only replaces the best network by a better one). Only the ``n_saved`` newest
       files are kept, also those an earlier process of the run left behind; one complete file always exists.
     - ``best_dir/best_filename`` (default ``model.pt``): the network's bare state dict (Ignite saves a single object
-      unwrapped) of the epoch with the best :func:`validation_score` of ``evaluator`` (mean of Dice and, with a
-      grade head, AUC). It is saved before the epoch's checkpoint, so a checkpoint never records a best network that
-      is not on disk.
+      unwrapped) of the epoch with the best :func:`validation_score` of ``evaluator`` (by default Dice minus the
+      grade Brier score; Dice alone without a grade head). It is saved before the epoch's checkpoint, so a
+      checkpoint never records a best network that is not on disk.
 
     Attach it after the epoch's other handlers that must come before the checkpoint (validation, ``EpochReport``'s
     ``metrics.csv`` row). All files load with ``torch.load(path, weights_only=True)``. Under DDP only rank 0 writes.
@@ -93,7 +93,7 @@ class TrainingCheckpointSaver:
         evaluator: validation engine for the best checkpoint (None: no best checkpoint).
         best_dir: folder of the best network (default ``save_dir``), e.g. the run's folder.
         best_filename: file name of the best network.
-        score_names: validation metrics averaged into the score.
+        score_names: the figures of :func:`validation_score`, the same as :class:`GradeCalibrationFit`'s.
         n_saved: number of resume checkpoints kept.
     """
 
@@ -104,7 +104,7 @@ class TrainingCheckpointSaver:
         evaluator: Engine | None = None,
         best_dir: str | Path | None = None,
         best_filename: str = "model.pt",
-        score_names: Sequence[str] = ("Dice", "AUC"),
+        score_names: Sequence[str] = ("Dice", "-Brier"),
         n_saved: int = 2,
         name: str = "medsegdiff_monai",
     ) -> None:
@@ -164,6 +164,8 @@ class ResumeFromCheckpoint:
     Args:
         save_dir: folder written by :class:`TrainingCheckpointSaver`.
         load_dict: the same objects as its ``save_dict``.
+        optional_keys: entries of ``load_dict`` that a checkpoint written before they were saved lacks; such an
+            object keeps its initial state (every other entry must be in the checkpoint).
         enabled: whether to resume.
         map_location: passed to ``torch.load``.
     """
@@ -172,12 +174,14 @@ class ResumeFromCheckpoint:
         self,
         save_dir: str | Path,
         load_dict: Mapping,
+        optional_keys: Sequence[str] = (),
         enabled: bool = True,
         map_location: str | None = "cpu",
         name: str = "medsegdiff_monai",
     ) -> None:
         self.save_dir = Path(save_dir)
         self.load_dict = dict(load_dict)
+        self.optional_keys = tuple(optional_keys)
         self.enabled = enabled
         self.map_location = map_location
         self.logger = logging.getLogger(name)
@@ -190,7 +194,14 @@ class ResumeFromCheckpoint:
             self.logger.info(f"resume: no checkpoint in {self.save_dir}, starting a new run")
             return
         self.logger.info(f"resume: loading {path}")
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        load_dict = self.load_dict
+        if self.optional_keys:
+            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()  # no tensor is read
+            absent = [key for key in self.optional_keys if key in load_dict and key not in stored]
+            if absent:
+                self.logger.info(f"resume: {path.name} holds no {', '.join(absent)}; starting it anew")
+                load_dict = {key: value for key, value in load_dict.items() if key not in absent}
+        CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location=self.map_location).attach(engine)
 
 
 class LoadNetworkWeights:

@@ -3,6 +3,7 @@ the evaluator's pooled subject grade and Brier score; the checkpoint-selection s
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -152,6 +153,42 @@ def test_calibration_handler_keeps_the_identity_with_one_grade(tmp_path, caplog)
     state = torch.load(best_path, weights_only=True)
     assert float(state["grade_calibration.scale"]) == 1.0 and float(state["grade_calibration.bias"]) == 0.0
     assert "0 LGG and 4 HGG validation subjects" in caplog.text
+
+
+def test_calibration_handler_state_restores_the_kept_epoch(tmp_path):
+    """A resumed run keeps the kept epoch of before the interruption: its state round-trips through a checkpoint
+    file loaded with weights_only=True, and a fresh handler given it fits the same calibration."""
+    grades = [0, 0, 0, 1, 1, 1, 1]
+    best = {"log_odds": [-0.05, 0.02, -0.01, 0.04, 0.08, 0.01, 0.06], "grades": grades, "Dice": 0.7, "Brier": 0.2}
+    handler, _ = run_with_calibration(tmp_path, [best])
+    torch.save({"grade_calibration": handler.state_dict()}, tmp_path / "checkpoint.pt")
+    restored = GradeCalibrationFit(Engine(lambda engine, batch: None), tmp_path / "model.pt")
+    restored.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["grade_calibration"])
+    assert restored.best_score == pytest.approx(0.5)
+    np.testing.assert_array_equal(restored.best[0], best["log_odds"])
+    np.testing.assert_array_equal(restored.best[1], grades)
+    empty = GradeCalibrationFit(Engine(lambda engine, batch: None), tmp_path / "model.pt")
+    empty.load_state_dict(GradeCalibrationFit(Engine(lambda engine, batch: None), tmp_path / "x.pt").state_dict())
+    assert empty.best is None and empty.best_score == -math.inf
+
+
+def test_calibration_handler_with_the_network_fits_a_file_once(tmp_path, caplog):
+    """Given the trained network, the handler composes its fit into the best network file only while the file's
+    calibration is still the network's own: completing the same run again leaves the file as it is."""
+    grades = [0, 0, 0, 1, 1, 1, 1]
+    best = {"log_odds": [-0.05, 0.02, -0.01, 0.04, 0.08, 0.01, 0.06], "grades": grades, "Dice": 0.7, "Brier": 0.2}
+    handler, best_path = run_with_calibration(tmp_path, [best])
+    fitted = torch.load(best_path, weights_only=True)
+    handler.network = tiny_network()  # identity calibration, as the network that wrote the file had
+    caplog.set_level(logging.INFO)
+    handler._fit_and_store(Engine(lambda engine, batch: None))
+    again = torch.load(best_path, weights_only=True)
+    assert all(torch.equal(fitted[k], again[k]) for k in ("grade_calibration.scale", "grade_calibration.bias"))
+    assert "already holds this run's fitted calibration" in caplog.text
+    torch.save(tiny_network().state_dict(), best_path)  # a file not yet fitted is fitted
+    handler._fit_and_store(Engine(lambda engine, batch: None))
+    refitted = torch.load(best_path, weights_only=True)
+    assert torch.equal(refitted["grade_calibration.scale"], fitted["grade_calibration.scale"])
 
 
 class SliceMeanGrader(torch.nn.Module):

@@ -23,6 +23,7 @@ TINY = {
     "network_def#norm_num_groups": "4", "network_def#grade_hidden_channels": "8",
     "roi_size": "[16,16]", "slices_per_volume": "2", "val_sampling_steps": "1",
     "stages#0#epochs": "1", "stages#1#epochs": "1", "stages#2#epochs": "1",
+    "train#grade_calibration#min_subjects": "2",  # the 2 validation subjects (1 LGG, 1 HGG) get a fitted grade
 }  # fmt: skip
 
 
@@ -76,7 +77,9 @@ def network(path: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_twice_and_resumed_matches_the_uninterrupted_run(tiny_release, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(command(tiny_release, straight), cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
+    run = subprocess.run(command(tiny_release, straight), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "grade calibration fitted on 1 LGG + 1 HGG" in run.stdout + run.stderr
     checkpoints = killed / "runs" / "train" / "checkpoints"
     # first kill: in the middle of epoch 2; second: the moment epoch 2's checkpoint appears (before its line)
     kill_when(start(tiny_release, killed), checkpoints / "checkpoint_epoch=1.pt", delay=0.3)
@@ -91,3 +94,9 @@ def test_killed_twice_and_resumed_matches_the_uninterrupted_run(tiny_release, tm
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]
+    # the finished run once more: nothing to train, and the fitted calibration is not composed a second time
+    again = subprocess.run(command(tiny_release, killed), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds this run's fitted calibration" in again.stdout + again.stderr
+    expected, got = network(straight / "runs" / "train" / "model.pt"), network(killed / "runs" / "train" / "model.pt")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

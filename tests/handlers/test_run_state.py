@@ -19,6 +19,7 @@ from monai.transforms import Compose, RandAffined, RandFlipd, RandSpatialCropd
 from medsegdiff_monai.handlers import (
     RUN_FILENAME,
     EpochReport,
+    GradeCalibrationFit,
     RandomState,
     ResumeFromCheckpoint,
     RunFolderError,
@@ -210,13 +211,17 @@ def test_a_run_written_before_the_grade_renames_resumes(tmp_path):
     engine = Engine(lambda engine, batch: {"L_seg": loss, "L_grade": loss, "L_total": loss, "finite": True})
     engine.loss_function = weighting
     engine.optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
-    ResumeFromCheckpoint(checkpoints, {"network": network, "loss": weighting, "trainer": engine}).attach(engine)
+    # the grade calibration's state is saved since a later version: a checkpoint without it resumes all the rest
+    calibration = GradeCalibrationFit(Engine(lambda engine, batch: None), run / "model.pt")
+    objects = {"network": network, "loss": weighting, "trainer": engine, "grade_calibration": calibration}
+    ResumeFromCheckpoint(checkpoints, objects, optional_keys=["grade_calibration"]).attach(engine)
     EpochReport(run, tensorboard=False).attach(engine)
     with pytest.warns(DeprecationWarning, match=r"cls_head|log_sigmas\.cls") as caught:
         engine.run([0], max_epochs=2)
     assert any("log_sigmas.cls" in str(w.message) for w in caught)
     assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
     assert weighting.sigmas() == pytest.approx({"seg": math.exp(0.25), "grade": math.exp(-0.5)})
+    assert calibration.best is None and calibration.best_score == -math.inf
     with open(run / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert "L_cls" not in rows[0] and "sigma_cls" not in rows[0]
