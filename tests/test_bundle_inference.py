@@ -278,3 +278,17 @@ def test_inference_without_a_datalist_names_both_ways_out(tmp_path):
     assert str(cause).endswith(f"or segment every subject of the folder with --input {tmp_path}.")
     parser["input"] = str(tmp_path)
     assert parser.get_parsed_content("input") == str(tmp_path)
+
+
+def test_evaluation_takes_its_subjects_from_input(tmp_path, synthetic_brats_dir):
+    """``evaluate.json --input <BraTS folder>`` evaluates that folder's subjects (the datalist of ``dataset_dir`` is
+    never looked for), as ``inference.json --input`` does."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(_inference_config_files("evaluate.json"))
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(tmp_path), "input": str(synthetic_brats_dir)})
+    entries = parser.get_parsed_content("validate#dataset").data
+    subjects = sorted(p.name for p in synthetic_brats_dir.iterdir() if p.is_dir())
+    assert [entry["subject_id"] for entry in entries] == subjects
+    assert all(entry["label"].startswith(str(synthetic_brats_dir)) for entry in entries)

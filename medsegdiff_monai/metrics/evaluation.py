@@ -28,11 +28,13 @@ from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
 from medsegdiff_monai.visualize import write_png
 
-__all__ = ["EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
+__all__ = ["REPORT_FILENAMES", "EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
 
 METRICS_CSV = "metrics_per_subject.csv"
 SUMMARY_JSON = "summary.json"
 RELIABILITY_PNG = "reliability.png"
+REPORT_FILENAMES = (METRICS_CSV, SUMMARY_JSON, RELIABILITY_PNG)
+"""The files of an evaluation report (:func:`write_evaluation`)."""
 
 
 class EvaluationResult(dict):

@@ -12,7 +12,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from medsegdiff_monai.data.layout import GRADE_TO_INDEX, MODALITIES, nifti_stem
+from medsegdiff_monai.data.layout import (
+    GRADE_TO_INDEX,
+    LABEL_FILE_SUFFIX,
+    MODALITIES,
+    MODALITY_FILE_SUFFIXES,
+    nifti_stem,
+)
 from medsegdiff_monai.data.name_mapping import read_name_mapping
 
 __all__ = ["AttachGraded", "LoadGradeFromCSVd", "grade_to_tensor", "source_path", "subject_id_from_path"]
@@ -79,17 +85,19 @@ def source_path(value: Any) -> Path:
 
 
 def subject_id_from_path(path: str | Path) -> str:
-    """Subject id of a BraTS file: the name before ``_<modality>`` / ``_seg``, else the folder name.
+    """Subject id of a BraTS file: the name before its modality or label ending, else the folder name.
 
     ``.../BraTS20_Training_001/BraTS20_Training_001_t1.nii`` and ``/in/BraTS20_Training_001_t1.nii.gz`` both give
-    ``BraTS20_Training_001``; the subject-355 label ``.../BraTS20_Training_355/W39_1998.09.19_Segm.nii`` gives the
-    folder name.
+    ``BraTS20_Training_001``, ``/in/BraTS-GLI-00001-000-t1n.nii.gz`` (BraTS 2023+ naming) ``BraTS-GLI-00001-000``;
+    the subject-355 label ``.../BraTS20_Training_355/W39_1998.09.19_Segm.nii`` gives the folder name.
     """
     file = Path(path)
     stem = nifti_stem(file)
-    for modality in (*MODALITIES, "seg"):
-        if stem.lower().endswith(f"_{modality}"):
-            return stem[: -len(modality) - 1]
+    endings = [*(f"_{name}" for name in (*MODALITIES, "seg")), *LABEL_FILE_SUFFIX.values()]
+    endings += [suffix for suffixes in MODALITY_FILE_SUFFIXES.values() for suffix in suffixes]
+    for ending in sorted(set(endings), key=len, reverse=True):
+        if stem.lower().endswith(ending) and len(stem) > len(ending):
+            return stem[: -len(ending)]
     return file.parent.name
 
 

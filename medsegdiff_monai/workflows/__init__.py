@@ -15,6 +15,7 @@ from medsegdiff_monai.workflows.pipeline import (
     SubjectPrediction,
     check_inference_run,
     check_no_earlier_outputs,
+    check_output_folder,
 )
 from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_inference_inputs",
     "check_inference_run",
     "check_no_earlier_outputs",
+    "check_output_folder",
     "collect_inference_inputs",
     "export_from_checkpoint",
     "export_network",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
+from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES
 from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
 from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer
 
@@ -51,11 +52,19 @@ def run_evaluation(
 
     Raises:
         ValueError: naming the subjects without a label file.
+        FileExistsError: when ``output_dir`` holds a report and the inferer's ``overwrite`` is False (before any
+            subject is sampled).
     """
     entries = resolve_entries(source, datalist_key, data_dir, num_eval_cases)
     unlabelled = [str(e.get("subject_id", e["image"][0])) for e in entries if not e.get("label")]
     if unlabelled:
         raise ValueError(f"evaluation needs a label file for every subject; none for: {', '.join(unlabelled)}.")
+    report = [name for name in REPORT_FILENAMES if (Path(output_dir) / name).exists()]
+    if report and not inferer.overwrite:
+        raise FileExistsError(
+            f"output folder {output_dir} already holds an evaluation report ({', '.join(report)}). Nothing was "
+            "written. Pass --overwrite true to replace it, or choose another --output_dir."
+        )
     outputs = inferer.run(entries, output_dir)
     result = evaluate_subjects(
         [

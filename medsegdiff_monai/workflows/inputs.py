@@ -161,7 +161,21 @@ def resolve_entries(
     num_cases: int | None = None,
 ) -> list[dict[str, Any]]:
     """Subject entries of ``source`` (already a list of entries, or anything :func:`collect_inference_inputs`
-    takes), limited to the first ``num_cases`` (None: all)."""
-    is_entry_list = isinstance(source, (list, tuple)) and bool(source) and isinstance(source[0], dict)
+    takes), limited to the first ``num_cases`` (None: all).
+
+    Raises:
+        ValueError: ``num_cases`` below 1, or no subject to run (an empty list, or an empty list of a datalist),
+            naming the input and what to do; and what :func:`collect_inference_inputs` raises.
+    """
+    if num_cases is not None and num_cases < 1:
+        raise ValueError(f"num_cases must be >= 1 (or null for every subject), got {num_cases}.")
+    if isinstance(source, (list, tuple)) and not source:
+        raise ValueError("the input lists no subject: give a BraTS folder, a datalist JSON or four modality files.")
+    is_entry_list = isinstance(source, (list, tuple)) and isinstance(source[0], dict)
     entries = list(source) if is_entry_list else collect_inference_inputs(source, datalist_key, data_dir)
+    if not entries:  # only a datalist's list can be empty: a folder without subjects is refused when read
+        raise ValueError(
+            f"datalist {source} has an empty list {datalist_key!r}: choose another with --datalist_key (e.g. "
+            "training), or write the datalist again with a validation split."
+        )
     return entries[:num_cases] if num_cases is not None else entries

@@ -26,7 +26,7 @@ from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 from medsegdiff_monai.visualize import write_overlay_png
 from medsegdiff_monai.workflows.inputs import InputSource, check_inference_inputs, resolve_entries
-from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like
+from medsegdiff_monai.workflows.writers import GRADES_CSV_COLUMNS, write_grades_csv, write_nifti_like
 
 __all__ = [
     "BratsVolumeInferer",
@@ -34,6 +34,7 @@ __all__ = [
     "SubjectPrediction",
     "check_inference_run",
     "check_no_earlier_outputs",
+    "check_output_folder",
     "partial_folders",
 ]
 
@@ -49,6 +50,27 @@ def partial_folders(output_dir: str | Path) -> list[Path]:
     if not output_dir.parent.is_dir():
         return []
     return sorted(p for p in output_dir.parent.glob(f".{output_dir.name}.partial-*") if p.is_dir())
+
+
+def check_output_folder(output_dir: str | Path) -> None:
+    """Refuse an ``output_dir`` that a run could not write into at its end: a file, or a folder whose
+    ``grades.csv`` is not a table of ``subject_id,p_hgg,grade`` rows (a run updates that table by subject).
+
+    Raises:
+        FileExistsError / ValueError: naming the path and what to do.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
+    grades = output_dir / GRADES_FILENAME
+    if grades.is_file():
+        with open(grades, newline="") as f:
+            columns = next(csv.reader(f), [])
+        if not set(GRADES_CSV_COLUMNS) <= set(columns):
+            raise ValueError(
+                f"{grades} has the columns {columns}, not {list(GRADES_CSV_COLUMNS)}: a run updates that table by "
+                "subject, so move the file away or choose another --output_dir."
+            )
 
 
 def check_no_earlier_outputs(output_dir: str | Path, subject_ids: Sequence[str]) -> None:
@@ -95,8 +117,8 @@ def check_inference_run(
     """Everything an inference run reads or would overwrite, checked before the network is loaded.
 
     In order: ``roi_size`` against the network's downsampling, the input (datalist JSON, folder or files) and the
-    headers, label values and modality contents of every subject, the output folder (earlier outputs of the same
-    subjects need ``overwrite``), and that ``checkpoint`` is a readable file.
+    headers, label values and modality contents of every subject, the output folder (:func:`check_output_folder`;
+    earlier outputs of the same subjects need ``overwrite``), and that ``checkpoint`` is a readable file.
 
     Returns:
         the subject entries.
@@ -110,6 +132,7 @@ def check_inference_run(
     check_roi_size(roi_size, roi_multiple)
     entries = resolve_entries(source, datalist_key, data_dir, num_cases)
     check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
+    check_output_folder(output_dir)
     if not overwrite:
         check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
     if checkpoint is not None:
@@ -329,6 +352,7 @@ class BratsVolumeInferer:
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
         check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
+        check_output_folder(output_dir)
         if not self.overwrite:
             check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
         output_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -37,3 +37,18 @@ def test_evaluation_needs_labels(brain_oracle, synthetic_brats_dir, tmp_path):
     with pytest.raises(ValueError, match="label file .* BraTS20_Training_001"):
         run_evaluation(inferer, files, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_second_evaluation_into_the_same_folder_needs_overwrite(brain_oracle, synthetic_datalist, tmp_path):
+    """The report of an earlier evaluation is never replaced silently: without ``overwrite`` the second run stops
+    before sampling, naming the report's files; with it, the report is replaced."""
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    out = tmp_path / "eval"
+    run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2, print_table=False)
+    before = (out / "summary.json").read_text()
+    with pytest.raises(FileExistsError, match=r"already holds an evaluation report \(metrics_per_subject.csv, summ"):
+        run_evaluation(inferer, synthetic_datalist, out, datalist_key="validation", print_table=False)
+    assert (out / "summary.json").read_text() == before
+    inferer.overwrite = True
+    run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=1, print_table=False)
+    assert json.loads((out / "summary.json").read_text())["num_subjects"] == 1

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -143,10 +144,43 @@ def test_missing_file_among_four(brain_oracle, synthetic_brats_dir, tmp_path):
     _assert_nothing_written(tmp_path)
 
 
+def test_an_output_folder_a_run_could_not_finish_in_is_refused_before_sampling(brain_oracle, brats_copy, tmp_path):
+    """A file as output_dir, and a grades.csv of other columns (that the end of the run would update), stop the run
+    before the first subject is sampled, naming the path."""
+    inferer = _inferer(brain_oracle())
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(FileExistsError, match=r"output_dir .*out is a file"):
+        inferer.run(brats_copy, tmp_path / "out", num_cases=1)
+    (tmp_path / "out").unlink()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "grades.csv").write_text("id;prob\nfoo;0.3\n")
+    for overwrite in (False, True):
+        inferer.overwrite = overwrite
+        with pytest.raises(ValueError, match=r"grades.csv has the columns \['id;prob'\], not \['subject_id', 'p_hgg'"):
+            inferer.run(brats_copy, tmp_path / "out", num_cases=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grades.csv"]
+
+
+def test_an_input_without_subjects_is_named(brain_oracle, synthetic_datalist, tmp_path):
+    """An empty list of a datalist, an empty list of entries and num_cases 0 each stop the run with what to do."""
+    datalist = tmp_path / "no_validation.json"
+    content = json.loads(synthetic_datalist.read_text())
+    datalist.write_text(json.dumps({**content, "validation": []}))
+    inferer = _inferer(brain_oracle())
+    with pytest.raises(ValueError, match=r"has an empty list 'validation': choose another with --datalist_key"):
+        inferer.run(datalist, tmp_path / "out", data_dir=synthetic_datalist.parent)
+    with pytest.raises(ValueError, match="the input lists no subject"):
+        inferer.run([], tmp_path / "out")
+    with pytest.raises(ValueError, match="num_cases must be >= 1"):
+        inferer.run(synthetic_datalist, tmp_path / "out", num_cases=0)
+    _assert_nothing_written(tmp_path)
+
+
 def test_failure_during_inference_leaves_earlier_outputs_untouched(brain_oracle, brats_copy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "grades.csv").write_text("previous run\n")
+    earlier = "subject_id,p_hgg,grade\nearlier_subject,0.100000,LGG\n"
+    (out / "grades.csv").write_text(earlier)
 
     class FailingOnThirdSubject(BratsVolumeInferer):
         calls = 0
@@ -161,7 +195,7 @@ def test_failure_during_inference_leaves_earlier_outputs_untouched(brain_oracle,
     with pytest.raises(RuntimeError, match="simulated"):
         inferer.run(brats_copy, out)
     assert sorted(p.name for p in out.iterdir()) == ["grades.csv"]
-    assert (out / "grades.csv").read_text() == "previous run\n"
+    assert (out / "grades.csv").read_text() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "out"]
 
 

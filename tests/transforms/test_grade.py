@@ -42,6 +42,10 @@ def test_grade_from_csv(synthetic_brats_dir, synthetic_datalist):
 def test_subject_ids():
     assert subject_id_from_path("/d/BraTS20_Training_001/BraTS20_Training_001_t1ce.nii.gz") == "BraTS20_Training_001"
     assert subject_id_from_path("/in/case7_flair.nii") == "case7"
+    # BraTS 2023+ names: four files of two subjects in one folder keep their own ids
+    assert subject_id_from_path("/flat/BraTS-GLI-00001-000-t1n.nii.gz") == "BraTS-GLI-00001-000"
+    assert subject_id_from_path("/flat/BraTS-GLI-00002-000-t2f.nii.gz") == "BraTS-GLI-00002-000"
+    assert subject_id_from_path("/flat/BraTS-GLI-00002-000-seg.nii.gz") == "BraTS-GLI-00002-000"
     assert subject_id_from_path("/d/BraTS20_Training_355/W39_1998.09.19_Segm.nii") == "BraTS20_Training_355"
     clean = SubjectIdd()
     # load_decathlon_datalist turns a subject id that names an existing folder into that folder's path
