@@ -22,3 +22,4 @@ from medsegdiff_monai.handlers.run_state import (
     run_fingerprint,
 )
 from medsegdiff_monai.handlers.staged_training import StagedTraining
+from medsegdiff_monai.handlers.validation import EpochValidation
