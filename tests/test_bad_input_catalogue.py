@@ -167,7 +167,7 @@ def missing_label(w):
 def truncated_nifti(w):
     path = w.nifti(S1, "t1")
     path.write_bytes(path.read_bytes()[:5000])
-    return check(w), 1, f"{path} cannot be read (truncated?)"
+    return check(w, "--headers-only"), 1, f"{path} is truncated: 5000 bytes, where its header describes"
 
 
 def not_a_nifti(w):
@@ -331,6 +331,20 @@ def train_file_truncated_after_datalist(w):
     return train(w), 1, f"{subject}_flair.nii"
 
 
+def train_file_cut_at_its_end_after_datalist(w):
+    """Cut where no check reads voxels (the end of the last axial slices): the file's size gives it away."""
+    subject = w.entries()[0]["subject_id"]
+    path = w.nifti(subject, "t2")
+    path.write_bytes(path.read_bytes()[:-2000])
+    return train(w), 1, f"{subject}_t2.nii is truncated"
+
+
+def train_subject_in_both_lists(w):
+    w.rewrite_datalist(lambda c: c["validation"].append(c["training"][0]))
+    subject = w.entries()[0]["subject_id"]
+    return train(w), 1, f"1 subject(s) in both 'training' and 'validation' ({subject})"
+
+
 def train_shape_mismatch_after_datalist(w):
     subject = w.entries("validation")[0]["subject_id"]
     w.edit(subject, "t1ce", lambda a: a[:-4])
@@ -457,7 +471,8 @@ CASES = [
     all_zero_modality, constant_modality, empty_modality_allowed, empty_modality_blocks_datalist,
     notes_folder_is_skipped, train_missing_datalist, train_malformed_datalist, train_datalist_without_validation,
     train_entry_with_three_images, train_entry_without_grade, train_modalities_in_wrong_order,
-    train_file_deleted_after_datalist, train_file_truncated_after_datalist, train_shape_mismatch_after_datalist,
+    train_file_deleted_after_datalist, train_file_truncated_after_datalist, train_file_cut_at_its_end_after_datalist,
+    train_subject_in_both_lists, train_shape_mismatch_after_datalist,
     train_label_value_after_datalist, train_all_zero_modality, train_roi_not_a_multiple, train_roi_of_one_side,
     resume_other_datalist, resume_other_plan, resume_off_on_an_existing_run, run_folder_without_fingerprint,
     malformed_run_record, truncated_resume_checkpoint, truncated_initial_checkpoint, infer_missing_datalist,

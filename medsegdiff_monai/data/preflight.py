@@ -288,5 +288,33 @@ def check_training_inputs(
                 allow_empty_modality=allow_empty_modality,
             )
         )
+    problems.extend(_shared_subject_problems(content, datalist, dataset_dir))
     if problems:
         raise BratsDataError(problems)
+
+
+def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> list[str]:
+    """A subject listed in both ``training`` and ``validation`` (the same first image file) would be validated on,
+    chosen as best and calibrated on what it was trained on."""
+    lists = [content.get(key) for key in ("training", "validation")]
+    if not all(isinstance(entries, list) for entries in lists):
+        return []
+
+    def first_images(entries: list) -> dict[Path, str]:
+        found = {}
+        for entry in entries:
+            images = entry.get("image") if isinstance(entry, Mapping) else None
+            if isinstance(images, list) and images and isinstance(images[0], str):
+                path = (Path(dataset_dir) / images[0]).resolve()
+                found[path] = str(entry.get("subject_id") or path.parent.name)
+        return found
+
+    training, validation = (first_images(entries) for entries in lists)
+    shared = [validation[path] for path in validation if path in training]
+    if not shared:
+        return []
+    return [
+        f"datalist {datalist}: {len(shared)} subject(s) in both 'training' and 'validation' ({', '.join(shared)}); "
+        "a validation subject must be held out from training. Write the datalist again with `medsegdiff-monai "
+        f"datalist --data-dir {dataset_dir} --out {datalist}`."
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,7 +72,40 @@ def _load_header(path: Path, subject_id: str, problems: list[str]) -> nib.Nifti1
     if len(image.shape) != 3:
         problems.append(f"subject {subject_id}: file {path} has shape {image.shape}: expected a 3D volume.")
         return None
+    truncated = _truncation_problem(path, image)
+    if truncated:
+        problems.append(f"subject {subject_id}: file {path} {truncated}")
+        return None
     return image
+
+
+_GZIP_SIZE_SLACK = 2**20  # bytes a .nii.gz may hold after its voxel data (padding, a trailing extension)
+
+
+def _truncation_problem(path: Path, image: nib.Nifti1Image) -> str | None:
+    """Whether a file ends before the voxel data its header describes, from the file's length alone: a ``.nii`` by
+    its size, a ``.nii.gz`` by the uncompressed size its gzip trailer records (modulo 2^32; a truncated file ends
+    in compressed data, not in that trailer)."""
+    offset = getattr(image.dataobj, "offset", None)  # where the voxel data starts (the loaded header keeps 0)
+    if offset is None:
+        return None
+    expected = int(offset) + int(np.prod(image.shape)) * image.header.get_data_dtype().itemsize
+    if path.name.lower().endswith(".gz"):
+        if expected >= 2**32 - _GZIP_SIZE_SLACK:
+            return None
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            recorded = int.from_bytes(handle.read(4), "little")
+        if expected <= recorded <= expected + _GZIP_SIZE_SLACK:
+            return None
+        return (
+            "is truncated or damaged: its gzip trailer does not record the size of the voxel data its header "
+            "describes. Copy the file again."
+        )
+    size = path.stat().st_size
+    if size >= expected:
+        return None
+    return f"is truncated: {size} bytes, where its header describes {expected}. Copy the file again."
 
 
 def _check_voxels(image: nib.Nifti1Image, path: Path, subject_id: str, is_label: bool, release: str) -> list[str]:

@@ -120,11 +120,28 @@ def test_truncated_and_unreadable_files(brats_copy):
     t1.write_bytes(t1.read_bytes()[:5000])
     nifti(brats_copy, "t2", "BraTS20_Training_004").write_bytes(b"not a nifti file")
     report, problems = problems_of(brats_copy)
-    assert f"subject {SUBJECT}: file {t1} cannot be read (truncated?)" in problems
+    image = nib.load(t1)  # a single-file NIfTI-1: the 348-byte header and 4 bytes of extension flags, then the voxels
+    expected = 352 + image.get_data_dtype().itemsize * int(np.prod(image.shape))
+    truncated = f"subject {SUBJECT}: file {t1} is truncated: 5000 bytes, where its header describes {expected}."
+    assert truncated in problems
     assert "subject BraTS20_Training_004: file" in problems and "_t2.nii is not a readable NIfTI" in problems
-    # a header-only check sees the unreadable header but not the truncated voxel data
+    # a header-only check sees both: the file's size against its header needs no voxel read
     _, header_problems = problems_of(brats_copy, check_voxels=False)
-    assert "_t2.nii is not a readable NIfTI" in header_problems and "cannot be read" not in header_problems
+    assert "_t2.nii is not a readable NIfTI" in header_problems and truncated in header_problems
+
+
+def test_a_compressed_file_cut_anywhere_is_found_without_reading_its_voxels(brats_copy):
+    """A .nii.gz cut by a few bytes decompresses up to where the checks read it; its gzip trailer gives it away."""
+    t1 = nifti(brats_copy, "t1")
+    image = nib.load(t1)
+    gz = t1.with_name(t1.name + ".gz")
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header), gz)
+    t1.unlink()
+    _, intact = problems_of(brats_copy, check_voxels=False)
+    assert str(gz) not in intact
+    gz.write_bytes(gz.read_bytes()[:-40])
+    _, problems = problems_of(brats_copy, check_voxels=False)
+    assert f"subject {SUBJECT}: file {gz} is truncated or damaged: its gzip trailer" in problems
 
 
 def test_unknown_grade(brats_copy):
