@@ -66,8 +66,30 @@ def load_network_weights(
     state = extract_network_state(checkpoint)
     try:
         network.load_state_dict(state, strict=strict)
-    except RuntimeError as error:
+    except RuntimeError:
         raise ValueError(
-            f"checkpoint {path} does not match the network (check preset, use_grade_head, mask_channels): {error}"
-        ) from error
+            f"checkpoint {path} does not match the network: {_mismatch(network.state_dict(), state)}. "
+            "Build the network as the training run that wrote the file did (preset, use_grade_head, "
+            "mask_channels and any network_def keys)."
+        ) from None
     return network
+
+
+def _mismatch(expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> str:
+    """How a state dict differs from a network's: counts of missing, unexpected and reshaped tensors, one example
+    of each."""
+    missing = [key for key in expected if key not in stored]
+    unexpected = [key for key in stored if key not in expected]
+    reshaped = [key for key in expected if key in stored and stored[key].shape != expected[key].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of the network are not in the file (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} in the file are not in the network (e.g. {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} have another shape (e.g. {key}: {tuple(stored[key].shape)} in the file, "
+            f"{tuple(expected[key].shape)} in the network)"
+        )
+    return "; ".join(parts) or "the tensors differ"

@@ -140,3 +140,22 @@ def test_old_argument_and_attribute_names():
     assert isinstance(condition, ConditionFeatures)
     with pytest.warns(DeprecationWarning, match="cls_logits is renamed grade_logits"):
         assert condition.cls_logits is condition.grade_logits
+
+
+def test_a_checkpoint_of_another_network_is_summarised_not_dumped(tmp_path):
+    """Loading a file into a network of other settings names the file, counts what differs with one example of each
+    kind (the keys torch's own error would list one by one), and names the settings to match."""
+    torch.save(get_network("small", **TINY).state_dict(), tmp_path / "model.pt")
+    other = get_network("small", **{**TINY, "use_grade_head": False, "channels": (8, 8, 8)})
+    expected, stored = other.state_dict(), torch.load(tmp_path / "model.pt", weights_only=True)
+    unexpected = [k for k in stored if k not in expected]
+    reshaped = [k for k in expected if k in stored and stored[k].shape != expected[k].shape]
+    with pytest.raises(ValueError) as raised:
+        load_network_weights(other, tmp_path / "model.pt")
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {tmp_path / 'model.pt'} does not match the network: ")
+    assert f"{len(unexpected)} in the file are not in the network (e.g. {unexpected[0]})" in message
+    key = reshaped[0]
+    assert f"{len(reshaped)} have another shape (e.g. {key}: {tuple(stored[key].shape)} in the file" in message
+    assert "preset, use_grade_head, mask_channels" in message
+    assert len(message) < 1000
