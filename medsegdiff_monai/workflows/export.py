@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,11 @@ def exported_program_paths(directory: str | Path, prefix: str = "model") -> tupl
 
 
 def export_network(
-    network: nn.Module, directory: str | Path, image_size: Sequence[int], prefix: str = "model"
+    network: nn.Module,
+    directory: str | Path,
+    image_size: Sequence[int],
+    prefix: str = "model",
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """
     Export ``network`` with ``torch.export`` for inference without the Python package.
@@ -68,11 +74,22 @@ def export_network(
         directory: output folder (created if needed).
         image_size: (H, W) of the slices the programs will take.
         prefix: file name prefix.
+        overwrite: replace programs of the same names; without it, existing ones stop the export before any work.
 
     Returns:
-        the paths of the condition and denoiser programs.
+        the paths of the condition and denoiser programs (each written to a temporary file, then renamed).
+
+    Raises:
+        FileExistsError: naming the existing programs, unless ``overwrite``.
     """
     directory = Path(directory)
+    paths = exported_program_paths(directory, prefix)
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{' and '.join(existing)} already exist. Pass --overwrite true to replace them, or choose another "
+            "--export_dir."
+        )
     directory.mkdir(parents=True, exist_ok=True)
     if any(p.ndim == 4 and not p.is_contiguous() for p in network.parameters()):
         network = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
@@ -99,10 +116,12 @@ def export_network(
             },
         )
     network.train(was_training)
-    condition_path, denoise_path = exported_program_paths(directory, prefix)
-    torch.export.save(encoder_program, condition_path)
-    torch.export.save(denoiser_program, denoise_path)
-    return condition_path, denoise_path
+    for program, path in zip((encoder_program, denoiser_program), paths, strict=True):
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        torch.export.save(program, partial)
+        os.replace(partial, path)
+    logging.getLogger("medsegdiff_monai").info(f"exported the network to {paths[0]} and {paths[1]}")
+    return paths
 
 
 class ExportedDiffusionNetwork(nn.Module):
@@ -156,6 +175,7 @@ def export_from_checkpoint(
     image_size: Sequence[int],
     preset: str = "small",
     prefix: str = "model",
+    overwrite: bool = False,
     **network_kwargs: Any,
 ) -> tuple[Path, Path]:
     """Build the network of ``preset`` (and ``network_kwargs``), load ``checkpoint`` and export it.
@@ -166,7 +186,8 @@ def export_from_checkpoint(
         image_size: (H, W) of the exported slices.
         preset: network preset the checkpoint was trained with.
         prefix: file name prefix.
+        overwrite: replace existing programs (see :func:`export_network`).
         network_kwargs: other arguments of ``get_network`` (``use_grade_head``, ``mask_channels``, ...).
     """
     network = load_network_weights(get_network(preset, **network_kwargs), checkpoint)
-    return export_network(network, directory, image_size, prefix)
+    return export_network(network, directory, image_size, prefix, overwrite=overwrite)

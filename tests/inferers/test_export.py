@@ -72,3 +72,25 @@ def test_channels_last_network_is_exported_from_a_contiguous_copy(tmp_path):
     with torch.no_grad():
         for got, expected in zip(exported(x_t, t, image), network(x_t, t, image)):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_existing_programs_are_replaced_only_on_request(tmp_path):
+    """A second export into the same folder stops before exporting, naming both files; with ``overwrite`` it
+    replaces them, and no temporary file is left behind."""
+    first = _tiny_network()
+    paths = export_network(first, tmp_path, image_size=(16, 16))
+    before = [path.read_bytes() for path in paths]
+    second = _tiny_network()
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    with pytest.raises(FileExistsError, match=r"model_condition.pt2 and .*model_denoise.pt2 already exist"):
+        export_network(second, tmp_path, image_size=(16, 16))
+    assert [path.read_bytes() for path in paths] == before
+    export_network(second, tmp_path, image_size=(16, 16), overwrite=True)
+    image = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        got = load_exported_network(tmp_path).encode_condition(image).calib_map
+        torch.testing.assert_close(got, second.encode_condition(image).calib_map, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got, first.encode_condition(image).calib_map, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_condition.pt2", "model_denoise.pt2"]
