@@ -33,6 +33,7 @@ class _PendingFiniteFlag(NamedTuple):
     ready: torch.cuda.Event | None
     epoch: int
     iteration: int
+    subject_ids: tuple[str, ...]
 
 
 def _to_device(tensor: Any, device: str | torch.device | None, non_blocking: bool, **kwargs: Any) -> torch.Tensor:
@@ -151,7 +152,8 @@ class DiffusionTrainer(SupervisedTrainer):
     UNet (``pred`` is then ``(None, grade_logits, None)``). A step whose loss or
     gradient norm is not finite is skipped (no update), counted in ``engine.state.skipped_steps`` and
     ``engine.state.consecutive_skipped_steps`` and announced with :attr:`NonFiniteLossEvents.STEP_SKIPPED`
-    (``engine.state.skipped_step`` then holds the skipped step's ``(epoch, iteration)``).
+    (``engine.state.skipped_step`` then holds the skipped step's ``(epoch, iteration)``, and
+    ``engine.state.skipped_subject_ids`` the ``subject_id`` of each slice of its batch).
 
     No host synchronisation in the loop: with an optimizer that takes a ``found_inf`` flag (fused AdamW, as
     :func:`~medsegdiff_monai.engines.build_optimizer` builds on CUDA) the skip happens on the device, and the host
@@ -258,6 +260,7 @@ class DiffusionTrainer(SupervisedTrainer):
         self.state.epoch_skipped_steps = 0
         self.state.consecutive_skipped_steps = 0
         self.state.skipped_step = None
+        self.state.skipped_subject_ids = ()
 
     def _reset_epoch_skip_count(self, *_: Any) -> None:
         self.state.epoch_skipped_steps = 0
@@ -271,7 +274,12 @@ class DiffusionTrainer(SupervisedTrainer):
             ready = torch.cuda.Event()
             ready.record()
             finite = host
-        self._pending_flags.append(_PendingFiniteFlag(finite, ready, self.state.epoch, self.state.iteration))
+        batch = self.state.batch
+        subject_ids = batch.get("subject_id", ()) if isinstance(batch, dict) else ()
+        subject_ids = tuple(map(str, [subject_ids] if isinstance(subject_ids, str) else subject_ids))
+        self._pending_flags.append(
+            _PendingFiniteFlag(finite, ready, self.state.epoch, self.state.iteration, subject_ids)
+        )
 
     def resolve_skipped_steps(self, *_: Any, keep_latest: bool = False) -> None:
         """Read the queued finite flags (waiting only for the steps they belong to), count and announce the skips.
@@ -290,6 +298,7 @@ class DiffusionTrainer(SupervisedTrainer):
             self.state.epoch_skipped_steps += 1
             self.state.consecutive_skipped_steps += 1
             self.state.skipped_step = (pending.epoch, pending.iteration)
+            self.state.skipped_subject_ids = pending.subject_ids
             self.fire_event(NonFiniteLossEvents.STEP_SKIPPED)
 
     @property

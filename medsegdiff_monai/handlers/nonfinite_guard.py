@@ -17,8 +17,9 @@ class NonFiniteLossGuard:
 
     The trainer itself never applies such a step, so no NaN reaches the weights or a checkpoint, and counts them in
     ``engine.state.skipped_steps`` (the run), ``engine.state.epoch_skipped_steps`` (the current epoch) and
-    ``engine.state.consecutive_skipped_steps``. This handler logs each skip with its epoch and iteration and stops the
-    run with an error after ``max_consecutive`` skips in a row (a diverged run is not worth continuing).
+    ``engine.state.consecutive_skipped_steps``. This handler logs each skip with its epoch, iteration and the subjects
+    of its batch, and stops the run with an error after ``max_consecutive`` skips in a row (a diverged run is not
+    worth continuing).
 
     Args:
         max_consecutive: consecutive skipped steps that end the run (None: never).
@@ -35,8 +36,10 @@ class NonFiniteLossGuard:
     def _skipped(self, engine: Engine) -> None:
         epoch, iteration = engine.state.skipped_step
         consecutive = engine.state.consecutive_skipped_steps
+        subjects = sorted(set(getattr(engine.state, "skipped_subject_ids", ())))
+        batch = f" (batch of {', '.join(subjects)}: check their files with medsegdiff-monai check)" if subjects else ""
         self.logger.warning(
-            f"non-finite loss or gradient at epoch {epoch}, iteration {iteration}: "
+            f"non-finite loss or gradient at epoch {epoch}, iteration {iteration}{batch}: "
             f"step skipped ({engine.state.skipped_steps} skipped in this run)"
         )
         if self.max_consecutive is not None and consecutive >= self.max_consecutive:

@@ -26,11 +26,14 @@ SIZE = 32
 def make_batches(count: int = 3, batch: int = 2) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(count):
+    for index in range(count):
         image = torch.randn(batch, 4, SIZE, SIZE, generator=generator)
         label = torch.zeros(batch, 3, SIZE, SIZE)
         label[:, :, 8:20, 10:22] = 1.0
-        batches.append({"image": image, "label": label, "grade": torch.tensor([0, 1][:batch])})
+        subject_ids = [f"subject_{index}_{slot}" for slot in range(batch)]  # as the slice loader collates them
+        batches.append(
+            {"image": image, "label": label, "grade": torch.tensor([0, 1][:batch]), "subject_id": subject_ids}
+        )
     return batches
 
 
@@ -183,7 +186,7 @@ def test_fused_optimizer_clips_as_clip_grad_norm_does(grad_clip_norm):
 
 # fused=True: the skip happens inside the fused AdamW (found_inf) and the host learns of it one iteration later
 @pytest.mark.parametrize("fused", [False, True])
-def test_non_finite_loss_is_skipped_and_counted(fused):
+def test_non_finite_loss_is_skipped_and_counted(fused, caplog):
     flaky_loss = nan_on_second_call()
     stages = [{"name": "segmentation", "epochs": 1, "train": "backbone"}]
     guard = NonFiniteLossGuard(max_consecutive=5)
@@ -194,6 +197,9 @@ def test_non_finite_loss_is_skipped_and_counted(fused):
     trainer.run()
     assert finite_flags == [True, False, True]
     assert skipped_seen == [(1, 2)]
+    # the second batch's subjects are named, also when the host learns of the skip one iteration later
+    assert trainer.state.skipped_subject_ids == ("subject_1_0", "subject_1_1")
+    assert "iteration 2 (batch of subject_1_0, subject_1_1: check their files" in caplog.text
     assert trainer.state.skipped_steps == 1
     assert trainer.state.epoch_skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in network.parameters())
