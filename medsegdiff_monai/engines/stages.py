@@ -91,7 +91,9 @@ def parse_stages(
     """
     if only_stage is not None:
         if not 1 <= only_stage <= len(stages):
-            raise ValueError(f"only_stage={only_stage} is out of range: the plan has {len(stages)} stage(s).")
+            raise ValueError(
+                f"run_stage={only_stage} is out of range: the plan has {len(stages)} stage(s), numbered from 1."
+            )
         stages = [stages[only_stage - 1]]
     parsed = []
     for index, raw in enumerate(stages):

@@ -72,6 +72,8 @@ class EpochReport:
         self.csv_path = self.output_dir / "metrics.csv"
         self.evaluator = evaluator
         self.class_counts = class_counts
+        if alpha is not None and len(alpha) != 2:
+            raise ValueError(f"class_weights must be two weights, [alpha_LGG, alpha_HGG], got {list(alpha)}.")
         self.alpha = tuple(alpha) if alpha is not None else (math.nan, math.nan)
         self.num_parameters = num_parameters
         self.tensorboard = tensorboard

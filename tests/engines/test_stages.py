@@ -33,7 +33,7 @@ def test_segmentation_only_plan_drops_head_stages():
 def test_single_stage_selection():
     stages = parse_stages(PLAN, only_stage=2)
     assert [s.name for s in stages] == ["classification"]
-    with pytest.raises(ValueError, match="only_stage=4"):
+    with pytest.raises(ValueError, match=r"run_stage=4 is out of range: the plan has 3 stage\(s\), numbered from 1"):
         parse_stages(PLAN, only_stage=4)
 
 

@@ -1,10 +1,11 @@
-"""EpochValidation: which epochs are validated, and what the handlers after it see on the others."""
+"""Validation and report settings: the epochs EpochValidation validates, what the handlers after it see on the others,
+and the class weights the report prints."""
 
 import pytest
 from ignite.engine import Engine, Events
 from monai.engines import Evaluator
 
-from medsegdiff_monai.handlers import EpochValidation, validation_score
+from medsegdiff_monai.handlers import EpochReport, EpochValidation, validation_score
 
 
 class EpochNumberEvaluator(Evaluator):
@@ -41,3 +42,11 @@ def test_every_interval_epochs_and_the_last_one_and_nothing_stale_between(interv
 def test_interval_below_one_is_refused_by_name():
     with pytest.raises(ValueError, match="val_interval must be >= 1"):
         EpochValidation(0, EpochNumberEvaluator())
+
+
+@pytest.mark.parametrize("alpha", [[1.0], [1.0, 2.0, 3.0]])
+def test_class_weights_of_another_length_are_refused_when_the_report_is_built(tmp_path, alpha):
+    """``--class_weights "[1.0]"`` failed with an IndexError once the engine started; the report that prints the
+    two weights refuses it by its bundle name when it is built."""
+    with pytest.raises(ValueError, match=r"class_weights must be two weights, \[alpha_LGG, alpha_HGG\]"):
+        EpochReport(tmp_path, alpha=alpha)
