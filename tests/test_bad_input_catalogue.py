@@ -426,6 +426,15 @@ def infer_files_in_wrong_order(w):
     return infer(w, source=[files[3], *files[:3]]), 1, f"image file 1 ({files[3]}) is named as 'flair'"
 
 
+def infer_bare_modality_names_in_wrong_order(w):
+    bare = w.root / "bare"
+    bare.mkdir()
+    for modality, name in zip(("flair", "t1ce", "t2", "t1"), ("FLAIR.nii", "T1CE.nii", "T2.nii", "T1.nii")):
+        shutil.copy(w.nifti(S1, modality), bare / name)
+    source = [bare / name for name in ("FLAIR.nii", "T1CE.nii", "T2.nii", "T1.nii")]
+    return infer(w, source=source), 1, f"image file 1 ({bare / 'FLAIR.nii'}) is named as 'flair'"
+
+
 def infer_all_zero_modality(w):
     w.edit(S1, "t2", np.zeros_like)
     return infer(w, source=w.files(S1)), 1, f"{S1}_t2.nii is all zero"
@@ -476,7 +485,8 @@ CASES = [
     train_label_value_after_datalist, train_all_zero_modality, train_roi_not_a_multiple, train_roi_of_one_side,
     resume_other_datalist, resume_other_plan, resume_off_on_an_existing_run, run_folder_without_fingerprint,
     malformed_run_record, truncated_resume_checkpoint, truncated_initial_checkpoint, infer_missing_datalist,
-    infer_malformed_datalist, infer_files_in_wrong_order, infer_all_zero_modality, infer_missing_checkpoint,
+    infer_malformed_datalist, infer_files_in_wrong_order, infer_bare_modality_names_in_wrong_order,
+    infer_all_zero_modality, infer_missing_checkpoint,
     infer_truncated_checkpoint, infer_into_earlier_outputs, infer_subject_already_graded, infer_roi_not_a_multiple,
     infer_notes_folder_is_skipped,
 ]  # fmt: skip

@@ -39,7 +39,8 @@ def exit_on_bad_input(check: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     try:
         return check(*args, **kwargs)
     except INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        # on a line of its own: a progress bar may have left its last state on the current one (a log file)
+        print(f"\nerror: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

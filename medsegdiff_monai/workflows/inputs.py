@@ -19,7 +19,7 @@ from medsegdiff_monai.data import (
     parse_name_mapping,
 )
 from medsegdiff_monai.data.input_checks import split_subject_dirs
-from medsegdiff_monai.data.layout import is_nifti
+from medsegdiff_monai.data.layout import is_nifti, modality_of_file
 from medsegdiff_monai.data.preflight import check_subject_files, read_datalist_json
 from medsegdiff_monai.transforms import subject_id_from_path
 
@@ -49,8 +49,13 @@ def _folder_grades(folder: Path) -> dict[str, int]:
 
 
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
-    has_files = any(is_nifti(p) for p in folder.iterdir())
-    subject_dirs = [folder] if has_files else split_subject_dirs(list_subject_dirs(folder))[0]
+    """A folder of modality files is one subject; otherwise its subject folders are the subjects (a release), and a
+    NIfTI file without a modality name beside them (an atlas, a template) is not read."""
+    nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
+    if any(modality_of_file(p) for p in nifti_files):
+        subject_dirs = [folder]
+    else:
+        subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0] or ([folder] if nifti_files else [])
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")
     grades = _folder_grades(folder)

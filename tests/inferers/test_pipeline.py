@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -92,6 +93,17 @@ def test_folder_input_and_num_cases(stand_in_network, brats_copy, tmp_path):
     assert [o.subject_id for o in outputs] == ["BraTS20_Training_001", "BraTS20_Training_002"]
     assert all(o.p_hgg is None for o in outputs)
     assert not (tmp_path / "out" / "grades.csv").exists()  # nothing to grade without a head
+
+
+def test_a_nifti_file_beside_the_subject_folders_leaves_a_release_a_release(stand_in_network, brats_copy, tmp_path):
+    """A release folder with a stray NIfTI at its top (an atlas) is still read subject folder by subject folder; a
+    folder of one subject's modality files is one subject."""
+    shutil.copy(brats_copy / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii", brats_copy / "atlas.nii")
+    inferer = _inferer(stand_in_network(use_grade_head=False))
+    outputs = inferer.run(brats_copy, tmp_path / "out", num_cases=2)
+    assert [o.subject_id for o in outputs] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    single = inferer.run(brats_copy / "BraTS20_Training_003", tmp_path / "single")
+    assert [o.subject_id for o in single] == ["BraTS20_Training_003"]
 
 
 def _assert_nothing_written(tmp_path: Path) -> None:
