@@ -72,9 +72,11 @@ def _from_folder(folder: Path) -> list[dict[str, Any]]:
 
 
 def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
-    keys = list(read_datalist_json(path, data_dir))
+    content = read_datalist_json(path, data_dir)
+    keys = list(content)
     if datalist_key not in keys:
         raise ValueError(f"datalist {path} has no list {datalist_key!r}; it has {keys}.")
+    _check_data_root(path, content[datalist_key], data_dir)
     entries = load_brats_datalist(path, datalist_key, data_dir)
     for index, entry in enumerate(entries):
         images = entry.get("image")
@@ -85,6 +87,21 @@ def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -
             )
         entry.setdefault("subject_id", subject_id_from_path(images[0]))
     return entries
+
+
+def _check_data_root(path: Path, entries: Any, data_dir: str | Path | None) -> None:
+    """Refuse a ``data_dir`` under which a datalist's first relative file is missing while the datalist's own folder
+    holds it: the datalist was given (``--input``) without the data root it was written for."""
+    first = entries[0].get("image") if isinstance(entries, list) and entries and isinstance(entries[0], dict) else None
+    if data_dir is None or not isinstance(first, list) or not first or not isinstance(first[0], str):
+        return
+    relative = Path(first[0])
+    if relative.is_absolute() or (Path(data_dir) / relative).exists() or not (path.parent / relative).exists():
+        return
+    raise FileNotFoundError(
+        f"datalist {path}: its paths are read relative to dataset_dir {data_dir}, where {relative} does not exist, "
+        f"but the datalist's own folder holds it: pass --dataset_dir {path.parent}."
+    )
 
 
 def collect_inference_inputs(

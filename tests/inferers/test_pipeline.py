@@ -106,6 +106,14 @@ def test_a_nifti_file_beside_the_subject_folders_leaves_a_release_a_release(stan
     assert [o.subject_id for o in single] == ["BraTS20_Training_003"]
 
 
+def test_a_datalist_given_without_its_data_root_names_the_root_to_pass(brain_oracle, synthetic_datalist, tmp_path):
+    """A datalist whose relative paths are missing under the given data root but present next to the datalist (the
+    bundle's default dataset_dir with --input <other datalist>) is refused with the --dataset_dir to pass."""
+    with pytest.raises(FileNotFoundError, match=rf"pass --dataset_dir {synthetic_datalist.parent}\.$"):
+        _inferer(brain_oracle()).run(synthetic_datalist, tmp_path / "out", data_dir=tmp_path / "elsewhere")
+    _assert_nothing_written(tmp_path)
+
+
 def _assert_nothing_written(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
