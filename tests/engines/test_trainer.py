@@ -349,22 +349,25 @@ def test_prepare_batch_side_stream_copy_is_ordered_before_the_step(batch_on_gpu)
     the current stream writes on the GPU after a 50 ms spin: the step's kernels on the current stream see the batch
     complete either way. The outputs (channels-last image) equal those of the plain copy on the current stream, drawn
     from the same seed."""
-    host_batch = {key: value.pin_memory() for key, value in make_batches(count=1)[0].items()}
+    # pinned as a loader with pin_memory pins a batch: its tensors (the subject ids stay a list of str)
+    host_batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in make_batches(count=1)[0].items()}
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
     side = NoisyMaskPrepareBatch(scheduler, torch.channels_last, copy_stream=True)
     # creates the side stream and leaves -7 in the blocks its pool hands out next (the same sizes), so that a read
     # before the copy lands cannot find the batch's values there by chance
-    side({key: torch.full_like(value, -7).pin_memory() for key, value in host_batch.items()}, "cuda", non_blocking=True)
+    poison = {k: torch.full_like(v, -7).pin_memory() if torch.is_tensor(v) else v for k, v in host_batch.items()}
+    side(poison, "cuda", non_blocking=True)
     torch.cuda.synchronize()
     outputs = []
     for prepare in (NoisyMaskPrepareBatch(scheduler, torch.channels_last, copy_stream=False), side):
         torch.cuda.manual_seed(5)
         if batch_on_gpu:  # GPU buffers holding -7 until the current stream, after its spin, writes the batch
-            batch = {key: torch.full_like(value, -7, device="cuda") for key, value in host_batch.items()}
+            batch = {k: torch.full_like(v, -7, device="cuda") if torch.is_tensor(v) else v for k, v in poison.items()}
             torch.cuda.synchronize()
             torch.cuda._sleep(50_000_000)
             for key, value in batch.items():
-                value.copy_(host_batch[key], non_blocking=True)
+                if torch.is_tensor(value):
+                    value.copy_(host_batch[key], non_blocking=True)
         else:
             batch = host_batch
             with torch.cuda.stream(side._copy_streams[torch.device("cuda")]):
