@@ -79,11 +79,15 @@ def report_errors_briefly(interrupted: str = "") -> None:
     def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
         chain = _exception_chain(error)
         root = chain[-1]
-        if os.environ.get(TRACEBACK_VARIABLE) or not isinstance(root, (KeyboardInterrupt, *INPUT_ERRORS)):
+        if os.environ.get(TRACEBACK_VARIABLE):
             previous(kind, error, trace)
             return
-        if isinstance(root, KeyboardInterrupt):
+        # Ctrl-C anywhere in the chain: it may interrupt a worker pool, which then raises its own error from it
+        if any(isinstance(link, KeyboardInterrupt) for link in chain):
             print(f"\ninterrupted. {interrupted}".rstrip(), file=sys.stderr, flush=True)
+            return
+        if not isinstance(root, INPUT_ERRORS):
+            previous(kind, error, trace)
             return
         frames = traceback.extract_tb(root.__traceback__)
         where = f" in {frames[-1].name} ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""

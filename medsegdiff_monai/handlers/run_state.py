@@ -139,6 +139,8 @@ def prepare_run_folder(
         RunFolderError: naming the folder or file and what to do.
     """
     output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunFolderError(f"output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
     fresh = f"To start a new run, pass another --output_dir (or delete {output_dir})."
     if initial_checkpoint is not None:
         if not Path(initial_checkpoint).is_file():

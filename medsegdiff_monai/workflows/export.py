@@ -86,8 +86,9 @@ def export_network(
     paths = exported_program_paths(directory, prefix)
     existing = [str(path) for path in paths if path.exists()]
     if existing and not overwrite:
+        verb, pronoun = ("exist", "them") if len(existing) > 1 else ("exists", "it")
         raise FileExistsError(
-            f"{' and '.join(existing)} already exist. Pass --overwrite true to replace them, or choose another "
+            f"{' and '.join(existing)} already {verb}. Pass --overwrite true to replace {pronoun}, or choose another "
             "--export_dir."
         )
     directory.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def export_network(
         )
     network.train(was_training)
     for program, path in zip((encoder_program, denoiser_program), paths, strict=True):
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")  # torch.export wants .pt2
         torch.export.save(program, partial)
         os.replace(partial, path)
     logging.getLogger("medsegdiff_monai").info(f"exported the network to {paths[0]} and {paths[1]}")

@@ -90,17 +90,24 @@ def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -
 
 
 def _check_data_root(path: Path, entries: Any, data_dir: str | Path | None) -> None:
-    """Refuse a ``data_dir`` under which a datalist's first relative file is missing while the datalist's own folder
-    holds it: the datalist was given (``--input``) without the data root it was written for."""
-    first = entries[0].get("image") if isinstance(entries, list) and entries and isinstance(entries[0], dict) else None
-    if data_dir is None or not isinstance(first, list) or not first or not isinstance(first[0], str):
+    """Refuse a ``data_dir`` under which some of a datalist's relative first image files are missing while the
+    datalist's own folder holds them all: the datalist was given (``--input``) without the data root it was written
+    for."""
+    if data_dir is None or not isinstance(entries, list) or Path(data_dir).resolve() == path.parent.resolve():
         return
-    relative = Path(first[0])
-    if relative.is_absolute() or (Path(data_dir) / relative).exists() or not (path.parent / relative).exists():
+    relative = [
+        Path(entry["image"][0])
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("image"), list) and entry["image"]
+        and isinstance(entry["image"][0], str) and not Path(entry["image"][0]).is_absolute()
+    ]  # fmt: skip
+    missing = [file for file in relative if not (Path(data_dir) / file).exists()]
+    if not missing or not all((path.parent / file).exists() for file in relative):
         return
     raise FileNotFoundError(
-        f"datalist {path}: its paths are read relative to dataset_dir {data_dir}, where {relative} does not exist, "
-        f"but the datalist's own folder holds it: pass --dataset_dir {path.parent}."
+        f"datalist {path}: its paths are read relative to dataset_dir {data_dir}, where {len(missing)} of its "
+        f"{len(relative)} subjects' files are missing (e.g. {missing[0]}), but the datalist's own folder holds them "
+        f"all: pass --dataset_dir {path.parent}."
     )
 
 

@@ -19,6 +19,11 @@ SCRIPT = textwrap.dedent(
             raise ValueError("roi_size=[50, 50]: expected multiples of 8; e.g. --roi_size [48, 48].")
         if kind == "interrupt":
             raise KeyboardInterrupt
+        if kind == "interrupted_pool":  # Ctrl-C inside a worker pool, which raises its own error while handling it
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise IndexError("pop from an empty deque")
         raise TypeError("a bug")
 
     try:  # as MONAI's config parser wraps what fails while it builds a component
@@ -62,8 +67,9 @@ def test_a_bug_keeps_its_traceback():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="exit status of an interrupted process is POSIX")
-def test_ctrl_c_says_how_to_go_on_without_a_traceback():
-    result = _run("interrupt")
+@pytest.mark.parametrize("kind", ["interrupt", "interrupted_pool"])
+def test_ctrl_c_says_how_to_go_on_without_a_traceback(kind):
+    result = _run(kind)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "interrupted. Run the same command again to resume."

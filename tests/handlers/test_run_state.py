@@ -171,6 +171,14 @@ def test_a_start_that_failed_before_its_first_epoch_does_not_block_the_corrected
         prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, {"lr": -1e-3}))
 
 
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"]}], "validation": []}))
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(RunFolderError, match=r"output_dir .*run is a file, not a folder: choose another --output_dir"):
+        prepare_run_folder(tmp_path / "run", tmp_path / "run" / "checkpoints", run_fingerprint(datalist, tmp_path, {}))
+
+
 def test_a_run_written_before_the_grade_renames_resumes(tmp_path):
     """A run folder of before the ``cls`` -> ``grade`` renames (``run.json`` with ``use_cls_head`` and the stage
     spellings ``cls_head`` / ``cls``, ``metrics.csv`` with ``L_cls`` / ``sigma_cls``, a checkpoint with the keys

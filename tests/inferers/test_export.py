@@ -94,3 +94,8 @@ def test_existing_programs_are_replaced_only_on_request(tmp_path):
         torch.testing.assert_close(got, second.encode_condition(image).calib_map, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got, first.encode_condition(image).calib_map, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_condition.pt2", "model_denoise.pt2"]
+    paths[0].unlink()
+    with pytest.raises(
+        FileExistsError, match=r"model_denoise.pt2 already exists\. Pass --overwrite true to replace it,"
+    ):
+        export_network(second, tmp_path, image_size=(16, 16))

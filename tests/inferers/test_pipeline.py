@@ -111,6 +111,14 @@ def test_a_datalist_given_without_its_data_root_names_the_root_to_pass(brain_ora
     bundle's default dataset_dir with --input <other datalist>) is refused with the --dataset_dir to pass."""
     with pytest.raises(FileNotFoundError, match=rf"pass --dataset_dir {synthetic_datalist.parent}\.$"):
         _inferer(brain_oracle()).run(synthetic_datalist, tmp_path / "out", data_dir=tmp_path / "elsewhere")
+    # another data folder that holds some of the subjects: the others are missing there
+    entries = json.loads(synthetic_datalist.read_text())["validation"]
+    other = tmp_path / "other_data"
+    shutil.copytree(
+        synthetic_datalist.parent / Path(entries[0]["image"][0]).parent, other / Path(entries[0]["image"][0]).parent
+    )
+    with pytest.raises(FileNotFoundError, match=rf"where {len(entries) - 1} of its {len(entries)} subjects' files are"):
+        _inferer(brain_oracle()).run(synthetic_datalist, tmp_path / "out", data_dir=other)
     _assert_nothing_written(tmp_path)
 
 
