@@ -365,7 +365,12 @@ def train_all_zero_modality(w):
 
 def train_roi_not_a_multiple(w):
     w.datalist.unlink()  # the roi is checked first: even a missing datalist is not reached
-    return train(w, roi=(50, 50)), 1, "roi_size=[50, 50]"
+    return (
+        train(w, roi=(50, 50)),
+        1,
+        "roi_size=[50, 50]: expected two positive in-plane sizes, each a multiple of 8 "
+        '(the network halves the size 3 times); e.g. --roi_size "[48,48]".',
+    )  # one shell word, ready to paste
 
 
 def train_roi_of_one_side(w):

@@ -114,9 +114,10 @@ def check_roi_size(roi_size: Sequence[int], multiple: int) -> tuple[int, int]:
         raise ValueError(f"roi_size={roi_size!r}: expected two integers, e.g. [64, 64].") from None
     if len(roi) != 2 or min(roi) < 1 or any(s % multiple for s in roi):
         nearest = [max(multiple, round(s / multiple) * multiple) for s in roi] if len(roi) == 2 else [64, 64]
+        example = json.dumps(nearest, separators=(",", ":"))  # quoted and without spaces: one shell word
         raise ValueError(
             f"roi_size={list(roi_size)}: expected two positive in-plane sizes, each a multiple of {multiple} (the "
-            f"network halves the size {multiple.bit_length() - 1} times); e.g. --roi_size {json.dumps(nearest)}."
+            f'network halves the size {multiple.bit_length() - 1} times); e.g. --roi_size "{example}".'
         )
     return roi
 

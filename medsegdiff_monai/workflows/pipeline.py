@@ -248,6 +248,8 @@ class BratsVolumeInferer:
             )
         if min_enhancing_voxels < 0:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold is a probability strictly between 0 and 1, got {threshold}.")
         if uncertainty_reduction not in ("max", "mean"):
             raise ValueError(f"uncertainty_reduction must be 'max' or 'mean', got {uncertainty_reduction!r}.")
         if device is None:

@@ -73,6 +73,9 @@ def test_min_enhancing_voxels_relabels_a_small_enhancing_prediction(brain_oracle
     # a bad slice batch is named when the inferer is built, before any subject is read
     with pytest.raises(ValueError, match="slice_batch_size must be >= 1 .*got 0"):
         _inferer(brain_oracle(), slice_batch_size=0)
+    for threshold in (0.0, 1.0, 1.5):  # a probability threshold outside (0, 1) labels every voxel alike
+        with pytest.raises(ValueError, match=f"threshold is a probability strictly between 0 and 1, got {threshold}"):
+            _inferer(brain_oracle(), threshold=threshold)
 
 
 def test_four_modality_files_of_one_subject(brain_oracle, synthetic_brats_dir, tmp_path):
