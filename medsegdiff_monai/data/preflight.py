@@ -64,12 +64,12 @@ _BUILDING = re.compile(r"Failed to instantiate component '([^']+)'")
 def report_errors_briefly(interrupted: str = "") -> None:
     """Make the process report a bad setting or input as one message instead of a traceback (``sys.excepthook``).
 
-    Installed by the bundle configs as their first ``initialize`` step, so that what the config builds and runs
-    afterwards (a sampler given an unknown scheduler, an optimizer given a negative learning rate, an input file
-    whose voxels are not finite) ends with ``error: <message>`` on stderr, the place it was raised, and exit code 1:
-    an error of :data:`INPUT_ERRORS` at the root of the exception chain. Ctrl-C prints ``interrupted.`` followed by
-    ``interrupted``. Any other error keeps its traceback, and so does every error while the environment variable
-    ``MEDSEGDIFF_TRACEBACK`` is set.
+    Installed by the bundle configs as their first ``initialize`` step. An uncaught error whose first-raised
+    exception (the root of the chain that MONAI's config parser builds) is one of :data:`INPUT_ERRORS`, such as a
+    sampler given an unknown scheduler, an optimizer given a negative learning rate or an input file whose voxels
+    are not finite, then ends the process with ``error: <message>`` on stderr, the place it was raised, and exit
+    code 1. Ctrl-C prints ``interrupted.`` and the text of ``interrupted``. Any other error keeps its traceback, and
+    so does every error while the environment variable ``MEDSEGDIFF_TRACEBACK`` is set.
 
     Args:
         interrupted: what to do after Ctrl-C, e.g. how to resume.
