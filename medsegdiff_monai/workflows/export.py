@@ -127,8 +127,8 @@ def export_network(
 
 class ExportedDiffusionNetwork(nn.Module):
     """The exported programs behind the ``encode_condition`` / ``denoise`` interface of the package's network,
-    so that :class:`~medsegdiff_monai.inferers.DiffusionSampler` and
-    :func:`~medsegdiff_monai.inferers.sample_volume` use it unchanged.
+    so that :class:`~medsegdiff_monai.inferers.DiffusionSampler`, :func:`~medsegdiff_monai.inferers.sample_volume`
+    and :class:`~medsegdiff_monai.workflows.BratsVolumeInferer` use it unchanged.
 
     Args:
         condition_program: the loaded ``<prefix>_condition.pt2`` module.
@@ -139,6 +139,13 @@ class ExportedDiffusionNetwork(nn.Module):
         super().__init__()
         self.condition_program = condition_program
         self.denoise_program = denoise_program
+
+    def train(self, mode: bool = True) -> ExportedDiffusionNetwork:
+        """Exported programs always run as exported (in eval mode), and an exported program refuses ``train()``:
+        only the flag is set, so that ``.eval()`` (as :class:`~medsegdiff_monai.workflows.BratsVolumeInferer`
+        calls it) works."""
+        self.training = mode
+        return self
 
     def encode_condition(self, image: Tensor) -> ConditionFeatures:
         """See ``DiffusionUNetWithGradeHead.encode_condition``."""

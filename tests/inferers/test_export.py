@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from medsegdiff_monai.inferers import DiffusionSampler
 from medsegdiff_monai.networks import extract_network_state, get_network, load_network_weights
-from medsegdiff_monai.workflows import export_from_checkpoint, export_network, load_exported_network
+from medsegdiff_monai.workflows import (
+    BratsVolumeInferer,
+    export_from_checkpoint,
+    export_network,
+    load_exported_network,
+)
 
 TINY = {
     "channels": (8, 8, 16),
@@ -99,3 +106,18 @@ def test_existing_programs_are_replaced_only_on_request(tmp_path):
         FileExistsError, match=r"model_denoise.pt2 already exists\. Pass --overwrite true to replace it,"
     ):
         export_network(second, tmp_path, image_size=(16, 16))
+
+
+def test_whole_subject_inference_runs_the_exported_network(synthetic_datalist, tmp_path):
+    """BratsVolumeInferer takes the loaded programs as it takes the network (it calls ``.to(device).eval()``), and
+    writes the same label map."""
+    network = _tiny_network()
+    export_network(network, tmp_path / "exported", image_size=(64, 64))
+    exported = load_exported_network(tmp_path / "exported")
+    outputs = {}
+    for name, model in (("eager", network), ("exported", exported)):
+        inferer = BratsVolumeInferer(model, DiffusionSampler(2, ensemble_size=2, seed=0), (64, 64), progress=False)
+        outputs[name] = inferer.run(synthetic_datalist, tmp_path / name, num_cases=1)[0]
+    eager, got = (np.asarray(nib.load(outputs[name].files["seg"]).dataobj) for name in ("eager", "exported"))
+    assert (eager != got).mean() < 1e-3  # float rounding of the programs may flip a voxel at the threshold
+    assert outputs["exported"].p_hgg == pytest.approx(outputs["eager"].p_hgg, abs=1e-4)
