@@ -24,11 +24,18 @@ from medsegdiff_monai.metrics.calibration import (
     reliability_diagram,
 )
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
-from medsegdiff_monai.metrics.lesion_wise import lesion_wise_metrics
-from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, segmentation_metrics
+from medsegdiff_monai.metrics.lesion_wise import LESION_WISE_PARAMETERS, lesion_wise_metrics
+from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, HD95_CONVENTIONS, segmentation_metrics
 from medsegdiff_monai.visualize import write_png
 
-__all__ = ["REPORT_FILENAMES", "EvaluationResult", "evaluate_subjects", "format_table", "write_evaluation"]
+__all__ = [
+    "REPORT_FILENAMES",
+    "EvaluationResult",
+    "check_evaluation_settings",
+    "evaluate_subjects",
+    "format_table",
+    "write_evaluation",
+]
 
 METRICS_CSV = "metrics_per_subject.csv"
 SUMMARY_JSON = "summary.json"
@@ -77,6 +84,23 @@ def _auc(p_hgg: np.ndarray, grade: np.ndarray) -> float:
     return float((rankdata(p_hgg)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def check_evaluation_settings(hd95_convention: str, lesion_challenge: str | None, bootstrap_resamples: int) -> None:
+    """The settings of :func:`evaluate_subjects`, checked before any subject is read or sampled.
+
+    Raises:
+        ValueError: naming the setting and its valid values.
+    """
+    if hd95_convention not in HD95_CONVENTIONS:
+        raise ValueError(f"hd95_convention {hd95_convention!r}: expected one of {list(HD95_CONVENTIONS)}.")
+    if lesion_challenge is not None and lesion_challenge not in LESION_WISE_PARAMETERS:
+        raise ValueError(
+            f"lesion_challenge {lesion_challenge!r}: expected one of {list(LESION_WISE_PARAMETERS)}, or null to leave "
+            "the lesion-wise scores out."
+        )
+    if bootstrap_resamples < 0:
+        raise ValueError(f"bootstrap_resamples must be >= 0 (0: no intervals), got {bootstrap_resamples}.")
+
+
 def evaluate_subjects(
     predictions: Sequence[dict[str, Any]],
     include_hd95: bool = True,
@@ -112,6 +136,7 @@ def evaluate_subjects(
         (:func:`~medsegdiff_monai.metrics.calibrated_ece_floor`); ``bootstrap`` (the interval method); and
         ``num_subjects``.
     """
+    check_evaluation_settings(hd95_convention, lesion_challenge, bootstrap_resamples)
     rows = []
     for prediction in predictions:
         subject_id = prediction["subject_id"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
-from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES
+from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
 from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer
 
@@ -51,10 +51,13 @@ def run_evaluation(
         bootstrap_resamples: resamples of the 95 % intervals of Dice, AUC, ECE and Brier (0: none).
 
     Raises:
-        ValueError: naming the subjects without a label file.
-        FileExistsError: when ``output_dir`` holds a report and the inferer's ``overwrite`` is False (before any
-            subject is sampled).
+        ValueError: naming the subjects without a label file, or a bad setting (see
+            :func:`~medsegdiff_monai.metrics.evaluation.check_evaluation_settings`).
+        FileExistsError: when ``output_dir`` holds a report and the inferer's ``overwrite`` is False.
+
+    Every error above comes before any subject is sampled.
     """
+    check_evaluation_settings(hd95_convention, lesion_challenge, bootstrap_resamples)
     entries = resolve_entries(source, datalist_key, data_dir, num_eval_cases)
     unlabelled = [str(e.get("subject_id", e["image"][0])) for e in entries if not e.get("label")]
     if unlabelled:

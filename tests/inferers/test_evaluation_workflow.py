@@ -52,3 +52,20 @@ def test_a_second_evaluation_into_the_same_folder_needs_overwrite(brain_oracle, 
     inferer.overwrite = True
     run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=1, print_table=False)
     assert json.loads((out / "summary.json").read_text())["num_subjects"] == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"hd95_convention": "foo"}, r"hd95_convention 'foo': expected one of \['brats', 'monai'\]"),
+        ({"lesion_challenge": "BraTS-XYZ"}, r"lesion_challenge 'BraTS-XYZ': expected one of \['BraTS-GLI'"),
+        ({"bootstrap_resamples": -1}, "bootstrap_resamples must be >= 0"),
+    ],
+)
+def test_a_bad_evaluation_setting_stops_before_sampling(brain_oracle, synthetic_datalist, tmp_path, setting, message):
+    """A metric setting is checked before the first subject is sampled, so nothing is written that would block the
+    corrected command."""
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    with pytest.raises(ValueError, match=message):
+        run_evaluation(inferer, synthetic_datalist, tmp_path / "eval", print_table=False, **setting)
+    assert not (tmp_path / "eval").exists()
