@@ -18,6 +18,7 @@ from medsegdiff_monai.data import (
     SYNTHETIC_LAYOUTS,
     FolderReport,
     build_datalist,
+    check_datalist_path,
     class_balance_line,
     validate_brats_folder,
     write_datalist,
@@ -153,6 +154,8 @@ def _write_segmentation_datalist(args: argparse.Namespace, report: FolderReport)
 
 
 def _run_datalist(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_datalist_path(args.out)  # before the folder's validation, which may take minutes
     report = validate_brats_folder(
         args.data_dir,
         csv_path=args.csv,
@@ -275,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        # an operating system's error without a message of this package's reads "<path>: <reason>"
+        plain = isinstance(error, OSError) and error.filename is not None and str(error).startswith("[Errno")
+        print(f"error: {error.filename}: {error.strerror.lower()}" if plain else f"error: {error}", file=sys.stderr)
         return 1

@@ -90,6 +90,22 @@ def test_datalist_refuses_a_split_without_a_training_class(tmp_path, capsys):
     assert "no LGG subject" in capsys.readouterr().err and not out.exists()
 
 
+def test_an_operating_system_error_is_one_line(tmp_path, capsys):
+    """A path that the operating system refuses (a file where a folder is needed) or a folder where the datalist
+    file goes ends the command with exit code 1 and one line naming the path, before any work."""
+    (tmp_path / "a_file").write_text("")
+    assert synth(tmp_path / "a_file" / "brats") == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'a_file' / 'brats'}: not a directory\n"
+    assert synth(tmp_path / "brats") == 0
+    capsys.readouterr()
+    code = cli.main(["datalist", "--data-dir", str(tmp_path / "brats"), "--out", str(tmp_path), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "subjects valid" not in captured.out  # refused before the folder is validated
+    expected = f"error: --out {tmp_path} is a folder: give the JSON file to write, e.g. {tmp_path / 'datalist.json'}."
+    assert captured.err.strip() == expected
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_usage(capsys):
     assert cli.main([]) == 2
     with pytest.raises(SystemExit) as exit_info:

@@ -3,6 +3,7 @@
 from medsegdiff_monai.data.datalist import (
     build_datalist,
     build_segmentation_datalist,
+    check_datalist_path,
     load_brats_datalist,
     subject_entry,
     write_datalist,
@@ -85,6 +86,7 @@ __all__ = [
     "brats_affine",
     "build_datalist",
     "build_segmentation_datalist",
+    "check_datalist_path",
     "check_subject_volumes",
     "check_training_inputs",
     "class_balance",

@@ -11,7 +11,14 @@ from typing import Any
 from medsegdiff_monai.data.layout import BratsSubject
 from medsegdiff_monai.data.split import class_balance, stratified_split
 
-__all__ = ["build_datalist", "build_segmentation_datalist", "load_brats_datalist", "subject_entry", "write_datalist"]
+__all__ = [
+    "build_datalist",
+    "build_segmentation_datalist",
+    "check_datalist_path",
+    "load_brats_datalist",
+    "subject_entry",
+    "write_datalist",
+]
 
 
 def subject_entry(subject: BratsSubject, data_dir: str | Path) -> dict[str, Any]:
@@ -84,6 +91,18 @@ def build_datalist(
     return datalist
 
 
+def check_datalist_path(path: str | Path) -> Path:
+    """``path`` as a ``Path`` when a datalist can be written there, i.e. it is not a folder.
+
+    Raises:
+        IsADirectoryError: naming the folder and the file to give instead.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder: give the JSON file to write, e.g. {out / 'datalist.json'}.")
+    return out
+
+
 def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:
     """Write a datalist as indented JSON, atomically (a partly written file never appears at ``path``).
 
@@ -93,8 +112,11 @@ def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:
 
     Returns:
         the path written.
+
+    Raises:
+        IsADirectoryError: when ``path`` is a folder, naming the file to give instead.
     """
-    out = Path(path)
+    out = check_datalist_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(datalist, indent=2) + "\n"
     partial = out.with_name(f".{out.name}.partial")
