@@ -174,8 +174,8 @@ def sample_volume(
     compiled shapes serve every batch of every volume; without it the last batch is just shorter (no padded work).
     One random generator (seeded by ``sampler.seed``) serves the whole volume. A slice is tumour-bearing when some
     voxel's probability exceeds ``tumour_threshold`` in any channel (for the nested BraTS regions this is the whole
-    tumour); the subject's p(HGG) is the mean slice p(HGG) over those slices, or over all brain slices when the
-    model finds no tumour.
+    tumour); the subject's p(HGG) pools those slices (:func:`subject_p_hgg`: the sigmoid of their mean log-odds), or
+    all brain slices when the model finds no tumour.
 
     Args:
         network: the diffusion network (``encode_condition`` / ``denoise``), in the mode the caller chose.

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,17 +16,20 @@ __all__ = ["GradeCalibration", "fit_platt_scaling", "logit"]
 _LOGIT_EPS = 1e-12
 
 
-def logit(p: float | torch.Tensor) -> float | torch.Tensor:
+def logit(p: float | Sequence[float] | np.ndarray | torch.Tensor) -> float | np.ndarray | torch.Tensor:
     """``log(p / (1 - p))`` in float64, with ``p`` clamped to ``[1e-12, 1 - 1e-12]`` (finite at 0 and 1).
 
     Args:
-        p: a probability (float) or a tensor of probabilities.
+        p: a probability (float), a list or array of probabilities (e.g. the ``p_hgg`` column of ``grades.csv``), or
+            a tensor of them.
 
     Returns:
-        the log-odds, of the type given (a tensor comes back in float64).
+        the log-odds in float64: a float for a float, a tensor for a tensor, else a numpy array.
     """
-    log_odds = torch.logit(torch.as_tensor(p, dtype=torch.float64), eps=_LOGIT_EPS)
-    return log_odds if isinstance(p, torch.Tensor) else float(log_odds)
+    if isinstance(p, torch.Tensor):
+        return torch.logit(p.to(torch.float64), eps=_LOGIT_EPS)
+    log_odds = torch.logit(torch.from_numpy(np.asarray(p, dtype=np.float64)), eps=_LOGIT_EPS)
+    return float(log_odds) if log_odds.ndim == 0 else log_odds.numpy()
 
 
 class GradeCalibration(nn.Module):

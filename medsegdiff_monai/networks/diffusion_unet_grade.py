@@ -350,20 +350,20 @@ class DiffusionUNetWithGradeHead(nn.Module):
             return self.anchor_gates[level](h, condition.calib_map)
         return h + self.feature_injections[level - self.num_anchor_levels](condition.features[level])
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: ConditionFeatures) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor | int, condition: ConditionFeatures) -> torch.Tensor:
         """
         One pass of the diffusion UNet.
 
         Args:
             x_t: noisy mask (B, mask_channels, *S), the same B and S as the image of ``condition``.
-            t: DDPM timesteps (B,) (long or float, in [0, 1000)), or a scalar for the whole batch.
+            t: DDPM timesteps (B,) (long or float, in [0, 1000)), or a scalar (0-d tensor or int) for the whole batch.
             condition: output of :py:meth:`encode_condition` (possibly repeated along the batch).
 
         Returns:
             seg_logits (B, mask_channels, *S): logits of the clean mask.
         """
+        t = torch.as_tensor(t, device=x_t.device)
         self._check_mask_input(x_t, t, condition)
-        t = t.to(x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_embed(get_timestep_embedding(t, self.channels[0]).to(x_t.dtype))

@@ -339,7 +339,8 @@ class BratsVolumeInferer:
         Args:
             source: a BraTS folder, a datalist JSON, four modality files (see
                 :func:`~medsegdiff_monai.workflows.collect_inference_inputs`), or a list of subject entries.
-            output_dir: output folder (created if needed; files of the same names are replaced).
+            output_dir: output folder (created if needed); earlier outputs of the same subjects are replaced only
+                with ``overwrite``.
             datalist_key: list of a datalist to run on.
             data_dir: data root of a datalist's relative paths (default: the JSON's folder).
             num_cases: only the first ``num_cases`` subjects (None: all).

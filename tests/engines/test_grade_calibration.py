@@ -224,3 +224,13 @@ def test_evaluator_grades_subjects_by_pooled_log_odds_and_scores_brier():
     reference = brier_score_loss([1, 0], [expected[1], expected[0]])
     assert evaluator.state.metrics["Brier"] == pytest.approx(reference, rel=1e-5)
     assert evaluator.state.metrics["AUC"] == 1.0
+
+
+def test_logit_of_a_list_an_array_a_float_and_a_tensor():
+    """The log-odds by hand, log(p / (1 - p)), for each type users hand it (a p_hgg column read from grades.csv)."""
+    probabilities = [0.2, 0.5, 0.9]
+    expected = np.log(np.array(probabilities) / (1 - np.array(probabilities)))
+    np.testing.assert_allclose(logit(probabilities), expected, rtol=1e-12)
+    np.testing.assert_allclose(logit(np.array(probabilities)), expected, rtol=1e-12)
+    assert isinstance(logit(0.2), float) and logit(0.2) == pytest.approx(expected[0], rel=1e-12)
+    torch.testing.assert_close(logit(torch.tensor(probabilities)), torch.from_numpy(expected), rtol=1e-6, atol=0)

@@ -210,3 +210,15 @@ def test_torch_export_of_forward_equals_eager_with_dynamic_batch():
             eager = network(x_t, t, image)
         for got, expected in zip(exported, eager):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_denoise_takes_a_python_int_timestep_for_the_whole_batch():
+    """The docstring's "a scalar for the whole batch": a Python int gives what a 0-d tensor and a (B,) tensor give."""
+    torch.manual_seed(0)
+    network = get_network("small").eval()
+    x_t, _, image = _inputs(batch=2, mask_channels=3)
+    with torch.no_grad():
+        condition = network.encode_condition(image)
+        by_int = network.denoise(x_t, 5, condition)
+        torch.testing.assert_close(by_int, network.denoise(x_t, torch.tensor(5), condition))
+        torch.testing.assert_close(by_int, network.denoise(x_t, torch.tensor([5, 5]), condition))
