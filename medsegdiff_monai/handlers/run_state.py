@@ -16,6 +16,7 @@ import torch
 from monai.transforms import Randomizable
 
 from medsegdiff_monai.engines.stages import current_stage_spelling
+from medsegdiff_monai.networks.checkpoint import read_checkpoint
 
 __all__ = [
     "RUN_FILENAME",
@@ -101,12 +102,9 @@ def check_checkpoint_readable(path: str | Path, what: str = "checkpoint", remedy
         RunFolderError: naming the file and what to do.
     """
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise RunFolderError(
-            f"{what} {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            f"it is truncated or not a checkpoint of this library. {remedy}".rstrip()
-        ) from None
+        read_checkpoint(path, what=what, remedy=remedy)
+    except ValueError as error:
+        raise RunFolderError(str(error)) from None
 
 
 def _epoch_of(path: Path) -> int:

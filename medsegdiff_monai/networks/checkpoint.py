@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["extract_network_state", "load_network_weights"]
+__all__ = ["extract_network_state", "load_network_weights", "read_checkpoint"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -32,6 +33,32 @@ def extract_network_state(checkpoint: Mapping, key: str = "network") -> dict[str
                 name = name[len(prefix) :]
         cleaned[name] = value
     return cleaned
+
+
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", what: str = "checkpoint", remedy: str = ""
+) -> Any:
+    """``torch.load(path, weights_only=True)``, with a file that cannot be read (truncated, or not a checkpoint)
+    reported by name instead of by torch's error (which would suggest the unsafe ``weights_only=False``).
+
+    Args:
+        path: the file.
+        map_location: where to load the tensors.
+        what: the file's role, for the message (e.g. ``"newest checkpoint"``).
+        remedy: what to do, appended to the message.
+
+    Raises:
+        ValueError: naming the file, the error's kind and ``remedy``.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError, ... for such a file
+        detail = (str(error).splitlines() or [""])[0][:120]
+        kind = type(error).__name__ if not detail or "weights_only" in detail else f"{type(error).__name__}: {detail}"
+        raise ValueError(
+            f"{what} {path} cannot be read ({kind}); it is truncated or not a checkpoint of this library. "
+            f"{remedy}".rstrip()
+        ) from None
 
 
 def load_network_weights(
@@ -60,7 +87,7 @@ def load_network_weights(
             f"checkpoint {path} does not exist: train the bundle first (it writes models/model.pt) "
             "or set 'checkpoint' to a trained network file."
         )
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, map_location, remedy="Give a network file written by training (model.pt).")
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a state dict.")
     state = extract_network_state(checkpoint)

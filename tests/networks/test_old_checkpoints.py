@@ -159,3 +159,20 @@ def test_a_checkpoint_of_another_network_is_summarised_not_dumped(tmp_path):
     assert f"{len(reshaped)} have another shape (e.g. {key}: {tuple(stored[key].shape)} in the file" in message
     assert "preset, use_grade_head, mask_channels" in message
     assert len(message) < 1000
+
+
+@pytest.mark.parametrize("content", [b"subject_id,p_hgg\n", b'{"not": "a checkpoint"}', None])
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, content):
+    """A text file, a JSON file and a truncated checkpoint each give one ValueError naming the file, never torch's
+    advice to load with weights_only=False."""
+    path = tmp_path / "model.pt"
+    if content is None:
+        torch.save(get_network("small", **TINY).state_dict(), path)
+        content = path.read_bytes()[:2000]
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as raised:
+        load_network_weights(get_network("small", **TINY), path)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {path} cannot be read (")
+    assert "truncated or not a checkpoint of this library. Give a network file written by training" in message
+    assert "weights_only" not in message
