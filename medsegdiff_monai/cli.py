@@ -146,10 +146,13 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
 def _write_segmentation_datalist(args: argparse.Namespace, report: FolderReport) -> int:
     """``datalist`` for subjects without grades: a plain seeded split, segmentation only."""
     _print_report(report, f"{len(report.subjects)} subjects valid, without grades (segmentation only).", "")
-    datalist = build_datalist(report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
+    datalist = build_datalist(
+        report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed, test_fraction=args.test_fraction
+    )
     out = args.out if args.out is not None else args.data_dir / "datalist.json"
     write_datalist(datalist, out)
-    print(f"wrote {out}: {len(datalist['training'])} training and {len(datalist['validation'])} validation subjects")
+    lists = [f"{len(datalist[key])} {key}" for key in ("training", "validation", "testing") if key in datalist]
+    print(f"wrote {out}: {', '.join(lists[:-1])} and {lists[-1]} subjects")
     return 0
 
 

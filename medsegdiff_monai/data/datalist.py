@@ -68,7 +68,7 @@ def build_datalist(
     """
     ungraded = [s.subject_id for s in subjects if s.grade is None]
     if subjects and len(ungraded) == len(subjects):
-        return build_segmentation_datalist(subjects, data_dir, val_fraction, seed)
+        return build_segmentation_datalist(subjects, data_dir, val_fraction, seed, test_fraction)
     if ungraded:
         raise ValueError(f"datalist: subjects without grade: {', '.join(ungraded)}.")
     by_id = {s.subject_id: s for s in subjects}
@@ -151,32 +151,58 @@ def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_
 
 
 def build_segmentation_datalist(
-    subjects: Sequence[BratsSubject], data_dir: str | Path, val_fraction: float = 0.2, seed: int = 0
+    subjects: Sequence[BratsSubject],
+    data_dir: str | Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    test_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """MONAI datalist of subjects without grades (segmentation only, e.g. BraTS 2021 or 2023 without a grade table).
 
-    The subjects, sorted by id, are shuffled and split by MONAI's ``partition_dataset`` (seeded), not stratified.
+    The subjects, sorted by id, are shuffled and split by MONAI's ``partition_dataset`` (seeded), not stratified:
+    the first ``round(n * test_fraction)`` shuffled subjects are held out for testing, the next
+    ``round(n * val_fraction)`` validate.
 
     Args:
         subjects: validated subjects (grades ``None``).
         data_dir: the data root; entry paths are relative to it.
         val_fraction: share of subjects in the validation split, in [0, 1).
         seed: seed of the split.
+        test_fraction: share of subjects in the held-out ``testing`` split (0: no ``testing`` key).
 
     Returns:
-        ``{"training": [...], "validation": [...], "split": {...}}``; the entries have no ``grade``.
+        ``{"training": [...], "validation": [...], ["testing": [...],] "split": {...}}``; the entries have no
+        ``grade``.
+
+    Raises:
+        ValueError: a fraction out of range, or a split that leaves no training subject.
     """
     from monai.data import partition_dataset  # MONAI (and torch) load lazily, keeping the CLI quick to start
 
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"datalist: val_fraction must be in [0, 1), got {val_fraction}.")
+    if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0:
+        raise ValueError(
+            f"datalist: val_fraction and test_fraction must be in [0, 1), got {val_fraction} and {test_fraction}."
+        )
     ordered = sorted(subjects, key=lambda s: s.subject_id)
-    num_val = int(round(len(ordered) * val_fraction))
+    num_test, num_val = (int(round(len(ordered) * fraction)) for fraction in (test_fraction, val_fraction))
+    if ordered and num_test + num_val >= len(ordered):
+        raise ValueError(
+            f"datalist: {len(ordered)} subjects, {num_val} for validation and {num_test} for testing leave none for "
+            "training; lower --val-fraction or --test-fraction."
+        )
     shuffled = partition_dataset(ordered, num_partitions=1, shuffle=True, seed=seed)[0]
-    training = sorted(shuffled[num_val:], key=lambda s: s.subject_id)
-    validation = sorted(shuffled[:num_val], key=lambda s: s.subject_id)
-    return {
+    parts = shuffled[:num_test], shuffled[num_test : num_test + num_val], shuffled[num_test + num_val :]
+    testing, validation, training = (sorted(part, key=lambda s: s.subject_id) for part in parts)
+    datalist: dict[str, Any] = {
         "training": [subject_entry(s, data_dir) for s in training],
         "validation": [subject_entry(s, data_dir) for s in validation],
-        "split": {"val_fraction": val_fraction, "seed": seed, "stratified_by": None},
     }
+    if test_fraction > 0:
+        datalist["testing"] = [subject_entry(s, data_dir) for s in testing]
+    datalist["split"] = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "stratified_by": None,
+    }
+    return datalist

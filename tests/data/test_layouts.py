@@ -167,6 +167,19 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
     assert all("grade" not in e for e in entries)
     assert sorted(e["subject_id"] for e in entries) == sorted(p.name for p in layouts[layout].iterdir())
     assert entries[0]["image"][0].endswith("_t1.nii.gz" if layout == "brats2021" else "-t1n.nii.gz")
+    # a held-out testing list as in a graded folder; a split that leaves no training subject is refused
+    args = ["--data-dir", str(layouts[layout]), "--val-fraction", "0.34", "--test-fraction", "0.34", "--out", str(out)]
+    assert main(["datalist", *args, "--no-progress"]) == 0
+    assert "1 training, 1 validation and 1 testing subjects" in capsys.readouterr().out
+    held_out = json.loads(out.read_text())
+    assert [len(held_out[key]) for key in ("training", "validation", "testing")] == [1, 1, 1]
+    assert held_out["split"]["test_fraction"] == 0.34
+    assert sorted(e["subject_id"] for key in ("training", "validation", "testing") for e in held_out[key]) == sorted(
+        e["subject_id"] for e in entries
+    )
+    args[3] = "0.67"
+    assert main(["datalist", *args, "--no-progress"]) == 1
+    assert "leave none for training" in capsys.readouterr().err
     # with a grade table of one's own, the datalist is graded again (four subjects: every split needs both grades)
     folder = write_synthetic_brats(
         tmp_path / "four", num_subjects=4, lgg_fraction=0.5, shape=SHAPE, seed=3, progress=False, layout=layout
