@@ -8,6 +8,7 @@ write such a function and append it to :data:`COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,14 +144,35 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_synth)
 
 
+def _write_new_datalist(args: argparse.Namespace, datalist: dict) -> Path:
+    """Write ``datalist`` to ``--out`` (default ``DATA_DIR/datalist.json``); a datalist already there that holds
+    another split (whose ``testing`` subjects may be meant to stay held out) is replaced only with ``--overwrite``.
+
+    Raises:
+        FileExistsError: naming the file and what to do.
+    """
+    out = args.out if args.out is not None else args.data_dir / "datalist.json"
+    if out.is_file() and not args.overwrite:
+        try:
+            earlier = json.loads(out.read_text())
+        except ValueError:
+            earlier = None
+        if earlier != json.loads(json.dumps(datalist)):
+            raise FileExistsError(
+                f"{out} already holds another datalist (other subjects, split or settings); training runs and held-out "
+                "testing subjects may depend on it. Nothing was written. Pass --overwrite to replace it, or choose "
+                "another --out."
+            )
+    return write_datalist(datalist, out)
+
+
 def _write_segmentation_datalist(args: argparse.Namespace, report: FolderReport) -> int:
     """``datalist`` for subjects without grades: a plain seeded split, segmentation only."""
     _print_report(report, f"{len(report.subjects)} subjects valid, without grades (segmentation only).", "")
     datalist = build_datalist(
         report.subjects, args.data_dir, val_fraction=args.val_fraction, seed=args.seed, test_fraction=args.test_fraction
     )
-    out = args.out if args.out is not None else args.data_dir / "datalist.json"
-    write_datalist(datalist, out)
+    out = _write_new_datalist(args, datalist)
     lists = [f"{len(datalist[key])} {key}" for key in ("training", "validation", "testing") if key in datalist]
     print(f"wrote {out}: {', '.join(lists[:-1])} and {lists[-1]} subjects")
     return 0
@@ -179,8 +201,7 @@ def _run_datalist(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
     )
     print(class_balance_line(datalist["class_balance"]))
-    out = args.out if args.out is not None else args.data_dir / "datalist.json"
-    write_datalist(datalist, out)
+    out = _write_new_datalist(args, datalist)
     counts = []
     for key in ("training", "validation", "testing"):
         if key in datalist:
@@ -215,6 +236,11 @@ def _register_datalist(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0).")
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: DATA_DIR/datalist.json).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a datalist at --out that holds another split (the same split is always written again).",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
     parser.set_defaults(handler=_run_datalist)
 

@@ -106,6 +106,21 @@ def test_an_operating_system_error_is_one_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_datalist_rewrites_the_same_split_but_keeps_another(tmp_path, capsys):
+    """Running the same datalist command again writes the same file (the README's command can be repeated); a
+    different split over it (another seed) would move held-out subjects, and needs --overwrite."""
+    assert synth(tmp_path / "brats") == 0
+    command = ["datalist", "--data-dir", str(tmp_path / "brats"), "--val-fraction", "0.34", "--no-progress"]
+    out = tmp_path / "brats" / "datalist.json"
+    assert cli.main(command) == 0 and cli.main(command) == 0
+    first = out.read_text()
+    capsys.readouterr()
+    assert cli.main([*command, "--seed", "3"]) == 1
+    assert f"{out} already holds another datalist" in capsys.readouterr().err
+    assert out.read_text() == first
+    assert cli.main([*command, "--seed", "3", "--overwrite"]) == 0 and out.read_text() != first
+
+
 def test_usage(capsys):
     assert cli.main([]) == 2
     with pytest.raises(SystemExit) as exit_info:

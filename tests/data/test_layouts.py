@@ -169,6 +169,10 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
     assert entries[0]["image"][0].endswith("_t1.nii.gz" if layout == "brats2021" else "-t1n.nii.gz")
     # a held-out testing list as in a graded folder; a split that leaves no training subject is refused
     args = ["--data-dir", str(layouts[layout]), "--val-fraction", "0.34", "--test-fraction", "0.34", "--out", str(out)]
+    before = out.read_text()
+    assert main(["datalist", *args, "--no-progress"]) == 1  # another split over the datalist: not without --overwrite
+    assert "already holds another datalist" in capsys.readouterr().err and out.read_text() == before
+    args.append("--overwrite")
     assert main(["datalist", *args, "--no-progress"]) == 0
     assert "1 training, 1 validation and 1 testing subjects" in capsys.readouterr().out
     held_out = json.loads(out.read_text())
@@ -187,9 +191,17 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
     table = tmp_path / "grades.csv"
     ids = sorted(p.name for p in folder.iterdir())
     table.write_text("subject_id,grade\n" + "".join(f"{s},{g}\n" for s, g in zip(ids, ["LGG", "HGG", "HGG", "LGG"])))
-    graded_args = ["--data-dir", str(folder), "--val-fraction", "0.5", "--out", str(out), "--no-progress"]
+    graded_args = [
+        "--data-dir",
+        str(folder),
+        "--val-fraction",
+        "0.5",
+        "--out",
+        str(tmp_path / "graded.json"),
+        "--no-progress",
+    ]
     assert main(["datalist", *graded_args, "--grades", str(table)]) == 0
-    graded = json.loads(out.read_text())
+    graded = json.loads((tmp_path / "graded.json").read_text())
     assert sorted(e["grade"] for e in graded["training"] + graded["validation"]) == [0, 0, 1, 1]
     assert {e["grade"] for e in graded["validation"]} == {0, 1}
 
