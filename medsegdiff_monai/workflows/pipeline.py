@@ -372,11 +372,18 @@ class BratsVolumeInferer:
                 files = {kind: output_dir / name for kind, name in names.items()}
                 outputs.append(SubjectOutput(prediction.subject_id, prediction.p_hgg, files))
             graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
-            if graded:
-                write_grades_csv(graded, staging / GRADES_FILENAME, update=output_dir / GRADES_FILENAME)
+            earlier_grades = output_dir / GRADES_FILENAME
+            if graded or earlier_grades.is_file():  # an earlier row of a subject run again is replaced or dropped
+                ungraded = [o.subject_id for o in outputs if o.p_hgg is None]
+                write_grades_csv(graded, staging / GRADES_FILENAME, update=earlier_grades, drop=ungraded)
             output_dir.mkdir(parents=True, exist_ok=True)
             for file in sorted(staging.iterdir()):
                 os.replace(file, output_dir / file.name)
+            for output in outputs:  # a file of an earlier run (an overlay) that this run did not write again
+                written = {path.name for path in output.files.values()}
+                for suffix in OUTPUT_SUFFIXES:
+                    if (name := output.subject_id + suffix) not in written:
+                        (output_dir / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if eager:

@@ -41,7 +41,11 @@ def write_nifti_like(array: np.ndarray, reference: str | Path | nib.Nifti1Image,
 
 
 def write_grades_csv(
-    rows: Iterable[tuple[str, float]], path: str | Path, threshold: float = 0.5, update: str | Path | None = None
+    rows: Iterable[tuple[str, float]],
+    path: str | Path,
+    threshold: float = 0.5,
+    update: str | Path | None = None,
+    drop: Iterable[str] = (),
 ) -> Path:
     """Write ``subject_id,p_hgg,grade`` rows; ``grade`` is ``HGG`` when p_hgg >= ``threshold``, else ``LGG``.
 
@@ -53,12 +57,15 @@ def write_grades_csv(
         path: output CSV.
         threshold: decision threshold on p(HGG).
         update: an earlier table to merge by subject (ignored when it does not exist).
+        drop: subjects whose rows of ``update`` are left out (e.g. run again by a network without the grade head).
     """
     table: dict[str, list[str]] = {}
+    dropped = set(drop)
     if update is not None and Path(update).is_file():
         with open(update, newline="") as f:
             for row in csv.DictReader(f):
-                table[row["subject_id"]] = [row["subject_id"], row["p_hgg"], row["grade"]]
+                if row["subject_id"] not in dropped:
+                    table[row["subject_id"]] = [row["subject_id"], row["p_hgg"], row["grade"]]
     for subject_id, p_hgg in rows:
         grade = "" if np.isnan(p_hgg) else INDEX_TO_GRADE[int(p_hgg >= threshold)]
         table[subject_id] = [subject_id, f"{p_hgg:.6f}", grade]

@@ -252,6 +252,23 @@ def test_second_run_refuses_earlier_outputs_then_updates_them_on_request(brain_o
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the killed run's partial folder is gone
 
 
+def test_overwriting_a_subject_leaves_none_of_its_earlier_outputs(
+    brain_oracle, stand_in_network, synthetic_datalist, tmp_path
+):
+    """Run again with ``overwrite`` by a network without the grade head and without overlays, a subject keeps no
+    earlier file or grades.csv row (they would belong to the other network); the other subject keeps all of its."""
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    out = tmp_path / "out"
+    _inferer(brain_oracle(hgg_logit=2.0), write_overlays=True).run(entries, out)
+    rerun, kept = (entry["subject_id"] for entry in entries[:2])
+    _inferer(stand_in_network(use_grade_head=False), overwrite=True).run(entries[:1], out)
+    names = sorted(p.name for p in out.iterdir())
+    assert f"{rerun}_overlay.png" not in names and f"{kept}_overlay.png" in names
+    assert {f"{rerun}_seg.nii.gz", f"{rerun}_uncertainty.nii.gz", f"{kept}_seg.nii.gz"} <= set(names)
+    with open(out / "grades.csv") as f:
+        assert [row["subject_id"] for row in csv.DictReader(f)] == [kept]
+
+
 def test_compile_waits_for_runs_that_it_pays_for(brain_oracle, synthetic_datalist, tmp_path, monkeypatch):
     import medsegdiff_monai.inferers.sampler as sampler_module
 
