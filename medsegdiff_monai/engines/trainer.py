@@ -33,7 +33,7 @@ class _PendingFiniteFlag(NamedTuple):
     ready: torch.cuda.Event | None
     epoch: int
     iteration: int
-    subject_ids: tuple[str, ...]
+    subject_ids: Any  # the batch's "subject_id" as collated (a list of str), read only when the step was skipped
 
 
 def _to_device(tensor: Any, device: str | torch.device | None, non_blocking: bool, **kwargs: Any) -> torch.Tensor:
@@ -276,7 +276,6 @@ class DiffusionTrainer(SupervisedTrainer):
             finite = host
         batch = self.state.batch
         subject_ids = batch.get("subject_id", ()) if isinstance(batch, dict) else ()
-        subject_ids = tuple(map(str, [subject_ids] if isinstance(subject_ids, str) else subject_ids))
         self._pending_flags.append(
             _PendingFiniteFlag(finite, ready, self.state.epoch, self.state.iteration, subject_ids)
         )
@@ -298,7 +297,10 @@ class DiffusionTrainer(SupervisedTrainer):
             self.state.epoch_skipped_steps += 1
             self.state.consecutive_skipped_steps += 1
             self.state.skipped_step = (pending.epoch, pending.iteration)
-            self.state.skipped_subject_ids = pending.subject_ids
+            subject_ids = pending.subject_ids
+            self.state.skipped_subject_ids = tuple(
+                map(str, [subject_ids] if isinstance(subject_ids, str) else subject_ids)
+            )
             self.fire_event(NonFiniteLossEvents.STEP_SKIPPED)
 
     @property
