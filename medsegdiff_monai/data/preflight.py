@@ -23,6 +23,7 @@ __all__ = [
     "check_subject_files",
     "check_training_inputs",
     "exit_on_bad_input",
+    "first_image",
     "read_datalist_json",
     "report_errors_briefly",
 ]
@@ -299,6 +300,13 @@ def check_training_inputs(
         raise BratsDataError(problems)
 
 
+def first_image(entry: Any) -> str | None:
+    """The first ``image`` path of a datalist entry as written, or None for an entry without one (that entry's
+    problem is reported by :func:`check_subject_entries`)."""
+    images = entry.get("image") if isinstance(entry, Mapping) else None
+    return images[0] if isinstance(images, list) and images and isinstance(images[0], str) else None
+
+
 def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> list[str]:
     """A subject listed in both ``training`` and ``validation`` (the same first image file) would be validated on,
     chosen as best and calibrated on what it was trained on."""
@@ -309,9 +317,8 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
     def first_images(entries: list) -> dict[Path, str]:
         found = {}
         for entry in entries:
-            images = entry.get("image") if isinstance(entry, Mapping) else None
-            if isinstance(images, list) and images and isinstance(images[0], str):
-                path = (Path(dataset_dir) / images[0]).resolve()
+            if (image := first_image(entry)) is not None:
+                path = (Path(dataset_dir) / image).resolve()
                 found[path] = str(entry.get("subject_id") or path.parent.name)
         return found
 

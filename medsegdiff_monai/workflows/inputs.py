@@ -20,7 +20,7 @@ from medsegdiff_monai.data import (
 )
 from medsegdiff_monai.data.input_checks import split_subject_dirs
 from medsegdiff_monai.data.layout import is_nifti, modality_of_file
-from medsegdiff_monai.data.preflight import check_subject_files, read_datalist_json
+from medsegdiff_monai.data.preflight import check_subject_files, first_image, read_datalist_json
 from medsegdiff_monai.transforms import subject_id_from_path
 
 __all__ = ["check_inference_inputs", "collect_inference_inputs", "resolve_entries"]
@@ -95,12 +95,8 @@ def _check_data_root(path: Path, entries: Any, data_dir: str | Path | None) -> N
     for."""
     if data_dir is None or not isinstance(entries, list) or Path(data_dir).resolve() == path.parent.resolve():
         return
-    relative = [
-        Path(entry["image"][0])
-        for entry in entries
-        if isinstance(entry, dict) and isinstance(entry.get("image"), list) and entry["image"]
-        and isinstance(entry["image"][0], str) and not Path(entry["image"][0]).is_absolute()
-    ]  # fmt: skip
+    images = [Path(image) for entry in entries if (image := first_image(entry)) is not None]
+    relative = [image for image in images if not image.is_absolute()]
     missing = [file for file in relative if not (Path(data_dir) / file).exists()]
     if not missing or not all((path.parent / file).exists() for file in relative):
         return
