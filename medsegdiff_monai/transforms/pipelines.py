@@ -10,6 +10,7 @@ decoded, cropped, normalised volume and each epoch only draws slices and augment
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from monai.transforms import (
     Compose,
     ConvertToMultiChannelBasedOnBratsClassesd,
     CropForegroundd,
+    DivisiblePadd,
     EnsureChannelFirstd,
     EnsureTyped,
     FgBgToIndicesd,
@@ -31,6 +33,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     ResizeWithPadOrCropd,
+    SpatialPadd,
     SqueezeDimd,
 )
 from monai.transforms.transform import Transform
@@ -184,36 +187,48 @@ def get_train_transforms(
     return UntrackedTailCompose(cached + slicing + augmentation + finishing, untracked_from=len(cached))
 
 
-def get_val_transforms(roi_size: Sequence[int] = (192, 192)) -> Compose:
+def get_val_transforms(roi_size: Sequence[int] = (192, 192), size_multiple: int | None = None) -> Compose:
     """Validation chain: whole volumes, deterministic and invertible.
 
     Output per sample: ``image`` (4, H, W, D) float32, ``label`` (3, H, W, D) float32 regions TC, WT, ET in {0, 1},
-    ``grade`` scalar long tensor, ``subject_id`` str, where (H, W) = ``roi_size`` and D is the brain's depth. ``image``
-    and ``label`` are MetaTensors that record the applied operations, so :class:`monai.transforms.Invertd` with this
+    ``grade`` scalar long tensor, ``subject_id`` str, where D is the brain's depth and (H, W) is ``roi_size``, or
+    more where the brain is wider (see ``size_multiple``): no brain voxel is ever cropped away. ``image`` and
+    ``label`` are MetaTensors that record the applied operations, so :class:`monai.transforms.Invertd` with this
     chain maps a prediction back to the original grid (e.g. 240 x 240 x 155) with the original affine.
 
     Args:
-        roi_size: in-plane size (H, W) after padding / cropping the brain's bounding box.
+        roi_size: in-plane size (H, W) the brain's bounding box is padded to.
+        size_multiple: a side of a brain wider than ``roi_size`` is padded up to a multiple of this (the network's
+            ``2 ** (levels - 1)``); None: the largest power of two dividing both ``roi_size`` sides, which a valid
+            ``roi_size`` makes a multiple of the network's.
     """
-    return Compose(_whole_volume_transforms(roi_size, label_optional=False))
+    return Compose(_whole_volume_transforms(roi_size, size_multiple, label_optional=False))
 
 
-def get_inference_transforms(roi_size: Sequence[int] = (192, 192)) -> Compose:
+def get_inference_transforms(roi_size: Sequence[int] = (192, 192), size_multiple: int | None = None) -> Compose:
     """Inference chain: as :func:`get_val_transforms`, but ``label`` and ``grade`` are optional.
 
     Output per sample: ``image`` (4, H, W, D) float32, ``subject_id`` str (from the datalist, else from the image
     path), and where given ``label`` (3, H, W, D) float32 and ``grade``. Invertible like the validation chain.
 
     Args:
-        roi_size: in-plane size (H, W) after padding / cropping the brain's bounding box.
+        roi_size: in-plane size (H, W) the brain's bounding box is padded to.
+        size_multiple: see :func:`get_val_transforms`.
     """
-    return Compose(_whole_volume_transforms(roi_size, label_optional=True))
+    return Compose(_whole_volume_transforms(roi_size, size_multiple, label_optional=True))
 
 
-def _whole_volume_transforms(roi_size: Sequence[int], label_optional: bool) -> list[Transform]:
+def _whole_volume_transforms(
+    roi_size: Sequence[int], size_multiple: int | None, label_optional: bool
+) -> list[Transform]:
     roi = _check_roi(roi_size)
+    if size_multiple is None:
+        size_multiple = math.gcd(*(side & -side for side in roi))
+    if size_multiple < 1:
+        raise ValueError(f"size_multiple must be >= 1, got {size_multiple}.")
     keys = [IMAGE, LABEL]
     return volume_transforms(label_optional) + [
-        ResizeWithPadOrCropd(keys, spatial_size=(*roi, -1), allow_missing_keys=label_optional),
+        SpatialPadd(keys, spatial_size=(*roi, -1), allow_missing_keys=label_optional),
+        DivisiblePadd(keys, k=(size_multiple, size_multiple, 1), allow_missing_keys=label_optional),
         CastToTyped(keys, dtype=torch.float32, allow_missing_keys=label_optional),
     ]

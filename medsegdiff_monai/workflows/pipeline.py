@@ -205,7 +205,8 @@ class BratsVolumeInferer:
         network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithGradeHead`` or
             :class:`~medsegdiff_monai.workflows.ExportedDiffusionNetwork`.
         sampler: the diffusion sampler (steps, scheduler, ensemble size, seed).
-        roi_size: in-plane size of the transforms (the training ``roi_size``).
+        roi_size: in-plane size of the transforms (the training ``roi_size``); a subject whose brain is wider is
+            padded further, never cropped, with a warning.
         slice_batch_size: slices sampled together (times ``ensemble_size`` network inputs per step); None: the
             device's default (:func:`~medsegdiff_monai.inferers.default_slice_batch_size`).
         threshold: probability above which a voxel belongs to a region.
@@ -267,6 +268,7 @@ class BratsVolumeInferer:
         self.overwrite = overwrite
         self.allow_empty_modality = allow_empty_modality
         self.compile_min_volumes = compile_min_volumes
+        self.roi_size = tuple(int(side) for side in roi_size)
         self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
         self.inverter = Invertd(
             keys=["probs", "uncertainty"], transform=self.transforms, orig_keys="image", nearest_interp=False
@@ -292,6 +294,12 @@ class BratsVolumeInferer:
         sample = {key: entry[key] for key in ("image", "subject_id") if entry.get(key) is not None}
         data = self.transforms(sample)
         image: MetaTensor = data["image"]
+        if any(side > roi for side, roi in zip(image.shape[1:3], self.roi_size)):
+            self.logger.warning(
+                f"subject {data['subject_id']}: the brain is wider than roi_size {list(self.roi_size)}; its slices "
+                f"are padded to {list(image.shape[1:3])} instead (none of it is cropped; the network was trained "
+                f"on {self.roi_size[0]} x {self.roi_size[1]} slices)"
+            )
         with torch.no_grad():
             volume = sample_volume(
                 self.network, image.as_tensor().to(self.device), self.sampler, slice_batch_size=self.slice_batch_size

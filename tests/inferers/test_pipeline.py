@@ -60,6 +60,21 @@ def test_outputs_lie_on_the_input_grid_and_invert_the_crop_exactly(brain_oracle,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
 
+def test_a_brain_wider_than_the_roi_is_segmented_whole_with_a_warning(
+    brain_oracle, synthetic_datalist, tmp_path, caplog
+):
+    entry = load_brats_datalist(synthetic_datalist, "validation")[0]
+    brain = np.stack([_read(p) for p in entry["image"]]).any(axis=0)
+    inferer = BratsVolumeInferer(
+        brain_oracle(), DiffusionSampler(num_inference_steps=2, ensemble_size=2), roi_size=(16, 16), progress=False
+    )
+    with caplog.at_level("WARNING", logger="medsegdiff_monai.workflows.pipeline"):
+        inferer.run([entry], tmp_path / "out")
+    labels = _read(tmp_path / "out" / f"{entry['subject_id']}_seg.nii.gz")
+    np.testing.assert_array_equal(labels, np.where(brain, 4, 0))  # every brain voxel, none cropped away
+    assert f"subject {entry['subject_id']}: the brain is wider than roi_size [16, 16]" in caplog.text
+
+
 def test_min_enhancing_voxels_relabels_a_small_enhancing_prediction(brain_oracle, synthetic_datalist, tmp_path):
     # the oracle predicts ET on every brain voxel: kept at a threshold of 1 voxel, core (1) above the brain's size
     entry = load_brats_datalist(synthetic_datalist, "validation")[0]

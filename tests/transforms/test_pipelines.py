@@ -77,7 +77,7 @@ def test_validation_chain_crops_to_the_brain_and_inverts_exactly(entries):
     out = chain(entry)
     brain = raw(entry["image"][0]) > 0
     depth = np.flatnonzero(brain.any(axis=(0, 1)))
-    assert out["image"].shape == (4, 32, 32, depth[-1] - depth[0] + 1)
+    assert out["image"].shape[0] == 4 and out["image"].shape[-1] == depth[-1] - depth[0] + 1
     out["pred"] = out["label"].clone()
     restored = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=True)(out)["pred"]
     reference = ConvertToMultiChannelBasedOnBratsClasses()(raw(entry["label"]))
@@ -97,6 +97,31 @@ def test_inference_prediction_back_to_a_brats_label_file(entries):
     assert labels.dtype == torch.uint8 and labels.shape == (1, 48, 48, 32)
     np.testing.assert_array_equal(labels[0].numpy(), raw(entry["label"]))
     np.testing.assert_array_equal(labels.affine.numpy(), nib.load(entry["label"]).affine)
+
+
+@pytest.mark.parametrize("size_multiple, expected_multiple", [(None, 16), (8, 8)])
+def test_a_brain_wider_than_the_roi_is_padded_not_cropped(entries, size_multiple, expected_multiple):
+    entry = entries[1]
+    brain = raw(entry["image"][0]) > 0
+    extent = [int(np.ptp(np.flatnonzero(brain.any(axis=axes)))) + 1 for axes in ((1, 2), (0, 2))]
+    assert min(extent) > 16  # the roi below is narrower than the brain
+    chain = get_val_transforms(roi_size=(16, 32), size_multiple=size_multiple)
+    out = chain(entry)
+    expected = [max(roi, -(-side // expected_multiple) * expected_multiple) for side, roi in zip(extent, (16, 32))]
+    assert list(out["image"].shape[1:3]) == expected
+    out["pred"] = out["label"].clone()
+    restored = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=True)(out)["pred"]
+    np.testing.assert_array_equal(
+        restored.numpy().astype(bool), ConvertToMultiChannelBasedOnBratsClasses()(raw(entry["label"]))
+    )
+    out["brain"] = MetaTensor((out["image"][:1] != 0).float())
+    restored_brain = Invertd("brain", transform=chain, orig_keys="image", nearest_interp=True)(out)["brain"]
+    np.testing.assert_array_equal(restored_brain[0].numpy().astype(bool), brain)
+
+
+def test_size_multiple_must_be_positive():
+    with pytest.raises(ValueError, match="size_multiple must be >= 1, got 0"):
+        get_inference_transforms((32, 32), size_multiple=0)
 
 
 def test_inference_chain_without_label(entries):
