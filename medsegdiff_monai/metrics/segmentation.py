@@ -23,7 +23,7 @@ of the 240 x 240 x 155 BraTS grid at 1 mm, used whatever the grid)."""
 HD95_CONVENTIONS = ("brats", "monai")
 """``"brats"``: 95th percentile of both directed surface-distance sets pooled, 373.13 mm when one mask is empty
 (the BraTS 2018-2022 evaluation, medpy's ``hd95``). ``"monai"``: the larger of the two directed 95th percentiles
-(MONAI's ``compute_hausdorff_distance``), the volume's diagonal when one mask is empty."""
+(MONAI's ``compute_hausdorff_distance``), the volume's diagonal when one mask is empty (MONAI itself: NaN)."""
 
 
 def _spacing_list(spacing: Sequence[float] | float | None, ndim: int) -> list[float]:
