@@ -16,7 +16,8 @@ TIMESTEP_SPACINGS = ("logsnr", "leading")
 
 
 def leading_timesteps(num_inference_steps: int, num_train_timesteps: int) -> Tensor:
-    """Timesteps evenly spaced by ``T // N`` that end at 0: ``(N - 1) * T // N, ..., T // N, 0`` (DDIM paper).
+    """Timesteps evenly spaced by ``T // N`` that end at 0: ``(N - 1) * T // N, ..., T // N, 0`` (DDIM paper); for
+    ``N = 1`` the one step starts from pure noise, at ``T - 1`` (at 0 the network would be told that noise is clean).
 
     Args:
         num_inference_steps: ``N``, in ``[1, T]``.
@@ -26,6 +27,8 @@ def leading_timesteps(num_inference_steps: int, num_train_timesteps: int) -> Ten
         raise ValueError(
             f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_inference_steps}."
         )
+    if num_inference_steps == 1:
+        return torch.tensor([num_train_timesteps - 1])
     return torch.arange(num_inference_steps - 1, -1, -1) * (num_train_timesteps // num_inference_steps)
 
 
@@ -35,7 +38,7 @@ def logsnr_timesteps(num_inference_steps: int, alphas_cumprod: Tensor) -> Tensor
     DPM-Solver's spacing: every step covers the same span of log signal-to-noise ratio, where even spacing in ``t``
     leaves most of it to the step into t = 0 (on the linear schedule with 10 steps, ``lambda`` rises by 3.5 from
     t = 100 to 0 and by 0.4 per step before). Each target is rounded to the nearest timestep, then moved by the
-    fewest steps that keep the timesteps distinct.
+    fewest steps that keep the timesteps distinct. ``N = 1`` is the one step from pure noise, at ``T - 1``.
 
     Args:
         num_inference_steps: ``N``, in ``[1, T]``.
@@ -46,6 +49,8 @@ def logsnr_timesteps(num_inference_steps: int, alphas_cumprod: Tensor) -> Tensor
         raise ValueError(
             f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_inference_steps}."
         )
+    if num_inference_steps == 1:
+        return torch.tensor([num_train_timesteps - 1])
     alphas_cumprod = alphas_cumprod.double()
     lambdas = 0.5 * (alphas_cumprod.log() - (1 - alphas_cumprod).log())
     targets = torch.linspace(float(lambdas[-1]), float(lambdas[0]), num_inference_steps, dtype=torch.float64)

@@ -212,7 +212,7 @@ def test_third_order_beats_second_order_in_many_steps(std):
 def test_logsnr_timesteps_are_distinct_and_even_in_lambda():
     alphas_cumprod = DDPMScheduler(1000, "linear_beta").alphas_cumprod.double()
     lambdas = 0.5 * (alphas_cumprod / (1 - alphas_cumprod)).log()
-    for steps in (1, 2, 7, 200, 999, 1000):
+    for steps in (2, 7, 200, 999, 1000):
         timesteps = logsnr_timesteps(steps, alphas_cumprod).tolist()
         assert len(set(timesteps)) == steps and timesteps == sorted(timesteps, reverse=True) and timesteps[-1] == 0
     timesteps = logsnr_timesteps(8, alphas_cumprod)
@@ -274,3 +274,17 @@ def test_bundle_training_and_inference_share_the_noise_schedule():
         parser = ConfigParser(json.loads((CONFIGS / name).read_text()))
         schedules.append(parser.get_parsed_content("noise_scheduler").alphas_cumprod)
     torch.testing.assert_close(schedules[0], schedules[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "dpmpp_3m"])
+def test_one_step_starts_from_pure_noise_and_returns_its_clean_estimate(stand_in_network, scheduler):
+    network = stand_in_network()
+    sampler = DiffusionSampler(num_inference_steps=1, ensemble_size=2, scheduler=scheduler)
+    assert sampler.timesteps == [999]
+    image = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sampler(network, image, generator=torch.Generator().manual_seed(1))
+    (x_t, t), *later = network.denoise_inputs
+    assert not later and t.tolist() == [999] * 6
+    condition = network.encode_condition(image.repeat(2, 1, 1, 1))
+    members = torch.sigmoid(network.denoise(x_t, t, condition)).view(2, 3, 3, 8, 8)  # member-major
+    torch.testing.assert_close(out.probs, members.mean(0))
