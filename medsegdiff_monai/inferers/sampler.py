@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -291,7 +292,8 @@ class DiffusionSampler:
         Args:
             network: a module with ``encode_condition(image) -> ConditionFeatures`` and
                 ``denoise(x_t, t, condition) -> seg_logits`` (see ``medsegdiff_monai.networks``). The caller sets
-                its mode (``network.eval()``) and, unless ``amp_dtype`` is given, autocast.
+                its mode (``network.eval()``; a network in training mode gets a warning) and, unless ``amp_dtype`` is
+                given, autocast.
             image: (B, 4, H, W) normalised slices.
             generator: random generator on ``image.device``; by default a new one seeded with ``seed``.
 
@@ -300,6 +302,12 @@ class DiffusionSampler:
         """
         if image.ndim != 4:
             raise ValueError(f"image must have shape (B, channels, H, W), got {tuple(image.shape)}.")
+        if network.training:
+            warnings.warn(
+                f"sampling with {type(network).__name__} in training mode: dropout is active and running statistics "
+                "(the grade head's) are updated and saved with the weights; call network.eval() before sampling.",
+                stacklevel=2,
+            )
         if generator is None:
             generator = self.make_generator(image.device)
         num_slices, members = image.shape[0], self.ensemble_size

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDPMScheduler
 
 from medsegdiff_monai.inferers import DiffusionSampler, repeat_condition
+from medsegdiff_monai.networks import get_network
 
 
 def _image(batch: int = 2, size: int = 12, seed: int = 1) -> torch.Tensor:
@@ -214,3 +217,27 @@ def test_every_step_gets_the_same_layout_from_a_channels_last_network(stand_in_n
     image = _image().contiguous(memory_format=torch.channels_last)
     DiffusionSampler(scheduler=scheduler, num_inference_steps=3, ensemble_size=2)(network, image)
     assert [x_t.is_contiguous() for x_t, _ in network.denoise_inputs] == [True] * 3
+
+
+def test_a_network_in_training_mode_is_warned_of_and_keeps_its_statistics_in_eval():
+    network = get_network("small", use_grade_head=True).train()
+    statistics = {name: buffer.clone() for name, buffer in network.named_buffers() if "running" in name}
+    assert statistics
+    image = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sampler = DiffusionSampler(num_inference_steps=1, ensemble_size=1)
+    with pytest.warns(UserWarning, match="in training mode: dropout is active"):
+        sampler(network, image)
+    changed = [
+        name
+        for name, buffer in network.named_buffers()
+        if name in statistics and not torch.equal(buffer, statistics[name])
+    ]
+    assert changed  # what the warning is about
+    network.eval()
+    for name, buffer in network.named_buffers():
+        if name in statistics:
+            statistics[name] = buffer.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler(network, image)
+    assert all(torch.equal(buffer, statistics[name]) for name, buffer in network.named_buffers() if name in statistics)
