@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
-from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer
+from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput
 
 __all__ = ["run_evaluation"]
 
@@ -55,7 +56,8 @@ def run_evaluation(
             :func:`~medsegdiff_monai.metrics.evaluation.check_evaluation_settings`).
         FileExistsError: when ``output_dir`` holds a report and the inferer's ``overwrite`` is False.
 
-    Every error above comes before any subject is sampled.
+    Every error above comes before any subject is sampled. The report is computed from the outputs before they move
+    into ``output_dir`` and moves in with them: an interrupted or failed evaluation leaves ``output_dir`` as it was.
     """
     check_evaluation_settings(hd95_convention, lesion_challenge, bootstrap_resamples)
     entries = resolve_entries(source, datalist_key, data_dir, num_eval_cases)
@@ -68,24 +70,33 @@ def run_evaluation(
             f"output folder {output_dir} already holds an evaluation report ({', '.join(report)}). Nothing was "
             "written. Pass --overwrite true to replace it, or choose another --output_dir."
         )
-    outputs = inferer.run(entries, output_dir)
-    result = evaluate_subjects(
-        [
-            {
-                "subject_id": output.subject_id,
-                "pred_file": output.files["seg"],
-                "label_file": entry["label"],
-                "p_hgg": output.p_hgg,
-                "grade": entry.get("grade"),
-            }
-            for output, entry in zip(outputs, entries, strict=True)
-        ],
-        include_hd95=include_hd95,
-        hd95_convention=hd95_convention,
-        lesion_challenge=lesion_challenge,
-        bootstrap_resamples=bootstrap_resamples,
-    )
-    write_evaluation(result, output_dir)
+    report: dict[str, Any] = {}
+
+    def score_before_moving_in(staging: Path, outputs: list[SubjectOutput]) -> None:
+        report["result"] = evaluate_subjects(
+            [
+                {
+                    "subject_id": output.subject_id,
+                    "pred_file": staging / output.files["seg"].name,
+                    "label_file": entry["label"],
+                    "p_hgg": output.p_hgg,
+                    "grade": entry.get("grade"),
+                }
+                for output, entry in zip(outputs, entries, strict=True)
+            ],
+            include_hd95=include_hd95,
+            hd95_convention=hd95_convention,
+            lesion_challenge=lesion_challenge,
+            bootstrap_resamples=bootstrap_resamples,
+        )
+        write_evaluation(report["result"], staging)
+        report["names"] = {path.name for path in staging.iterdir()}
+
+    inferer.run(entries, output_dir, finalize=score_before_moving_in)
+    for name in REPORT_FILENAMES:  # a file of an earlier report that this one has not (reliability.png)
+        if name not in report["names"]:
+            (Path(output_dir) / name).unlink(missing_ok=True)
+    result: EvaluationResult = report["result"]
     if print_table:
         print(format_table(result))
     return result

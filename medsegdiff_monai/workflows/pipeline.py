@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from torch import nn
 from tqdm.auto import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from medsegdiff_monai.data import convert_label_convention, release_of_file
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
@@ -44,12 +50,41 @@ OUTPUT_SUFFIXES = ("_seg.nii.gz", "_uncertainty.nii.gz", "_overlay.png")
 _FLAIR = 3
 
 
+PARTIAL_PREFIX = ".partial-"
+"""Name start of the temporary folder inside ``output_dir`` where a run writes before moving its files in."""
+
+
 def partial_folders(output_dir: str | Path) -> list[Path]:
-    """The temporary ``.<name>.partial-*`` folders that runs into ``output_dir`` left next to it."""
+    """The temporary ``.partial-*`` folders that interrupted runs left inside ``output_dir``."""
     output_dir = Path(output_dir)
-    if not output_dir.parent.is_dir():
+    if not output_dir.is_dir():
         return []
-    return sorted(p for p in output_dir.parent.glob(f".{output_dir.name}.partial-*") if p.is_dir())
+    return sorted(p for p in output_dir.glob(f"{PARTIAL_PREFIX}*") if p.is_dir())
+
+
+@contextlib.contextmanager
+def _exclusive_output_folder(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``output_dir`` (``fcntl.flock``; the system drops it when the process
+    ends, however it ends) for one run's writing; where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Raises:
+        FileExistsError: when another run holds it.
+    """
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(output_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"another run is writing into {output_dir}. Nothing was written. Wait for it to finish, or choose "
+                "another --output_dir."
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def check_output_folder(output_dir: str | Path) -> None:
@@ -196,10 +231,11 @@ class BratsVolumeInferer:
     - ``grades.csv``: ``subject_id,p_hgg,grade`` (``grade`` HGG / LGG at p >= 0.5), when the network grades.
 
     Every input file is read and checked before inference starts, and outputs are first written to a temporary
-    folder ``.<output_dir name>.partial-*`` next to ``output_dir`` and moved into it only when every subject
-    succeeded, so a failed run leaves no partial outputs (the temporary folders of killed runs are removed by the next
-    run into the same folder). A folder that already holds outputs of the same subjects is refused unless
-    ``overwrite``; ``grades.csv`` is updated by subject, so the grades of other subjects stay.
+    folder ``.partial-*`` inside ``output_dir`` and moved into it only when every subject succeeded, so a failed run
+    leaves no partial outputs (the temporary folders of killed runs are removed by the next run into the same folder),
+    and only ``output_dir`` itself must be writable, on whatever file system. One run at a time writes into a folder:
+    a second one is refused while the first holds it. A folder that already holds outputs of the same subjects is
+    refused unless ``overwrite``; ``grades.csv`` is updated by subject, so the grades of other subjects stay.
 
     Args:
         network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithGradeHead`` or
@@ -321,6 +357,41 @@ class BratsVolumeInferer:
             reference=Path(entry["image"][0]),
         )
 
+    def _write_run(
+        self,
+        entries: list[dict[str, Any]],
+        output_dir: Path,
+        staging: Path,
+        finalize: Callable[[Path, list[SubjectOutput]], None] | None,
+    ) -> list[SubjectOutput]:
+        """Sample every entry into ``staging``, then move the files into ``output_dir``."""
+        eager = self._runs_eagerly(len(entries))
+        try:
+            outputs = []
+            for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
+                prediction = self.predict(entry)
+                names = self._write_subject(prediction, staging, entry)
+                files = {kind: output_dir / name for kind, name in names.items()}
+                outputs.append(SubjectOutput(prediction.subject_id, prediction.p_hgg, files))
+        finally:
+            if eager:
+                self.sampler.compile = True
+        graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
+        earlier_grades = output_dir / GRADES_FILENAME
+        if graded or earlier_grades.is_file():  # an earlier row of a subject run again is replaced or dropped
+            ungraded = [o.subject_id for o in outputs if o.p_hgg is None]
+            write_grades_csv(graded, staging / GRADES_FILENAME, update=earlier_grades, drop=ungraded)
+        if finalize is not None:
+            finalize(staging, outputs)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, output_dir / file.name)
+        for output in outputs:  # a file of an earlier run (an overlay) that this run did not write again
+            written = {path.name for path in output.files.values()}
+            for suffix in OUTPUT_SUFFIXES:
+                if (name := output.subject_id + suffix) not in written:
+                    (output_dir / name).unlink(missing_ok=True)
+        return outputs
+
     def _write_subject(self, prediction: SubjectPrediction, folder: Path, entry: dict[str, Any]) -> dict[str, str]:
         """Write one subject's files into ``folder``; returns their names by kind."""
         reference = nib.load(str(prediction.reference))
@@ -340,6 +411,7 @@ class BratsVolumeInferer:
         datalist_key: str = "validation",
         data_dir: str | Path | None = None,
         num_cases: int | None = None,
+        finalize: Callable[[Path, list[SubjectOutput]], None] | None = None,
     ) -> list[SubjectOutput]:
         """
         Run inference on every subject of ``source`` and write the outputs into ``output_dir``.
@@ -352,49 +424,41 @@ class BratsVolumeInferer:
             datalist_key: list of a datalist to run on.
             data_dir: data root of a datalist's relative paths (default: the JSON's folder).
             num_cases: only the first ``num_cases`` subjects (None: all).
+            finalize: called with the temporary folder and the outputs once every subject is written there, before
+                anything moves into ``output_dir`` (the outputs' ``files`` name their final paths; the same names
+                lie in the temporary folder); what it writes into that folder moves in with them, and an error in
+                it leaves ``output_dir`` as it was (e.g. :func:`~medsegdiff_monai.workflows.run_evaluation`'s
+                report).
 
         Returns:
             one :class:`SubjectOutput` per subject, in input order.
 
         Raises:
             FileNotFoundError / ValueError: for bad inputs, naming the file, before anything is written.
-            FileExistsError: when ``output_dir`` holds outputs of the same subjects and ``overwrite`` is False.
+            FileExistsError: when ``output_dir`` holds outputs of the same subjects and ``overwrite`` is False, or
+                another run is writing into it.
         """
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
         check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
         check_output_folder(output_dir)
-        if not self.overwrite:
-            check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in partial_folders(output_dir):
-            self.logger.info(f"removing {leftover}, the unfinished outputs of an interrupted run")
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-        eager = self._runs_eagerly(len(entries))
+        created = not output_dir.exists()
+        output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            outputs = []
-            for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
-                prediction = self.predict(entry)
-                names = self._write_subject(prediction, staging, entry)
-                files = {kind: output_dir / name for kind, name in names.items()}
-                outputs.append(SubjectOutput(prediction.subject_id, prediction.p_hgg, files))
-            graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
-            earlier_grades = output_dir / GRADES_FILENAME
-            if graded or earlier_grades.is_file():  # an earlier row of a subject run again is replaced or dropped
-                ungraded = [o.subject_id for o in outputs if o.p_hgg is None]
-                write_grades_csv(graded, staging / GRADES_FILENAME, update=earlier_grades, drop=ungraded)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            for file in sorted(staging.iterdir()):
-                os.replace(file, output_dir / file.name)
-            for output in outputs:  # a file of an earlier run (an overlay) that this run did not write again
-                written = {path.name for path in output.files.values()}
-                for suffix in OUTPUT_SUFFIXES:
-                    if (name := output.subject_id + suffix) not in written:
-                        (output_dir / name).unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            if eager:
-                self.sampler.compile = True
+            with _exclusive_output_folder(output_dir):
+                if not self.overwrite:
+                    check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
+                for leftover in partial_folders(output_dir):
+                    self.logger.info(f"removing {leftover}, the unfinished outputs of an interrupted run")
+                    shutil.rmtree(leftover, ignore_errors=True)
+                staging = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=output_dir))
+                try:
+                    outputs = self._write_run(entries, output_dir, staging, finalize)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            if created and not any(output_dir.iterdir()):
+                output_dir.rmdir()
+            raise
         self.logger.info(f"wrote {len(outputs)} subject(s) to {output_dir}")
         return outputs

@@ -9,6 +9,7 @@ import pytest
 from medsegdiff_monai.data import load_brats_datalist
 from medsegdiff_monai.inferers import DiffusionSampler
 from medsegdiff_monai.workflows import BratsVolumeInferer, run_evaluation
+from medsegdiff_monai.workflows import evaluation as evaluation_workflow
 
 
 def test_evaluation_of_the_brain_oracle(brain_oracle, synthetic_datalist, tmp_path, capsys):
@@ -52,6 +53,36 @@ def test_a_second_evaluation_into_the_same_folder_needs_overwrite(brain_oracle, 
     inferer.overwrite = True
     run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=1, print_table=False)
     assert json.loads((out / "summary.json").read_text())["num_subjects"] == 1
+
+
+def test_an_evaluation_stopped_while_scoring_leaves_the_folder_as_it_was(
+    brain_oracle, synthetic_datalist, tmp_path, monkeypatch
+):
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    out = tmp_path / "eval"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the metrics are computed, after every subject was sampled
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation_workflow, "evaluate_subjects", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2)
+    assert not out.exists()  # "nothing was written" holds: the same command can run again
+    run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2, print_table=False)
+    assert json.loads((out / "summary.json").read_text())["num_subjects"] == 2
+
+
+def test_a_report_without_a_grade_leaves_no_earlier_reliability_diagram(brain_oracle, synthetic_datalist, tmp_path):
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    out = tmp_path / "eval"
+    run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", print_table=False)
+    assert (out / "reliability.png").is_file()
+    ungraded = [{k: v for k, v in e.items() if k != "grade"} for e in load_brats_datalist(synthetic_datalist)]
+    inferer.overwrite = True
+    run_evaluation(inferer, ungraded, out, print_table=False)
+    assert "grade" not in json.loads((out / "summary.json").read_text())
+    assert not (out / "reliability.png").exists()
 
 
 @pytest.mark.parametrize(

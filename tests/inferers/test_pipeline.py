@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from medsegdiff_monai.data import BratsDataError, load_brats_datalist
 from medsegdiff_monai.inferers import DiffusionSampler
@@ -252,19 +258,20 @@ def test_second_run_refuses_earlier_outputs_then_updates_them_on_request(brain_o
     out = tmp_path / "out"
     _inferer(brain_oracle(hgg_logit=2.0)).run(entries, out)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    killed = tmp_path / ".out.partial-x1y2"  # what a run killed while writing leaves
+    killed = out / ".partial-x1y2"  # what a run killed while writing leaves
     killed.mkdir()
     (killed / "half.nii.gz").write_bytes(b"")
     with pytest.raises(FileExistsError, match=rf"{entries[0]['subject_id']}_seg.nii.gz.*--overwrite true"):
         _inferer(brain_oracle(hgg_logit=-2.0)).run(entries[:1], out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == first and killed.exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first and killed.exists()
     _inferer(brain_oracle(hgg_logit=-2.0), overwrite=True).run(entries[:1], out)
     with open(out / "grades.csv") as f:
         rows = {row["subject_id"]: row for row in csv.DictReader(f)}
     assert list(rows) == [e["subject_id"] for e in entries]  # the other subject's row kept, in its place
     assert rows[entries[0]["subject_id"]]["grade"] == "LGG" and rows[entries[1]["subject_id"]]["grade"] == "HGG"
     assert float(rows[entries[0]["subject_id"]]["p_hgg"]) == pytest.approx(1 / (1 + np.exp(2.0)), abs=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the killed run's partial folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not killed.exists() and all(p.is_file() for p in out.iterdir())  # the killed run's folder is gone
 
 
 def test_overwriting_a_subject_leaves_none_of_its_earlier_outputs(
@@ -321,3 +328,50 @@ def test_compile_waits_for_runs_that_it_pays_for(brain_oracle, synthetic_datalis
     assert sampler.is_compiled_for(network) and len(compiled) == 1 and len(compiled_calls) > calls
     with pytest.raises(ValueError, match="compile_min_volumes must be >= 1"):
         BratsVolumeInferer(network, sampler, roi_size=ROI, compile_min_volumes=0)
+
+
+@pytest.mark.skipif(fcntl is None, reason="folder locks need fcntl")
+def test_a_run_into_a_folder_another_run_is_writing_into_is_refused(brain_oracle, synthetic_datalist, tmp_path):
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".partial-live").mkdir()  # the running run's temporary folder
+    descriptor = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in another process holds it
+        with pytest.raises(FileExistsError, match=f"another run is writing into {out}"):
+            _inferer(brain_oracle()).run(entries, out)
+        assert [p.name for p in out.iterdir()] == [".partial-live"]  # its temporary folder is left alone
+    finally:
+        os.close(descriptor)
+    _inferer(brain_oracle()).run(entries, out)  # once released, the folder is free
+    assert not (out / ".partial-live").exists()
+
+
+def test_outputs_are_staged_inside_the_output_folder_and_finalize_is_all_or_nothing(
+    brain_oracle, synthetic_datalist, tmp_path
+):
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    out = tmp_path / "out"
+    seen = {}
+
+    def finalize(staging, outputs):
+        seen["staging"] = staging
+        seen["files"] = sorted(p.name for p in staging.iterdir())
+        (staging / "report.txt").write_text("written with the outputs")
+
+    outputs = _inferer(brain_oracle()).run(entries, out, finalize=finalize)
+    assert seen["staging"].parent == out  # one file system: the final moves are renames
+    assert seen["files"] == sorted({path.name for o in outputs for path in o.files.values()} | {"grades.csv"})
+    assert (out / "report.txt").read_text() == "written with the outputs"
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def failing(staging, outputs):
+        raise RuntimeError("the report could not be written")
+
+    with pytest.raises(RuntimeError, match="could not be written"):
+        _inferer(brain_oracle(hgg_logit=-3.0), overwrite=True).run(entries, out, finalize=failing)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # nothing moved in, no temporary folder left
+    with pytest.raises(RuntimeError, match="could not be written"):
+        _inferer(brain_oracle()).run(entries, tmp_path / "new", finalize=failing)
+    assert not (tmp_path / "new").exists()  # a folder the failed run created is removed again
