@@ -189,8 +189,9 @@ def resolve_entries(
     takes), limited to the first ``num_cases`` (None: all).
 
     Raises:
-        ValueError: ``num_cases`` below 1, or no subject to run (an empty list, or an empty list of a datalist),
-            naming the input and what to do; and what :func:`collect_inference_inputs` raises.
+        ValueError: ``num_cases`` below 1, no subject to run (an empty list, or an empty list of a datalist), or
+            one ``subject_id`` for two subjects, naming the input and what to do; and what
+            :func:`collect_inference_inputs` raises.
     """
     if num_cases is not None and num_cases < 1:
         raise ValueError(f"num_cases must be >= 1 (or null for every subject), got {num_cases}.")
@@ -203,4 +204,16 @@ def resolve_entries(
             f"datalist {source} has an empty list {datalist_key!r}: choose another with --datalist_key (e.g. "
             "training), or write the datalist again with a validation split."
         )
-    return entries[:num_cases] if num_cases is not None else entries
+    entries = entries[:num_cases] if num_cases is not None else entries
+    first_images: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.get("subject_id"):
+            first_images.setdefault(str(entry["subject_id"]), []).append(str(entry["image"][0]))
+    repeated = {subject_id: images for subject_id, images in first_images.items() if len(images) > 1}
+    if repeated:
+        listed = "; ".join(f"{subject_id}: {', '.join(images)}" for subject_id, images in repeated.items())
+        raise ValueError(
+            f"{len(repeated)} subject id(s) name more than one subject of the input ({listed}); their outputs and "
+            "scores would overwrite each other. Give each subject its own subject_id."
+        )
+    return entries

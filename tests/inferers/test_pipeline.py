@@ -147,8 +147,7 @@ def test_a_datalist_given_without_its_data_root_names_the_root_to_pass(brain_ora
 
 
 def _assert_nothing_written(tmp_path: Path) -> None:
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not (tmp_path / "out").exists()  # the run's temporary folder lay inside it
 
 
 def test_nan_from_the_sampler_is_named_and_writes_nothing(stand_in_network, brats_copy, tmp_path, monkeypatch):
@@ -211,6 +210,11 @@ def test_an_output_folder_a_run_could_not_finish_in_is_refused_before_sampling(b
         with pytest.raises(ValueError, match=r"grades.csv has the columns \['id;prob'\], not \['subject_id', 'p_hgg'"):
             inferer.run(brats_copy, tmp_path / "out", num_cases=1)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grades.csv"]
+    noted = "subject_id,p_hgg,grade,reviewer_note\nBraTS20_Training_001,0.9,HGG,checked by hand\n"
+    (tmp_path / "out" / "grades.csv").write_text(noted)  # a column the rewrite would drop
+    with pytest.raises(ValueError, match=r"columns \['subject_id', 'p_hgg', 'grade', 'reviewer_note'\], not"):
+        inferer.run(brats_copy, tmp_path / "out", num_cases=1)
+    assert (tmp_path / "out" / "grades.csv").read_text() == noted
 
 
 def test_an_input_without_subjects_is_named(brain_oracle, synthetic_datalist, tmp_path):
@@ -225,6 +229,19 @@ def test_an_input_without_subjects_is_named(brain_oracle, synthetic_datalist, tm
         inferer.run([], tmp_path / "out")
     with pytest.raises(ValueError, match="num_cases must be >= 1"):
         inferer.run(synthetic_datalist, tmp_path / "out", num_cases=0)
+    _assert_nothing_written(tmp_path)
+
+
+def test_two_subjects_under_one_id_are_refused_before_sampling(brain_oracle, synthetic_datalist, tmp_path):
+    first, second = load_brats_datalist(synthetic_datalist, "validation")[:2]
+    merged = json.loads(synthetic_datalist.read_text())
+    merged["validation"][1]["subject_id"] = first["subject_id"]  # two sites' folders under one name
+    datalist = tmp_path / "merged.json"
+    datalist.write_text(json.dumps(merged))
+    with pytest.raises(
+        ValueError, match=rf"name more than one subject .*{first['subject_id']}: .*{second['image'][0]}"
+    ):
+        _inferer(brain_oracle()).run(datalist, tmp_path / "out", data_dir=synthetic_datalist.parent)
     _assert_nothing_written(tmp_path)
 
 
