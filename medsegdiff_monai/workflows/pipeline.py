@@ -101,10 +101,10 @@ def check_output_folder(output_dir: str | Path) -> None:
     if grades.is_file():
         with open(grades, newline="") as f:
             columns = next(csv.reader(f), [])
-        if not set(GRADES_CSV_COLUMNS) <= set(columns):
+        if columns != list(GRADES_CSV_COLUMNS):
             raise ValueError(
-                f"{grades} has the columns {columns}, not {list(GRADES_CSV_COLUMNS)}: a run updates that table by "
-                "subject, so move the file away or choose another --output_dir."
+                f"{grades} has the columns {columns}, not {list(GRADES_CSV_COLUMNS)}: a run rewrites that table with "
+                "its three columns, so move the file away or choose another --output_dir."
             )
 
 
