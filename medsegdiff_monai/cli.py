@@ -100,6 +100,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         difficulty=args.difficulty,
         layout=args.layout,
         num_workers=args.workers,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.subjects} synthetic subjects of shape {tuple(args.shape)} in the {args.layout} layout to {out}")
     return 0
@@ -139,6 +140,11 @@ def _register_synth(subparsers: argparse._SubParsersAction) -> None:
         type=_non_negative_int,
         default=0,
         help="write subjects in this many worker processes (default 0: in this process); the files are the same.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the subject folders of a different set in --out (the same set is always written again).",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar.")
     parser.set_defaults(handler=_run_synth)

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import json
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -78,6 +81,9 @@ class SyntheticLayout:
     extension: str
     grade_table: bool
 
+
+SYNTHETIC_RECORD_FILENAME = "synthetic.json"
+"""The arguments a synthetic set was written with, in its folder, and whether every subject was written."""
 
 SYNTHETIC_LAYOUTS: dict[str, SyntheticLayout] = {
     "brats2020": SyntheticLayout(f"{SUBJECT_PREFIX}{{:03d}}", 1, "brats2020", ".nii", True),
@@ -500,6 +506,7 @@ def write_synthetic_brats(
     difficulty: str | SyntheticDifficulty = "standard",
     layout: str = "brats2020",
     num_workers: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic BraTS training release in the layout of BraTS 2020, 2021 or 2023 (glioma).
 
@@ -513,8 +520,10 @@ def write_synthetic_brats(
     arguments.
 
     Args:
-        out_dir: output folder (created if needed). Existing files of the same subjects are overwritten; other subject
-            folders in it are an error, since they would not be listed in the CSV.
+        out_dir: output folder (created if needed). Other subject folders in it are an error, since they would not
+            be listed in the CSV. Folders of the same subjects are written again only when ``out_dir`` holds the
+            same set (its ``synthetic.json`` records the arguments, and ``"complete": true`` once every subject is
+            written) or with ``overwrite``.
         num_subjects: number of subjects.
         lgg_fraction: share of LGG subjects (``round(num_subjects * lgg_fraction)`` of them).
         shape: volume shape; (240, 240, 155) is the real size, e.g. (48, 48, 32) is fine for tests.
@@ -525,6 +534,7 @@ def write_synthetic_brats(
         layout: one of :data:`SYNTHETIC_LAYOUTS` (``"brats2020"``, ``"brats2021"``, ``"brats2023"``).
         num_workers: subjects are written by this many worker processes (0: in this process). Each subject has its
             own seed ``[seed, index]``, so the files are the same for any number of workers.
+        overwrite: replace the subject folders of an earlier, different set (or of a release not written here).
 
     Returns:
         ``out_dir`` as a Path.
@@ -543,14 +553,20 @@ def write_synthetic_brats(
     spec = SYNTHETIC_LAYOUTS[layout]
     out = Path(out_dir)
     subject_ids = [spec.subject_id.format(i - 1 + spec.first_index) for i in range(1, num_subjects + 1)]
+    record = {
+        "num_subjects": num_subjects,
+        "lgg_fraction": lgg_fraction,
+        "shape": [int(side) for side in shape],
+        "seed": seed,
+        "atypical_fraction": atypical_fraction,
+        "difficulty": dataclasses.asdict(difficulty),
+        "layout": layout,
+    }
+    record = json.loads(json.dumps(record))  # as read back: lists, not tuples
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in set(subject_ids))
-        if foreign:
-            raise FileExistsError(
-                f"synthetic BraTS: {out} already holds other folders ({', '.join(foreign[:5])}); "
-                "write into an empty or new folder."
-            )
+        _check_existing_set(out, subject_ids, record, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    _write_record(out, record, complete=False)  # a killed run leaves it: the same command then writes the set again
 
     n_lgg = int(round(num_subjects * lgg_fraction))
     lgg_indices = set(np.random.default_rng(seed).choice(num_subjects, size=n_lgg, replace=False).tolist())
@@ -579,4 +595,37 @@ def write_synthetic_brats(
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(NAME_MAPPING_COLUMNS)
             writer.writerows(rows)
+    _write_record(out, record, complete=True)
     return out
+
+
+def _write_record(out: Path, record: dict, complete: bool) -> None:
+    partial = out / f".{SYNTHETIC_RECORD_FILENAME}.partial"
+    partial.write_text(json.dumps({**record, "complete": complete}, indent=2) + "\n")
+    os.replace(partial, out / SYNTHETIC_RECORD_FILENAME)
+
+
+def _check_existing_set(out: Path, subject_ids: list[str], record: dict, overwrite: bool) -> None:
+    """Refuse to write into ``out`` where it would change or mix with what is there (see
+    :func:`write_synthetic_brats`'s ``overwrite``)."""
+    foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in set(subject_ids))
+    if foreign:
+        raise FileExistsError(
+            f"synthetic BraTS: {out} already holds other folders ({', '.join(foreign[:5])}); "
+            "write into an empty or new folder."
+        )
+    existing = [subject_id for subject_id in subject_ids if (out / subject_id).exists()]
+    if not existing or overwrite:
+        return
+    earlier = out / SYNTHETIC_RECORD_FILENAME
+    try:
+        same_set = {k: v for k, v in json.loads(earlier.read_text()).items() if k != "complete"} == record
+    except (OSError, ValueError):
+        same_set = False
+    if not same_set:
+        origin = "of a different synthetic set" if earlier.is_file() else "not written by this command"
+        raise FileExistsError(
+            f"synthetic BraTS: {out} already holds {len(existing)} of these subject folders (e.g. {existing[0]}), "
+            f"{origin}. Nothing was written. Choose a new folder, or pass --overwrite to replace them (a datalist "
+            "written for the old set then no longer matches it)."
+        )

@@ -1,5 +1,6 @@
 import csv
 import hashlib
+import json
 
 import nibabel as nib
 import numpy as np
@@ -109,7 +110,7 @@ def test_deterministic_from_seed(tmp_path):
     first = write_synthetic_brats(tmp_path / "a", 3, 0.34, (24, 24, 16), seed=4, progress=False)
     second = write_synthetic_brats(tmp_path / "b", 3, 0.34, (24, 24, 16), seed=4, progress=False)
     other = write_synthetic_brats(tmp_path / "c", 3, 0.34, (24, 24, 16), seed=5, progress=False)
-    assert len(digests(first)) == 3 * 5 + 1
+    assert len(digests(first)) == 3 * 5 + 2  # and name_mapping.csv, synthetic.json
     assert digests(first) == digests(second)
     assert digests(first) != digests(other)
 
@@ -117,7 +118,7 @@ def test_deterministic_from_seed(tmp_path):
 def test_worker_processes_write_the_same_files(tmp_path):
     serial = write_synthetic_brats(tmp_path / "serial", 5, 0.4, (24, 24, 16), seed=6, progress=False)
     parallel = write_synthetic_brats(tmp_path / "parallel", 5, 0.4, (24, 24, 16), seed=6, progress=False, num_workers=2)
-    assert len(digests(serial)) == 5 * 5 + 1
+    assert len(digests(serial)) == 5 * 5 + 2
     assert digests(parallel) == digests(serial)
     with pytest.raises(ValueError, match="num_workers"):
         write_synthetic_brats(tmp_path / "bad", 2, num_workers=-1)
@@ -127,6 +128,61 @@ def test_refuses_foreign_subject_folders(tmp_path):
     (tmp_path / "BraTS20_Training_099").mkdir()
     with pytest.raises(FileExistsError, match="BraTS20_Training_099"):
         write_synthetic_brats(tmp_path, 2, shape=(24, 24, 16), progress=False)
+
+
+def test_a_different_set_is_not_written_over_an_existing_one_unless_asked(tmp_path):
+    out = tmp_path / "set"
+    write_synthetic_brats(out, 3, 0.34, (24, 24, 16), seed=4, progress=False)
+    first = digests(out)
+    assert json.loads((out / "synthetic.json").read_text())["complete"] is True
+    write_synthetic_brats(out, 3, 0.34, (24, 24, 16), seed=4, progress=False)  # the same set: a re-run is fine
+    assert digests(out) == first
+    for changed in ({"seed": 5}, {"lgg_fraction": 0.67}, {"difficulty": "hard"}):
+        with pytest.raises(FileExistsError, match="already holds 3 of these subject folders .* different synthetic"):
+            write_synthetic_brats(out, 3, **{"lgg_fraction": 0.34, "seed": 4, **changed}, shape=(24, 24, 16))
+        assert digests(out) == first
+    write_synthetic_brats(out, 3, 0.34, (24, 24, 16), seed=5, progress=False, overwrite=True)
+    assert digests(out) == digests(write_synthetic_brats(tmp_path / "fresh", 3, 0.34, (24, 24, 16), seed=5))
+
+
+def test_an_interrupted_set_is_completed_by_the_same_command(tmp_path, monkeypatch):
+    from medsegdiff_monai.data import synthetic
+
+    out = tmp_path / "set"
+    write_subject = synthetic._write_subject
+
+    def interrupted(job):
+        if job.index == 3:
+            raise KeyboardInterrupt
+        return write_subject(job)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synthetic, "_write_subject", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_synthetic_brats(out, 3, 0.34, (24, 24, 16), seed=4, progress=False)
+    assert json.loads((out / "synthetic.json").read_text())["complete"] is False
+    with pytest.raises(FileExistsError, match="different synthetic set"):
+        write_synthetic_brats(out, 3, 0.34, (24, 24, 16), seed=7, progress=False)
+    write_synthetic_brats(out, 3, 0.34, (24, 24, 16), seed=4, progress=False)
+    assert digests(out) == digests(write_synthetic_brats(tmp_path / "fresh", 3, 0.34, (24, 24, 16), seed=4))
+
+
+def test_a_release_not_written_by_synth_is_left_alone(tmp_path):
+    (tmp_path / "BraTS20_Training_001").mkdir()
+    (tmp_path / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii").write_bytes(b"real data")
+    with pytest.raises(FileExistsError, match="1 of these subject folders .* not written by this command"):
+        write_synthetic_brats(tmp_path, 2, shape=(24, 24, 16), progress=False)
+    assert (tmp_path / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii").read_bytes() == b"real data"
+
+
+def test_synth_cli_refuses_a_different_set_then_overwrites_on_request(tmp_path, capsys):
+    from medsegdiff_monai.cli import main
+
+    args = ["synth", "--out", str(tmp_path), "--subjects", "2", "--shape", "24", "24", "16", "--no-progress"]
+    assert main(args) == 0
+    assert main([*args, "--seed", "1"]) == 1
+    assert "pass --overwrite to replace them" in capsys.readouterr().err
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
 
 
 def hard_and_standard(num_subjects=8):
