@@ -167,3 +167,28 @@ def test_rank_without_validation_subjects_is_an_error(tmp_path):
             DiffusionEvaluator("cpu", empty, get_network("small"), DiffusionSampler(num_inference_steps=1))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_an_ungraded_training_list_is_named_on_the_main_rank(tmp_path, caplog):
+    """As ``train.json`` alone, the distributed run says once that a training list without grades trains
+    segmentation only."""
+    from monai.bundle import ConfigParser
+
+    from medsegdiff_monai.cli import main
+
+    data_dir = tmp_path / "brats2021"
+    synth = ["--out", str(data_dir), "--subjects", "4", "--shape", "32", "32", "16", "--layout", "brats2021"]
+    assert main(["synth", *synth, "--no-progress"]) == 0
+    datalist = data_dir / "datalist.json"
+    assert main(["datalist", "--data-dir", str(data_dir), "--val-fraction", "0.5", "--no-progress"]) == 0
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(data_dir), "datalist": str(datalist)})
+    steps = [index for index, step in enumerate(parser["initialize"]) if "has no grades" in step]
+    assert len(steps) == 1
+    for is_main_process, expected in ((False, ""), (True, f"the training list of {datalist} has no grades")):
+        parser["is_main_process"] = is_main_process
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medsegdiff_monai"):
+            parser.get_parsed_content(f"initialize#{steps[0]}", lazy=False)
+        assert expected in caplog.text and (expected or not caplog.text)
