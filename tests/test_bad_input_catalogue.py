@@ -446,7 +446,11 @@ def infer_all_zero_modality(w):
 
 
 def infer_missing_checkpoint(w):
-    return infer(w, checkpoint=w.root / "absent.pt"), 1, f"checkpoint {w.root / 'absent.pt'} does not exist"
+    return (
+        infer(w, checkpoint=w.root / "absent.pt"),
+        1,
+        f"checkpoint {w.root / 'absent.pt'} does not exist. Its default, models/model.pt, is relative to bundle_root",
+    )
 
 
 def infer_truncated_checkpoint(w):

@@ -173,8 +173,10 @@ def check_inference_run(
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(
-                f"checkpoint {checkpoint} does not exist: train the bundle first (the best network is the run "
-                "folder's model.pt) and pass it with --checkpoint."
+                f"checkpoint {os.path.abspath(checkpoint)} does not exist. Its default, models/model.pt, is relative "
+                "to bundle_root ('.' unless given): run from inside the bundle folder or pass --bundle_root (e.g. "
+                "--bundle_root bundle from the repository root), or pass your own network (the run folder's "
+                "model.pt) with --checkpoint."
             )
         check_checkpoint_readable(checkpoint, remedy="Pass a complete file with --checkpoint.")
     return entries
