@@ -117,10 +117,17 @@ def export_network(
             },
         )
     network.train(was_training)
-    for program, path in zip((encoder_program, denoiser_program), paths, strict=True):
-        partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")  # torch.export wants .pt2
-        torch.export.save(program, partial)
-        os.replace(partial, path)
+    # both programs are written first and then renamed one right after the other, so that an interrupted export
+    # leaves the earlier pair, not a new program beside an old one
+    partials = [path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}") for path in paths]  # .pt2 kept
+    try:
+        for program, partial in zip((encoder_program, denoiser_program), partials, strict=True):
+            torch.export.save(program, partial)
+        for partial, path in zip(partials, paths, strict=True):
+            os.replace(partial, path)
+    finally:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
     logging.getLogger("medsegdiff_monai").info(f"exported the network to {paths[0]} and {paths[1]}")
     return paths
 

@@ -108,6 +108,29 @@ def test_existing_programs_are_replaced_only_on_request(tmp_path):
         export_network(second, tmp_path, image_size=(16, 16))
 
 
+def test_an_export_stopped_while_writing_keeps_the_earlier_pair(tmp_path, monkeypatch):
+    paths = export_network(_tiny_network(), tmp_path, image_size=(16, 16))
+    before = [path.read_bytes() for path in paths]
+    save = torch.export.save
+    saved = []
+
+    def stopped_after_one_program(program, path):
+        if saved:
+            raise KeyboardInterrupt  # Ctrl-C while the second program is written
+        saved.append(path)
+        save(program, path)
+
+    monkeypatch.setattr(torch.export, "save", stopped_after_one_program)
+    second = _tiny_network()
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(0.01)
+    with pytest.raises(KeyboardInterrupt):
+        export_network(second, tmp_path, image_size=(16, 16), overwrite=True)
+    assert [path.read_bytes() for path in paths] == before  # neither program replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_condition.pt2", "model_denoise.pt2"]
+
+
 def test_whole_subject_inference_runs_the_exported_network(synthetic_datalist, tmp_path):
     """BratsVolumeInferer takes the loaded programs as it takes the network (it calls ``.to(device).eval()``), and
     writes the same label map."""
