@@ -129,7 +129,7 @@ def evaluate_subjects(
 
     Returns:
         :class:`EvaluationResult`; ``summary`` holds, per metric, the mean and std over subjects (NaN-aware) and,
-        for every Dice (per region and mean, voxel-wise and lesion-wise), ``ci95`` = [low, high] of the mean; the
+        for every one with a value (Dice, IoU, HD95, lesion-wise), ``ci95`` = [low, high] of the mean; the
         grade metrics of :func:`~medsegdiff_monai.metrics.grade_metrics` (NaN with a warning when undefined) with
         ``auc_ci95``, ``ece_ci95``, ``brier_ci95``, the ``reliability`` bins
         (:func:`~medsegdiff_monai.metrics.reliability_bins`) and ``ece_if_calibrated``
@@ -173,7 +173,7 @@ def evaluate_subjects(
             "mean": float(finite.mean()) if finite.size else math.nan,
             "std": float(finite.std()) if finite.size else math.nan,
         }
-        if "dice_" in name and bootstrap_resamples:
+        if bootstrap_resamples and finite.size:
             summary[name]["ci95"] = list(
                 bootstrap_interval(np.mean, finite, num_resamples=bootstrap_resamples, seed=seed)
             )

@@ -31,7 +31,7 @@ def run_evaluation(
 
     Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
     (Dice, IoU, HD95, lesion-wise Dice and HD95 per region TC/WT/ET and their means, true grade, p_hgg) and
-    ``summary.json`` (mean and std of every metric, 95 % bootstrap intervals of every Dice; AUC, F1, accuracy, ECE,
+    ``summary.json`` (mean and std of every metric, 95 % bootstrap intervals of every mean; AUC, F1, accuracy, ECE,
     Brier and confusion matrix of the grade, with intervals), ``reliability.png`` where the grade is scored, and
     prints the table. A BraTS folder's grades come from its ``name_mapping.csv``.
 

@@ -61,6 +61,9 @@ def test_perfect_and_partial_predictions(tmp_path):
     assert missed["hd95_ET"] == 373.13
     # ci95 by hand: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
     assert result.summary["dice_ET"] == {"mean": 0.5, "std": 0.5, "ci95": [0.0, 1.0]}
+    # HD95 ET is 0 and 373.13: the same three resampled means, scaled
+    hd95_et = result.summary["hd95_ET"]
+    assert hd95_et["mean"] == pytest.approx(186.565) and hd95_et["ci95"] == pytest.approx([0.0, 373.13])
     assert result.summary["grade"]["auc"] == 1.0 and result.summary["grade"]["accuracy"] == 1.0
     table = format_table(result)
     assert "s1" in table and "mean" in table and "auc=1.000" in table
