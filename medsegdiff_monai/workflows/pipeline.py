@@ -87,9 +87,11 @@ def _exclusive_output_folder(output_dir: Path) -> Iterator[None]:
         os.close(descriptor)  # releases the lock
 
 
-def check_output_folder(output_dir: str | Path) -> None:
+def check_output_folder(output_dir: str | Path, source: Any = None) -> None:
     """Refuse an ``output_dir`` that a run could not write into at its end: a file, or a folder whose
-    ``grades.csv`` is not a table of ``subject_id,p_hgg,grade`` rows (a run updates that table by subject).
+    ``grades.csv`` is not a table of ``subject_id,p_hgg,grade`` rows (a run updates that table by subject); and one
+    inside the input folder ``source`` (a release or a subject folder), where a later read of that folder would take
+    the outputs for a subject or a second label file.
 
     Raises:
         FileExistsError / ValueError: naming the path and what to do.
@@ -97,6 +99,13 @@ def check_output_folder(output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder, resolved = Path(source).resolve(), output_dir.resolve()
+        if resolved == folder or folder in resolved.parents:
+            raise ValueError(
+                f"output_dir {output_dir} lies inside the input folder {source}: a later read of that folder would "
+                "take the outputs for a subject. Choose an --output_dir outside it."
+            )
     grades = output_dir / GRADES_FILENAME
     if grades.is_file():
         with open(grades, newline="") as f:
@@ -167,7 +176,7 @@ def check_inference_run(
     check_roi_size(roi_size, roi_multiple)
     entries = resolve_entries(source, datalist_key, data_dir, num_cases)
     check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
-    check_output_folder(output_dir)
+    check_output_folder(output_dir, source)
     if not overwrite:
         check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
     if checkpoint is not None:
@@ -443,7 +452,7 @@ class BratsVolumeInferer:
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
         check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
-        check_output_folder(output_dir)
+        check_output_folder(output_dir, source)
         created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
         try:

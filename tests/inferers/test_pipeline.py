@@ -130,6 +130,15 @@ def test_a_nifti_file_beside_the_subject_folders_leaves_a_release_a_release(stan
     assert [o.subject_id for o in single] == ["BraTS20_Training_003"]
 
 
+def test_an_output_folder_inside_the_input_folder_is_refused(brain_oracle, brats_copy):
+    subject = brats_copy / "BraTS20_Training_003"
+    before = sorted(p.name for p in brats_copy.rglob("*"))
+    for source, output_dir in ((brats_copy, brats_copy / "preds"), (subject, subject / "out"), (subject, subject)):
+        with pytest.raises(ValueError, match=f"output_dir {output_dir} lies inside the input folder {source}"):
+            _inferer(brain_oracle()).run(source, output_dir)
+    assert sorted(p.name for p in brats_copy.rglob("*")) == before
+
+
 def test_a_datalist_given_without_its_data_root_names_the_root_to_pass(brain_oracle, synthetic_datalist, tmp_path):
     """A datalist whose relative paths are missing under the given data root but present next to the datalist (the
     bundle's default dataset_dir with --input <other datalist>) is refused with the --dataset_dir to pass."""
