@@ -18,7 +18,8 @@ class MaskToSymmetricd(MapTransform):
 
     Args:
         keys: keys of the region maps, e.g. ``"label"`` of shape (3, H, W) with channels TC, WT, ET.
-        mask_keys: output key for each of ``keys`` (default ``"mask"``); the input keys are left unchanged.
+        mask_keys: output key for each of ``keys``, distinct (default ``"mask"``, for one key); the input keys are
+            left unchanged.
         allow_missing_keys: do not raise when a key is absent.
 
     Example::
@@ -32,6 +33,11 @@ class MaskToSymmetricd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_keys = ensure_tuple_rep(mask_keys, len(self.keys))
+        if len(set(self.mask_keys)) != len(self.mask_keys):
+            raise ValueError(
+                f"MaskToSymmetricd writes each of keys {list(self.keys)} to its own mask key, got mask_keys "
+                f"{list(self.mask_keys)}: give one distinct mask key per key."
+            )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

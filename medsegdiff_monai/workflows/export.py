@@ -160,8 +160,11 @@ class ExportedDiffusionNetwork(nn.Module):
         grade_logits = outputs[2] if len(outputs) > 2 else None
         return ConditionFeatures(features=tuple(outputs[0]), calib_map=outputs[1], grade_logits=grade_logits)
 
-    def denoise(self, x_t: Tensor, t: Tensor, condition: ConditionFeatures) -> Tensor:
-        """See ``DiffusionUNetWithGradeHead.denoise``."""
+    def denoise(self, x_t: Tensor, t: Tensor | int, condition: ConditionFeatures) -> Tensor:
+        """See ``DiffusionUNetWithGradeHead.denoise``; ``t`` (B,) or a scalar (0-d tensor or int) for the batch."""
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
         return self.denoise_program(x_t, t, tuple(condition.features), condition.calib_map)
 
     def forward(self, x_t: Tensor, t: Tensor, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -61,6 +61,10 @@ def test_exported_network_matches_and_samples(tmp_path):
     with torch.no_grad():
         for got, expected in zip(exported(x_t, t, image), network(x_t, t, image)):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        condition = network.encode_condition(image)
+        for scalar in (7, torch.tensor(7)):  # one timestep for the batch, as the package's network takes it
+            expected = network.denoise(x_t, torch.full((3,), 7), condition)
+            torch.testing.assert_close(exported.denoise(x_t, scalar, condition), expected, rtol=1e-4, atol=1e-5)
         sampler = DiffusionSampler(num_inference_steps=2, ensemble_size=3)
         torch.testing.assert_close(sampler(exported, image[:1]).probs, sampler(network, image[:1]).probs)
     with pytest.raises(FileNotFoundError, match="other_condition.pt2"):

@@ -87,6 +87,8 @@ def test_mask_to_symmetric():
     assert out["label"] is label
     two = MaskToSymmetricd(["a", "b"], mask_keys=["ma", "mb"])({"a": np.ones(2), "b": np.zeros(2)})
     assert two["ma"].tolist() == [1.0, 1.0] and two["mb"].tolist() == [-1.0, -1.0]
+    with pytest.raises(ValueError, match=r"got mask_keys \['mask', 'mask'\]: give one distinct mask key per key"):
+        MaskToSymmetricd(["a", "b"])  # both would write "mask", the second over the first
 
 
 def test_small_enhancing_tumour_becomes_core():
