@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -90,6 +91,8 @@ def make_sampling_scheduler(
     """
     if noise_scheduler is not None:
         num_train_timesteps = noise_scheduler.num_train_timesteps
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+        raise ValueError(f"num_inference_steps must be a whole number of steps, got {num_inference_steps!r}.")
     if name not in SAMPLING_SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(map(repr, SAMPLING_SCHEDULERS))}, got {name!r}.")
     if name == "ddpm" and num_inference_steps != num_train_timesteps:

@@ -190,8 +190,12 @@ def sample_volume(
     Returns:
         :class:`VolumeOutput`, tensors on ``image.device``.
     """
-    if image.ndim != 4:
-        raise ValueError(f"image must have shape (channels, H, W, D), got {tuple(image.shape)}.")
+    in_channels = getattr(network, "in_channels", None)
+    if image.ndim != 4 or image.shape[0] != (in_channels or image.shape[0]):
+        raise ValueError(
+            f"image must have shape ({in_channels or 'channels'}, H, W, D) (one channel per modality), got "
+            f"{tuple(image.shape)}."
+        )
     if slice_batch_size is None:
         slice_batch_size = default_slice_batch_size(image.device, image.shape[1:3])
     if slice_batch_size < 1:

@@ -34,7 +34,8 @@ __all__ = ["ConditionFeatures", "DiffusionUNetWithGradeHead"]
 class ConditionFeatures(NamedTuple):
     """
     Everything the condition UNet computes from the image alone (independent of the timestep and the noise).
-    Every element is a batch-first tensor, so a sampler may ``repeat_interleave`` them along dim 0 for an ensemble.
+    Every element is a batch-first tensor, so a sampler repeats them along dim 0 for an ensemble (member-major, as
+    :func:`~medsegdiff_monai.inferers.repeat_condition` does, to pair with noise of shape (K * B, ...)).
 
     Attributes:
         features: ``L + 1`` tensors for a network with ``L = len(channels)`` levels: ``features[i]`` for

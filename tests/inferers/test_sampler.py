@@ -241,3 +241,9 @@ def test_a_network_in_training_mode_is_warned_of_and_keeps_its_statistics_in_eva
         warnings.simplefilter("error")
         sampler(network, image)
     assert all(torch.equal(buffer, statistics[name]) for name, buffer in network.named_buffers() if name in statistics)
+
+
+def test_a_step_count_that_is_not_a_whole_number_is_named():
+    with pytest.raises(ValueError, match=r"num_inference_steps must be a whole number of steps, got 5.0"):
+        DiffusionSampler(num_inference_steps=5.0)
+    assert len(DiffusionSampler(num_inference_steps=np.int64(5)).timesteps) == 5

@@ -14,6 +14,7 @@ from medsegdiff_monai.inferers import (
     slice_batch_size_for_memory,
     subject_p_hgg,
 )
+from medsegdiff_monai.networks import get_network
 
 
 def _volume(depth: int = 9, empty: tuple[int, ...] = (0, 1, 8)) -> torch.Tensor:
@@ -211,3 +212,9 @@ def test_slice_batch_defaults_to_the_device_rule(stand_in_network):
     large = torch.randn(4, 96, 96, 3, generator=torch.Generator().manual_seed(1))
     sample_volume(network, large, sampler)
     assert network.encode_batches == [1, 1, 1]
+
+
+def test_a_volume_with_the_wrong_number_of_modalities_is_named_as_given():
+    network = get_network("small", use_grade_head=False)
+    with pytest.raises(ValueError, match=r"image must have shape \(4, H, W, D\) .*got \(3, 16, 16, 4\)"):
+        sample_volume(network, torch.zeros(3, 16, 16, 4), DiffusionSampler(num_inference_steps=1, ensemble_size=1))
