@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd
+from monai.transforms import Compose, Invertd, Transform
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,6 +53,40 @@ _FLAIR = 3
 
 PARTIAL_PREFIX = ".partial-"
 """Name start of the temporary folder inside ``output_dir`` where a run writes before moving its files in."""
+FINISHED_SUBJECTS_FILENAME = ".finished_subjects.json"
+"""In the temporary folder: the subjects written there so far, with their input files' sizes and times."""
+
+
+def _input_signature(entry: dict[str, Any]) -> list[list[Any]]:
+    """Path, size and modification time of each input image of ``entry``."""
+    return [[str(Path(path).resolve()), os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in entry["image"]]
+
+
+def _finished_subjects(staging: Path) -> dict[str, Any]:
+    """The subjects an earlier run finished in ``staging`` (empty when none or unreadable)."""
+    try:
+        return json.loads((staging / FINISHED_SUBJECTS_FILENAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _plain_settings(transform: Any) -> list[Any]:
+    """A transform's class and the settings held in plain attributes (numbers, strings, tuples of them), and those
+    of the transforms it wraps (a dict transform's array transform)."""
+    plain = (int, float, str, bool, type(None))
+    settings: dict[str, Any] = {}
+    for name, value in sorted(vars(transform).items()):
+        if isinstance(value, plain) or (isinstance(value, (tuple, list)) and all(isinstance(v, plain) for v in value)):
+            settings[name] = value
+        elif isinstance(value, Transform):
+            settings[name] = _plain_settings(value)
+    return [type(transform).__qualname__, settings]
+
+
+def _write_json(path: Path, content: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content))
+    os.replace(partial, path)
 
 
 def partial_folders(output_dir: str | Path) -> list[Path]:
@@ -242,9 +277,11 @@ class BratsVolumeInferer:
     - ``grades.csv``: ``subject_id,p_hgg,grade`` (``grade`` HGG / LGG at p >= 0.5), when the network grades.
 
     Every input file is read and checked before inference starts, and outputs are first written to a temporary
-    folder ``.partial-*`` inside ``output_dir`` and moved into it only when every subject succeeded, so a failed run
-    leaves no partial outputs (the temporary folders of killed runs are removed by the next run into the same folder),
-    and only ``output_dir`` itself must be writable, on whatever file system. One run at a time writes into a folder:
+    folder ``.partial-<settings digest>`` inside ``output_dir`` and moved into it only when every subject succeeded, so
+    a failed run leaves no partial outputs. The subjects a stopped run finished stay in that folder, and a run of the
+    same settings (weights, sampler, device kind, transforms, output settings) continues from them where their input
+    files are unchanged; a run of other settings removes it. Only ``output_dir`` itself must be writable, on whatever
+    file system. One run at a time writes into a folder:
     a second one is refused while the first holds it. A folder that already holds outputs of the same subjects is
     refused unless ``overwrite``; ``grades.csv`` is updated by subject, so the grades of other subjects stay.
 
@@ -375,15 +412,34 @@ class BratsVolumeInferer:
         staging: Path,
         finalize: Callable[[Path, list[SubjectOutput]], None] | None,
     ) -> list[SubjectOutput]:
-        """Sample every entry into ``staging``, then move the files into ``output_dir``."""
-        eager = self._runs_eagerly(len(entries))
+        """Sample every entry into ``staging`` (keeping the subjects an interrupted run of the same settings
+        finished there, where their input files are unchanged), then move the files into ``output_dir``."""
+        finished = _finished_subjects(staging)
+        reused = {
+            str(entry["subject_id"]): finished[str(entry["subject_id"])]
+            for entry in entries
+            if finished.get(str(entry["subject_id"]), {}).get("inputs") == _input_signature(entry)
+            and all((staging / name).is_file() for name in finished[str(entry["subject_id"])]["files"].values())
+        }
+        if reused:
+            self.logger.info(
+                f"continuing an interrupted run of the same settings: {len(reused)} of {len(entries)} subject(s) "
+                f"were already sampled in {staging}"
+            )
+        eager = self._runs_eagerly(len(entries) - len(reused))
         try:
             outputs = []
             for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
-                prediction = self.predict(entry)
-                names = self._write_subject(prediction, staging, entry)
+                subject_id = str(entry["subject_id"])
+                if subject_id in reused:
+                    names, p_hgg = reused[subject_id]["files"], reused[subject_id]["p_hgg"]
+                else:
+                    prediction = self.predict(entry)
+                    names, p_hgg = self._write_subject(prediction, staging, entry), prediction.p_hgg
+                    finished[subject_id] = {"inputs": _input_signature(entry), "files": names, "p_hgg": p_hgg}
+                    _write_json(staging / FINISHED_SUBJECTS_FILENAME, finished)
                 files = {kind: output_dir / name for kind, name in names.items()}
-                outputs.append(SubjectOutput(prediction.subject_id, prediction.p_hgg, files))
+                outputs.append(SubjectOutput(subject_id, p_hgg, files))
         finally:
             if eager:
                 self.sampler.compile = True
@@ -395,7 +451,8 @@ class BratsVolumeInferer:
         if finalize is not None:
             finalize(staging, outputs)
         for file in sorted(staging.iterdir()):
-            os.replace(file, output_dir / file.name)
+            if not file.name.startswith("."):  # the record of finished subjects stays behind
+                os.replace(file, output_dir / file.name)
         for output in outputs:  # a file of an earlier run (an overlay) that this run did not write again
             written = {path.name for path in output.files.values()}
             for suffix in OUTPUT_SUFFIXES:
@@ -459,17 +516,41 @@ class BratsVolumeInferer:
             with _exclusive_output_folder(output_dir):
                 if not self.overwrite:
                     check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
+                staging = output_dir / f"{PARTIAL_PREFIX}{self._run_key()}"
                 for leftover in partial_folders(output_dir):
-                    self.logger.info(f"removing {leftover}, the unfinished outputs of an interrupted run")
-                    shutil.rmtree(leftover, ignore_errors=True)
-                staging = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=output_dir))
+                    if leftover != staging:
+                        self.logger.info(f"removing {leftover}, the unfinished outputs of a run of other settings")
+                        shutil.rmtree(leftover, ignore_errors=True)
+                staging.mkdir(exist_ok=True)
+                finished = False
                 try:
                     outputs = self._write_run(entries, output_dir, staging, finalize)
+                    finished = True
                 finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+                    if finished or not _finished_subjects(staging):
+                        shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
             if created and not any(output_dir.iterdir()):
                 output_dir.rmdir()
             raise
         self.logger.info(f"wrote {len(outputs)} subject(s) to {output_dir}")
         return outputs
+
+    def _run_key(self) -> str:
+        """A digest of everything besides the input that shapes a subject's outputs: the network's weights, the
+        sampler, the device kind and the inferer's settings. A run of the same key continues what an interrupted
+        one left in its temporary folder."""
+        digest = hashlib.sha256()
+        for name, tensor in self.network.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        sampler = self.sampler
+        settings = {
+            "sampler": [sampler.scheduler_name, sampler.timesteps, sampler.ensemble_size, sampler.seed, sampler.eta],
+            "sampler_options": [sampler.shared_steps, str(sampler.amp_dtype), sampler.cpu_amp],
+            "device": self.device.type,
+            "transforms": [_plain_settings(transform) for transform in self.transforms.transforms],
+            "outputs": [self.threshold, self.min_enhancing_voxels, self.uncertainty_reduction, self.write_overlays],
+        }
+        digest.update(json.dumps(settings, default=str).encode())
+        return digest.hexdigest()[:16]

@@ -68,9 +68,12 @@ def test_an_evaluation_stopped_while_scoring_leaves_the_folder_as_it_was(
         patch.setattr(evaluation_workflow, "evaluate_subjects", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2)
-    assert not out.exists()  # "nothing was written" holds: the same command can run again
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # nothing written: run it again
+    predicted = []
+    inferer.predict = lambda entry: predicted.append(entry) or BratsVolumeInferer.predict(inferer, entry)
     run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2, print_table=False)
     assert json.loads((out / "summary.json").read_text())["num_subjects"] == 2
+    assert predicted == []  # the subjects sampled before the stop are scored, not sampled again
 
 
 def test_a_report_without_a_grade_leaves_no_earlier_reliability_diagram(brain_oracle, synthetic_datalist, tmp_path):

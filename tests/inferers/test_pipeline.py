@@ -272,9 +272,64 @@ def test_failure_during_inference_leaves_earlier_outputs_untouched(brain_oracle,
     inferer = FailingOnThirdSubject(brain_oracle(), DiffusionSampler(2, ensemble_size=1), roi_size=ROI, progress=False)
     with pytest.raises(RuntimeError, match="simulated"):
         inferer.run(brats_copy, out)
-    assert sorted(p.name for p in out.iterdir()) == ["grades.csv"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["grades.csv"]
     assert (out / "grades.csv").read_text() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "out"]
+
+
+def test_an_interrupted_run_is_continued_by_the_same_command(stand_in_network, brats_copy, tmp_path, caplog):
+    """The subjects an interrupted run finished are kept in its temporary folder and reused by a run of the same
+    settings, whose outputs are those of an uninterrupted run; other settings, or a changed input, sample again."""
+
+    class Interrupted(BratsVolumeInferer):
+        stop_at: int | None = None
+
+        def predict(self, entry):
+            if len(self.predicted) == self.stop_at:
+                raise KeyboardInterrupt
+            self.predicted.append(entry["subject_id"])
+            return super().predict(entry)
+
+    def inferer(seed=0):
+        sampler = DiffusionSampler(2, ensemble_size=2, seed=seed)
+        made = Interrupted(stand_in_network(), sampler, roi_size=ROI, progress=False)
+        made.predicted = []
+        return made
+
+    reference = inferer().run(brats_copy, tmp_path / "reference")
+    ids = [o.subject_id for o in reference]
+    first = inferer()
+    first.stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        first.run(brats_copy, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+    again = inferer()
+    with caplog.at_level("INFO", logger="medsegdiff_monai.workflows.pipeline"):
+        again.run(brats_copy, tmp_path / "out")
+    assert again.predicted == ids[2:]  # only the subjects the interrupted run had not finished
+    assert f"2 of {len(ids)} subject(s) were already sampled" in caplog.text
+    written = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert written == {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}  # all files, no folder
+
+    stopped = inferer()
+    stopped.stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        stopped.overwrite = True
+        stopped.run(brats_copy, tmp_path / "out")
+    other_seed = inferer(seed=1)
+    other_seed.overwrite = True
+    other_seed.run(brats_copy, tmp_path / "out")
+    assert other_seed.predicted == ids  # other settings: nothing reused
+    stopped = inferer(seed=1)
+    stopped.stop_at, stopped.overwrite = 2, True
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(brats_copy, tmp_path / "out")
+    changed = brats_copy / ids[0] / f"{ids[0]}_flair.nii"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    resumed = inferer(seed=1)
+    resumed.overwrite = True
+    resumed.run(brats_copy, tmp_path / "out")
+    assert resumed.predicted == [ids[0], *ids[2:]]  # the subject whose file changed is sampled again
 
 
 def test_second_run_refuses_earlier_outputs_then_updates_them_on_request(brain_oracle, synthetic_datalist, tmp_path):
@@ -383,7 +438,7 @@ def test_outputs_are_staged_inside_the_output_folder_and_finalize_is_all_or_noth
 
     def finalize(staging, outputs):
         seen["staging"] = staging
-        seen["files"] = sorted(p.name for p in staging.iterdir())
+        seen["files"] = sorted(p.name for p in staging.iterdir() if not p.name.startswith("."))
         (staging / "report.txt").write_text("written with the outputs")
 
     outputs = _inferer(brain_oracle()).run(entries, out, finalize=finalize)
@@ -397,7 +452,7 @@ def test_outputs_are_staged_inside_the_output_folder_and_finalize_is_all_or_noth
 
     with pytest.raises(RuntimeError, match="could not be written"):
         _inferer(brain_oracle(hgg_logit=-3.0), overwrite=True).run(entries, out, finalize=failing)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # nothing moved in, no temporary folder left
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first  # nothing moved in
     with pytest.raises(RuntimeError, match="could not be written"):
         _inferer(brain_oracle()).run(entries, tmp_path / "new", finalize=failing)
-    assert not (tmp_path / "new").exists()  # a folder the failed run created is removed again
+    assert [p.name for p in (tmp_path / "new").iterdir() if not p.name.startswith(".partial-")] == []
