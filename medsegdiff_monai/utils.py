@@ -16,6 +16,7 @@ __all__ = [
     "AMP_DTYPES",
     "DeprecatedNameWarning",
     "as_bool",
+    "check_device",
     "moved_module",
     "moved_names",
     "parse_amp_dtype",
@@ -99,6 +100,30 @@ def use_cudnn_benchmark(enabled: bool | int | str, name: str = "cudnn_benchmark"
         torch.backends.cudnn.deterministic = False
     torch.backends.cudnn.benchmark = enabled
     return enabled
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` when this machine has it, for a bundle config to check ``--device``.
+
+    Raises:
+        ValueError: naming the device and the ones to use instead (no name of a device, CUDA without a GPU or a CUDA
+            build of PyTorch, a GPU index past the last).
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        message = f"device {device!r} is not a device name: pass e.g. --device cpu or --device cuda:0."
+        raise ValueError(message) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {device} is not available: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is "
+                "False). Pass --device cpu."
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {device} is not available: this machine has cuda:0 to cuda:{count - 1}.")
+    return device
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medsegdiff_monai.inferers import DiffusionSampler
-from medsegdiff_monai.utils import as_bool, parse_amp_dtype, require_file, use_cudnn_benchmark
+from medsegdiff_monai.utils import as_bool, check_device, parse_amp_dtype, require_file, use_cudnn_benchmark
 
 
 @pytest.mark.parametrize(
@@ -109,3 +109,32 @@ def test_bf16_sampler_on_cpu_equals_fp32():
     full = DiffusionSampler(num_inference_steps=2, ensemble_size=2, seed=3)(network, image)
     mixed = DiffusionSampler(num_inference_steps=2, ensemble_size=2, seed=3, amp_dtype="bf16")(network, image)
     assert torch.equal(full.probs, mixed.probs)
+
+
+def test_check_device_names_a_device_this_machine_lacks():
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name: pass e.g. --device cpu"):
+        check_device("gpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"device cuda:{count} is not available"):
+        check_device(f"cuda:{count}")
+    if count == 0:
+        with pytest.raises(ValueError, match=r"sees no CUDA GPU \(torch.cuda.is_available\(\) is False\). Pass --dev"):
+            check_device("cuda")
+    else:
+        assert check_device("cuda") == torch.device("cuda")
+
+
+def test_the_bundle_checks_the_device_before_building_anything():
+    from monai.bundle import ConfigParser
+
+    configs = os.path.join(os.path.dirname(__file__), os.pardir, "bundle", "configs")
+    for files in (["train.json"], ["inference.json"], ["train.json", "evaluate.json"]):
+        parser = ConfigParser()
+        parser.read_config([os.path.join(configs, name) for name in files])
+        parser["device"] = "gpu"
+        assert parser["initialize"][1] == "$medsegdiff_monai.utils.check_device(@device)"
+        with pytest.raises(RuntimeError) as raised:  # MONAI wraps the config's error
+            parser.get_parsed_content("initialize#1", lazy=False)
+        cause = raised.value.__cause__
+        assert isinstance(cause, ValueError) and "device 'gpu' is not a device name" in str(cause)
