@@ -47,10 +47,11 @@ def _voxels(path: Path) -> np.ndarray:
 def test_each_layout_is_written_with_its_names_and_labels(layouts):
     names = {layout: sorted(p.name for p in (folder.iterdir())) for layout, folder in layouts.items()}
     assert names["brats2020"] == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"] + [
-        "name_mapping.csv"
+        "name_mapping.csv",
+        "synthetic.json",
     ]
-    assert names["brats2021"] == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
-    assert names["brats2023"] == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    assert names["brats2021"] == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002", "synthetic.json"]
+    assert names["brats2023"] == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000", "synthetic.json"]
     subject = layouts["brats2023"] / "BraTS-GLI-00001-000"
     assert sorted(p.name for p in subject.iterdir()) == [
         f"BraTS-GLI-00001-000-{s}.nii.gz" for s in ("seg", "t1c", "t1n", "t2f", "t2w")
@@ -165,7 +166,7 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
     entries = datalist["training"] + datalist["validation"]
     assert (len(datalist["training"]), len(datalist["validation"])) == (2, 1) and "class_balance" not in datalist
     assert all("grade" not in e for e in entries)
-    assert sorted(e["subject_id"] for e in entries) == sorted(p.name for p in layouts[layout].iterdir())
+    assert sorted(e["subject_id"] for e in entries) == sorted(p.name for p in layouts[layout].iterdir() if p.is_dir())
     assert entries[0]["image"][0].endswith("_t1.nii.gz" if layout == "brats2021" else "-t1n.nii.gz")
     # a held-out testing list as in a graded folder; a split that leaves no training subject is refused
     args = ["--data-dir", str(layouts[layout]), "--val-fraction", "0.34", "--test-fraction", "0.34", "--out", str(out)]
@@ -189,7 +190,7 @@ def test_datalist_without_grades_is_segmentation_only(layouts, layout, tmp_path,
         tmp_path / "four", num_subjects=4, lgg_fraction=0.5, shape=SHAPE, seed=3, progress=False, layout=layout
     )
     table = tmp_path / "grades.csv"
-    ids = sorted(p.name for p in folder.iterdir())
+    ids = sorted(p.name for p in folder.iterdir() if p.is_dir())
     table.write_text("subject_id,grade\n" + "".join(f"{s},{g}\n" for s, g in zip(ids, ["LGG", "HGG", "HGG", "LGG"])))
     graded_args = [
         "--data-dir",
