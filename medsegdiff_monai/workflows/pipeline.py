@@ -543,7 +543,7 @@ class BratsVolumeInferer:
         digest = hashlib.sha256()
         for name, tensor in self.network.state_dict().items():
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
         sampler = self.sampler
         settings = {
             "sampler": [sampler.scheduler_name, sampler.timesteps, sampler.ensemble_size, sampler.seed, sampler.eta],
