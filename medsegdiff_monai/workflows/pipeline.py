@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,8 @@ def partial_folders(output_dir: str | Path) -> list[Path]:
 @contextlib.contextmanager
 def _exclusive_output_folder(output_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the folder ``output_dir`` (``fcntl.flock``; the system drops it when the process
-    ends, however it ends) for one run's writing; where ``fcntl`` is missing (Windows) nothing is locked.
+    ends, however it ends) for one run's writing; where ``fcntl`` is missing (Windows) or the file system does not
+    lock folders (NFS), nothing is locked, with a warning in the latter case.
 
     Raises:
         FileExistsError: when another run holds it.
@@ -117,16 +119,21 @@ def _exclusive_output_folder(output_dir: Path) -> Iterator[None]:
                 f"another run is writing into {output_dir}. Nothing was written. Wait for it to finish, or choose "
                 "another --output_dir."
             ) from None
+        except OSError as error:  # a file system without such locks on folders (NFS)
+            logging.getLogger(__name__).warning(
+                f"{output_dir} cannot be locked here ({error.strerror}): make sure no other run writes into it"
+            )
         yield
     finally:
         os.close(descriptor)  # releases the lock
 
 
-def check_output_folder(output_dir: str | Path, source: Any = None) -> None:
+def check_output_folder(output_dir: str | Path, source: Any = None, data_dir: str | Path | None = None) -> None:
     """Refuse an ``output_dir`` that a run could not write into at its end: a file, or a folder whose
     ``grades.csv`` is not a table of ``subject_id,p_hgg,grade`` rows (a run updates that table by subject); and one
-    inside the input folder ``source`` (a release or a subject folder), where a later read of that folder would take
-    the outputs for a subject or a second label file.
+    inside the input folder ``source`` (a release or a subject folder; for a datalist JSON its data root
+    ``data_dir``, by default the JSON's folder), where a later read of that folder would take the outputs for a
+    subject or a second label file; and one this process cannot write into (or create).
 
     Raises:
         FileExistsError / ValueError: naming the path and what to do.
@@ -134,16 +141,32 @@ def check_output_folder(output_dir: str | Path, source: Any = None) -> None:
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
+    folder = None
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        folder, resolved = Path(source).resolve(), output_dir.resolve()
-        if resolved == folder or folder in resolved.parents:
+        folder = Path(source)
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_file() and str(source).endswith(".json"):
+        folder = Path(data_dir) if data_dir is not None else Path(source).parent
+    if folder is not None:
+        resolved = output_dir.resolve()
+        if resolved == folder.resolve() or folder.resolve() in resolved.parents:
             raise ValueError(
-                f"output_dir {output_dir} lies inside the input folder {source}: a later read of that folder would "
+                f"output_dir {output_dir} lies inside the input folder {folder}: a later read of that folder would "
                 "take the outputs for a subject. Choose an --output_dir outside it."
             )
+    writable = output_dir
+    while not writable.exists() and writable != writable.parent:
+        writable = writable.parent
+    try:
+        with tempfile.TemporaryFile(dir=writable):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"output_dir {output_dir} cannot be written: {error.strerror} in {writable}. Choose another --output_dir "
+            "or make it writable."
+        ) from None
     grades = output_dir / GRADES_FILENAME
     if grades.is_file():
-        with open(grades, newline="") as f:
+        with open(grades, newline="", encoding="utf-8-sig") as f:
             columns = next(csv.reader(f), [])
         if columns != list(GRADES_CSV_COLUMNS):
             raise ValueError(
@@ -168,7 +191,7 @@ def check_no_earlier_outputs(output_dir: str | Path, subject_ids: Sequence[str])
             found[subject_id] = names
     grades = output_dir / GRADES_FILENAME
     if grades.is_file():
-        with open(grades, newline="") as f:
+        with open(grades, newline="", encoding="utf-8-sig") as f:
             graded = {row.get("subject_id") for row in csv.DictReader(f)}
         for subject_id in subject_ids:
             if subject_id in graded:
@@ -211,7 +234,7 @@ def check_inference_run(
     check_roi_size(roi_size, roi_multiple)
     entries = resolve_entries(source, datalist_key, data_dir, num_cases)
     check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
-    check_output_folder(output_dir, source)
+    check_output_folder(output_dir, source, data_dir)
     if not overwrite:
         check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
     if checkpoint is not None:
@@ -381,8 +404,8 @@ class BratsVolumeInferer:
         if any(side > roi for side, roi in zip(image.shape[1:3], self.roi_size)):
             self.logger.warning(
                 f"subject {data['subject_id']}: the brain is wider than roi_size {list(self.roi_size)}; its slices "
-                f"are padded to {list(image.shape[1:3])} instead (none of it is cropped; the network was trained "
-                f"on {self.roi_size[0]} x {self.roi_size[1]} slices)"
+                f"are padded to {list(image.shape[1:3])} instead (none of it is cropped; the network sees larger "
+                "slices than roi_size, which should be the size it was trained on)"
             )
         with torch.no_grad():
             volume = sample_volume(
@@ -426,33 +449,32 @@ class BratsVolumeInferer:
                 f"continuing an interrupted run of the same settings: {len(reused)} of {len(entries)} subject(s) "
                 f"were already sampled in {staging}"
             )
-        eager = self._runs_eagerly(len(entries) - len(reused))
-        try:
-            outputs = []
-            for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
-                subject_id = str(entry["subject_id"])
-                if subject_id in reused:
-                    names, p_hgg = reused[subject_id]["files"], reused[subject_id]["p_hgg"]
-                else:
-                    prediction = self.predict(entry)
-                    names, p_hgg = self._write_subject(prediction, staging, entry), prediction.p_hgg
-                    finished[subject_id] = {"inputs": _input_signature(entry), "files": names, "p_hgg": p_hgg}
-                    _write_json(staging / FINISHED_SUBJECTS_FILENAME, finished)
-                files = {kind: output_dir / name for kind, name in names.items()}
-                outputs.append(SubjectOutput(subject_id, p_hgg, files))
-        finally:
-            if eager:
-                self.sampler.compile = True
+        outputs = []
+        for entry in tqdm(entries, desc="subjects", unit="subject", disable=not self.progress):
+            subject_id = str(entry["subject_id"])
+            if subject_id in reused:
+                names, p_hgg = reused[subject_id]["files"], reused[subject_id]["p_hgg"]
+            else:
+                prediction = self.predict(entry)
+                names, p_hgg = self._write_subject(prediction, staging, entry), prediction.p_hgg
+                finished[subject_id] = {"inputs": _input_signature(entry), "files": names, "p_hgg": p_hgg}
+                _write_json(staging / FINISHED_SUBJECTS_FILENAME, finished)
+            files = {kind: output_dir / name for kind, name in names.items()}
+            outputs.append(SubjectOutput(subject_id, p_hgg, files))
         graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
         earlier_grades = output_dir / GRADES_FILENAME
         if graded or earlier_grades.is_file():  # an earlier row of a subject run again is replaced or dropped
             ungraded = [o.subject_id for o in outputs if o.p_hgg is None]
             write_grades_csv(graded, staging / GRADES_FILENAME, update=earlier_grades, drop=ungraded)
+        names = {path.name for output in outputs for path in output.files.values()} | {GRADES_FILENAME}
         if finalize is not None:
             finalize(staging, outputs)
-        for file in sorted(staging.iterdir()):
-            if not file.name.startswith("."):  # the record of finished subjects stays behind
-                os.replace(file, output_dir / file.name)
+            subject_files = {name for record in finished.values() for name in record["files"].values()}
+            names |= {p.name for p in staging.iterdir() if not p.name.startswith(".")} - subject_files
+        # only this run's files: a subject that a stopped run of other inputs finished there is left out
+        for name in sorted(names):
+            if (staging / name).is_file():
+                os.replace(staging / name, output_dir / name)
         for output in outputs:  # a file of an earlier run (an overlay) that this run did not write again
             written = {path.name for path in output.files.values()}
             for suffix in OUTPUT_SUFFIXES:
@@ -509,17 +531,25 @@ class BratsVolumeInferer:
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
         check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
-        check_output_folder(output_dir, source)
+        check_output_folder(output_dir, source, data_dir)
         created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
+        eager = self._runs_eagerly(len(entries))
         try:
             with _exclusive_output_folder(output_dir):
-                if not self.overwrite:
-                    check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
                 staging = output_dir / f"{PARTIAL_PREFIX}{self._run_key()}"
+                if not self.overwrite:  # a subject that a stopped run of these settings had begun to move in is its own
+                    moved = set(_finished_subjects(staging))
+                    check_no_earlier_outputs(
+                        output_dir, [str(e["subject_id"]) for e in entries if str(e["subject_id"]) not in moved]
+                    )
                 for leftover in partial_folders(output_dir):
                     if leftover != staging:
-                        self.logger.info(f"removing {leftover}, the unfinished outputs of a run of other settings")
+                        count = len(_finished_subjects(leftover))
+                        self.logger.warning(
+                            f"removing {leftover}, what an interrupted run of other settings had written ({count} "
+                            "subject(s)); it cannot be continued with these settings"
+                        )
                         shutil.rmtree(leftover, ignore_errors=True)
                 staging.mkdir(exist_ok=True)
                 finished = False
@@ -530,25 +560,30 @@ class BratsVolumeInferer:
                     if finished or not _finished_subjects(staging):
                         shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
-            if created and not any(output_dir.iterdir()):
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
                 output_dir.rmdir()
             raise
+        finally:
+            if eager:
+                self.sampler.compile = True
         self.logger.info(f"wrote {len(outputs)} subject(s) to {output_dir}")
         return outputs
 
     def _run_key(self) -> str:
-        """A digest of everything besides the input that shapes a subject's outputs: the network's weights, the
-        sampler, the device kind and the inferer's settings. A run of the same key continues what an interrupted
-        one left in its temporary folder."""
+        """A digest of everything besides the input that shapes a subject's outputs: the network's weights and
+        their layout, the sampler (compiled or not, as this run will run it), the slice batch, the device kind and
+        the inferer's settings. A run of the same key continues what an interrupted one left in its temporary
+        folder."""
         digest = hashlib.sha256()
         for name, tensor in self.network.state_dict().items():
-            digest.update(name.encode())
+            digest.update(f"{name} {tensor.dtype} {tensor.stride()}".encode())  # the layout (channels-last) too
             digest.update(memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
         sampler = self.sampler
         settings = {
             "sampler": [sampler.scheduler_name, sampler.timesteps, sampler.ensemble_size, sampler.seed, sampler.eta],
-            "sampler_options": [sampler.shared_steps, str(sampler.amp_dtype), sampler.cpu_amp],
-            "device": self.device.type,
+            "sampler_options": [sampler.shared_steps, str(sampler.amp_dtype), sampler.cpu_amp, sampler.compile],
+            "slice_batch_size": self.slice_batch_size,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "transforms": [_plain_settings(transform) for transform in self.transforms.transforms],
             "outputs": [self.threshold, self.min_enhancing_voxels, self.uncertainty_reduction, self.write_overlays],
         }

@@ -62,7 +62,7 @@ def write_grades_csv(
     table: dict[str, list[str]] = {}
     dropped = set(drop)
     if update is not None and Path(update).is_file():
-        with open(update, newline="") as f:
+        with open(update, newline="", encoding="utf-8-sig") as f:
             for row in csv.DictReader(f):
                 if row["subject_id"] not in dropped:
                     table[row["subject_id"]] = [row["subject_id"], row["p_hgg"], row["grade"]]

@@ -456,3 +456,104 @@ def test_outputs_are_staged_inside_the_output_folder_and_finalize_is_all_or_noth
     with pytest.raises(RuntimeError, match="could not be written"):
         _inferer(brain_oracle()).run(entries, tmp_path / "new", finalize=failing)
     assert [p.name for p in (tmp_path / "new").iterdir() if not p.name.startswith(".partial-")] == []
+
+
+class _Stopping(BratsVolumeInferer):
+    """Records the subjects it samples; raises KeyboardInterrupt before the ``stop_at``-th one."""
+
+    stop_at: int | None = None
+
+    def predict(self, entry):
+        if len(self.predicted) == self.stop_at:
+            raise KeyboardInterrupt
+        self.predicted.append(entry["subject_id"])
+        return super().predict(entry)
+
+
+def _stopping(network, stop_at=None, **kwargs) -> _Stopping:
+    sampler = DiffusionSampler(2, ensemble_size=2, seed=0)
+    made = _Stopping(network, sampler, roi_size=ROI, progress=False, **kwargs)
+    made.predicted, made.stop_at = [], stop_at
+    return made
+
+
+def test_a_continued_run_moves_in_only_its_own_subjects(stand_in_network, synthetic_datalist, tmp_path):
+    entries = load_brats_datalist(synthetic_datalist, "training")
+    with pytest.raises(KeyboardInterrupt):
+        _stopping(stand_in_network(), stop_at=3).run(entries, tmp_path / "out")
+    later = _stopping(stand_in_network())
+    later.run(entries[2:4], tmp_path / "out")  # the third was finished before the stop, the fourth was not
+    assert later.predicted == [entries[3]["subject_id"]]
+    visible = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    expected = sorted(
+        f"{e['subject_id']}{suffix}" for e in entries[2:4] for suffix in ("_seg.nii.gz", "_uncertainty.nii.gz")
+    )
+    assert visible == sorted([*expected, "grades.csv"])
+
+
+def test_settings_that_change_the_outputs_are_not_continued(stand_in_network, brats_copy, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _stopping(stand_in_network(), stop_at=2).run(brats_copy, tmp_path / "out")
+    other = _stopping(stand_in_network(), slice_batch_size=4)  # another batching draws other noise
+    other.run(brats_copy, tmp_path / "out")
+    assert len(other.predicted) == len([p for p in brats_copy.iterdir() if p.is_dir()])  # nothing reused
+
+
+def test_a_run_stopped_while_moving_its_files_in_is_continued(
+    stand_in_network, synthetic_datalist, tmp_path, monkeypatch
+):
+    entries = load_brats_datalist(synthetic_datalist, "validation")
+    replace, moves = os.replace, []
+
+    def stopped_on_the_third_move(src, dst):
+        if Path(dst).parent == tmp_path / "out":  # a move into the output folder, not a record's update
+            moves.append(dst)
+            if len(moves) == 3:
+                raise KeyboardInterrupt
+        replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", stopped_on_the_third_move)
+        with pytest.raises(KeyboardInterrupt):
+            _stopping(stand_in_network()).run(entries, tmp_path / "out")
+    assert len([p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]) == 2  # two moved in
+    again = _stopping(stand_in_network())
+    again.run(entries, tmp_path / "out")  # not refused: those files are this run's own
+    reference = _stopping(stand_in_network()).run(entries, tmp_path / "reference")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()
+    }
+    assert len(reference) == len(entries)
+
+
+def test_an_output_folder_in_the_data_root_of_a_datalist_is_refused(brain_oracle, synthetic_datalist, tmp_path):
+    out = synthetic_datalist.parent / "preds"
+    with pytest.raises(ValueError, match=f"output_dir {out} lies inside the input folder {synthetic_datalist.parent}"):
+        _inferer(brain_oracle()).run(synthetic_datalist, out)
+    assert not out.exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_sampling(
+    brain_oracle, brats_copy, tmp_path, monkeypatch
+):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    inferer = _inferer(brain_oracle())
+    inferer.predict = None  # never reached
+    monkeypatch.setattr("medsegdiff_monai.workflows.pipeline.tempfile.TemporaryFile", denied)
+    with pytest.raises(
+        PermissionError,
+        match=f"output_dir {tmp_path / 'new' / 'out'} cannot be written: Permission denied in {tmp_path}",
+    ):
+        inferer.run(brats_copy, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_grades_table_saved_with_a_byte_order_mark_is_updated(brain_oracle, synthetic_datalist, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grades.csv").write_text("subject_id,p_hgg,grade\nearlier,0.100000,LGG\n", encoding="utf-8-sig")
+    _inferer(brain_oracle()).run(synthetic_datalist, out)
+    with open(out / "grades.csv", newline="") as f:
+        assert [row["subject_id"] for row in csv.DictReader(f)][0] == "earlier"
