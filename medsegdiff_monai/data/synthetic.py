@@ -611,8 +611,8 @@ def _check_existing_set(out: Path, subject_ids: list[str], record: dict, overwri
     foreign = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in set(subject_ids))
     if foreign:
         raise FileExistsError(
-            f"synthetic BraTS: {out} already holds other folders ({', '.join(foreign[:5])}); "
-            "write into an empty or new folder."
+            f"synthetic BraTS: {out} already holds other folders ({', '.join(foreign[:5])}), which this set would "
+            "not list (--overwrite replaces only the folders it writes); write into an empty or new folder."
         )
     existing = [subject_id for subject_id in subject_ids if (out / subject_id).exists()]
     if not existing or overwrite:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import glob
 import logging
 import os
 from collections.abc import Sequence
@@ -119,6 +120,9 @@ def export_network(
     network.train(was_training)
     # both programs are written first and then renamed one right after the other, so that an interrupted export
     # leaves the earlier pair, not a new program beside an old one
+    for path in paths:  # what a killed export left
+        for leftover in path.parent.glob(f".{glob.escape(path.stem)}.partial-*{path.suffix}"):
+            leftover.unlink(missing_ok=True)
     partials = [path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}") for path in paths]  # .pt2 kept
     try:
         for program, partial in zip((encoder_program, denoiser_program), partials, strict=True):

@@ -98,6 +98,7 @@ def test_existing_programs_are_replaced_only_on_request(tmp_path):
     with pytest.raises(FileExistsError, match=r"model_condition.pt2 and .*model_denoise.pt2 already exist"):
         export_network(second, tmp_path, image_size=(16, 16))
     assert [path.read_bytes() for path in paths] == before
+    (tmp_path / ".model_denoise.partial-999.pt2").write_bytes(b"what an export killed with -9 left")
     export_network(second, tmp_path, image_size=(16, 16), overwrite=True)
     image = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
