@@ -235,8 +235,11 @@ def check_inference_run(
     entries = resolve_entries(source, datalist_key, data_dir, num_cases)
     check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
     check_output_folder(output_dir, source, data_dir)
-    if not overwrite:
-        check_no_earlier_outputs(output_dir, [str(e["subject_id"]) for e in entries])
+    if not overwrite:  # the run itself checks the subjects a stopped run may have begun to move in
+        begun = {subject_id for folder in partial_folders(output_dir) for subject_id in _finished_subjects(folder)}
+        check_no_earlier_outputs(
+            output_dir, [str(e["subject_id"]) for e in entries if str(e["subject_id"]) not in begun]
+        )
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(
@@ -302,11 +305,12 @@ class BratsVolumeInferer:
     Every input file is read and checked before inference starts, and outputs are first written to a temporary
     folder ``.partial-<settings digest>`` inside ``output_dir`` and moved into it only when every subject succeeded, so
     a failed run leaves no partial outputs. The subjects a stopped run finished stay in that folder, and a run of the
-    same settings (weights, sampler, device kind, transforms, output settings) continues from them where their input
-    files are unchanged; a run of other settings removes it. Only ``output_dir`` itself must be writable, on whatever
-    file system. One run at a time writes into a folder:
-    a second one is refused while the first holds it. A folder that already holds outputs of the same subjects is
-    refused unless ``overwrite``; ``grades.csv`` is updated by subject, so the grades of other subjects stay.
+    same settings (see ``_run_key``: weights and their layout, sampler, compilation, slice batch, device, transforms,
+    output settings) continues from them where their input files are unchanged, and moves in only its own subjects;
+    a run of other settings removes the folder. Only ``output_dir`` itself must be writable, on whatever file system.
+    One run at a time writes into a folder: a second one is refused while the first holds it. A folder that already
+    holds outputs of the same subjects is refused unless ``overwrite``; ``grades.csv`` is updated by subject, so the
+    grades of other subjects stay.
 
     Args:
         network: the trained network (``encode_condition`` / ``denoise``), e.g. ``DiffusionUNetWithGradeHead`` or

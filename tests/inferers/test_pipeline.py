@@ -18,7 +18,7 @@ except ImportError:  # Windows
 
 from medsegdiff_monai.data import BratsDataError, load_brats_datalist
 from medsegdiff_monai.inferers import DiffusionSampler
-from medsegdiff_monai.workflows import BratsVolumeInferer
+from medsegdiff_monai.workflows import BratsVolumeInferer, check_inference_run
 
 ROI = (64, 64)
 
@@ -517,6 +517,7 @@ def test_a_run_stopped_while_moving_its_files_in_is_continued(
         with pytest.raises(KeyboardInterrupt):
             _stopping(stand_in_network()).run(entries, tmp_path / "out")
     assert len([p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]) == 2  # two moved in
+    check_inference_run(entries, tmp_path / "out", None, ROI, 8)  # the bundle's pre-check lets the run decide
     again = _stopping(stand_in_network())
     again.run(entries, tmp_path / "out")  # not refused: those files are this run's own
     reference = _stopping(stand_in_network()).run(entries, tmp_path / "reference")
