@@ -8,7 +8,7 @@ from typing import Any
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
-from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput
+from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput, subjects_of_stopped_runs
 
 __all__ = ["run_evaluation"]
 
@@ -65,7 +65,7 @@ def run_evaluation(
     if unlabelled:
         raise ValueError(f"evaluation needs a label file for every subject; none for: {', '.join(unlabelled)}.")
     report = [name for name in REPORT_FILENAMES if (Path(output_dir) / name).exists()]
-    if report and not inferer.overwrite:
+    if report and not inferer.overwrite and not subjects_of_stopped_runs(output_dir):  # else its own, moved in
         raise FileExistsError(
             f"output folder {output_dir} already holds an evaluation report ({', '.join(report)}). Nothing was "
             "written. Pass --overwrite true to replace it, or choose another --output_dir."

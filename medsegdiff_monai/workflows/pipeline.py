@@ -44,6 +44,7 @@ __all__ = [
     "check_no_earlier_outputs",
     "check_output_folder",
     "partial_folders",
+    "subjects_of_stopped_runs",
 ]
 
 GRADES_FILENAME = "grades.csv"
@@ -82,6 +83,12 @@ def _plain_settings(transform: Any) -> list[Any]:
         elif isinstance(value, Transform):
             settings[name] = _plain_settings(value)
     return [type(transform).__qualname__, settings]
+
+
+def subjects_of_stopped_runs(output_dir: str | Path) -> set[str]:
+    """The subjects that stopped runs finished in the temporary folders inside ``output_dir``; a stopped run may have
+    begun to move their files (and an evaluation's report) in, after it had checked the folder."""
+    return {subject_id for folder in partial_folders(output_dir) for subject_id in _finished_subjects(folder)}
 
 
 def _write_json(path: Path, content: Any) -> None:
@@ -128,12 +135,18 @@ def _exclusive_output_folder(output_dir: Path) -> Iterator[None]:
         os.close(descriptor)  # releases the lock
 
 
-def check_output_folder(output_dir: str | Path, source: Any = None, data_dir: str | Path | None = None) -> None:
+def check_output_folder(
+    output_dir: str | Path,
+    source: Any = None,
+    data_dir: str | Path | None = None,
+    entries: Sequence[dict[str, Any]] = (),
+) -> None:
     """Refuse an ``output_dir`` that a run could not write into at its end: a file, or a folder whose
     ``grades.csv`` is not a table of ``subject_id,p_hgg,grade`` rows (a run updates that table by subject); and one
     inside the input folder ``source`` (a release or a subject folder; for a datalist JSON its data root
-    ``data_dir``, by default the JSON's folder), where a later read of that folder would take the outputs for a
-    subject or a second label file; and one this process cannot write into (or create).
+    ``data_dir``, by default the JSON's folder; for ``entries``, every folder named by its subject and the folder
+    holding it), where a later read of that folder would take the outputs for a subject or a second label file; and
+    one this process cannot write into (or create).
 
     Raises:
         FileExistsError / ValueError: naming the path and what to do.
@@ -141,14 +154,18 @@ def check_output_folder(output_dir: str | Path, source: Any = None, data_dir: st
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a folder: choose another --output_dir.")
-    folder = None
+    folders = []
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        folder = Path(source)
+        folders.append(Path(source))
     elif isinstance(source, (str, os.PathLike)) and Path(source).is_file() and str(source).endswith(".json"):
-        folder = Path(data_dir) if data_dir is not None else Path(source).parent
-    if folder is not None:
-        resolved = output_dir.resolve()
-        if resolved == folder.resolve() or folder.resolve() in resolved.parents:
+        folders.append(Path(data_dir) if data_dir is not None else Path(source).parent)
+    for entry in entries:  # a release's subject folder carries the subject's name; the release holds it
+        subject_folder = Path(entry["image"][0]).parent
+        if subject_folder.name == str(entry.get("subject_id")):
+            folders += [subject_folder, subject_folder.parent]
+    resolved = output_dir.resolve()
+    for folder in dict.fromkeys(folder.resolve() for folder in folders):
+        if resolved == folder or folder in resolved.parents:
             raise ValueError(
                 f"output_dir {output_dir} lies inside the input folder {folder}: a later read of that folder would "
                 "take the outputs for a subject. Choose an --output_dir outside it."
@@ -234,9 +251,9 @@ def check_inference_run(
     check_roi_size(roi_size, roi_multiple)
     entries = resolve_entries(source, datalist_key, data_dir, num_cases)
     check_inference_inputs(entries, check_voxels=False, allow_empty_modality=allow_empty_modality)
-    check_output_folder(output_dir, source, data_dir)
+    check_output_folder(output_dir, source, data_dir, entries)
     if not overwrite:  # the run itself checks the subjects a stopped run may have begun to move in
-        begun = {subject_id for folder in partial_folders(output_dir) for subject_id in _finished_subjects(folder)}
+        begun = subjects_of_stopped_runs(output_dir)
         check_no_earlier_outputs(
             output_dir, [str(e["subject_id"]) for e in entries if str(e["subject_id"]) not in begun]
         )
@@ -535,7 +552,7 @@ class BratsVolumeInferer:
         entries = resolve_entries(source, datalist_key, data_dir, num_cases)
         check_inference_inputs(entries, allow_empty_modality=self.allow_empty_modality)
         output_dir = Path(output_dir)
-        check_output_folder(output_dir, source, data_dir)
+        check_output_folder(output_dir, source, data_dir, entries)
         created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
         eager = self._runs_eagerly(len(entries))
@@ -560,6 +577,12 @@ class BratsVolumeInferer:
                 try:
                     outputs = self._write_run(entries, output_dir, staging, finalize)
                     finished = True
+                    left_out = set(_finished_subjects(staging)) - {output.subject_id for output in outputs}
+                    if left_out:
+                        self.logger.warning(
+                            f"removing {len(left_out)} subject(s) that an interrupted run of these settings had "
+                            f"sampled and this run does not list ({', '.join(sorted(left_out)[:5])})"
+                        )
                 finally:
                     if finished or not _finished_subjects(staging):
                         shutil.rmtree(staging, ignore_errors=True)
@@ -591,5 +614,8 @@ class BratsVolumeInferer:
             "transforms": [_plain_settings(transform) for transform in self.transforms.transforms],
             "outputs": [self.threshold, self.min_enhancing_voxels, self.uncertainty_reduction, self.write_overlays],
         }
+        scheduler = sampler.scheduler
+        settings["noise"] = [type(scheduler).__name__, str(getattr(scheduler, "prediction_type", ""))]
         digest.update(json.dumps(settings, default=str).encode())
+        digest.update(memoryview(scheduler.alphas_cumprod.double().cpu().contiguous().numpy()))
         return digest.hexdigest()[:16]

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -103,3 +105,24 @@ def test_a_bad_evaluation_setting_stops_before_sampling(brain_oracle, synthetic_
     with pytest.raises(ValueError, match=message):
         run_evaluation(inferer, synthetic_datalist, tmp_path / "eval", print_table=False, **setting)
     assert not (tmp_path / "eval").exists()
+
+
+def test_an_evaluation_stopped_while_moving_its_report_in_is_finished_by_the_same_call(
+    brain_oracle, synthetic_datalist, tmp_path, monkeypatch
+):
+    inferer = BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    out = tmp_path / "eval"
+    replace = os.replace
+
+    def stopped_after_the_first_report_file(src, dst):
+        replace(src, dst)
+        if Path(dst).name == "metrics_per_subject.csv":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", stopped_after_the_first_report_file)
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2)
+    assert (out / "metrics_per_subject.csv").is_file() and not (out / "summary.json").exists()
+    run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2, print_table=False)
+    assert json.loads((out / "summary.json").read_text())["num_subjects"] == 2

@@ -558,3 +558,30 @@ def test_a_grades_table_saved_with_a_byte_order_mark_is_updated(brain_oracle, sy
     _inferer(brain_oracle()).run(synthetic_datalist, out)
     with open(out / "grades.csv", newline="") as f:
         assert [row["subject_id"] for row in csv.DictReader(f)][0] == "earlier"
+
+
+def test_another_noise_schedule_is_not_continued(stand_in_network, brats_copy, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _stopping(stand_in_network(), stop_at=2).run(brats_copy, tmp_path / "out")
+    other = _stopping(stand_in_network())
+    other.sampler = DiffusionSampler(2, ensemble_size=2, seed=0, schedule="scaled_linear_beta")  # same timesteps
+    assert other.sampler.timesteps == _stopping(stand_in_network()).sampler.timesteps
+    other.run(brats_copy, tmp_path / "out")
+    assert len(other.predicted) == len([p for p in brats_copy.iterdir() if p.is_dir()])
+
+
+def test_an_output_folder_in_the_release_a_datalist_points_into_is_refused(brain_oracle, synthetic_datalist, tmp_path):
+    entries = load_brats_datalist(synthetic_datalist, "validation")  # absolute paths, as a datalist written elsewhere
+    release = Path(entries[0]["image"][0]).parent.parent
+    with pytest.raises(ValueError, match=f"output_dir {release / 'preds'} lies inside the input folder {release}"):
+        _inferer(brain_oracle()).run(entries, release / "preds")
+    assert not (release / "preds").exists()
+
+
+def test_subjects_a_stopped_run_sampled_and_a_later_run_drops_are_named(stand_in_network, brats_copy, tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        _stopping(stand_in_network(), stop_at=2).run(brats_copy, tmp_path / "out")
+    with caplog.at_level("WARNING", logger="medsegdiff_monai.workflows.pipeline"):
+        _stopping(stand_in_network()).run(brats_copy / "BraTS20_Training_005", tmp_path / "out")
+    assert "removing 2 subject(s) that an interrupted run of these settings had sampled" in caplog.text
+    assert "BraTS20_Training_001, BraTS20_Training_002" in caplog.text
