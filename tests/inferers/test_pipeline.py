@@ -281,20 +281,8 @@ def test_an_interrupted_run_is_continued_by_the_same_command(stand_in_network, b
     """The subjects an interrupted run finished are kept in its temporary folder and reused by a run of the same
     settings, whose outputs are those of an uninterrupted run; other settings, or a changed input, sample again."""
 
-    class Interrupted(BratsVolumeInferer):
-        stop_at: int | None = None
-
-        def predict(self, entry):
-            if len(self.predicted) == self.stop_at:
-                raise KeyboardInterrupt
-            self.predicted.append(entry["subject_id"])
-            return super().predict(entry)
-
     def inferer(seed=0):
-        sampler = DiffusionSampler(2, ensemble_size=2, seed=seed)
-        made = Interrupted(stand_in_network(), sampler, roi_size=ROI, progress=False)
-        made.predicted = []
-        return made
+        return _stopping(stand_in_network(), seed=seed)
 
     reference = inferer().run(brats_copy, tmp_path / "reference")
     ids = [o.subject_id for o in reference]
@@ -470,8 +458,8 @@ class _Stopping(BratsVolumeInferer):
         return super().predict(entry)
 
 
-def _stopping(network, stop_at=None, **kwargs) -> _Stopping:
-    sampler = DiffusionSampler(2, ensemble_size=2, seed=0)
+def _stopping(network, stop_at=None, seed=0, **kwargs) -> _Stopping:
+    sampler = DiffusionSampler(2, ensemble_size=2, seed=seed)
     made = _Stopping(network, sampler, roi_size=ROI, progress=False, **kwargs)
     made.predicted, made.stop_at = [], stop_at
     return made
