@@ -138,11 +138,18 @@ def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_
 
     Returns:
         the list of entries with ``image`` and ``label`` paths joined to ``base_dir``.
+
+    Raises:
+        KeyError: when the datalist has no list ``data_list_key``, naming the lists it has.
     """
     from monai.data import load_decathlon_datalist  # MONAI (and torch) load lazily, keeping the CLI quick to start
 
     with open(path) as f:
-        raw = json.load(f)[data_list_key]
+        content = json.load(f)
+    if data_list_key not in content:
+        lists = [key for key, value in content.items() if isinstance(value, list)]
+        raise KeyError(f"datalist {path} has no list {data_list_key!r}; its lists: {lists}.")
+    raw = content[data_list_key]
     entries = load_decathlon_datalist(path, data_list_key=data_list_key, base_dir=base_dir)
     for entry, original in zip(entries, raw, strict=True):
         if "subject_id" in original:

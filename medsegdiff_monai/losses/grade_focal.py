@@ -60,8 +60,9 @@ class GradeFocalLoss(_Loss):
             grade_logits: grade logits (B, num_classes).
             grade: integer class per sample (B,), values in [0, num_classes).
             sample_weight: optional (B,) weights >= 0 (for example 1 on tumour-bearing slices, 0 elsewhere). The
-                loss is then ``sum_b w_b * l_b / max(sum_b w_b, 1)``: the mean over the weighted samples, and 0 (with
-                zero gradients) for a batch whose weights are all 0.
+                loss is then ``sum_b w_b * l_b / max(sum_b w_b, 1)``: with 0 / 1 weights the mean over the samples of
+                weight 1, and 0 (with zero gradients) for a batch whose weights are all 0 (weights summing to less
+                than 1 are not renormalised).
 
         Returns:
             scalar loss.

@@ -122,7 +122,8 @@ def get_train_transforms(
     MONAI's ``list_data_collate`` (the default of :class:`monai.data.DataLoader`) flattens them into a batch.
 
     Args:
-        roi_size: in-plane size (H, W) of the slices, e.g. 192 x 192 (a multiple of 32 for the network).
+        roi_size: in-plane size (H, W) of the slices, e.g. 192 x 192 (a multiple of the network's ``2 ** (levels - 1)``:
+            16 for ``base``, 8 for ``small``).
         num_slices_per_volume: slices drawn per volume per epoch.
         tumour_fraction: share of slices centred on a tumour voxel, in [0, 1].
         augment: apply the light augmentation.

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from monai.data import load_decathlon_datalist
 
 from medsegdiff_monai.data import build_datalist, load_brats_datalist, read_brats_folder, write_datalist
@@ -50,3 +51,8 @@ def test_datalist_with_a_held_out_test_split(synthetic_brats_dir):
     # the class balance comes from the training split alone: 1 LGG, 3 HGG
     assert datalist["class_balance"] == {"n_LGG": 1, "n_HGG": 3, "alpha_LGG": 2.0, "alpha_HGG": 4 / 6}
     assert datalist["split"]["test_fraction"] == 0.25
+
+
+def test_a_list_the_datalist_lacks_is_named_with_the_ones_it_has(synthetic_datalist):
+    with pytest.raises(KeyError, match=r"has no list 'testing'; its lists: \['training', 'validation'\]"):
+        load_brats_datalist(synthetic_datalist, "testing")
