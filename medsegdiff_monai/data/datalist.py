@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.data.layout import BratsSubject
 from medsegdiff_monai.data.split import class_balance, stratified_split
 
@@ -118,11 +118,7 @@ def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:
     """
     out = check_datalist_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(datalist, indent=2) + "\n"
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, out)
-    return out
+    return write_text_atomically(out, json.dumps(datalist, indent=2) + "\n")
 
 
 def load_brats_datalist(path: str | Path, data_list_key: str = "training", base_dir: str | Path | None = None):

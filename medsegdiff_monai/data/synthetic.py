@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import json
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.data.layout import (
     INDEX_TO_GRADE,
     LABEL_FILE_SUFFIX,
@@ -600,9 +600,9 @@ def write_synthetic_brats(
 
 
 def _write_record(out: Path, record: dict, complete: bool) -> None:
-    partial = out / f".{SYNTHETIC_RECORD_FILENAME}.partial"
-    partial.write_text(json.dumps({**record, "complete": complete}, indent=2) + "\n")
-    os.replace(partial, out / SYNTHETIC_RECORD_FILENAME)
+    write_text_atomically(
+        out / SYNTHETIC_RECORD_FILENAME, json.dumps({**record, "complete": complete}, indent=2) + "\n"
+    )
 
 
 def _check_existing_set(out: Path, subject_ids: list[str], record: dict, overwrite: bool) -> None:

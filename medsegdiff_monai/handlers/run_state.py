@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from monai.transforms import Randomizable
 
+from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.engines.stages import current_stage_spelling
 from medsegdiff_monai.networks.checkpoint import read_checkpoint
 
@@ -175,9 +175,7 @@ def prepare_run_folder(
         check_checkpoint_readable(checkpoints[-1], "newest checkpoint", f"To {previous}, or: {fresh}")
     if recorded is None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        partial = record.with_name(f".{RUN_FILENAME}.partial-{os.getpid()}")  # one per process (DDP ranks)
-        partial.write_text(json.dumps(dict(fingerprint), indent=2) + "\n")
-        os.replace(partial, record)
+        write_text_atomically(record, json.dumps(dict(fingerprint), indent=2) + "\n")  # DDP ranks write it too
     logging.getLogger("medsegdiff_monai").info(f"run folder {output_dir}: {'resuming' if has_run else 'new run'}")
 
 

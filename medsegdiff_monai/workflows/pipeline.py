@@ -29,6 +29,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 from medsegdiff_monai.data import convert_label_convention, release_of_file
+from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
@@ -89,12 +90,6 @@ def subjects_of_stopped_runs(output_dir: str | Path) -> set[str]:
     """The subjects that stopped runs finished in the temporary folders inside ``output_dir``; a stopped run may have
     begun to move their files (and an evaluation's report) in, after it had checked the folder."""
     return {subject_id for folder in partial_folders(output_dir) for subject_id in _finished_subjects(folder)}
-
-
-def _write_json(path: Path, content: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content))
-    os.replace(partial, path)
 
 
 def partial_folders(output_dir: str | Path) -> list[Path]:
@@ -479,7 +474,7 @@ class BratsVolumeInferer:
                 prediction = self.predict(entry)
                 names, p_hgg = self._write_subject(prediction, staging, entry), prediction.p_hgg
                 finished[subject_id] = {"inputs": _input_signature(entry), "files": names, "p_hgg": p_hgg}
-                _write_json(staging / FINISHED_SUBJECTS_FILENAME, finished)
+                write_text_atomically(staging / FINISHED_SUBJECTS_FILENAME, json.dumps(finished))
             files = {kind: output_dir / name for kind, name in names.items()}
             outputs.append(SubjectOutput(subject_id, p_hgg, files))
         graded = [(o.subject_id, o.p_hgg) for o in outputs if o.p_hgg is not None]
