@@ -62,7 +62,11 @@ FINISHED_SUBJECTS_FILENAME = ".finished_subjects.json"
 
 def _input_signature(entry: dict[str, Any]) -> list[list[Any]]:
     """Path, size and modification time of each input image of ``entry``."""
-    return [[str(Path(path).resolve()), os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in entry["image"]]
+    signature = []
+    for path in entry["image"]:
+        status = os.stat(path)
+        signature.append([str(Path(path).resolve()), status.st_size, status.st_mtime_ns])
+    return signature
 
 
 def _finished_subjects(staging: Path) -> dict[str, Any]:
@@ -454,12 +458,15 @@ class BratsVolumeInferer:
         """Sample every entry into ``staging`` (keeping the subjects an interrupted run of the same settings
         finished there, where their input files are unchanged), then move the files into ``output_dir``."""
         finished = _finished_subjects(staging)
-        reused = {
-            str(entry["subject_id"]): finished[str(entry["subject_id"])]
-            for entry in entries
-            if finished.get(str(entry["subject_id"]), {}).get("inputs") == _input_signature(entry)
-            and all((staging / name).is_file() for name in finished[str(entry["subject_id"])]["files"].values())
-        }
+        reused = {}
+        for entry in entries:
+            record = finished.get(str(entry["subject_id"]))
+            if (
+                record is not None
+                and record["inputs"] == _input_signature(entry)
+                and all((staging / name).is_file() for name in record["files"].values())
+            ):
+                reused[str(entry["subject_id"])] = record
         if reused:
             self.logger.info(
                 f"continuing an interrupted run of the same settings: {len(reused)} of {len(entries)} subject(s) "
@@ -568,10 +575,10 @@ class BratsVolumeInferer:
                         )
                         shutil.rmtree(leftover, ignore_errors=True)
                 staging.mkdir(exist_ok=True)
-                finished = False
+                succeeded = False
                 try:
                     outputs = self._write_run(entries, output_dir, staging, finalize)
-                    finished = True
+                    succeeded = True
                     left_out = set(_finished_subjects(staging)) - {output.subject_id for output in outputs}
                     if left_out:
                         self.logger.warning(
@@ -579,7 +586,7 @@ class BratsVolumeInferer:
                             f"sampled and this run does not list ({', '.join(sorted(left_out)[:5])})"
                         )
                 finally:
-                    if finished or not _finished_subjects(staging):
+                    if succeeded or not _finished_subjects(staging):
                         shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
             if created and output_dir.is_dir() and not any(output_dir.iterdir()):
