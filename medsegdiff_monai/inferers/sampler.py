@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import numbers
 import warnings
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers.scheduler import NoiseSchedules
 from torch import Tensor, nn
 
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler, leading_timesteps, share_noise_schedule
@@ -87,7 +89,7 @@ def make_sampling_scheduler(
             ``"dpmpp_2m"``).
 
     Raises:
-        ValueError: an unknown name or an unsupported step count, listing the valid ones.
+        ValueError: an unknown name, schedule or argument, or an unsupported step count, listing the valid ones.
     """
     if noise_scheduler is not None:
         num_train_timesteps = noise_scheduler.num_train_timesteps
@@ -103,6 +105,7 @@ def make_sampling_scheduler(
         )
     timesteps = leading_timesteps(num_inference_steps, num_train_timesteps)  # checks the step count
     kwargs = {**(schedule_args or {}), **(scheduler_args or {})}
+    _check_scheduler_arguments(name, schedule, kwargs)
     scheduler = _SCHEDULER_CLASSES[name](num_train_timesteps, schedule, prediction_type="sample", **kwargs)
     if noise_scheduler is not None:
         share_noise_schedule(scheduler, noise_scheduler)
@@ -110,6 +113,31 @@ def make_sampling_scheduler(
     if name == "ddim":  # DDIMScheduler.step moves back by T // N: its timesteps must be spaced by exactly that
         scheduler.timesteps = timesteps
     return scheduler
+
+
+def _check_scheduler_arguments(name: str, schedule: str, kwargs: dict[str, Any]) -> None:
+    """Refuse ``kwargs`` that neither the scheduler class ``name`` nor the noise schedule ``schedule`` takes.
+
+    MONAI passes every argument its scheduler class does not name on to the schedule function, which would fail
+    with a bare ``TypeError`` naming a private function.
+    """
+    if schedule not in NoiseSchedules.names:
+        raise ValueError(f"schedule must be one of {_quoted(NoiseSchedules.names, 'or')}, got {schedule!r}.")
+    set_here = {"num_train_timesteps", "schedule", "prediction_type", "solver_order"}  # set by the name
+    accepted: set[str] = set()
+    for function in (_SCHEDULER_CLASSES[name], NoiseSchedules[schedule]):
+        accepted |= {
+            parameter.name
+            for parameter in inspect.signature(function).parameters.values()
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        }
+    accepted -= set_here
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"scheduler={name!r} with schedule={schedule!r} takes none of {unknown} (in scheduler_args or "
+            f"schedule_args); it takes {', '.join(map(repr, sorted(accepted)))}."
+        )
 
 
 def repeat_condition(condition: Any, repeats: int) -> Any:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medsegdiff_monai.inferers import DiffusionSampler, repeat_condition
+from medsegdiff_monai.inferers import DiffusionSampler, make_sampling_scheduler, repeat_condition
 from medsegdiff_monai.networks import get_network
 
 
@@ -158,6 +158,24 @@ def test_invalid_arguments():
         DiffusionSampler(scheduler="ddpm", num_inference_steps=1000, eta=1.0)
     with pytest.raises(ValueError, match="shape"):
         DiffusionSampler()(None, torch.zeros(4, 8, 8))
+
+
+def test_scheduler_arguments_are_checked_against_class_and_schedule():
+    # accepted: an argument of the scheduler class and one of the noise schedule, as MONAI's own class takes them
+    built = make_sampling_scheduler("ddim", 10, schedule_args={"beta_end": 0.03}, scheduler_args={"clip_sample": False})
+    reference = DDIMScheduler(1000, "linear_beta", clip_sample=False, prediction_type="sample", beta_end=0.03)
+    torch.testing.assert_close(built.alphas_cumprod, reference.alphas_cumprod, rtol=0, atol=0)
+    assert built.clip_sample is False
+    # an argument only DPM-Solver++ takes is refused for DDIM, naming it and the accepted ones
+    with pytest.raises(ValueError, match=r"takes none of \['timestep_spacing'\].*'beta_end'.*'clip_sample'"):
+        make_sampling_scheduler("ddim", 10, scheduler_args={"timestep_spacing": "leading"})
+    # the order is set by the name, the prediction type by the network
+    for name, argument in (("dpmpp_2m", "solver_order"), ("ddim", "prediction_type")):
+        with pytest.raises(ValueError, match=rf"takes none of \['{argument}'\]"):
+            make_sampling_scheduler(name, 10, scheduler_args={argument: 3})
+    with pytest.raises(ValueError, match="schedule must be one of 'linear_beta'.*got 'linear'"):
+        make_sampling_scheduler("ddim", 10, schedule="linear")
+    assert make_sampling_scheduler("dpmpp_2m", 10, scheduler_args={"timestep_spacing": "leading"}).timesteps[0] == 900
 
 
 def _train_disc_model(network, steps: int = 60) -> None:
