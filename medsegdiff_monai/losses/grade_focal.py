@@ -58,7 +58,8 @@ class GradeFocalLoss(_Loss):
         """
         Args:
             grade_logits: grade logits (B, num_classes).
-            grade: integer class per sample (B,), values in [0, num_classes).
+            grade: integer class per sample (B,), values in [0, num_classes); a floating-point grade is refused, and
+                a value out of range is refused when ``grade`` is on the CPU.
             sample_weight: optional (B,) weights >= 0 (for example 1 on tumour-bearing slices, 0 elsewhere). The
                 loss is then ``sum_b w_b * l_b / max(sum_b w_b, 1)``: with 0 / 1 weights the mean over the samples of
                 weight 1, and 0 (with zero gradients) for a batch whose weights are all 0 (weights summing to less
@@ -72,10 +73,20 @@ class GradeFocalLoss(_Loss):
                 f"GradeFocalLoss expects grade_logits (B, num_classes) and grade (B,), got {tuple(grade_logits.shape)} "
                 f"and {tuple(grade.shape)}."
             )
-        if self.alpha is not None and len(self.alpha) != grade_logits.shape[1]:
+        num_classes = grade_logits.shape[1]
+        if self.alpha is not None and len(self.alpha) != num_classes:
             raise ValueError(
-                f"GradeFocalLoss has {len(self.alpha)} alpha weights but grade_logits has {grade_logits.shape[1]} "
-                "classes."
+                f"GradeFocalLoss has {len(self.alpha)} alpha weights but grade_logits has {num_classes} classes."
+            )
+        if grade.is_floating_point() or grade.is_complex():
+            raise ValueError(
+                f"GradeFocalLoss expects an integer grade (0 = LGG, 1 = HGG), got dtype {grade.dtype}; a fractional "
+                "grade would be truncated. Pass grade.long() of whole class indices."
+            )
+        # the values are checked where that costs no host synchronisation; a CUDA index out of range fails anyway
+        if grade.device.type == "cpu" and grade.numel() and not 0 <= int(grade.min()) <= int(grade.max()) < num_classes:
+            raise ValueError(
+                f"GradeFocalLoss expects grade values in [0, {num_classes}), got {sorted(set(grade.tolist()))}."
             )
         grade = grade.long()
         per_sample = self.focal(grade_logits, grade[:, None]).sum(dim=1)

@@ -126,6 +126,15 @@ def test_grade_focal_loss_input_checks():
         GradeFocalLoss()(torch.randn(2, 2), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match=">= 0"):
         GradeFocalLoss(alpha=(-1.0, 1.0))
+    # a fractional grade is not truncated to a class, a grade of 2 is not a raw index error
+    with pytest.raises(ValueError, match="integer grade .* got dtype torch.float32"):
+        GradeFocalLoss()(torch.randn(2, 2), torch.tensor([0.7, 1.0]))
+    with pytest.raises(ValueError, match=r"grade values in \[0, 2\), got \[1, 2\]"):
+        GradeFocalLoss(alpha=(1.0, 2.0))(torch.randn(2, 2), torch.tensor([2, 1]))
+    # a boolean grade (True = HGG) is a class index, as the cross-entropy reads it
+    logits = torch.randn(3, 2)
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(GradeFocalLoss(gamma=0.0)(logits, torch.tensor([True, False, True])), expected)
 
 
 def test_uncertainty_weighting_kendall_form_at_nonzero_log_sigma():
