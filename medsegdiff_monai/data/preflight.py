@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +63,13 @@ def _exception_chain(error: BaseException) -> list[BaseException]:
 _BUILDING = re.compile(r"Failed to instantiate component '([^']+)'")
 
 
+def _brief_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning on one line, without its source line (a ``warnings.formatwarning``)."""
+    return f"warning: {message} ({category.__name__}, {Path(filename).name}:{lineno})\n"
+
+
 def report_errors_briefly(interrupted: str = "") -> None:
     """Make the process report a bad setting or input as one message instead of a traceback (``sys.excepthook``).
 
@@ -72,9 +80,14 @@ def report_errors_briefly(interrupted: str = "") -> None:
     code 1. Ctrl-C prints ``interrupted.`` and the text of ``interrupted``. Any other error keeps its traceback, and
     so does every error while the environment variable ``MEDSEGDIFF_TRACEBACK`` is set.
 
+    A warning is printed on one line, ``warning: <message> (<category>, <file>:<line>)``, without the source line
+    Python adds (``warnings.formatwarning``); with ``MEDSEGDIFF_TRACEBACK`` set it keeps Python's form.
+
     Args:
         interrupted: what to do after Ctrl-C, e.g. how to resume.
     """
+    if not os.environ.get(TRACEBACK_VARIABLE):
+        warnings.formatwarning = _brief_warning
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:

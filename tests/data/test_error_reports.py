@@ -1,6 +1,7 @@
 """``report_errors_briefly``: how a bundle run reports a bad setting, an interrupt and a bug."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,11 @@ SCRIPT = textwrap.dedent(
     report_errors_briefly("Run the same command again to resume.")
 
     def build(kind):
+        if kind == "warning":
+            import warnings
+
+            warnings.warn("evaluation: no subject has a true grade; grade metrics skipped.", stacklevel=1)
+            raise SystemExit(0)
         if kind == "bad":
             raise ValueError("roi_size=[50, 50]: expected multiples of 8; e.g. --roi_size [48, 48].")
         if kind == "interrupt":
@@ -73,3 +79,14 @@ def test_ctrl_c_says_how_to_go_on_without_a_traceback(kind):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "interrupted. Run the same command again to resume."
+
+
+def test_a_warning_is_one_line_without_its_source_line():
+    result = _run("warning")
+    assert result.returncode == 0
+    assert re.fullmatch(
+        r"warning: evaluation: no subject has a true grade; grade metrics skipped\. \(UserWarning, <string>:\d+\)",
+        result.stderr.strip(),
+    )
+    full = _run("warning", MEDSEGDIFF_TRACEBACK="1")
+    assert "UserWarning: evaluation: no subject" in full.stderr and "warning:" not in full.stderr
