@@ -10,6 +10,7 @@ import math
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, download_large_files, ver
 
 import medsegdiff_monai
 from medsegdiff_monai.networks import FusedGroupNorm, get_network, load_network_weights
-from medsegdiff_monai.workflows import load_exported_network
+from medsegdiff_monai.workflows import check_large_files, load_exported_network, refresh_large_files
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -160,6 +161,63 @@ def test_large_files_list_every_weight_file_with_its_hash(tmp_path):
         handle.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(HashCheckError, match="model.pt"):
         download_large_files(bundle_path=str(copy))
+
+
+def test_export_refreshes_the_hashes_that_a_replaced_model_left_stale(tmp_path):
+    """Weights replaced in place (as ``--update_bundle_model true`` does) are warned of at inference as differing
+    from ``large_files.yml``; the bundle's export then writes their programs and refreshes every hash."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(CONFIGS, copy / "configs")
+    shutil.copytree(BUNDLE / "models", copy / "models")
+    shutil.copy(BUNDLE / "large_files.yml", copy)
+    state = torch.load(CHECKPOINT, weights_only=True)
+    name = next(key for key, value in state.items() if value.is_floating_point())
+    state[name] = state[name] + 0.5
+    torch.save(state, copy / "models" / "model.pt")
+    with pytest.warns(UserWarning, match=r"model\.pt differs from the md5 hash .*export with --overwrite true"):
+        assert len(check_large_files(copy, [copy / "models" / "model.pt", BUNDLE / "models" / "model.pt"])) == 1
+    with pytest.raises(HashCheckError, match="model.pt"):
+        download_large_files(bundle_path=str(copy))
+
+    command = ["-m", "monai.bundle", "run", "export", "--config_file", "configs/inference.json", "--overwrite", "true"]
+    result = subprocess.run([sys.executable, *command], cwd=copy, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    spec = yaml.safe_load((copy / "large_files.yml").read_text())["large_files"]
+    assert {entry["path"]: entry["hash_val"] for entry in spec} == {
+        path: _md5(copy / path)
+        for path in ("models/model.pt", "models/model_condition.pt2", "models/model_denoise.pt2")
+    }
+    assert all(set(entry) == {"path", "url", "hash_val", "hash_type"} for entry in spec)
+    download_large_files(bundle_path=str(copy))  # MONAI's own check passes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_large_files(copy, [copy / "models" / "model.pt"]) == []
+    exported = load_exported_network(copy / "models")
+    image = torch.randn(1, 4, 64, 64)
+    network = load_network_weights(get_network("small"), copy / "models" / "model.pt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported.encode_condition(image)[1], network.encode_condition(image)[1])
+
+
+def test_only_the_files_the_list_names_are_refreshed(tmp_path):
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "runs").mkdir()
+    (bundle / "large_files.yml").write_text('large_files:\n- path: "./models/model.pt"\n  url: ""\n')
+    (bundle / "models" / "model.pt").write_bytes(b"weights")
+    (bundle / "runs" / "model.pt").write_bytes(b"a training run's")
+    (tmp_path / "outside.pt").write_bytes(b"elsewhere")
+    paths = [bundle / "models" / "model.pt", bundle / "runs" / "model.pt", tmp_path / "outside.pt"]
+    assert refresh_large_files(bundle, paths) == ["models/model.pt"]
+    spec = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert spec == [
+        {"path": "./models/model.pt", "url": "", "hash_val": hashlib.md5(b"weights").hexdigest(), "hash_type": "md5"}
+    ]
+    assert refresh_large_files(bundle, [bundle / "models" / "model.pt"]) == []  # unchanged: not rewritten
+    assert refresh_large_files(tmp_path, [tmp_path / "outside.pt"]) == []  # no large_files.yml there
+    (bundle / "large_files.yml").write_text("large_files: models/model.pt\n")
+    with pytest.raises(ValueError, match="is not a MONAI large-files list"):
+        check_large_files(bundle, [bundle / "models" / "model.pt"])
 
 
 def test_group_norm_scripts_to_its_plain_path():

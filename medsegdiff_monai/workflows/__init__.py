@@ -9,6 +9,7 @@ from medsegdiff_monai.workflows.export import (
     load_exported_network,
 )
 from medsegdiff_monai.workflows.inputs import check_inference_inputs, collect_inference_inputs, resolve_entries
+from medsegdiff_monai.workflows.large_files import check_large_files, refresh_large_files
 from medsegdiff_monai.workflows.pipeline import (
     BratsVolumeInferer,
     SubjectOutput,
@@ -26,6 +27,7 @@ __all__ = [
     "SubjectPrediction",
     "check_inference_inputs",
     "check_inference_run",
+    "check_large_files",
     "check_no_earlier_outputs",
     "check_output_folder",
     "collect_inference_inputs",
@@ -33,6 +35,7 @@ __all__ = [
     "export_network",
     "exported_program_paths",
     "load_exported_network",
+    "refresh_large_files",
     "resolve_entries",
     "run_evaluation",
     "write_grades_csv",
