@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
 import functools
 import importlib
+import inspect
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -17,6 +21,7 @@ __all__ = [
     "DeprecatedNameWarning",
     "as_bool",
     "check_device",
+    "check_setting_names",
     "moved_module",
     "moved_names",
     "parse_amp_dtype",
@@ -124,6 +129,88 @@ def check_device(device: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ValueError(f"device {device} is not available: this machine has cuda:0 to cuda:{count - 1}.")
     return device
+
+
+def _bundle_run_arguments() -> set[str]:
+    """The arguments ``monai.bundle run`` takes itself (not config keys): those of ``run``, ``create_workflow`` and
+    ``ConfigWorkflow``."""
+    from monai.bundle import ConfigWorkflow
+    from monai.bundle.scripts import create_workflow, run
+
+    names: set[str] = set()
+    for function in (run, create_workflow, ConfigWorkflow.__init__):
+        names |= {
+            parameter.name
+            for parameter in inspect.signature(function).parameters.values()
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and parameter.name != "self"
+        }
+    return names
+
+
+def _command_line_value(text: str) -> Any:
+    """A value of the command line as fire reads it: a Python literal where it is one, else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_setting_names(argv: Sequence[str] | None = None) -> list[str]:
+    """Refuse a ``--key`` of a ``monai.bundle run`` command line that no config file of the run has.
+
+    MONAI adds an override of an unknown key to the config, where nothing reads it: ``--num_inference_step 25``
+    would run the default step count without a word. A bundle config calls this as an ``initialize`` step. The
+    first part of each key (before ``#``) must be a top-level key of the run's config files (``--config_file``, or
+    that of ``--args_file``), ``_meta_``, a key that ``--tracking`` adds, or an argument of ``monai.bundle run``
+    itself. Outside a ``monai.bundle`` command line (``argv[0]`` not ``monai/bundle/__main__.py``), nothing is
+    checked.
+
+    Args:
+        argv: the command line, ``sys.argv`` by default.
+
+    Returns:
+        the keys checked.
+
+    Raises:
+        ValueError: naming each unknown key, with the nearest config keys.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or Path(argv[0]).as_posix().split("/")[-2:] != ["bundle", "__main__.py"] or "run" not in argv[1:2]:
+        return []
+    from monai.bundle import ConfigParser
+
+    given: dict[str, Any] = {}
+    tokens = argv[2:]
+    for index, token in enumerate(tokens):
+        if token.startswith("--") and len(token) > 2:
+            key, equals, value = token[2:].partition("=")
+            following = tokens[index + 1] if index + 1 < len(tokens) else None
+            given[key.replace("-", "_")] = value if equals else following
+    if given.get("args_file"):  # its pairs are overrides as well; the command line's take precedence
+        given = {**ConfigParser.load_config_file(given["args_file"]), **given}
+    config_file = given.get("config_file")
+    if config_file is None:
+        return []
+    files = _command_line_value(config_file) if isinstance(config_file, str) else config_file
+    config_keys = set(ConfigParser.load_config_files(files)) | {"_meta_"}
+    tracking = given.get("tracking")
+    if tracking:  # MONAI's experiment tracking adds the top-level items of its settings' "configs"
+        from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+        settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) or ConfigParser.load_config_files(tracking)
+        config_keys |= set(settings.get("configs", {}))
+    keys = [key for key in given if key not in _bundle_run_arguments()]
+    unknown = [key for key in keys if key.split("#")[0] not in config_keys]
+    if unknown:
+        hints = []
+        for key in unknown:
+            near = difflib.get_close_matches(key.split("#")[0], sorted(config_keys), n=3, cutoff=0.6)
+            hints.append(f"--{key}" + (f" (did you mean {' or '.join('--' + name for name in near)}?)" if near else ""))
+        raise ValueError(
+            f"{', '.join(hints)}: not a setting of {files}, so it would change nothing. The settings are the "
+            "top-level keys of those files."
+        )
+    return keys
 
 
 def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:

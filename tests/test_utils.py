@@ -1,10 +1,22 @@
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import monai.bundle
 import pytest
 import torch
 
 from medsegdiff_monai.inferers import DiffusionSampler
-from medsegdiff_monai.utils import as_bool, check_device, parse_amp_dtype, require_file, use_cudnn_benchmark
+from medsegdiff_monai.utils import (
+    as_bool,
+    check_device,
+    check_setting_names,
+    parse_amp_dtype,
+    require_file,
+    use_cudnn_benchmark,
+)
 
 
 @pytest.mark.parametrize(
@@ -133,8 +145,53 @@ def test_the_bundle_checks_the_device_before_building_anything():
         parser = ConfigParser()
         parser.read_config([os.path.join(configs, name) for name in files])
         parser["device"] = "gpu"
-        assert parser["initialize"][1] == "$medsegdiff_monai.utils.check_device(@device)"
+        # after the error report and the check of the setting names, which build nothing
+        assert parser["initialize"][2] == "$medsegdiff_monai.utils.check_device(@device)"
         with pytest.raises(RuntimeError) as raised:  # MONAI wraps the config's error
-            parser.get_parsed_content("initialize#1", lazy=False)
+            parser.get_parsed_content("initialize#2", lazy=False)
         cause = raised.value.__cause__
         assert isinstance(cause, ValueError) and "device 'gpu' is not a device name" in str(cause)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+BUNDLE_MAIN = str(Path(monai.bundle.__file__).with_name("__main__.py"))
+
+
+def _bundle_argv(*options: str) -> list[str]:
+    return [BUNDLE_MAIN, "run", "training", "--meta_file", str(CONFIGS / "metadata.json"), *options]
+
+
+def test_check_setting_names_refuses_a_key_no_config_file_has(tmp_path):
+    train, evaluate = str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")
+    keys = check_setting_names(_bundle_argv("--config_file", train, "--lr", "-0.001", "--train#trainer#max_epochs=2"))
+    assert keys == ["lr", "train#trainer#max_epochs"]  # not meta_file, an argument of monai.bundle run itself
+    # a key of evaluate.json is a setting once that file is read too, written as fire reads a list
+    both = f"[{train!r},{evaluate!r}]"
+    assert "num_eval_cases" in check_setting_names(_bundle_argv("--config_file", both, "--num_eval_cases", "1"))
+    with pytest.raises(ValueError, match=r"--num_eval_cases: not a setting of .*train\.json"):
+        check_setting_names(_bundle_argv("--config_file", train, "--num_eval_cases", "1"))
+    with pytest.raises(ValueError, match=r"^--learning_rate, --preset_name \(did you mean --preset\?\): not a"):
+        check_setting_names(_bundle_argv("--config_file", train, "--learning_rate", "1", "--preset-name", "small"))
+    # the pairs of an args file are overrides too
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"config_file": train, "epochs": 3, "val_intervall": 2}))
+    with pytest.raises(ValueError, match=r"--val_intervall \(did you mean --val_interval\?\)"):
+        check_setting_names(_bundle_argv("--args_file", str(args_file)))
+    # MONAI's experiment tracking brings settings of its own
+    tracked = check_setting_names(
+        _bundle_argv("--config_file", train, "--tracking", "mlflow", "--experiment_name", "a")
+    )
+    assert tracked == ["experiment_name"]
+    with pytest.raises(ValueError, match="--experiment_name"):
+        check_setting_names(_bundle_argv("--config_file", train, "--experiment_name", "a"))
+    # outside a monai.bundle command line (the library, a test, a notebook) nothing is checked
+    assert check_setting_names(["pytest", "--config_file", train, "--anything", "1"]) == []
+
+
+def test_a_misspelled_setting_ends_a_bundle_run_before_any_work():
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json")]
+    command += ["--meta_file", str(CONFIGS / "metadata.json"), "--num_inference_step", "25", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: --num_inference_step (did you mean --num_inference_steps?): not a setting of" in result.stderr
+    assert "Traceback" not in result.stderr
