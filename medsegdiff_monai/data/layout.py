@@ -89,7 +89,13 @@ def release_of_file(path: str | Path) -> str | None:
     return found[0] if found is not None else None
 
 
-def label_convention(values: Iterable[int], source: str | Path) -> str | None:
+def _listed(values: Iterable[float]) -> str:
+    """``[0, 1.4, 4]``: whole numbers as integers, others to six significant digits (a float32 1.4 is not
+    1.399999976158142)."""
+    return f"[{', '.join(str(v) if isinstance(v, int) else f'{v:.6g}' for v in values)}]"
+
+
+def label_convention(values: Iterable[float], source: str | Path) -> str | None:
     """The release convention of a label map's values: ``"brats2020"`` (ET = 4), ``"brats2023"`` (ET = 3), or
     ``None`` when the values fit both (only 0, 1, 2: no enhancing tumour).
 
@@ -98,15 +104,18 @@ def label_convention(values: Iterable[int], source: str | Path) -> str | None:
         source: the label file (named in the error).
 
     Raises:
-        ValueError: naming ``source`` and the values, for a value outside both sets or a map holding both 3 and 4.
+        ValueError: naming ``source`` and the values, for a value outside both sets (a fractional one such as 1.4
+            included) or a map holding both 3 and 4.
     """
-    found = sorted({int(v) for v in values})
+    distinct = sorted({float(v) for v in values})
+    # a fractional value (an interpolated label map) is unknown as it is, not truncated to a label
+    found = [int(v) if v.is_integer() else v for v in distinct]
     known = set(LABEL_VALUES["brats2020"]) | set(LABEL_VALUES["brats2023"])
     unknown = [v for v in found if v not in known]
     if unknown or {3, 4} <= set(found):
-        reason = f"values {unknown} are outside both" if unknown else "it mixes labels 3 and 4 of"
+        reason = f"values {_listed(unknown[:8])} are outside both" if unknown else "it mixes labels 3 and 4 of"
         raise ValueError(
-            f"label file {source} holds labels {found[:8]}: {reason} BraTS conventions "
+            f"label file {source} holds labels {_listed(found[:8])}: {reason} BraTS conventions "
             f"({RELEASE_TITLES['brats2020']}: {list(LABEL_VALUES['brats2020'])}, "
             f"{RELEASE_TITLES['brats2023']}: {list(LABEL_VALUES['brats2023'])})."
         )

@@ -141,6 +141,10 @@ def test_label_convention_detection_and_conversion():
         label_convention([0, 3, 4], "b.nii")
     with pytest.raises(ValueError, match=r"holds labels \[0, 6\]: values \[6\] are outside both"):
         label_convention([0, 6], "c.nii")
+    # an interpolated label map is refused, not truncated to labels (1.4 -> 1, 3.9 -> 3)
+    for values, fraction in (([0, 1.4, 2, 4], 1.4), ([0.0, 1.0, 2.0, 3.9], 3.9)):
+        with pytest.raises(ValueError, match=rf"values \[{fraction}\] are outside both"):
+            label_convention(np.array(values, dtype=np.float64), "d.nii")
     labels = np.array([0, 1, 2, 4], dtype=np.uint8)
     np.testing.assert_array_equal(convert_label_convention(labels, "brats2020", "brats2023"), [0, 1, 2, 3])
     assert convert_label_convention(labels, "brats2020", "brats2020") is labels

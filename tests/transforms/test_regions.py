@@ -59,6 +59,9 @@ def test_label_check():
     mixed = MetaTensor(torch.tensor([[0.0, 3.0, 4.0]]), meta={"filename_or_obj": "/d/m-seg.nii.gz"})
     with pytest.raises(ValueError, match=r"/d/m-seg.nii.gz holds labels \[0, 3, 4\]: it mixes labels 3 and 4"):
         CheckBratsLabelsd()({"label": mixed})
+    interpolated = MetaTensor(torch.tensor([[0.0, 1.4, 2.0]]), meta={"filename_or_obj": "/d/i_seg.nii"})
+    with pytest.raises(ValueError, match=r"i_seg.nii holds labels \[0, 1.4, 2\]: values \[1.4\] are outside both"):
+        CheckBratsLabelsd()({"label": interpolated})
 
 
 def test_brats2023_labels_give_the_same_regions_as_brats2020():
