@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medsegdiff_monai.data.layout import MODALITIES, MODALITY_FILE_SUFFIXES, is_nifti, modality_of_file, nifti_stem
+from medsegdiff_monai.data.layout import MODALITIES, is_nifti, modality_of_file
 
 __all__ = [
     "SAMPLED_SLICE_FRACTIONS",
@@ -27,15 +27,8 @@ def modality_in_name(path: str | Path) -> str | None:
     """The modality a file name ends with, in either release's naming (``..._t1ce.nii.gz`` and ``...-t1c.nii.gz``
     -> ``"t1ce"``), or that it is alone (``FLAIR.nii`` -> ``"flair"``, ``t1c.nii.gz`` -> ``"t1ce"``); None for another
     name."""
-    found = modality_of_file(path)
-    if found is not None:
-        return found[1]
-    stem = nifti_stem(Path(path)).lower()
-    for suffixes in MODALITY_FILE_SUFFIXES.values():
-        for modality, suffix in zip(MODALITIES, suffixes, strict=True):
-            if stem == suffix[1:]:
-                return modality
-    return None
+    found = modality_of_file(path, bare=True)
+    return found[1] if found is not None else None
 
 
 def modality_order_problems(subject_id: str, images: Sequence[str | Path]) -> list[str]:

@@ -72,20 +72,27 @@ def nifti_stem(path: Path) -> str:
     return name
 
 
-def modality_of_file(path: str | Path) -> tuple[str, str] | None:
+def modality_of_file(path: str | Path, bare: bool = False) -> tuple[str, str] | None:
     """``(release, modality)`` of a modality file name in either release's naming (``..._t1ce.nii.gz`` ->
-    ``("brats2020", "t1ce")``, ``...-t1c.nii.gz`` -> ``("brats2023", "t1ce")``), or ``None`` for another name."""
+    ``("brats2020", "t1ce")``, ``...-t1c.nii.gz`` -> ``("brats2023", "t1ce")``), or ``None`` for another name.
+
+    Args:
+        path: the file.
+        bare: also read a name that is the modality alone (``FLAIR.nii`` -> ``("brats2020", "flair")``,
+            ``t1c.nii.gz`` -> ``("brats2023", "t1ce")``).
+    """
     stem = nifti_stem(Path(path)).lower()
     for release, suffixes in MODALITY_FILE_SUFFIXES.items():
         for modality, suffix in zip(MODALITIES, suffixes, strict=True):
-            if stem.endswith(suffix):
+            if stem.endswith(suffix) or (bare and stem == suffix[1:]):
                 return release, modality
     return None
 
 
-def release_of_file(path: str | Path) -> str | None:
-    """Release whose modality naming the file name follows (``"brats2020"`` / ``"brats2023"``), or ``None``."""
-    found = modality_of_file(path)
+def release_of_file(path: str | Path, bare: bool = False) -> str | None:
+    """Release whose modality naming the file name follows (``"brats2020"`` / ``"brats2023"``), or ``None``;
+    ``bare`` as for :func:`modality_of_file`."""
+    found = modality_of_file(path, bare)
     return found[0] if found is not None else None
 
 

@@ -28,7 +28,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from medsegdiff_monai.data import convert_label_convention, release_of_file
+from medsegdiff_monai.data import RELEASES, convert_label_convention, release_of_file
 from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
@@ -274,7 +274,7 @@ class SubjectPrediction:
 
     Attributes:
         subject_id: the subject.
-        labels: (X, Y, Z) uint8 BraTS labels 0/1/2/4.
+        labels: (X, Y, Z) uint8 BraTS labels 0/1/2/4 (ET = 3 in the BraTS 2023+ convention: ``label_convention``).
         uncertainty: (X, Y, Z) float32 ensemble std reduced over the regions.
         p_hgg: subject-level p(HGG), or None without a grade head.
         reference: the input file whose affine and shape the outputs share (the t1 image).
@@ -310,8 +310,9 @@ class BratsVolumeInferer:
     :func:`~medsegdiff_monai.inferers.sample_volume` over the axial slices, then MONAI ``Invertd`` of the same
     transforms, so the outputs lie exactly on the input's grid (shape and affine). Files written in ``output_dir``:
 
-    - ``<subject_id>_seg.nii.gz``: uint8 BraTS labels (ET -> 4, TC \\ ET -> 1, WT \\ TC -> 2) at ``threshold``,
-      an ET of fewer than ``min_enhancing_voxels`` voxels relabelled 1 (:func:`suppress_small_enhancing`);
+    - ``<subject_id>_seg.nii.gz``: uint8 BraTS labels (ET -> 4, or 3 in the BraTS 2023+ convention; TC \\ ET -> 1,
+      WT \\ TC -> 2) at ``threshold``, an ET of fewer than ``min_enhancing_voxels`` voxels relabelled 1
+      (:func:`suppress_small_enhancing`);
     - ``<subject_id>_uncertainty.nii.gz``: float32 std of the ensemble's probabilities, reduced over the regions
       by ``uncertainty_reduction`` (``"max"`` or ``"mean"``);
     - ``<subject_id>_overlay.png`` (with ``write_overlays``): FLAIR slice with the most tumour, without and with
@@ -349,6 +350,9 @@ class BratsVolumeInferer:
         compile_min_volumes: with a compiling sampler (``sampler.compile``), a run of fewer volumes runs eagerly,
             since compilation (seconds, once per process) would cost more than it saves; 1 always compiles. Once
             this process holds the compiled denoiser, every run uses it.
+        label_convention: label values of the written segmentations: ``"auto"`` follows the naming of each
+            subject's T1 file (BraTS 2023+ names such as ``...-t1n.nii.gz`` or a bare ``t1n.nii.gz`` give ET = 3,
+            any other name ET = 4), ``"brats2020"`` (ET = 4, BraTS 2018-2022) or ``"brats2023"`` (ET = 3).
     """
 
     def __init__(
@@ -367,7 +371,12 @@ class BratsVolumeInferer:
         overwrite: bool = False,
         allow_empty_modality: bool = False,
         compile_min_volumes: int = 1,
+        label_convention: str = "auto",
     ) -> None:
+        if label_convention not in ("auto", *RELEASES):
+            raise ValueError(
+                f"label_convention must be 'auto', {', '.join(map(repr, RELEASES))}, got {label_convention!r}."
+            )
         if compile_min_volumes < 1:
             raise ValueError(f"compile_min_volumes must be >= 1, got {compile_min_volumes}.")
         if slice_batch_size is not None and slice_batch_size < 1:
@@ -395,6 +404,7 @@ class BratsVolumeInferer:
         self.overwrite = overwrite
         self.allow_empty_modality = allow_empty_modality
         self.compile_min_volumes = compile_min_volumes
+        self.label_convention = label_convention
         self.roi_size = tuple(int(side) for side in roi_size)
         self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
         self.inverter = Invertd(
@@ -438,8 +448,7 @@ class BratsVolumeInferer:
         inverted = self.inverter(data)
         labels = regions_to_brats_labels(inverted["probs"].as_tensor(), self.threshold)[0]
         labels = suppress_small_enhancing(labels, self.min_enhancing_voxels)
-        # written in the label convention of the input's release (enhancing tumour 3 for BraTS 2023+ names)
-        labels = convert_label_convention(labels, "brats2020", release_of_file(entry["image"][0]) or "brats2020")
+        labels = convert_label_convention(labels, "brats2020", self.output_release(entry["image"][0]))
         return SubjectPrediction(
             subject_id=str(data["subject_id"]),
             labels=labels.numpy().astype(np.uint8),
@@ -598,6 +607,12 @@ class BratsVolumeInferer:
         self.logger.info(f"wrote {len(outputs)} subject(s) to {output_dir}")
         return outputs
 
+    def output_release(self, t1_file: str | Path) -> str:
+        """The label convention (one of :data:`~medsegdiff_monai.data.RELEASES`) of a subject's written labels."""
+        if self.label_convention != "auto":
+            return self.label_convention
+        return release_of_file(t1_file, bare=True) or "brats2020"
+
     def _run_key(self) -> str:
         """A digest of everything besides the input that shapes a subject's outputs: the network's weights and
         their layout, the sampler (compiled or not, as this run will run it), the slice batch, the device kind and
@@ -614,7 +629,13 @@ class BratsVolumeInferer:
             "slice_batch_size": self.slice_batch_size,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "transforms": [_plain_settings(transform) for transform in self.transforms.transforms],
-            "outputs": [self.threshold, self.min_enhancing_voxels, self.uncertainty_reduction, self.write_overlays],
+            "outputs": [
+                self.threshold,
+                self.min_enhancing_voxels,
+                self.uncertainty_reduction,
+                self.write_overlays,
+                self.label_convention,
+            ],
         }
         scheduler = sampler.scheduler
         settings["noise"] = [type(scheduler).__name__, str(getattr(scheduler, "prediction_type", ""))]
