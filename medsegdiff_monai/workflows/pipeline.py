@@ -143,9 +143,9 @@ def check_output_folder(
     """Refuse an ``output_dir`` that a run could not write into at its end: a file, or a folder whose
     ``grades.csv`` is not a table of ``subject_id,p_hgg,grade`` rows (a run updates that table by subject); and one
     inside the input folder ``source`` (a release or a subject folder; for a datalist JSON its data root
-    ``data_dir``, by default the JSON's folder; for ``entries``, every folder named by its subject and the folder
-    holding it), where a later read of that folder would take the outputs for a subject or a second label file; and
-    one this process cannot write into (or create).
+    ``data_dir``, by default the JSON's folder; for ``entries``, every folder named by its subject and, for files
+    named as in a BraTS release, the folder holding it), where a later read of that folder would take the outputs
+    for a subject or a second label file; and one this process cannot write into (or create).
 
     Raises:
         FileExistsError / ValueError: naming the path and what to do.
@@ -161,7 +161,10 @@ def check_output_folder(
     for entry in entries:  # a release's subject folder carries the subject's name; the release holds it
         subject_folder = Path(entry["image"][0]).parent
         if subject_folder.name == str(entry.get("subject_id")):
-            folders += [subject_folder, subject_folder.parent]
+            folders.append(subject_folder)
+            # files named as in a release (not bare t1.nii, whose subject id is the folder's name whatever holds it)
+            if release_of_file(entry["image"][0]) is not None:
+                folders.append(subject_folder.parent)
     resolved = output_dir.resolve()
     for folder in dict.fromkeys(folder.resolve() for folder in folders):
         if resolved == folder or folder in resolved.parents:

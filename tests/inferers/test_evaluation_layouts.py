@@ -69,3 +69,39 @@ def test_brats2020_folder_evaluation_scores_the_grade(brain_oracle, folders, tmp
         ((1 / (1 + np.exp(-1))) ** 2 + (1 / (1 + np.exp(1))) ** 2) / 2
     )
     assert (tmp_path / "eval" / "reliability.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "names, label_convention, enhancing",
+    [
+        (("t1n", "t1c", "t2w", "t2f"), "auto", 3),  # bare BraTS 2023+ names, as a user renames them
+        (("t1", "t1ce", "t2", "flair"), "auto", 4),
+        (("t1", "t1ce", "t2", "flair"), "brats2023", 3),
+        (("t1n", "t1c", "t2w", "t2f"), "brats2020", 4),
+    ],
+)
+def test_the_label_convention_of_bare_names_and_on_request(
+    brain_oracle, folders, tmp_path, names, label_convention, enhancing
+):
+    subject = sorted(p for p in folders["brats2023"].iterdir() if p.is_dir())[0]
+    suffixes = ("t1n", "t1c", "t2w", "t2f")
+    (tmp_path / "case").mkdir()
+    files = [
+        shutil.copy(subject / f"{subject.name}-{suffix}.nii.gz", tmp_path / "case" / f"{name}.nii.gz")
+        for suffix, name in zip(suffixes, names)
+    ]
+    inferer = BratsVolumeInferer(
+        brain_oracle(),
+        DiffusionSampler(2, ensemble_size=1),
+        (32, 32),
+        progress=False,
+        label_convention=label_convention,
+    )
+    (output,) = inferer.run(files, tmp_path / "out")  # beside the subject's folder, which holds no release
+    written = np.asarray(nib.load(output.files["seg"]).dataobj)
+    assert set(np.unique(written)) == {0, enhancing}  # the oracle calls every brain voxel enhancing tumour
+
+
+def test_an_unknown_label_convention_is_named(brain_oracle):
+    with pytest.raises(ValueError, match="label_convention must be 'auto', 'brats2020', 'brats2023', got 'brats2021'"):
+        BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (32, 32), label_convention="brats2021")
