@@ -24,6 +24,7 @@ from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping
 from medsegdiff_monai.data.reader import list_subject_dirs, locate_subject_files
 
 __all__ = [
+    "AFFINE_TOLERANCE",
     "BratsDataError",
     "FolderReport",
     "check_subject_volumes",
@@ -33,7 +34,8 @@ __all__ = [
 ]
 
 _READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, ImageFileError)
-_AFFINE_TOLERANCE = 1e-3
+AFFINE_TOLERANCE = 1e-3
+"""Largest difference of two affines' entries (mm) for two files to lie on one voxel grid."""
 
 
 class BratsDataError(ValueError):
@@ -167,7 +169,7 @@ def check_subject_volumes(subject: BratsSubject, check_voxels: bool = True) -> l
                 f"subject {subject.subject_id}: {kind} file {path} has shape {image.shape}, "
                 f"but {reference_path.name} has shape {reference.shape}."
             )
-        elif not np.allclose(image.affine, reference.affine, atol=_AFFINE_TOLERANCE):
+        elif not np.allclose(image.affine, reference.affine, atol=AFFINE_TOLERANCE):
             problems.append(
                 f"subject {subject.subject_id}: {kind} file {path} has an affine different from {reference_path.name}:"
                 f"\n{np.round(image.affine, 4)}\nvs\n{np.round(reference.affine, 4)}"

@@ -16,6 +16,7 @@ from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 from scipy.stats import rankdata
 
 from medsegdiff_monai.data.layout import RELEASE_TITLES, convert_label_convention, label_convention
+from medsegdiff_monai.data.validation import AFFINE_TOLERANCE
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
 from medsegdiff_monai.metrics.calibration import (
     brier_score,
@@ -73,6 +74,37 @@ def _pair_release(pred: np.ndarray, truth: np.ndarray, pred_source: Any, truth_s
         described = ", ".join(f"{source}: {RELEASE_TITLES[release]}" for source, release in found.items())
         raise ValueError(f"prediction and reference follow different BraTS label conventions ({described}).")
     return releases.pop() if releases else "brats2020"
+
+
+def _on_label_grid(pred_image: Any, label_image: Any, pred_file: Any, label_file: Any) -> np.ndarray:
+    """The voxels of a prediction file on its label file's grid.
+
+    A prediction saved in another axis order or direction (RAS against the label's LPS, say) is reoriented, which
+    moves no voxel off the grid; one on another grid (shifted, resampled) is refused, since comparing its voxels
+    with the label's index by index would score another place of the head.
+
+    Raises:
+        ValueError: naming both files and their affines.
+    """
+    if pred_image.shape == label_image.shape and np.allclose(
+        pred_image.affine, label_image.affine, atol=AFFINE_TOLERANCE
+    ):
+        return np.asarray(pred_image.dataobj)
+    if len(pred_image.shape) == 3:
+        transform = nib.orientations.ornt_transform(
+            nib.io_orientation(pred_image.affine), nib.io_orientation(label_image.affine)
+        )
+        reoriented = pred_image.as_reoriented(transform)
+        if reoriented.shape == label_image.shape and np.allclose(
+            reoriented.affine, label_image.affine, atol=AFFINE_TOLERANCE
+        ):
+            return np.asarray(reoriented.dataobj)
+    raise ValueError(
+        f"prediction {pred_file} (shape {pred_image.shape}) does not lie on the voxel grid of its label {label_file} "
+        f"(shape {label_image.shape}), also after reorienting:\n{np.round(pred_image.affine, 4)}\nvs\n"
+        f"{np.round(label_image.affine, 4)}\nResample the prediction onto the label's grid (e.g. MONAI ResampleToMatch "
+        "with mode='nearest') before scoring it."
+    )
 
 
 def _auc(p_hgg: np.ndarray, grade: np.ndarray) -> float:
@@ -146,8 +178,8 @@ def evaluate_subjects(
             pred = np.asarray(prediction["pred_labels"])
             pred_source = f"subject {subject_id} prediction"
         else:
-            pred = np.asarray(nib.load(str(prediction["pred_file"])).dataobj)
             pred_source = prediction["pred_file"]
+            pred = _on_label_grid(nib.load(str(pred_source)), label_image, pred_source, prediction["label_file"])
         if pred.shape != truth.shape:
             raise ValueError(
                 f"subject {subject_id}: prediction shape {pred.shape} differs from label "

@@ -137,6 +137,28 @@ def test_hd95_uses_the_label_voxel_size(tmp_path):
     assert row["hd95_WT"] == pytest.approx(7.5)
 
 
+def test_a_prediction_file_in_another_orientation_is_scored_on_the_label_grid(tmp_path):
+    """The label saved LPS (as the BraTS releases are); the same labels saved RAS by another tool score Dice 1, and a
+    prediction shifted off the label's grid is refused, naming both files."""
+    truth = _labels()
+    truth[0, 1, 0] = 2  # off the symmetric box, so that a flip shows
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:3, 3] = [11.0, 11.0, 0.0]
+    label_file = tmp_path / "s_seg.nii"
+    nib.save(nib.Nifti1Image(truth, lps), str(label_file))
+    ras = nib.as_closest_canonical(nib.load(str(label_file)))
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S") and not np.array_equal(np.asarray(ras.dataobj), truth)
+    pred_file = tmp_path / "s_pred.nii"
+    nib.save(ras, str(pred_file))
+    row = evaluate_subjects([{"subject_id": "s", "pred_file": pred_file, "label_file": label_file}]).rows[0]
+    assert row["dice_TC"] == row["dice_WT"] == row["dice_ET"] == 1.0
+    shifted = lps.copy()
+    shifted[0, 3] += 3.0
+    nib.save(nib.Nifti1Image(truth, shifted), str(pred_file))
+    with pytest.raises(ValueError, match=r"prediction .*s_pred\.nii .* does not lie on the voxel grid of its label"):
+        evaluate_subjects([{"subject_id": "s", "pred_file": pred_file, "label_file": label_file}])
+
+
 def test_shape_mismatch(tmp_path):
     truth = _labels()
     with pytest.raises(ValueError, match="subject s: prediction shape"):
