@@ -187,7 +187,8 @@ def inf_voxels(w):
 
 def shape_mismatch(w):
     w.edit(S1, "t2", lambda a: a[:, :, :-2])
-    return check(w), 1, f"{S1}_t2.nii has shape (32, 32, 14)"
+    named = f"{S1}_t2.nii has shape (32, 32, 14), but {S1}_t1.nii has shape (32, 32, 16)."
+    return check(w), 1, f"{named} A subject's modalities and label must lie on one voxel grid"
 
 
 def affine_mismatch(w):
@@ -197,7 +198,7 @@ def affine_mismatch(w):
 
 def four_d_image(w):
     w.edit(S1, "t1", lambda a: np.stack([a, a], axis=-1))
-    return check(w), 1, f"{S1}_t1.nii has shape (32, 32, 16, 2): expected a 3D volume"
+    return check(w), 1, f"{S1}_t1.nii has shape (32, 32, 16, 2): expected a 3D volume (one volume per file: split"
 
 
 def label_value_3(w):

@@ -37,6 +37,12 @@ _READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, ImageFileError)
 AFFINE_TOLERANCE = 1e-3
 """Largest difference of two affines' entries (mm) for two files to lie on one voxel grid."""
 
+_ONE_GRID = (
+    "A subject's modalities and label must lie on one voxel grid (as in the BraTS releases, co-registered and "
+    "resampled to 1 mm): resample this file onto the first one's grid (e.g. MONAI ResampleToMatch, nearest "
+    "neighbour for a label), or use the release's preprocessed files."
+)
+
 
 class BratsDataError(ValueError):
     """A BraTS folder failed validation; ``problems`` holds one message per problem, each naming subject and file."""
@@ -72,7 +78,13 @@ def _load_header(path: Path, subject_id: str, problems: list[str]) -> nib.Nifti1
         problems.append(f"subject {subject_id}: file {path} is not a readable NIfTI: {type(error).__name__}: {error}")
         return None
     if len(image.shape) != 3:
-        problems.append(f"subject {subject_id}: file {path} has shape {image.shape}: expected a 3D volume.")
+        if len(image.shape) < 3:
+            remedy = ""
+        elif all(size == 1 for size in image.shape[3:]):
+            remedy = " (its extra axes have size 1: save it without them, e.g. with nibabel.squeeze_image)"
+        else:
+            remedy = " (one volume per file: split the series into its 3D volumes, e.g. with nibabel.four_to_three)"
+        problems.append(f"subject {subject_id}: file {path} has shape {image.shape}: expected a 3D volume{remedy}.")
         return None
     truncated = _truncation_problem(path, image)
     if truncated:
@@ -167,12 +179,12 @@ def check_subject_volumes(subject: BratsSubject, check_voxels: bool = True) -> l
         if image.shape != reference.shape:
             problems.append(
                 f"subject {subject.subject_id}: {kind} file {path} has shape {image.shape}, "
-                f"but {reference_path.name} has shape {reference.shape}."
+                f"but {reference_path.name} has shape {reference.shape}. {_ONE_GRID}"
             )
         elif not np.allclose(image.affine, reference.affine, atol=AFFINE_TOLERANCE):
             problems.append(
                 f"subject {subject.subject_id}: {kind} file {path} has an affine different from {reference_path.name}:"
-                f"\n{np.round(image.affine, 4)}\nvs\n{np.round(reference.affine, 4)}"
+                f"\n{np.round(image.affine, 4)}\nvs\n{np.round(reference.affine, 4)}\n{_ONE_GRID}"
             )
     if check_voxels:
         for path, is_label, image in loaded:
