@@ -17,7 +17,10 @@ GRADES_CSV_COLUMNS = ("subject_id", "p_hgg", "grade")
 
 
 def write_nifti_like(array: np.ndarray, reference: str | Path | nib.Nifti1Image, path: str | Path) -> Path:
-    """Save ``array`` as NIfTI with the affine (qform and sform) and voxel size of ``reference``.
+    """Save ``array`` as NIfTI with the qform, sform (each with its code) and voxel size of ``reference``.
+
+    The reference's intensity window (``cal_min`` / ``cal_max``), description and intent are not copied, since they
+    describe its values; a transform the reference lacks (code 0) is its ``affine``, with code 1 (scanner).
 
     Args:
         array: volume with the reference's spatial shape; its dtype is kept (uint8 labels, float32 maps).
@@ -32,9 +35,14 @@ def write_nifti_like(array: np.ndarray, reference: str | Path | nib.Nifti1Image,
         raise ValueError(f"output shape {tuple(array.shape)} differs from the input's {tuple(image.shape[:3])}.")
     header = image.header.copy()
     header.set_data_dtype(array.dtype)
+    # what describes the reference's intensities, not this volume's values (a viewer windows labels by cal_max)
+    header["cal_min"], header["cal_max"], header["descrip"], header["aux_file"] = 0, 0, b"", b""
+    header.set_intent("none")
     out = nib.Nifti1Image(array, image.affine, header)
-    out.set_qform(image.affine, code=int(image.header["qform_code"]) or 1)
-    out.set_sform(image.affine, code=int(image.header["sform_code"]) or 1)
+    qform_code, sform_code = int(image.header["qform_code"]), int(image.header["sform_code"])
+    # each transform as the reference has it (they may differ); one the reference lacks is its affine
+    out.set_qform(image.get_qform() if qform_code else image.affine, code=qform_code or 1)
+    out.set_sform(image.get_sform() if sform_code else image.affine, code=sform_code or 1)
     out.header.set_slope_inter(1.0, 0.0)
     nib.save(out, str(path))
     return Path(path)

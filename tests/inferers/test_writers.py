@@ -64,6 +64,28 @@ def test_nifti_keeps_reference_grid_and_dtype(tmp_path):
         write_nifti_like(labels[:3], tmp_path / "ref.nii", tmp_path / "bad.nii.gz")
 
 
+def test_nifti_keeps_a_differing_qform_and_sform_and_drops_the_intensity_window(tmp_path):
+    sform = np.diag([-1.0, -1.0, 1.0, 1.0])
+    sform[:3, 3] = (0, 63, 0)
+    qform = sform.copy()
+    qform[0, 3] = 10.0  # a reference whose two transforms differ by 10 mm
+    reference = nib.Nifti1Image(np.zeros((4, 5, 6), dtype=np.int16), sform)
+    reference.set_qform(qform, code=1)
+    reference.set_sform(sform, code=2)
+    reference.header["cal_min"], reference.header["cal_max"], reference.header["descrip"] = 0, 1500, b"T1 MPRAGE"
+    reference.header.set_intent("estimate")
+    nib.save(reference, str(tmp_path / "ref.nii"))
+    written = nib.load(
+        str(write_nifti_like(np.zeros((4, 5, 6), np.uint8), tmp_path / "ref.nii", tmp_path / "o.nii.gz"))
+    )
+    loaded = nib.load(str(tmp_path / "ref.nii"))  # the reference as nibabel reads it back
+    np.testing.assert_allclose(written.get_qform(), loaded.get_qform())
+    np.testing.assert_allclose(written.get_sform(), loaded.get_sform())
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+    assert float(written.header["cal_max"]) == 0.0 and written.header["descrip"].item() == b""
+    assert written.header.get_intent()[0] == "none"
+
+
 def test_grades_csv(tmp_path):
     path = write_grades_csv([("a", 0.25), ("b", 0.5), ("c", float("nan"))], tmp_path / "grades.csv")
     assert path.read_text().splitlines() == ["subject_id,p_hgg,grade", "a,0.250000,LGG", "b,0.500000,HGG", "c,nan,"]
