@@ -281,7 +281,39 @@ def _register_check(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_check)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_synth, _register_datalist, _register_check]
+def _run_submission(args: argparse.Namespace) -> int:
+    from medsegdiff_monai.workflows.submission import write_submission
+
+    written = write_submission(args.predictions, args.out, overwrite=args.overwrite)
+    others = sorted(set(args.out.glob("*.nii.gz")) - set(written))
+    if others:
+        print(
+            f"note: {args.out} also holds {len(others)} other .nii.gz file(s) (e.g. {others[0].name}), which a portal "
+            "would take as part of the submission; remove them if they are not."
+        )
+    print(f"wrote {len(written)} segmentation(s) to {args.out} as <subject_id>.nii.gz")
+    return 0
+
+
+def _register_submission(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "submission",
+        help="copy an inference run's segmentations into a folder named as BraTS submissions expect.",
+        description="Copy every <subject_id>_seg.nii.gz of an inference output folder to OUT/<subject_id>.nii.gz "
+        "(e.g. BraTS2021_00001.nii.gz, BraTS-GLI-00001-000.nii.gz), the segmentations alone, byte for byte.",
+    )
+    parser.add_argument("--predictions", required=True, type=Path, help="the output folder of an inference run.")
+    parser.add_argument("--out", required=True, type=Path, help="the submission folder (created if needed).")
+    parser.add_argument("--overwrite", action="store_true", help="replace differing files of the same names.")
+    parser.set_defaults(handler=_run_submission)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_synth,
+    _register_datalist,
+    _register_check,
+    _register_submission,
+]
 """Registration functions of the sub-commands, in help order."""
 
 

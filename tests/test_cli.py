@@ -144,3 +144,32 @@ def test_module_entry_point_exit_code(tmp_path):
         timeout=120,
     )
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_submission_names_each_segmentation_by_its_subject(tmp_path, capsys):
+    predictions = tmp_path / "inference"
+    predictions.mkdir()
+    contents = {"BraTS2021_00001": b"first", "BraTS-GLI-00002-000": b"second"}
+    for subject_id, content in contents.items():
+        (predictions / f"{subject_id}_seg.nii.gz").write_bytes(content)
+        (predictions / f"{subject_id}_uncertainty.nii.gz").write_bytes(b"not submitted")
+    (predictions / "grades.csv").write_text("subject_id,p_hgg,grade\n")
+    out = tmp_path / "submission"
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {f"{s}.nii.gz": c for s, c in contents.items()}
+    assert "wrote 2 segmentation(s)" in capsys.readouterr().out
+    # the same command again is accepted; a differing file of the same name is kept unless --overwrite
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 0
+    (predictions / "BraTS2021_00001_seg.nii.gz").write_bytes(b"sampled again")
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 1
+    assert "BraTS2021_00001.nii.gz already exist(s) with other contents" in capsys.readouterr().err
+    assert (out / "BraTS2021_00001.nii.gz").read_bytes() == b"first"
+    (out / "BraTS20_Validation_001.nii.gz").write_bytes(b"of an earlier submission")
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "BraTS2021_00001.nii.gz").read_bytes() == b"sampled again"
+    assert "also holds 1 other .nii.gz file(s) (e.g. BraTS20_Validation_001.nii.gz)" in capsys.readouterr().out
+    # no segmentation, or the predictions folder itself as --out
+    assert cli.main(["submission", "--predictions", str(out), "--out", str(tmp_path / "x")]) == 1
+    assert "holds no <subject_id>_seg.nii.gz" in capsys.readouterr().err
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(predictions)]) == 1
+    assert "is the predictions folder itself" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from medsegdiff_monai.workflows.pipeline import (
     check_no_earlier_outputs,
     check_output_folder,
 )
+from medsegdiff_monai.workflows.submission import write_submission
 from medsegdiff_monai.workflows.writers import write_grades_csv, write_nifti_like
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "run_evaluation",
     "write_grades_csv",
     "write_nifti_like",
+    "write_submission",
 ]

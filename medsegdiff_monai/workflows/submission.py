@@ -1,0 +1,66 @@
+"""A folder of segmentations in the naming of BraTS challenge submissions: ``<subject_id>.nii.gz``, nothing else."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+from pathlib import Path
+
+from medsegdiff_monai.workflows.pipeline import OUTPUT_SUFFIXES
+
+__all__ = ["SEGMENTATION_SUFFIX", "write_submission"]
+
+SEGMENTATION_SUFFIX = OUTPUT_SUFFIXES[0]
+"""File-name ending of the segmentations that inference writes (``<subject_id>_seg.nii.gz``)."""
+
+
+def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """Copy every ``<subject_id>_seg.nii.gz`` of ``predictions_dir`` to ``out_dir/<subject_id>.nii.gz``.
+
+    BraTS submission portals take one ``<subject_id>.nii.gz`` per case (``BraTS2021_00001.nii.gz``,
+    ``BraTS-GLI-00001-000.nii.gz``) in a folder of segmentations only; inference writes ``_seg``, uncertainty maps,
+    overlays and ``grades.csv`` together. The labels are copied byte for byte, in the convention inference wrote
+    (ET = 4 for BraTS 2018-2022 inputs, 3 for BraTS 2023+; see ``label_convention``). Each file is written to a
+    temporary name and renamed, so a stopped copy leaves whole files only.
+
+    Args:
+        predictions_dir: an inference output folder.
+        out_dir: the submission folder (created if needed); not ``predictions_dir`` itself.
+        overwrite: replace files of the same names that differ; without it they stop the copy before any file is
+            written (identical files are accepted, so the same command can run again).
+
+    Returns:
+        the files of the submission, in subject order.
+
+    Raises:
+        FileNotFoundError: ``predictions_dir`` holds no segmentation.
+        FileExistsError: a differing file of the same name is in ``out_dir`` and not ``overwrite``.
+        ValueError: ``out_dir`` is ``predictions_dir``.
+    """
+    predictions_dir, out_dir = Path(predictions_dir), Path(out_dir)
+    segmentations = sorted(predictions_dir.glob(f"*{SEGMENTATION_SUFFIX}")) if predictions_dir.is_dir() else []
+    if not segmentations:
+        raise FileNotFoundError(
+            f"{predictions_dir} holds no <subject_id>{SEGMENTATION_SUFFIX}: give the output folder of an inference run."
+        )
+    if out_dir.resolve() == predictions_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the predictions folder itself: choose a folder of its own.")
+    targets = [out_dir / (path.name[: -len(SEGMENTATION_SUFFIX)] + ".nii.gz") for path in segmentations]
+    differing = [
+        str(target)
+        for source, target in zip(segmentations, targets, strict=True)
+        if target.exists() and not (target.is_file() and filecmp.cmp(source, target, shallow=False))
+    ]
+    if differing and not overwrite:
+        shown = ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+        raise FileExistsError(
+            f"{shown} already exist(s) with other contents. Nothing was written. Pass --overwrite to replace them, "
+            "or choose another --out."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for source, target in zip(segmentations, targets, strict=True):
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    return targets
