@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from medsegdiff_monai.utils import renamed_args, warn_renamed
+from medsegdiff_monai.utils import as_bool, renamed_args, warn_renamed
 
 __all__ = [
     "TRAINABLE_PARTS",
@@ -122,7 +122,7 @@ def parse_stages(
             train=train,
             lr_multiplier=float(raw.get("lr_multiplier", 1.0)),
             losses=losses,
-            uncertainty_weighting=bool(raw.get("uncertainty_weighting", True)),
+            uncertainty_weighting=as_bool(raw.get("uncertainty_weighting", True), f"{where} uncertainty_weighting"),
         )
         if not use_grade_head:
             if stage.train == "grade_head" or losses == ("grade",):

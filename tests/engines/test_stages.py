@@ -66,3 +66,13 @@ def test_old_stage_spellings_parse_with_a_warning():
     with pytest.warns(DeprecationWarning) as caught:
         assert parse_stages(old, use_cls_head=False) == parse_stages(PLAN, use_grade_head=False)
     assert "use_cls_head= of parse_stages is renamed use_grade_head=" in str(caught[0].message)
+
+
+def test_uncertainty_weighting_reads_command_line_switches():
+    """``--stages#2#uncertainty_weighting false`` reaches the plan as the string 'false', which is not True."""
+    plan = [dict(stage) for stage in PLAN]
+    plan[2]["uncertainty_weighting"] = "false"
+    assert parse_stages(plan)[2].uncertainty_weighting is False
+    plan[2]["uncertainty_weighting"] = "maybe"
+    with pytest.raises(ValueError, match=r"stages\[2\] \('joint'\) uncertainty_weighting='maybe'"):
+        parse_stages(plan)
