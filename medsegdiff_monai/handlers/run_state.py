@@ -219,17 +219,26 @@ class RandomState:
     Saved: torch's CPU generator (and CUDA generators when present), NumPy's and Python's global generators, the
     ``R`` of every MONAI ``Randomizable`` in ``transform`` (the per-sample augmentations), and ``generator`` (a
     data loader's or sampler's own ``torch.Generator``). A run resumed from a checkpoint holding this state
-    continues with exactly the draws the uninterrupted run would have made (on one process; under DDP only rank 0's
-    state is saved). The state holds only tensors and numbers, so checkpoints still load with ``weights_only=True``.
+    continues with exactly the draws the uninterrupted run would have made (on one process). The state holds only
+    tensors and numbers, so checkpoints still load with ``weights_only=True``.
+
+    Under DDP only rank 0's state is saved. Every other rank that loads it then seeds each generator with a seed drawn
+    from that state plus its rank, so the ranks keep drawing different timesteps, noise and augmentations after a
+    resume, as they did from their ``seed + rank`` start (the resumed draws are reproducible, not those of the
+    uninterrupted run).
 
     Args:
         transform: the training transform chain (or the dataset holding it).
         generator: an extra generator, e.g. the training data loader's ``generator`` (None: none).
+        rank: this process's rank; None reads it from ``torch.distributed`` (0 when it is not initialised).
     """
 
-    def __init__(self, transform: Any = None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, transform: Any = None, generator: torch.Generator | None = None, rank: int | None = None
+    ) -> None:
         self.transforms = list(_randomizables(transform))
         self.generator = generator
+        self.rank = rank
 
     def state_dict(self) -> dict[str, Any]:
         python_version, python_keys, python_gauss = random.getstate()
@@ -265,6 +274,18 @@ class RandomState:
             torch.cuda.set_rng_state_all(state["cuda"])
         if self.generator is not None and "generator" in state:
             self.generator.set_state(state["generator"])
+        rank = self.rank
+        if rank is None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank > 0:  # rank 0's state: part from it, as the ranks' seed + rank starts did
+            seed = (int(torch.randint(0, 2**31 - 1, ())) + rank) % (2**31 - 1)
+            torch.manual_seed(seed)  # CUDA generators too
+            np.random.seed(seed)
+            random.seed(seed)
+            for index, transform in enumerate(self.transforms):
+                transform.set_random_state(seed=(seed + 1 + index) % (2**31 - 1))
+            if self.generator is not None:
+                self.generator.manual_seed(seed)
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:

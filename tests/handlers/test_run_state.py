@@ -60,6 +60,25 @@ def test_random_state_restores_every_source_through_a_checkpoint_file(tmp_path):
     assert draws(transform, generator) == expected
 
 
+
+def test_ranks_that_load_rank_zeros_state_keep_drawing_apart():
+    """Under DDP only rank 0's state is in the checkpoint: rank 0 continues it exactly, every other rank parts from it
+    by its rank (as the ``seed + rank`` start did), reproducibly, with every source drawing apart."""
+    transform = Compose([RandFlipd("image", prob=0.5), RandAffined("image", prob=0.5, rotate_range=0.1)])
+    generator = torch.Generator().manual_seed(5)
+    saved = RandomState(transform, generator, rank=0).state_dict()
+    expected = draws(transform, generator)
+    resumed = {}
+    for rank in (0, 1, 2):
+        RandomState(transform, generator, rank=rank).load_state_dict(saved)
+        resumed[rank] = draws(transform, generator)
+    assert resumed[0] == expected
+    for rank in (1, 2):
+        assert all(a != b for a, b in zip(resumed[rank], expected, strict=True)), rank
+    assert all(a != b for a, b in zip(resumed[1], resumed[2], strict=True))
+    RandomState(transform, generator, rank=1).load_state_dict(saved)
+    assert draws(transform, generator) == resumed[1]  # reproducible
+
 def test_random_state_of_another_transform_chain_is_refused():
     state = RandomState(Compose([RandFlipd("image", prob=0.5)])).state_dict()
     with pytest.raises(ValueError, match="another transform chain"):
