@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.transforms import Randomizable
 
-from medsegdiff_monai.data.files import write_text_atomically
+from medsegdiff_monai.data.files import lock_folder, write_text_atomically
 from medsegdiff_monai.engines.stages import current_stage_spelling
 from medsegdiff_monai.networks.checkpoint import read_checkpoint
 
@@ -111,15 +111,36 @@ def _epoch_of(path: Path) -> int:
     return int(path.stem.split("=", 1)[1])
 
 
+_HELD_RUN_FOLDERS: dict[Path, int | None] = {}
+"""Run folders this process holds, with the descriptors that keep them locked until it ends."""
+
+
+def _hold_run_folder(output_dir: Path) -> None:
+    """Lock ``output_dir`` (created if needed) until this process ends; a folder it holds already is kept."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    key = output_dir.resolve()
+    if key not in _HELD_RUN_FOLDERS:
+        _HELD_RUN_FOLDERS[key] = lock_folder(
+            output_dir,
+            f"another training process is running in {output_dir}: a second one would write the same epochs and "
+            "checkpoints. Wait for it to end (or stop it), then run the command again to resume; or pass another "
+            "--output_dir.",
+        )
+
+
 def prepare_run_folder(
     output_dir: str | Path,
     ckpt_dir: str | Path,
     fingerprint: Mapping[str, Any],
     resume: bool = True,
     initial_checkpoint: str | Path | None = None,
+    hold: bool = True,
 ) -> None:
     """Make sure a run folder belongs to this run before any work starts, and record the fingerprint of a new run.
 
+    - With ``hold``, the folder is locked for the rest of the process (:func:`~medsegdiff_monai.data.files.
+      lock_folder`): a second training process started on it (the same command run twice, a requeued job beside a
+      live one) is refused instead of writing the same epochs and checkpoints. Under DDP only the main rank holds it.
     - A folder without a run (no checkpoint, no ``metrics.csv``) gets ``run.json`` with ``fingerprint``, also when it
       holds the ``run.json`` of a start that failed before its first epoch ended.
     - A folder holding a run is resumed only when ``resume`` and its ``run.json`` matches ``fingerprint``; otherwise
@@ -132,9 +153,11 @@ def prepare_run_folder(
         fingerprint: from :func:`run_fingerprint`.
         resume: whether the command continues a run found in the folder.
         initial_checkpoint: weights loaded before training (None: none).
+        hold: lock the folder for the rest of this process.
 
     Raises:
         RunFolderError: naming the folder or file and what to do.
+        FileExistsError: another process holds the folder.
     """
     output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -144,6 +167,8 @@ def prepare_run_folder(
         if not Path(initial_checkpoint).is_file():
             raise RunFolderError(f"initial checkpoint {initial_checkpoint} does not exist: check --initial_checkpoint.")
         check_checkpoint_readable(initial_checkpoint, "initial checkpoint", "Give another --initial_checkpoint.")
+    if hold:
+        _hold_run_folder(output_dir)
     checkpoints = sorted(ckpt_dir.glob(_CHECKPOINT_GLOB), key=_epoch_of) if ckpt_dir.is_dir() else []
     record = output_dir / RUN_FILENAME
     has_run = bool(checkpoints) or (output_dir / "metrics.csv").is_file()

@@ -23,13 +23,8 @@ from monai.transforms import Compose, Invertd, Transform
 from torch import nn
 from tqdm.auto import tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
-
 from medsegdiff_monai.data import RELEASES, convert_label_convention, release_of_file
-from medsegdiff_monai.data.files import write_text_atomically
+from medsegdiff_monai.data.files import lock_folder, write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
@@ -106,32 +101,21 @@ def partial_folders(output_dir: str | Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _exclusive_output_folder(output_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder ``output_dir`` (``fcntl.flock``; the system drops it when the process
-    ends, however it ends) for one run's writing; where ``fcntl`` is missing (Windows) or the file system does not
-    lock folders (NFS), nothing is locked, with a warning in the latter case.
+    """Hold an exclusive lock on the folder ``output_dir`` for one run's writing (:func:`lock_folder`).
 
     Raises:
         FileExistsError: when another run holds it.
     """
-    if fcntl is None:
-        yield
-        return
-    descriptor = os.open(output_dir, os.O_RDONLY)
+    in_use = (
+        f"another run is writing into {output_dir}. Nothing was written. Wait for it to finish, or choose another "
+        "--output_dir."
+    )
+    descriptor = lock_folder(output_dir, in_use)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(
-                f"another run is writing into {output_dir}. Nothing was written. Wait for it to finish, or choose "
-                "another --output_dir."
-            ) from None
-        except OSError as error:  # a file system without such locks on folders (NFS)
-            logging.getLogger(__name__).warning(
-                f"{output_dir} cannot be locked here ({error.strerror}): make sure no other run writes into it"
-            )
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
 
 
 def check_output_folder(

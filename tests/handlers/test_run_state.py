@@ -8,6 +8,9 @@ import json
 import logging
 import math
 import random
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -60,7 +63,6 @@ def test_random_state_restores_every_source_through_a_checkpoint_file(tmp_path):
     assert draws(transform, generator) == expected
 
 
-
 def test_ranks_that_load_rank_zeros_state_keep_drawing_apart():
     """Under DDP only rank 0's state is in the checkpoint: rank 0 continues it exactly, every other rank parts from it
     by its rank (as the ``seed + rank`` start did), reproducibly, with every source drawing apart."""
@@ -78,6 +80,7 @@ def test_ranks_that_load_rank_zeros_state_keep_drawing_apart():
     assert all(a != b for a, b in zip(resumed[1], resumed[2], strict=True))
     RandomState(transform, generator, rank=1).load_state_dict(saved)
     assert draws(transform, generator) == resumed[1]  # reproducible
+
 
 def test_random_state_of_another_transform_chain_is_refused():
     state = RandomState(Compose([RandFlipd("image", prob=0.5)])).state_dict()
@@ -188,6 +191,38 @@ def test_a_start_that_failed_before_its_first_epoch_does_not_block_the_corrected
     (run / "metrics.csv").write_text("epoch\n1\n")
     with pytest.raises(RunFolderError, match=r"lr: 0.001 then, -0.001 now"):
         prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, {"lr": -1e-3}))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder locks need fcntl")
+def test_a_second_training_process_on_a_run_folder_is_refused(tmp_path):
+    """The folder is held for the rest of the process that prepared it; another process is refused with what to do,
+    the holder itself may prepare it again (an in-process resume), and a process that ended released it."""
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"]}], "validation": []}))
+    run = tmp_path / "run"
+    arguments = (
+        f"{str(run)!r}, {str(run / 'checkpoints')!r}, run_fingerprint({str(datalist)!r}, {str(tmp_path)!r}, {{}})"
+    )
+    holder = textwrap.dedent(
+        f"""
+        import sys
+        from medsegdiff_monai.handlers import prepare_run_folder, run_fingerprint
+        prepare_run_folder({arguments})
+        print("held", flush=True)
+        sys.stdin.readline()
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    fingerprint = run_fingerprint(datalist, tmp_path, {})
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=r"another training process is running in .*run the command again"):
+            prepare_run_folder(run, run / "checkpoints", fingerprint)
+        prepare_run_folder(run, run / "checkpoints", fingerprint, hold=False)  # a DDP rank above 0
+    finally:
+        process.communicate("\n", timeout=60)
+    prepare_run_folder(run, run / "checkpoints", fingerprint)  # the holder ended: released
+    prepare_run_folder(run, run / "checkpoints", fingerprint)  # held by this process already
 
 
 def test_an_output_dir_that_is_a_file_is_named(tmp_path):
