@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ignite.engine import Events
 from ignite.metrics import MeanSquaredError
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ROCAUC, ConfusionMatrix, IgniteMetricHandler
@@ -77,6 +78,15 @@ def validation_metrics(mask_channels: int = 3, use_grade_head: bool = True) -> d
     return metrics
 
 
+def _buffers_of_rank_zero(engine: SupervisedEvaluator) -> None:
+    """Copy rank 0's network buffers to every rank (a collective: every rank's evaluator runs it); nothing without
+    a process group of several ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in unwrap_module(engine.network).buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 class DiffusionEvaluator(SupervisedEvaluator):
     """Validation over whole subjects: each batch item is one volume, segmented slice by slice by ``sampler``.
 
@@ -102,7 +112,9 @@ class DiffusionEvaluator(SupervisedEvaluator):
     Under DistributedDataParallel give each rank its share of the subjects (``monai.data.DistributedSampler`` with
     ``even_divisible=False``): the metric handlers gather the per-subject results of all ranks before reducing, so
     every rank ends with the figures of the whole validation split. Sampling uses the unwrapped network, so ranks
-    with different numbers of subjects never wait on each other inside the network.
+    with different numbers of subjects never wait on each other inside the network. Each validation starts by copying
+    rank 0's buffers (the grade head's running statistics, which each rank's last training forward moved on its own)
+    to every rank, so that all ranks validate the network rank 0 saves.
 
     Raises:
         ValueError: when ``val_data_loader`` is empty (e.g. fewer validation subjects than processes).
@@ -136,6 +148,7 @@ class DiffusionEvaluator(SupervisedEvaluator):
             kwargs["key_val_metric"] = {"Dice": metrics.pop("Dice")}
             kwargs["additional_metrics"] = {**metrics, **(kwargs.get("additional_metrics") or {})}
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
+        self.add_event_handler(Events.STARTED, _buffers_of_rank_zero)
         self.sampler = sampler
         self.slice_batch_size = slice_batch_size
         self.threshold = threshold
