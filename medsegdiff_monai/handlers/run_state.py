@@ -34,6 +34,8 @@ RUN_FILENAME = "run.json"
 
 _CHECKPOINT_GLOB = "checkpoint_epoch=*.pt"
 _RENAMED_SETTINGS = {"use_cls_head": "use_grade_head"}
+_LATER_SETTINGS = ("update_bundle_model", "val_sampling_steps")
+"""Settings that records of older runs lack: such a record is compared on the others."""
 
 
 def _current_spelling(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,6 +92,8 @@ def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> lis
         found.append(f"dataset_dir: {recorded.get('dataset_dir')} then, {current['dataset_dir']} now")
     old, new = _current_spelling(recorded.get("settings", {})), _current_spelling(current["settings"])
     for key in sorted(set(old) | set(new)):
+        if key in _LATER_SETTINGS and key not in old:  # a record written before the setting was recorded
+            continue
         if old.get(key) != new.get(key):
             found.append(f"{key}: {json.dumps(old.get(key))} then, {json.dumps(new.get(key))} now")
     return found
@@ -194,6 +198,12 @@ def prepare_run_folder(
                 f"{output_dir} holds a run of other data or settings; resuming it would mix two runs. Differences: "
                 + "; ".join(differences)
                 + f". To continue that run, repeat its settings. {fresh}"
+                + (
+                    f" To publish a finished run's best network, copy {output_dir / 'model.pt'} into the bundle's "
+                    "models folder and run the bundle's export with --overwrite true."
+                    if any(difference.startswith("update_bundle_model:") for difference in differences)
+                    else ""
+                )
             )
     if checkpoints:
         previous = f"resume from {checkpoints[-2].name} by deleting it" if len(checkpoints) > 1 else "delete it"

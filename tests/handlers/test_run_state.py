@@ -177,6 +177,26 @@ def test_run_folder_is_recorded_once_and_resumed_with_the_same_fingerprint(tmp_p
         prepare_run_folder(run, run / "checkpoints", other)
 
 
+def test_publishing_into_the_bundle_is_part_of_a_run_and_older_records_still_resume(tmp_path):
+    """A finished run repeated with update_bundle_model true would not train again, so the bundle would keep its old
+    network: that is refused with how to publish the run's network. A record written before the setting was recorded
+    resumes as before."""
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"]}], "validation": []}))
+    run = tmp_path / "run"
+    settings = {"lr": 1e-3, "update_bundle_model": False, "val_sampling_steps": 2}
+    prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, settings))
+    (run / "metrics.csv").write_text("epoch\n1\n")
+    publish = run_fingerprint(datalist, tmp_path, {**settings, "update_bundle_model": True})
+    with pytest.raises(RunFolderError, match=r"update_bundle_model: false then, true now.*copy .*model\.pt into"):
+        prepare_run_folder(run, run / "checkpoints", publish)
+    older = run_fingerprint(datalist, tmp_path, {"lr": 1e-3})
+    (run / RUN_FILENAME).write_text(json.dumps(older))
+    prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, settings))
+    with pytest.raises(RunFolderError, match=r"lr: 0.001 then, 0.01 now"):
+        prepare_run_folder(run, run / "checkpoints", run_fingerprint(datalist, tmp_path, {**settings, "lr": 1e-2}))
+
+
 def test_a_start_that_failed_before_its_first_epoch_does_not_block_the_corrected_command(tmp_path):
     """A failed start (bad learning rate, out of memory) leaves run.json but no checkpoint and no metrics.csv: the
     corrected command takes the folder over and records its own fingerprint; once the folder holds a run, another
