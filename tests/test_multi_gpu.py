@@ -169,6 +169,20 @@ def test_rank_without_validation_subjects_is_an_error(tmp_path):
         torch.distributed.destroy_process_group()
 
 
+def test_more_processes_than_validation_subjects_are_refused_before_any_work(synthetic_brats_dir, synthetic_datalist):
+    """The pre-check names the list, the counts and what to do, before the samplers (whose own error says neither)."""
+    from medsegdiff_monai.data import BratsDataError, check_training_inputs
+
+    count = len(load_brats_datalist(synthetic_datalist, "validation", synthetic_brats_dir))
+    arguments = (synthetic_datalist, synthetic_brats_dir, (32, 32), 8)
+    check_training_inputs(*arguments, progress=False, num_processes=count)
+    with pytest.raises(BratsDataError, match=rf"'validation' has {count} subject\(s\) for {count + 1} processes.*"
+                       rf"--nproc_per_node {count}\)"):  # fmt: skip
+        check_training_inputs(*arguments, progress=False, num_processes=count + 1)
+    config = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
+    assert any("num_processes=dist.get_world_size()" in step for step in config["initialize"])
+
+
 def test_an_ungraded_training_list_is_named_on_the_main_rank(tmp_path, caplog):
     """As ``train.json`` alone, the distributed run says once that a training list without grades trains
     segmentation only."""

@@ -269,6 +269,7 @@ def check_training_inputs(
     require_grade: bool = True,
     allow_empty_modality: bool = False,
     progress: bool = True,
+    num_processes: int = 1,
 ) -> None:
     """Everything a training run reads, checked before the cache fill; the roi size first (no file is read for it).
 
@@ -280,6 +281,8 @@ def check_training_inputs(
         require_grade: every entry needs a grade (a grade head is trained).
         allow_empty_modality: an empty or constant modality is not an error.
         progress: show a progress bar over subjects.
+        num_processes: the DDP world size: each process validates its share of the ``validation`` list, so the list
+            needs at least one subject per process.
 
     Raises:
         ValueError / FileNotFoundError: naming the setting or file and what to do; ``BratsDataError`` lists every
@@ -298,6 +301,12 @@ def check_training_inputs(
                 f"--data-dir {dataset_dir} --out {datalist}`."
             )
             continue
+        if key == "validation" and len(entries) < num_processes:
+            problems.append(
+                f"datalist {datalist}: list 'validation' has {len(entries)} subject(s) for {num_processes} processes, "
+                "and each process validates at least one: start fewer processes (torchrun --nproc_per_node "
+                f"{len(entries)}), or write the datalist with a larger --val-fraction."
+            )
         bar = tqdm(entries, desc=f"checking {key} inputs", unit="subject", disable=not progress, leave=False)
         problems.extend(
             check_subject_entries(
