@@ -30,7 +30,7 @@ class GradeFocalLoss(_Loss):
     equals the plain cross-entropy.
 
     Args:
-        alpha: per-class weights (alpha_LGG, alpha_HGG), all >= 0; None for no weighting.
+        alpha: per-class weights (alpha_LGG, alpha_HGG), all >= 0 and not all 0; None for no weighting.
         gamma: focusing exponent (0 gives the weighted cross-entropy).
 
     Example:
@@ -40,8 +40,11 @@ class GradeFocalLoss(_Loss):
 
     def __init__(self, alpha: Sequence[float] | None = None, gamma: float = 2.0) -> None:
         super().__init__()
-        if alpha is not None and any(a < 0 for a in alpha):
-            raise ValueError(f"GradeFocalLoss alpha weights must be >= 0, got {tuple(alpha)}.")
+        if alpha is not None and (any(a < 0 for a in alpha) or not any(a > 0 for a in alpha)):
+            raise ValueError(
+                f"GradeFocalLoss alpha weights must be >= 0 and not all 0 (the grade loss would be 0, and the grade "
+                f"head would learn nothing), got {tuple(alpha)}."
+            )
         if gamma < 0:
             raise ValueError(f"GradeFocalLoss gamma must be >= 0, got {gamma}.")
         self.alpha = None if alpha is None else tuple(float(a) for a in alpha)

@@ -126,6 +126,8 @@ def test_grade_focal_loss_input_checks():
         GradeFocalLoss()(torch.randn(2, 2), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match=">= 0"):
         GradeFocalLoss(alpha=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="not all 0"):  # --class_weights "[0,0]": a grade stage that learns nothing
+        GradeFocalLoss(alpha=(0.0, 0.0))
     # a fractional grade is not truncated to a class, a grade of 2 is not a raw index error
     with pytest.raises(ValueError, match="integer grade .* got dtype torch.float32"):
         GradeFocalLoss()(torch.randn(2, 2), torch.tensor([0.7, 1.0]))
