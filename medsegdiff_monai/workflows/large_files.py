@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,11 @@ def _read_entries(bundle_root: Path) -> list[dict[str, Any]] | None:
     return entries
 
 
+def _listed_paths(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """The bundle-relative paths a list's entries name (without a leading ``./``)."""
+    return [str(entry["path"]).removeprefix("./") for entry in entries]
+
+
 def _relative_to_bundle(path: str | os.PathLike, bundle_root: Path) -> str | None:
     """``path`` relative to ``bundle_root`` in POSIX form, or None for a file outside the bundle."""
     try:
@@ -49,7 +53,7 @@ def _relative_to_bundle(path: str | os.PathLike, bundle_root: Path) -> str | Non
 
 
 def check_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Warn about each of ``paths`` that ``large_files.yml`` lists with another hash than the file's.
+    """Log a warning for each of ``paths`` that ``large_files.yml`` lists with another hash than the file's.
 
     A listed weight file that differs from its hash is damaged, or was replaced without refreshing the list (for
     example by training with ``--update_bundle_model true``): the bundle would then fail the model zoo's check, and
@@ -61,13 +65,13 @@ def check_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os.P
         paths: the files the run reads (e.g. the checkpoint).
 
     Returns:
-        the messages warned, one per differing file.
+        the messages logged, one per differing file.
     """
     bundle_root = Path(bundle_root)
     entries = _read_entries(bundle_root)
     if entries is None:
         return []
-    listed = {str(entry["path"]).removeprefix("./"): entry for entry in entries}
+    listed = dict(zip(_listed_paths(entries), entries, strict=True))
     messages = []
     for path in paths:
         relative = _relative_to_bundle(path, bundle_root)
@@ -83,11 +87,13 @@ def check_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os.P
                 f"and refreshes the hashes in {LARGE_FILES_NAME}."
             )
     for message in messages:
-        warnings.warn(message, stacklevel=2)
+        logging.getLogger("medsegdiff_monai").warning(message)
     return messages
 
 
-def refresh_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> list[str]:
+def refresh_large_files(
+    bundle_root: str | os.PathLike, paths: Sequence[str | os.PathLike], source: str | os.PathLike | None = None
+) -> list[str]:
     """Write the current hashes of ``paths`` into the bundle's ``large_files.yml``.
 
     A listed file gets its hash of the listed ``hash_type`` (``md5`` when none). Files the list does not name (such
@@ -97,6 +103,9 @@ def refresh_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os
     Args:
         bundle_root: the bundle folder that holds ``large_files.yml``.
         paths: the weight files just written (e.g. ``models/model.pt`` and the exported programs).
+        source: the weights ``paths`` were made from (the exported checkpoint). When the list does not name it (a
+            checkpoint under ``runs/``), nothing is refreshed, with a warning: the list would otherwise certify
+            programs of other weights beside the listed ``model.pt``.
 
     Returns:
         the bundle-relative paths whose hashes changed.
@@ -105,12 +114,19 @@ def refresh_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os
     entries = _read_entries(bundle_root)
     if entries is None:
         return []
+    if source is not None and _relative_to_bundle(source, bundle_root) not in _listed_paths(entries):
+        logging.getLogger("medsegdiff_monai").warning(
+            f"{bundle_root / LARGE_FILES_NAME} was not refreshed: the programs were made from {source}, which it does "
+            "not list, so they now stand beside other weights. To publish these weights, copy the file to "
+            f"{bundle_root / 'models' / 'model.pt'} and run the export again without --checkpoint."
+        )
+        return []
     changed = []
     for path in paths:
         relative = _relative_to_bundle(path, bundle_root)
         if relative is None or not Path(path).is_file():
             continue
-        entry = next((entry for entry in entries if str(entry["path"]).removeprefix("./") == relative), None)
+        entry = dict(zip(_listed_paths(entries), entries, strict=True)).get(relative)
         if entry is None:
             continue
         digest = _file_hash(Path(path), str(entry.get("hash_type") or "md5"))
