@@ -313,14 +313,18 @@ class RandomState:
         if rank is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank > 0:  # rank 0's state: part from it, as the ranks' seed + rank starts did
-            seed = (int(torch.randint(0, 2**31 - 1, ())) + rank) % (2**31 - 1)
-            torch.manual_seed(seed)  # CUDA generators too
-            np.random.seed(seed)
-            random.seed(seed)
-            for index, transform in enumerate(self.transforms):
-                transform.set_random_state(seed=(seed + 1 + index) % (2**31 - 1))
+            # one seed per source from (a draw of the loaded state, rank): no two ranks or sources share a stream
+            drawn = int(torch.randint(0, 2**31 - 1, ()))
+            torch_seed, numpy_seed, python_seed, generator_seed, *transform_seeds = np.random.SeedSequence(
+                [drawn, rank]
+            ).generate_state(4 + len(self.transforms))
+            torch.manual_seed(int(torch_seed))  # CUDA generators too
+            np.random.seed(numpy_seed)
+            random.seed(int(python_seed))
+            for transform, seed in zip(self.transforms, transform_seeds, strict=True):
+                transform.set_random_state(seed=int(seed))
             if self.generator is not None:
-                self.generator.manual_seed(seed)
+                self.generator.manual_seed(int(generator_seed))
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[Path]:

@@ -78,6 +78,9 @@ def test_ranks_that_load_rank_zeros_state_keep_drawing_apart():
     for rank in (1, 2):
         assert all(a != b for a, b in zip(resumed[rank], expected, strict=True)), rank
     assert all(a != b for a, b in zip(resumed[1], resumed[2], strict=True))
+    # no stream is shared between ranks or sources (a seed + index scheme gives rank 1's second transform the
+    # stream of rank 2's first)
+    assert len({value for rank in (1, 2) for value in resumed[rank]}) == 2 * len(expected)
     RandomState(transform, generator, rank=1).load_state_dict(saved)
     assert draws(transform, generator) == resumed[1]  # reproducible
 
