@@ -197,7 +197,11 @@ def check_setting_names(argv: Sequence[str] | None = None) -> list[str]:
     if tracking:  # MONAI's experiment tracking adds the top-level items of its settings' "configs"
         from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
-        settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) or ConfigParser.load_config_files(tracking)
+        tracking = _command_line_value(tracking) if isinstance(tracking, str) else tracking
+        if isinstance(tracking, dict):  # the settings themselves
+            settings = tracking
+        else:  # a name of MONAI's settings, or a settings file
+            settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) or ConfigParser.load_config_files(tracking)
         config_keys |= set(settings.get("configs", {}))
     keys = [key for key in given if key not in _bundle_run_arguments()]
     unknown = [key for key in keys if key.split("#")[0] not in config_keys]
