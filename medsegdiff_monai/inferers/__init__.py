@@ -6,6 +6,7 @@ from medsegdiff_monai.inferers.sampler import (
     SAMPLING_SCHEDULERS,
     DiffusionSampler,
     SamplerOutput,
+    check_noise_schedule,
     make_sampling_scheduler,
     repeat_condition,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "VolumeOutput",
     "balanced_batch_size",
     "brain_slice_mask",
+    "check_noise_schedule",
     "default_slice_batch_size",
     "make_sampling_scheduler",
     "repeat_condition",

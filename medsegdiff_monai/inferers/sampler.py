@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler, leading_timesteps, share_noise_schedule
 from medsegdiff_monai.utils import parse_amp_dtype
 
-__all__ = ["SAMPLING_SCHEDULERS", "DiffusionSampler", "SamplerOutput", "make_sampling_scheduler", "repeat_condition"]
+__all__ = [
+    "SAMPLING_SCHEDULERS",
+    "DiffusionSampler",
+    "SamplerOutput",
+    "check_noise_schedule",
+    "make_sampling_scheduler",
+    "repeat_condition",
+]
 
 # the ``scheduler`` names of :class:`DiffusionSampler` and the scheduler each builds
 _SCHEDULER_CLASSES: dict[str, Callable[..., Scheduler]] = {
@@ -115,14 +122,25 @@ def make_sampling_scheduler(
     return scheduler
 
 
+def check_noise_schedule(schedule: str) -> str:
+    """``schedule`` itself when it names one of MONAI's noise schedules (``NoiseSchedules``), for a bundle config to
+    check ``--noise_schedule`` before MONAI's scheduler reports only "Component not found".
+
+    Raises:
+        ValueError: naming the schedule and the valid ones.
+    """
+    if schedule not in NoiseSchedules.names:
+        raise ValueError(f"schedule must be one of {_quoted(NoiseSchedules.names, 'or')}, got {schedule!r}.")
+    return schedule
+
+
 def _check_scheduler_arguments(name: str, schedule: str, kwargs: dict[str, Any]) -> None:
     """Refuse ``kwargs`` that neither the scheduler class ``name`` nor the noise schedule ``schedule`` takes.
 
     MONAI passes every argument its scheduler class does not name on to the schedule function, which would fail
     with a bare ``TypeError`` naming a private function.
     """
-    if schedule not in NoiseSchedules.names:
-        raise ValueError(f"schedule must be one of {_quoted(NoiseSchedules.names, 'or')}, got {schedule!r}.")
+    check_noise_schedule(schedule)
     set_here = {"num_train_timesteps", "schedule", "prediction_type", "solver_order"}  # set by the name
     accepted: set[str] = set()
     for function in (_SCHEDULER_CLASSES[name], NoiseSchedules[schedule]):

@@ -178,6 +178,26 @@ def test_scheduler_arguments_are_checked_against_class_and_schedule():
     assert make_sampling_scheduler("dpmpp_2m", 10, scheduler_args={"timestep_spacing": "leading"}).timesteps[0] == 900
 
 
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_a_misspelled_noise_schedule_is_named_with_the_valid_ones(config):
+    """The bundle builds MONAI's training scheduler first, whose own error says only "Component 'cosin' not found"."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[2] / "bundle" / "configs" / config))
+    parser["noise_schedule"] = "cosine"
+    assert parser.get_parsed_content("noise_scheduler").alphas_cumprod[-1] < 1e-3
+    parser["noise_schedule"] = "cosin"
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps the config's error
+        parser.get_parsed_content("noise_scheduler", lazy=False)
+    assert (
+        "schedule must be one of 'linear_beta', 'scaled_linear_beta', 'sigmoid_beta' or 'cosine', got 'cosin'"
+        in str(raised.value.__cause__)
+    )
+
+
 def _train_disc_model(network, steps: int = 60) -> None:
     """Train the stand-in for a few steps to predict the mask 'channel 0 > 0' from noisy masks."""
     generator = torch.Generator().manual_seed(0)
