@@ -361,8 +361,9 @@ class BratsVolumeInferer:
         label_convention: str = "auto",
     ) -> None:
         if label_convention not in ("auto", *RELEASES):
+            *first, last = ("auto", *RELEASES)
             raise ValueError(
-                f"label_convention must be 'auto', {', '.join(map(repr, RELEASES))}, got {label_convention!r}."
+                f"label_convention must be {', '.join(map(repr, first))} or {last!r}, got {label_convention!r}."
             )
         if compile_min_volumes < 1:
             raise ValueError(f"compile_min_volumes must be >= 1, got {compile_min_volumes}.")

@@ -103,5 +103,5 @@ def test_the_label_convention_of_bare_names_and_on_request(
 
 
 def test_an_unknown_label_convention_is_named(brain_oracle):
-    with pytest.raises(ValueError, match="label_convention must be 'auto', 'brats2020', 'brats2023', got 'brats2021'"):
+    with pytest.raises(ValueError, match="must be 'auto', 'brats2020' or 'brats2023', got 'brats2021'"):
         BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (32, 32), label_convention="brats2021")
