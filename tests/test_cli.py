@@ -173,3 +173,5 @@ def test_submission_names_each_segmentation_by_its_subject(tmp_path, capsys):
     assert "holds no <subject_id>_seg.nii.gz" in capsys.readouterr().err
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(predictions)]) == 1
     assert "is the predictions folder itself" in capsys.readouterr().err
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(predictions / "grades.csv")]) == 1
+    assert "grades.csv is a file, not a folder: choose another --out" in capsys.readouterr().err

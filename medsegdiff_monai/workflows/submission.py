@@ -35,7 +35,7 @@ def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite
 
     Raises:
         FileNotFoundError: ``predictions_dir`` holds no segmentation.
-        FileExistsError: a differing file of the same name is in ``out_dir`` and not ``overwrite``.
+        FileExistsError: ``out_dir`` is a file, or a differing file of the same name is in it and not ``overwrite``.
         ValueError: ``out_dir`` is ``predictions_dir``.
     """
     predictions_dir, out_dir = Path(predictions_dir), Path(out_dir)
@@ -46,6 +46,8 @@ def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite
         )
     if out_dir.resolve() == predictions_dir.resolve():
         raise ValueError(f"--out {out_dir} is the predictions folder itself: choose a folder of its own.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a folder: choose another --out.")
     targets = [out_dir / (path.name[: -len(SEGMENTATION_SUFFIX)] + ".nii.gz") for path in segmentations]
     differing = [
         str(target)
