@@ -312,6 +312,11 @@ def test_evaluation_overlay_runs_from_the_command_line_and_refuses_to_overwrite(
     out = bundle_beside_data / "bundle" / "runs" / "evaluate"
     summary = out / "summary.json"
     assert summary.is_file() and (out / "metrics_per_subject.csv").is_file()
+    provenance = json.loads(summary.read_text())["provenance"]
+    # the demo datalist has no testing list: its validation subjects are scored, which is said and recorded
+    assert provenance["datalist_key"] == "validation" and provenance["in_sample"] is True
+    assert "figures are in-sample" in first.stdout + first.stderr
+    assert provenance["checkpoint"].endswith("model.pt") and provenance["grade_calibration"]["scale"] > 0
     written = summary.read_bytes()
     second = _bundle_run(bundle_beside_data / "bundle", *command)
     assert second.returncode == 1 and "already holds outputs" in second.stderr

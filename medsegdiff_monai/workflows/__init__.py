@@ -1,6 +1,6 @@
 """Workflows around the inferers: input resolution, whole-subject inference with file outputs, evaluation, export."""
 
-from medsegdiff_monai.workflows.evaluation import run_evaluation
+from medsegdiff_monai.workflows.evaluation import evaluation_list, is_in_sample, run_evaluation
 from medsegdiff_monai.workflows.export import (
     ExportedDiffusionNetwork,
     export_from_checkpoint,
@@ -32,9 +32,11 @@ __all__ = [
     "check_no_earlier_outputs",
     "check_output_folder",
     "collect_inference_inputs",
+    "evaluation_list",
     "export_from_checkpoint",
     "export_network",
     "exported_program_paths",
+    "is_in_sample",
     "load_exported_network",
     "refresh_large_files",
     "resolve_entries",

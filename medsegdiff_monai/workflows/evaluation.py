@@ -2,15 +2,69 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medsegdiff_monai.data.preflight import read_datalist_json
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
+from medsegdiff_monai.utils import unwrap_module
 from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
 from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput, subjects_of_stopped_runs
 
-__all__ = ["run_evaluation"]
+__all__ = ["evaluation_list", "is_in_sample", "run_evaluation"]
+
+HELD_OUT_LIST = "testing"
+"""The datalist list that training never reads (not for training, checkpoint selection or the grade calibration)."""
+
+
+def _is_datalist(source: Any) -> bool:
+    return isinstance(source, (str, os.PathLike)) and str(source).endswith(".json") and Path(source).is_file()
+
+
+def evaluation_list(source: InputSource) -> str:
+    """The datalist list an evaluation of ``source`` scores by default: ``"testing"`` where the datalist has one
+    (held out from training, checkpoint selection and the grade calibration), else ``"validation"``; ``"validation"``
+    for any other source (a folder, files), which does not use it."""
+    if _is_datalist(source) and HELD_OUT_LIST in read_datalist_json(source):
+        return HELD_OUT_LIST
+    return "validation"
+
+
+def is_in_sample(source: InputSource, datalist_key: str) -> bool:
+    """Whether an evaluation of list ``datalist_key`` of ``source`` scores subjects that training used: a datalist's
+    ``training`` or ``validation`` list (the validation subjects choose the best checkpoint and fit the grade
+    calibration), in which case a warning says so. A folder or files cannot be told apart: False."""
+    if not _is_datalist(source) or datalist_key == HELD_OUT_LIST:
+        return False
+    logging.getLogger("medsegdiff_monai").warning(
+        f"the {datalist_key!r} list of {source} is scored: if the network was trained on this datalist, those "
+        "subjects chose its best checkpoint and fitted its grade calibration (or trained it), so the figures are "
+        f"in-sample. Score the {HELD_OUT_LIST!r} list (medsegdiff-monai datalist --test-fraction) for held-out figures."
+    )
+    return True
+
+
+def _provenance(inferer: BratsVolumeInferer, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What produced an evaluation: ``given`` (e.g. input, list, checkpoint), the sampler and the grade calibration."""
+    sampler = inferer.sampler
+    provenance: dict[str, Any] = {
+        key: str(value) if isinstance(value, os.PathLike) else value for key, value in (given or {}).items()
+    }
+    provenance["sampler"] = {
+        "scheduler": sampler.scheduler_name,
+        "num_inference_steps": sampler.num_inference_steps,
+        "ensemble_size": sampler.ensemble_size,
+        "eta": sampler.eta,
+        "seed": sampler.seed,
+    }
+    calibration = getattr(unwrap_module(inferer.network), "grade_calibration", None)
+    if calibration is not None:
+        provenance["grade_calibration"] = {"scale": float(calibration.scale), "bias": float(calibration.bias)}
+    return provenance
 
 
 def run_evaluation(
@@ -25,6 +79,7 @@ def run_evaluation(
     hd95_convention: str = "brats",
     lesion_challenge: str | None = "BraTS-GLI",
     bootstrap_resamples: int = 2000,
+    provenance: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
     """
     Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
@@ -50,6 +105,9 @@ def run_evaluation(
         lesion_challenge: parameters of the lesion-wise Dice and HD95 (``"BraTS-GLI"``: dilation 3, lesions over
             50 mm^3; see :data:`~medsegdiff_monai.metrics.LESION_WISE_PARAMETERS`); ``None`` leaves them out.
         bootstrap_resamples: resamples of the 95 % intervals of Dice, AUC, ECE and Brier (0: none).
+        provenance: what the report was made from (e.g. ``{"input": ..., "datalist_key": ..., "in_sample": ...,
+            "checkpoint": ...}``), written to ``summary.json`` under ``"provenance"`` with the sampler's settings and
+            the network's grade calibration, so that an in-sample report can be told from a held-out one.
 
     Raises:
         ValueError: naming the subjects without a label file, or a bad setting (see
@@ -73,7 +131,7 @@ def run_evaluation(
     report: dict[str, Any] = {}
 
     def score_before_moving_in(staging: Path, outputs: list[SubjectOutput]) -> None:
-        report["result"] = evaluate_subjects(
+        result = evaluate_subjects(
             [
                 {
                     "subject_id": output.subject_id,
@@ -89,7 +147,9 @@ def run_evaluation(
             lesion_challenge=lesion_challenge,
             bootstrap_resamples=bootstrap_resamples,
         )
-        write_evaluation(report["result"], staging)
+        result.summary["provenance"] = _provenance(inferer, provenance)
+        report["result"] = result
+        write_evaluation(result, staging)
         report["names"] = {path.name for path in staging.iterdir()}
 
     inferer.run(entries, output_dir, finalize=score_before_moving_in)

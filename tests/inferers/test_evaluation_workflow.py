@@ -17,7 +17,10 @@ from medsegdiff_monai.workflows import evaluation as evaluation_workflow
 def test_evaluation_of_the_brain_oracle(brain_oracle, synthetic_datalist, tmp_path, capsys):
     inferer = BratsVolumeInferer(brain_oracle(hgg_logit=0.5), DiffusionSampler(2, ensemble_size=1), (64, 64))
     inferer.progress = False
-    result = run_evaluation(inferer, synthetic_datalist, tmp_path / "eval", datalist_key="training", num_eval_cases=3)
+    given = {"input": synthetic_datalist, "datalist_key": "training", "in_sample": True}
+    result = run_evaluation(
+        inferer, synthetic_datalist, tmp_path / "eval", datalist_key="training", num_eval_cases=3, provenance=given
+    )
     entries = load_brats_datalist(synthetic_datalist, "training")[:3]
     assert [row["subject_id"] for row in result.rows] == [e["subject_id"] for e in entries]
     for row, entry in zip(result.rows, entries):
@@ -27,6 +30,12 @@ def test_evaluation_of_the_brain_oracle(brain_oracle, synthetic_datalist, tmp_pa
         assert row["grade"] == entry["grade"]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["num_subjects"] == 3
+    assert summary["provenance"] == {
+        "input": str(synthetic_datalist),
+        "datalist_key": "training",
+        "in_sample": True,
+        "sampler": {"scheduler": "ddim", "num_inference_steps": 2, "ensemble_size": 1, "eta": 0.0, "seed": 0},
+    }  # the oracle has no grade calibration
     assert summary["grade"]["confusion_matrix"][0][0] == 0  # p_hgg = 0.62 for all: every subject called HGG
     assert (tmp_path / "eval" / "metrics_per_subject.csv").read_text().count("\n") == 4
     assert (tmp_path / "eval" / "grades.csv").is_file()
@@ -126,3 +135,21 @@ def test_an_evaluation_stopped_while_moving_its_report_in_is_finished_by_the_sam
     assert (out / "metrics_per_subject.csv").is_file() and not (out / "summary.json").exists()
     run_evaluation(inferer, synthetic_datalist, out, datalist_key="training", num_eval_cases=2, print_table=False)
     assert json.loads((out / "summary.json").read_text())["num_subjects"] == 2
+
+
+def test_the_default_list_is_the_held_out_one_and_an_in_sample_list_is_named(synthetic_datalist, tmp_path, caplog):
+    """``testing`` (never read by training) where the datalist has one; scoring ``validation``, which chose the best
+    checkpoint and fitted the grade calibration, says that its figures are in-sample."""
+    from medsegdiff_monai.workflows import evaluation_list, is_in_sample
+
+    assert evaluation_list(synthetic_datalist) == "validation"  # no testing list
+    content = json.loads(synthetic_datalist.read_text())
+    with_testing = tmp_path / "datalist.json"
+    with_testing.write_text(json.dumps({**content, "testing": content["validation"]}))
+    assert evaluation_list(with_testing) == "testing"
+    assert evaluation_list(synthetic_datalist.parent) == "validation"  # a folder: no list is read
+    with caplog.at_level("WARNING", logger="medsegdiff_monai"):
+        assert is_in_sample(with_testing, "testing") is False and not caplog.records
+        assert is_in_sample(synthetic_datalist.parent, "validation") is False and not caplog.records
+        assert is_in_sample(with_testing, "validation") is True
+    assert "figures are in-sample. Score the 'testing' list" in caplog.text
