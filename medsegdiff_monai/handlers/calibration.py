@@ -70,6 +70,9 @@ class GradeCalibrationFit:
         best_path: the best network file written by the checkpoint saver (e.g. ``models/model.pt``).
         score_names: the checkpoint-selection figures (see :func:`~medsegdiff_monai.handlers.validation_score`).
         min_subjects: fewest graded validation subjects to fit on.
+        min_auc: the identity is kept when the head's AUC over those subjects is at most this (0.5: no better than
+            chance, where the positive Platt scale would fall to about 0 and give every subject the same p(HGG)); a
+            negative value fits whatever the ranking.
         network: the trained network, to tell a fitted best network file from one still to fit (None: always fit).
         name: logger name.
     """
@@ -82,8 +85,10 @@ class GradeCalibrationFit:
         min_subjects: int = 4,
         network: torch.nn.Module | None = None,
         name: str = "medsegdiff_monai",
+        min_auc: float = 0.5,
     ) -> None:
         self.evaluator = evaluator
+        self.min_auc = min_auc
         self.best_path = Path(best_path)
         self.network = network
         self.score_function: Callable[[Mapping], float] = lambda metrics: validation_score(metrics, score_names)
@@ -157,6 +162,17 @@ class GradeCalibrationFit:
         state = extract_network_state(checkpoint)
         if self._already_fitted(state):
             self.logger.info(f"grade calibration: {self.best_path} already holds this run's fitted calibration.")
+            return
+        hgg, lgg = log_odds[grades == 1], log_odds[grades == 0]
+        ranking = float(((hgg[:, None] > lgg[None]) + 0.5 * (hgg[:, None] == lgg[None])).mean())  # the AUC
+        if ranking <= self.min_auc:
+            self.logger.warning(
+                f"grade calibration: the grade head ranks the {n_lgg} LGG + {n_hgg} HGG validation subjects of the "
+                f"best epoch with AUC {ranking:.2f}, at most min_auc={self.min_auc} (0.5: chance), so the identity is "
+                "kept: calibrating a head that ranks no better than chance gives every subject about the same p(HGG). "
+                "The grade figures of this network are not meaningful: train the grade stages longer, or check the "
+                "grades of the datalist."
+            )
             return
         scale, bias = fit_platt_scaling(log_odds, grades)
         calibration = GradeCalibration()
