@@ -240,8 +240,8 @@ def sample_volume(
 
 def _empty_volume_output(network: nn.Module, image: Tensor) -> VolumeOutput:
     """Output for a volume without any brain slice: zeros, and NaN p(HGG) when the network grades."""
-    with torch.no_grad():
-        condition = network.encode_condition(image[None, ..., 0])
+    with torch.no_grad():  # one blank slice tells the mask channels and whether the network grades (depth may be 0)
+        condition = network.encode_condition(image.new_zeros((1, *image.shape[:3])))
     channels = condition.calib_map.shape[1]
     zeros = image.new_zeros((channels, *image.shape[1:]))
     has_head = condition.grade_logits is not None

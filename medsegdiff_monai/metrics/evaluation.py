@@ -217,6 +217,15 @@ def evaluate_subjects(
             "seed": seed,
         }
     graded = [row for row in rows if row["p_hgg"] is not None and row["grade"] is not None]
+    ungradable = [str(row["subject_id"]) for row in graded if math.isnan(row["p_hgg"])]
+    if ungradable:  # no brain slice to grade (an empty volume accepted with allow_empty_modality)
+        warnings.warn(
+            f"evaluation: p_hgg is NaN for {len(ungradable)} subject(s) ({', '.join(ungradable[:5])}): the grade "
+            "metrics leave them out.",
+            stacklevel=2,
+        )
+        graded = [row for row in graded if not math.isnan(row["p_hgg"])]
+        summary["grade_excluded_subjects"] = ungradable
     if graded:
         p_hgg = np.asarray([row["p_hgg"] for row in graded], dtype=np.float64)
         grade = np.asarray([row["grade"] for row in graded], dtype=int)

@@ -155,7 +155,6 @@ def test_calibration_handler_keeps_the_identity_with_one_grade(tmp_path, caplog)
     assert "0 LGG and 4 HGG validation subjects" in caplog.text
 
 
-
 def test_calibration_handler_keeps_the_identity_when_the_head_ranks_no_better_than_chance(tmp_path, caplog):
     """A head that ranks the validation subjects backwards drives the positive Platt scale to about 0 (every subject
     the same p(HGG)); that is said, and the identity kept."""
@@ -166,6 +165,7 @@ def test_calibration_handler_keeps_the_identity_when_the_head_ranks_no_better_th
     state = torch.load(best_path, weights_only=True)
     assert float(state["grade_calibration.scale"]) == 1.0 and float(state["grade_calibration.bias"]) == 0.0
     assert "with AUC 0.00, at most min_auc=0.5 (0.5: chance), so the identity is kept" in caplog.text
+
 
 def test_calibration_handler_state_restores_the_kept_epoch(tmp_path):
     """A resumed run keeps the kept epoch of before the interruption: its state round-trips through a checkpoint

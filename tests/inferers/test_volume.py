@@ -156,6 +156,10 @@ def test_volume_without_brain(stand_in_network):
     assert math.isnan(out.p_hgg)
     out = sample_volume(stand_in_network(use_grade_head=False), torch.zeros(4, 8, 8, 3), DiffusionSampler(2))
     assert out.p_hgg is None and out.slice_p_hgg is None
+    # an empty volume cropped to its (absent) brain has no slice at all
+    with pytest.warns(UserWarning, match="no brain slice"):
+        out = sample_volume(stand_in_network(), torch.zeros(4, 8, 8, 0), DiffusionSampler(num_inference_steps=2))
+    assert out.probs.shape == (3, 8, 8, 0) and math.isnan(out.p_hgg)
 
 
 def test_rejects_a_slice_batch_instead_of_a_volume(stand_in_network):

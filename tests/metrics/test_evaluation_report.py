@@ -159,6 +159,19 @@ def test_a_prediction_file_in_another_orientation_is_scored_on_the_label_grid(tm
         evaluate_subjects([{"subject_id": "s", "pred_file": pred_file, "label_file": label_file}])
 
 
+def test_a_subject_without_a_grade_estimate_is_left_out_of_the_grade_metrics(tmp_path):
+    """p_hgg is NaN for a volume without a brain slice: the other subjects are still graded, the subject named."""
+    label_file = _label_file(tmp_path, "s", _labels())
+    subjects = [
+        {"subject_id": f"s{i}", "pred_labels": _labels(), "label_file": label_file, "p_hgg": p, "grade": grade}
+        for i, (p, grade) in enumerate([(0.2, 0), (float("nan"), 1), (0.9, 1), (0.4, 1)])
+    ]
+    with pytest.warns(UserWarning, match=r"p_hgg is NaN for 1 subject\(s\) \(s1\)"):
+        summary = evaluate_subjects(subjects, include_hd95=False, bootstrap_resamples=0).summary
+    assert summary["grade_excluded_subjects"] == ["s1"]
+    assert summary["grade"]["auc"] == pytest.approx(roc_auc_score([0, 1, 1], [0.2, 0.9, 0.4]))
+
+
 def test_shape_mismatch(tmp_path):
     truth = _labels()
     with pytest.raises(ValueError, match="subject s: prediction shape"):
