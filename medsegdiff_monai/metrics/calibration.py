@@ -11,19 +11,42 @@ import numpy as np
 __all__ = ["brier_score", "calibrated_ece_floor", "reliability_bins", "reliability_diagram"]
 
 
-def _as_probability(p_positive: Sequence[float] | np.ndarray) -> np.ndarray:
+def _as_probability(p_positive: Sequence[float] | np.ndarray, name: str = "p_positive") -> np.ndarray:
+    """``p_positive`` as a float64 vector of probabilities.
+
+    Raises:
+        ValueError: naming ``name``, for NaN or a value outside [0, 1].
+    """
     p = np.asarray(p_positive, dtype=np.float64).reshape(-1)
+    if np.isnan(p).any():
+        raise ValueError(f"{name} holds NaN for {int(np.isnan(p).sum())} of {p.size} subjects.")
     if p.size and (p.min() < 0.0 or p.max() > 1.0):
-        raise ValueError(f"p_positive must lie in [0, 1], got values from {p.min()} to {p.max()}.")
+        raise ValueError(f"{name} must lie in [0, 1], got values from {p.min()} to {p.max()}.")
     return p
 
 
-def _as_pair(p_positive: Sequence[float] | np.ndarray, target: Sequence[int] | np.ndarray) -> tuple[np.ndarray, ...]:
-    p = _as_probability(p_positive)
-    y = np.asarray(target, dtype=np.float64).reshape(-1)
+def _as_pair(
+    p_positive: Sequence[float] | np.ndarray,
+    target: Sequence[int] | np.ndarray,
+    names: tuple[str, str] = ("p_positive", "target"),
+) -> tuple[np.ndarray, np.ndarray]:
+    """``p_positive`` (see :func:`_as_probability`) and ``target`` as an int vector of the same length.
+
+    Raises:
+        ValueError: naming ``names``, for a length mismatch, or a target other than 0 and 1 (a fraction is not
+            truncated, a class name such as "LGG" is not read).
+    """
+    p = _as_probability(p_positive, names[0])
+    try:
+        y = np.asarray(target, dtype=np.float64).reshape(-1)
+    except ValueError:
+        shown = [str(value) for value in np.asarray(target).reshape(-1)[:5]]
+        raise ValueError(f"{names[1]} must hold 0 (LGG) or 1 (HGG), got {shown}.") from None
     if p.shape != y.shape:
-        raise ValueError(f"p_positive and target must have the same length, got {p.size} and {y.size}.")
-    return p, y
+        raise ValueError(f"{names[0]} and {names[1]} must have the same length, got {p.size} and {y.size}.")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{names[1]} must hold 0 (LGG) or 1 (HGG), got values {sorted(set(y.tolist()))}.")
+    return p, y.astype(int)
 
 
 def _bin_index(p: np.ndarray, num_bins: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from medsegdiff_monai.metrics.calibration import brier_score, reliability_bins
+from medsegdiff_monai.metrics.calibration import _as_pair, brier_score, reliability_bins
 
 __all__ = ["expected_calibration_error", "grade_metrics"]
 
@@ -64,14 +64,7 @@ def grade_metrics(
         ``{"auc", "f1", "accuracy", "ece", "brier", "confusion_matrix" ([[TN, FP], [FN, TP]], rows = true LGG,
         HGG), "num_subjects"}``.
     """
-    p = np.asarray(p_hgg, dtype=np.float64).reshape(-1)
-    y = np.asarray(grade).astype(int).reshape(-1)
-    if p.shape != y.shape:
-        raise ValueError(f"p_hgg and grade must have the same length, got {p.size} and {y.size}.")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"grade must hold 0 (LGG) or 1 (HGG), got values {sorted(set(y.tolist()))}.")
-    if np.isnan(p).any():
-        raise ValueError(f"p_hgg holds NaN for {int(np.isnan(p).sum())} of {p.size} subjects.")
+    p, y = _as_pair(p_hgg, grade, ("p_hgg", "grade"))  # raises on NaN, p outside [0, 1], a grade other than 0 / 1
     if p.size == 0:
         warnings.warn("grade_metrics: no subject, every figure is NaN.", stacklevel=2)
         nan = math.nan

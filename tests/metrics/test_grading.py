@@ -6,7 +6,13 @@ import warnings
 import numpy as np
 import pytest
 
-from medsegdiff_monai.metrics import calibrated_ece_floor, expected_calibration_error, grade_metrics
+from medsegdiff_monai.metrics import (
+    brier_score,
+    calibrated_ece_floor,
+    expected_calibration_error,
+    grade_metrics,
+    reliability_bins,
+)
 
 
 def test_against_hand_computation():
@@ -60,6 +66,22 @@ def test_bad_inputs():
         grade_metrics([0.5], [2])
     with pytest.raises(ValueError, match="NaN"):
         grade_metrics([math.nan], [1])
+    # a fractional grade is not truncated to LGG, a class name is named
+    with pytest.raises(ValueError, match=r"grade must hold 0 \(LGG\) or 1 \(HGG\), got values \[0.5, 1.0\]"):
+        grade_metrics([0.2, 0.3], [0.5, 1])
+    with pytest.raises(ValueError, match=r"grade must hold 0 \(LGG\) or 1 \(HGG\), got \['LGG'\]"):
+        grade_metrics([0.2], ["LGG"])
+    # every calibration figure checks its inputs alike
+    for figure, arguments in (
+        (expected_calibration_error, ([math.nan, 0.3], [0, 1])),
+        (reliability_bins, ([0.1, math.nan], [0, 1])),
+        (brier_score, ([math.nan], [1])),
+        (calibrated_ece_floor, ([math.nan],)),
+    ):
+        with pytest.raises(ValueError, match="holds NaN for 1 of"):
+            figure(*arguments)
+    with pytest.raises(ValueError, match=r"target must hold 0 \(LGG\) or 1 \(HGG\), got values \[2.0\]"):
+        brier_score([0.3], [2])
 
 
 def test_calibrated_ece_floor_by_hand():
