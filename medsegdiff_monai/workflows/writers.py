@@ -57,6 +57,8 @@ def write_grades_csv(
 ) -> Path:
     """Write ``subject_id,p_hgg,grade`` rows; ``grade`` is ``HGG`` when p_hgg >= ``threshold``, else ``LGG``.
 
+    p_hgg is written with six decimals, or in full where six decimals would round it across ``threshold``.
+
     With ``update``, the rows of that existing table are kept for every subject ``rows`` does not give again (in
     their order, the new subjects appended), so a run on some subjects updates a table instead of replacing it.
 
@@ -76,7 +78,10 @@ def write_grades_csv(
                     table[row["subject_id"]] = [row["subject_id"], row["p_hgg"], row["grade"]]
     for subject_id, p_hgg in rows:
         grade = "" if np.isnan(p_hgg) else INDEX_TO_GRADE[int(p_hgg >= threshold)]
-        table[subject_id] = [subject_id, f"{p_hgg:.6f}", grade]
+        written = f"{p_hgg:.6f}"
+        if not np.isnan(p_hgg) and (float(written) >= threshold) != (p_hgg >= threshold):
+            written = repr(float(p_hgg))  # 0.4999996, not a 0.500000 beside LGG
+        table[subject_id] = [subject_id, written, grade]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(GRADES_CSV_COLUMNS)

@@ -89,6 +89,9 @@ def test_nifti_keeps_a_differing_qform_and_sform_and_drops_the_intensity_window(
 def test_grades_csv(tmp_path):
     path = write_grades_csv([("a", 0.25), ("b", 0.5), ("c", float("nan"))], tmp_path / "grades.csv")
     assert path.read_text().splitlines() == ["subject_id,p_hgg,grade", "a,0.250000,LGG", "b,0.500000,HGG", "c,nan,"]
+    # a value that six decimals would round across the threshold is written in full, beside its grade
+    path = write_grades_csv([("d", 0.4999996), ("e", 0.4999994)], tmp_path / "close.csv")
+    assert path.read_text().splitlines()[1:] == ["d,0.4999996,LGG", "e,0.499999,LGG"]
 
 
 def test_grades_csv_update_replaces_rows_by_subject(tmp_path):
