@@ -39,9 +39,9 @@ def _read_entries(bundle_root: Path) -> list[dict[str, Any]] | None:
     return entries
 
 
-def _listed_paths(entries: Sequence[dict[str, Any]]) -> list[str]:
-    """The bundle-relative paths a list's entries name (without a leading ``./``)."""
-    return [str(entry["path"]).removeprefix("./") for entry in entries]
+def _by_path(entries: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A list's entries by the bundle-relative path each names (without a leading ``./``)."""
+    return {str(entry["path"]).removeprefix("./"): entry for entry in entries}
 
 
 def _relative_to_bundle(path: str | os.PathLike, bundle_root: Path) -> str | None:
@@ -71,7 +71,7 @@ def check_large_files(bundle_root: str | os.PathLike, paths: Sequence[str | os.P
     entries = _read_entries(bundle_root)
     if entries is None:
         return []
-    listed = dict(zip(_listed_paths(entries), entries, strict=True))
+    listed = _by_path(entries)
     messages = []
     for path in paths:
         relative = _relative_to_bundle(path, bundle_root)
@@ -114,7 +114,8 @@ def refresh_large_files(
     entries = _read_entries(bundle_root)
     if entries is None:
         return []
-    if source is not None and _relative_to_bundle(source, bundle_root) not in _listed_paths(entries):
+    listed = _by_path(entries)
+    if source is not None and _relative_to_bundle(source, bundle_root) not in listed:
         logging.getLogger("medsegdiff_monai").warning(
             f"{bundle_root / LARGE_FILES_NAME} was not refreshed: the programs were made from {source}, which it does "
             "not list, so they now stand beside other weights. To publish these weights, copy the file to "
@@ -124,10 +125,8 @@ def refresh_large_files(
     changed = []
     for path in paths:
         relative = _relative_to_bundle(path, bundle_root)
-        if relative is None or not Path(path).is_file():
-            continue
-        entry = dict(zip(_listed_paths(entries), entries, strict=True)).get(relative)
-        if entry is None:
+        entry = listed.get(relative) if relative is not None else None
+        if entry is None or not Path(path).is_file():
             continue
         digest = _file_hash(Path(path), str(entry.get("hash_type") or "md5"))
         if entry.get("hash_val") != digest:
