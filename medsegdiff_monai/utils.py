@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import difflib
 import functools
 import importlib
@@ -148,11 +147,11 @@ def _bundle_run_arguments() -> set[str]:
 
 
 def _command_line_value(text: str) -> Any:
-    """A value of the command line as fire reads it: a Python literal where it is one, else the string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    """A value of the command line as fire, which reads ``monai.bundle``'s command line, reads it (a list, a dict in
+    Python or JSON spelling, or the string)."""
+    from fire.parser import DefaultParseValue
+
+    return DefaultParseValue(text)
 
 
 def check_setting_names(argv: Sequence[str] | None = None) -> list[str]:

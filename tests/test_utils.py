@@ -184,10 +184,10 @@ def test_check_setting_names_refuses_a_key_no_config_file_has(tmp_path):
     assert tracked == ["experiment_name"]
     with pytest.raises(ValueError, match="--experiment_name"):
         check_setting_names(_bundle_argv("--config_file", train, "--experiment_name", "a"))
-    settings = "{'handlers_id': {}, 'configs': {'run_name': 'x'}}"  # settings given inline, as MONAI takes them
-    assert check_setting_names(_bundle_argv("--config_file", train, "--tracking", settings, "--run_name", "y")) == [
-        "run_name"
-    ]
+    # settings given inline, as MONAI takes them, in Python or JSON spelling
+    for settings in ("{'handlers_id': {}, 'configs': {'run_name': 'x'}}", '{"configs": {"run_name": "x", "a": false}}'):
+        tracked = check_setting_names(_bundle_argv("--config_file", train, "--tracking", settings, "--run_name", "y"))
+        assert tracked == ["run_name"]
     # outside a monai.bundle command line (the library, a test, a notebook) nothing is checked
     assert check_setting_names(["pytest", "--config_file", train, "--anything", "1"]) == []
 
