@@ -40,6 +40,18 @@ def _grade_summary(log_odds: np.ndarray, grades: np.ndarray) -> str:
     return f"p(HGG) {ranges}, Acc {accuracy:.2f}, NLL {_nll(log_odds, grades):.4f}"
 
 
+def _described(state: Mapping[str, torch.Tensor]) -> str:
+    """The calibration a network state holds, in words: the identity, or its scale and bias."""
+    if not all(key in state for key in _KEYS):
+        return "the identity"
+    scale, bias = (float(state[key]) for key in _KEYS)
+    return (
+        "the identity"
+        if (scale, bias) == (1.0, 0.0)
+        else f"the calibration it holds (scale={scale:.4f} bias={bias:.4f})"
+    )
+
+
 class GradeCalibrationFit:
     """Fit the Platt scaling of the grade on the validation subjects of the best epoch and write it into the best
     network file, so that every later use of that file (inference, ``grades.csv``, evaluation) is calibrated.
@@ -168,10 +180,10 @@ class GradeCalibrationFit:
         if ranking <= self.min_auc:
             self.logger.warning(
                 f"grade calibration: the grade head ranks the {n_lgg} LGG + {n_hgg} HGG validation subjects of the "
-                f"best epoch with AUC {ranking:.2f}, at most min_auc={self.min_auc} (0.5: chance), so the identity is "
-                "kept: calibrating a head that ranks no better than chance gives every subject about the same p(HGG). "
-                "The grade figures of this network are not meaningful: train the grade stages longer, or check the "
-                "grades of the datalist."
+                f"best epoch with AUC {ranking:.2f}, at most min_auc={self.min_auc} (0.5: chance), so none is fitted "
+                "(calibrating a head that ranks no better than chance gives every subject about the same p(HGG)): "
+                f"{self.best_path} keeps {_described(state)}. The grade figures of this network are not meaningful: "
+                "train the grade stages longer, or check the grades of the datalist."
             )
             return
         scale, bias = fit_platt_scaling(log_odds, grades)

@@ -105,10 +105,15 @@ def test_validation_score_is_dice_minus_brier():
     assert validation_score(metrics, ["Dice", "AUC"]) == pytest.approx(1.05)
 
 
-def run_with_calibration(tmp_path: Path, epochs: list[dict]) -> tuple[GradeCalibrationFit, Path]:
-    """A trainer whose every epoch runs an evaluator over ``epochs[i]`` (log_odds, grades, Dice, Brier) subjects."""
+def run_with_calibration(
+    tmp_path: Path, epochs: list[dict], calibration: tuple[float, float] = (1.0, 0.0)
+) -> tuple[GradeCalibrationFit, Path]:
+    """A trainer whose every epoch runs an evaluator over ``epochs[i]`` (log_odds, grades, Dice, Brier) subjects; the
+    best network file starts with ``calibration`` (scale, bias)."""
     best_path = tmp_path / "model.pt"
-    torch.save(tiny_network().state_dict(), best_path)
+    network = tiny_network()
+    network.grade_calibration.set(*calibration)
+    torch.save(network.state_dict(), best_path)
 
     def evaluate(engine: Engine, batch: tuple[float, int]) -> dict:
         return {"grade_log_odds": torch.tensor([[batch[0]]], dtype=torch.float64), "grade": torch.tensor([[batch[1]]])}
@@ -164,7 +169,13 @@ def test_calibration_handler_keeps_the_identity_when_the_head_ranks_no_better_th
     _, best_path = run_with_calibration(tmp_path, [backwards])
     state = torch.load(best_path, weights_only=True)
     assert float(state["grade_calibration.scale"]) == 1.0 and float(state["grade_calibration.bias"]) == 0.0
-    assert "with AUC 0.00, at most min_auc=0.5 (0.5: chance), so the identity is kept" in caplog.text
+    assert "with AUC 0.00, at most min_auc=0.5 (0.5: chance), so none is fitted" in caplog.text
+    assert "model.pt keeps the identity" in caplog.text
+    # weights that came with a calibration (--initial_checkpoint of a calibrated network) keep it, as the log says
+    _, best_path = run_with_calibration(tmp_path, [backwards], calibration=(1.36, -0.25))
+    state = torch.load(best_path, weights_only=True)
+    assert float(state["grade_calibration.scale"]) == pytest.approx(1.36)
+    assert "model.pt keeps the calibration it holds (scale=1.3600 bias=-0.2500)" in caplog.text
 
 
 def test_calibration_handler_state_restores_the_kept_epoch(tmp_path):
