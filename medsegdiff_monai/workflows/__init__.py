@@ -1,6 +1,11 @@
 """Workflows around the inferers: input resolution, whole-subject inference with file outputs, evaluation, export."""
 
-from medsegdiff_monai.workflows.evaluation import evaluation_list, is_in_sample, run_evaluation
+from medsegdiff_monai.workflows.evaluation import (
+    evaluation_list,
+    evaluation_provenance,
+    is_in_sample,
+    run_evaluation,
+)
 from medsegdiff_monai.workflows.export import (
     ExportedDiffusionNetwork,
     export_from_checkpoint,
@@ -33,6 +38,7 @@ __all__ = [
     "check_output_folder",
     "collect_inference_inputs",
     "evaluation_list",
+    "evaluation_provenance",
     "export_from_checkpoint",
     "export_network",
     "exported_program_paths",

@@ -15,7 +15,7 @@ from medsegdiff_monai.utils import unwrap_module
 from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
 from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput, subjects_of_stopped_runs
 
-__all__ = ["evaluation_list", "is_in_sample", "run_evaluation"]
+__all__ = ["evaluation_list", "evaluation_provenance", "is_in_sample", "run_evaluation"]
 
 HELD_OUT_LIST = "testing"
 """The datalist list that training never reads (not for training, checkpoint selection or the grade calibration)."""
@@ -34,11 +34,13 @@ def evaluation_list(source: InputSource) -> str:
     return "validation"
 
 
-def is_in_sample(source: InputSource, datalist_key: str) -> bool:
+def is_in_sample(source: InputSource, datalist_key: str) -> bool | None:
     """Whether an evaluation of list ``datalist_key`` of ``source`` scores subjects that training used: a datalist's
     ``training`` or ``validation`` list (the validation subjects choose the best checkpoint and fit the grade
-    calibration), in which case a warning says so. A folder or files cannot be told apart: False."""
-    if not _is_datalist(source) or datalist_key == HELD_OUT_LIST:
+    calibration), in which case a warning says so; None for a folder or files, which cannot be told apart."""
+    if not _is_datalist(source):
+        return None
+    if datalist_key == HELD_OUT_LIST:
         return False
     logging.getLogger("medsegdiff_monai").warning(
         f"the {datalist_key!r} list of {source} is scored: if the network was trained on this datalist, those "
@@ -46,6 +48,21 @@ def is_in_sample(source: InputSource, datalist_key: str) -> bool:
         f"in-sample. Score the {HELD_OUT_LIST!r} list (medsegdiff-monai datalist --test-fraction) for held-out figures."
     )
     return True
+
+
+def evaluation_provenance(
+    source: InputSource, datalist_key: str, checkpoint: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """What an evaluation of ``source`` scores, for :func:`run_evaluation`'s ``provenance``: the input, the list and
+    whether it is in-sample (:func:`is_in_sample`, which warns; both None for a folder or files, which use no list),
+    and the checkpoint."""
+    in_sample = is_in_sample(source, datalist_key)
+    return {
+        "input": str(source) if isinstance(source, (str, os.PathLike)) else [str(path) for path in source],
+        "datalist_key": datalist_key if in_sample is not None else None,
+        "in_sample": in_sample,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+    }
 
 
 def _provenance(inferer: BratsVolumeInferer, given: Mapping[str, Any] | None) -> dict[str, Any]:

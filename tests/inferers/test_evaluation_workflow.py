@@ -140,7 +140,7 @@ def test_an_evaluation_stopped_while_moving_its_report_in_is_finished_by_the_sam
 def test_the_default_list_is_the_held_out_one_and_an_in_sample_list_is_named(synthetic_datalist, tmp_path, caplog):
     """``testing`` (never read by training) where the datalist has one; scoring ``validation``, which chose the best
     checkpoint and fitted the grade calibration, says that its figures are in-sample."""
-    from medsegdiff_monai.workflows import evaluation_list, is_in_sample
+    from medsegdiff_monai.workflows import evaluation_list, evaluation_provenance, is_in_sample
 
     assert evaluation_list(synthetic_datalist) == "validation"  # no testing list
     content = json.loads(synthetic_datalist.read_text())
@@ -150,6 +150,14 @@ def test_the_default_list_is_the_held_out_one_and_an_in_sample_list_is_named(syn
     assert evaluation_list(synthetic_datalist.parent) == "validation"  # a folder: no list is read
     with caplog.at_level("WARNING", logger="medsegdiff_monai"):
         assert is_in_sample(with_testing, "testing") is False and not caplog.records
-        assert is_in_sample(synthetic_datalist.parent, "validation") is False and not caplog.records
+        assert is_in_sample(synthetic_datalist.parent, "validation") is None and not caplog.records  # a folder
         assert is_in_sample(with_testing, "validation") is True
     assert "figures are in-sample. Score the 'testing' list" in caplog.text
+    # what the bundle records: a folder uses no list, so neither the list nor in-sample is claimed
+    assert evaluation_provenance(synthetic_datalist.parent, "validation", "m.pt") == {
+        "input": str(synthetic_datalist.parent),
+        "datalist_key": None,
+        "in_sample": None,
+        "checkpoint": "m.pt",
+    }
+    assert evaluation_provenance(with_testing, "testing")["in_sample"] is False
