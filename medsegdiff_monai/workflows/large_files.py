@@ -103,9 +103,10 @@ def refresh_large_files(
     Args:
         bundle_root: the bundle folder that holds ``large_files.yml``.
         paths: the weight files just written (e.g. ``models/model.pt`` and the exported programs).
-        source: the weights ``paths`` were made from (the exported checkpoint). When the list does not name it (a
-            checkpoint under ``runs/``), nothing is refreshed, with a warning: the list would otherwise certify
-            programs of other weights beside the listed ``model.pt``.
+        source: the weights ``paths`` were made from (the exported checkpoint). Nothing is refreshed when no file
+            the list names, other than ``source``, was made (programs exported outside the bundle), and nothing, with
+            a warning, when the list does not name ``source`` (a checkpoint under ``runs/``): the list would
+            otherwise certify programs of other weights beside the listed ``model.pt``.
 
     Returns:
         the bundle-relative paths whose hashes changed.
@@ -115,6 +116,9 @@ def refresh_large_files(
     if entries is None:
         return []
     listed = _by_path(entries)
+    made = [path for path in paths if path != source and _relative_to_bundle(path, bundle_root) in listed]
+    if not made:  # e.g. programs exported outside the bundle: nothing the list names was written
+        return []
     if source is not None and _relative_to_bundle(source, bundle_root) not in listed:
         logging.getLogger("medsegdiff_monai").warning(
             f"{bundle_root / LARGE_FILES_NAME} was not refreshed: the programs were made from {source}, which it does "
