@@ -12,7 +12,7 @@ from medsegdiff_monai.data.preflight import read_datalist_json
 from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.utils import unwrap_module
-from medsegdiff_monai.workflows.inputs import InputSource, resolve_entries
+from medsegdiff_monai.workflows.inputs import InputSource, is_datalist, resolve_entries
 from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput, subjects_of_stopped_runs
 
 __all__ = ["evaluation_list", "evaluation_provenance", "is_in_sample", "run_evaluation"]
@@ -21,15 +21,11 @@ HELD_OUT_LIST = "testing"
 """The datalist list that training never reads (not for training, checkpoint selection or the grade calibration)."""
 
 
-def _is_datalist(source: Any) -> bool:
-    return isinstance(source, (str, os.PathLike)) and str(source).endswith(".json") and Path(source).is_file()
-
-
 def evaluation_list(source: InputSource) -> str:
     """The datalist list an evaluation of ``source`` scores by default: ``"testing"`` where the datalist has one
     (held out from training, checkpoint selection and the grade calibration), else ``"validation"``; ``"validation"``
     for any other source (a folder, files), which does not use it."""
-    if _is_datalist(source) and HELD_OUT_LIST in read_datalist_json(source):
+    if is_datalist(source) and HELD_OUT_LIST in read_datalist_json(source):
         return HELD_OUT_LIST
     return "validation"
 
@@ -38,7 +34,7 @@ def is_in_sample(source: InputSource, datalist_key: str) -> bool | None:
     """Whether an evaluation of list ``datalist_key`` of ``source`` scores subjects that training used: a datalist's
     ``training`` or ``validation`` list (the validation subjects choose the best checkpoint and fit the grade
     calibration), in which case a warning says so; None for a folder or files, which cannot be told apart."""
-    if not _is_datalist(source):
+    if not is_datalist(source):
         return None
     if datalist_key == HELD_OUT_LIST:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,9 +24,14 @@ from medsegdiff_monai.data.layout import is_nifti, modality_of_file
 from medsegdiff_monai.data.preflight import check_subject_files, first_image, read_datalist_json
 from medsegdiff_monai.transforms import subject_id_from_path
 
-__all__ = ["check_inference_inputs", "collect_inference_inputs", "resolve_entries"]
+__all__ = ["check_inference_inputs", "collect_inference_inputs", "is_datalist", "resolve_entries"]
 
 InputSource = str | Path | Sequence[str | Path]
+
+
+def is_datalist(source: Any) -> bool:
+    """Whether an input names a datalist JSON (a path ending in ``.json``), not a folder or modality files."""
+    return isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".json"
 
 
 def _entry(subject: BratsSubject) -> dict[str, Any]:
@@ -142,7 +148,7 @@ def collect_inference_inputs(
     path = Path(source)
     if path.is_dir():
         return _from_folder(path)
-    if path.suffix == ".json":
+    if is_datalist(path):
         return _from_datalist(path, datalist_key, data_dir)
     if not path.exists():
         raise FileNotFoundError(f"inference input {path} does not exist.")

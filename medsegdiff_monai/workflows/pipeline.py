@@ -29,7 +29,7 @@ from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 from medsegdiff_monai.visualize import write_overlay_png
-from medsegdiff_monai.workflows.inputs import InputSource, check_inference_inputs, resolve_entries
+from medsegdiff_monai.workflows.inputs import InputSource, check_inference_inputs, is_datalist, resolve_entries
 from medsegdiff_monai.workflows.writers import GRADES_CSV_COLUMNS, write_grades_csv, write_nifti_like
 
 __all__ = [
@@ -140,7 +140,7 @@ def check_output_folder(
     folders = []
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         folders.append(Path(source))
-    elif isinstance(source, (str, os.PathLike)) and Path(source).is_file() and str(source).endswith(".json"):
+    elif is_datalist(source):
         folders.append(Path(data_dir) if data_dir is not None else Path(source).parent)
     for entry in entries:  # a release's subject folder carries the subject's name; the release holds it
         subject_folder = Path(entry["image"][0]).parent
