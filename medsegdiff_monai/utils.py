@@ -23,6 +23,7 @@ __all__ = [
     "check_setting_names",
     "moved_module",
     "moved_names",
+    "parameter_names",
     "parse_amp_dtype",
     "rename_state_dict_keys",
     "renamed_args",
@@ -130,20 +131,23 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def parameter_names(*functions: Callable) -> set[str]:
+    """The names of the parameters ``functions`` take by name (not ``*args``, ``**kwargs`` or ``self``)."""
+    return {
+        parameter.name
+        for function in functions
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and parameter.name != "self"
+    }
+
+
 def _bundle_run_arguments() -> set[str]:
     """The arguments ``monai.bundle run`` takes itself (not config keys): those of ``run``, ``create_workflow`` and
     ``ConfigWorkflow``."""
     from monai.bundle import ConfigWorkflow
     from monai.bundle.scripts import create_workflow, run
 
-    names: set[str] = set()
-    for function in (run, create_workflow, ConfigWorkflow.__init__):
-        names |= {
-            parameter.name
-            for parameter in inspect.signature(function).parameters.values()
-            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) and parameter.name != "self"
-        }
-    return names
+    return parameter_names(run, create_workflow, ConfigWorkflow.__init__)
 
 
 def _command_line_value(text: str) -> Any:
@@ -202,7 +206,8 @@ def check_setting_names(argv: Sequence[str] | None = None) -> list[str]:
         else:  # a name of MONAI's settings, or a settings file
             settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) or ConfigParser.load_config_files(tracking)
         config_keys |= set(settings.get("configs", {}))
-    keys = [key for key in given if key not in _bundle_run_arguments()]
+    run_arguments = _bundle_run_arguments()
+    keys = [key for key in given if key not in run_arguments]
     unknown = [key for key in keys if key.split("#")[0] not in config_keys]
     if unknown:
         hints = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import numbers
 import warnings
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from monai.networks.schedulers.scheduler import NoiseSchedules
 from torch import Tensor, nn
 
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler, leading_timesteps, share_noise_schedule
-from medsegdiff_monai.utils import parse_amp_dtype
+from medsegdiff_monai.utils import parameter_names, parse_amp_dtype
 
 __all__ = [
     "SAMPLING_SCHEDULERS",
@@ -142,14 +141,7 @@ def _check_scheduler_arguments(name: str, schedule: str, kwargs: dict[str, Any])
     """
     check_noise_schedule(schedule)
     set_here = {"num_train_timesteps", "schedule", "prediction_type", "solver_order"}  # set by the name
-    accepted: set[str] = set()
-    for function in (_SCHEDULER_CLASSES[name], NoiseSchedules[schedule]):
-        accepted |= {
-            parameter.name
-            for parameter in inspect.signature(function).parameters.values()
-            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-        }
-    accepted -= set_here
+    accepted = parameter_names(_SCHEDULER_CLASSES[name], NoiseSchedules[schedule]) - set_here
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(
