@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.utils import evenly_divisible_all_gather
+from sklearn.metrics import roc_auc_score
 
 from medsegdiff_monai.handlers.checkpoint import validation_score
 from medsegdiff_monai.networks.calibration import GradeCalibration, fit_platt_scaling
@@ -175,8 +176,7 @@ class GradeCalibrationFit:
         if self._already_fitted(state):
             self.logger.info(f"grade calibration: {self.best_path} already holds this run's fitted calibration.")
             return
-        hgg, lgg = log_odds[grades == 1], log_odds[grades == 0]
-        ranking = float(((hgg[:, None] > lgg[None]) + 0.5 * (hgg[:, None] == lgg[None])).mean())  # the AUC
+        ranking = float(roc_auc_score(grades, log_odds))  # both grades are present (checked above)
         if ranking <= self.min_auc:
             self.logger.warning(
                 f"grade calibration: the grade head ranks the {n_lgg} LGG + {n_hgg} HGG validation subjects of the "
