@@ -25,6 +25,7 @@ __all__ = [
     "moved_names",
     "parameter_names",
     "parse_amp_dtype",
+    "quoted_names",
     "rename_state_dict_keys",
     "renamed_args",
     "renamed_key",
@@ -129,6 +130,11 @@ def check_device(device: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ValueError(f"device {device} is not available: this machine has cuda:0 to cuda:{count - 1}.")
     return device
+
+
+def quoted_names(names: Sequence[str], conjunction: str) -> str:
+    """``('a', 'b', 'c'), "or"`` -> ``"'a', 'b' or 'c'"``, for error messages."""
+    return f"{', '.join(map(repr, names[:-1]))} {conjunction} {names[-1]!r}"
 
 
 def parameter_names(*functions: Callable) -> set[str]:

@@ -15,7 +15,7 @@ from monai.networks.schedulers.scheduler import NoiseSchedules
 from torch import Tensor, nn
 
 from medsegdiff_monai.inferers.schedulers import DPMSolverMultistepScheduler, leading_timesteps, share_noise_schedule
-from medsegdiff_monai.utils import parameter_names, parse_amp_dtype
+from medsegdiff_monai.utils import parameter_names, parse_amp_dtype, quoted_names
 
 __all__ = [
     "SAMPLING_SCHEDULERS",
@@ -36,11 +36,6 @@ _SCHEDULER_CLASSES: dict[str, Callable[..., Scheduler]] = {
 SAMPLING_SCHEDULERS = tuple(_SCHEDULER_CLASSES)
 # those that run 1 to T steps and take an ``eta``; "ddpm" runs all T steps
 _FEW_STEP_SCHEDULERS = tuple(name for name in SAMPLING_SCHEDULERS if name != "ddpm")
-
-
-def _quoted(names: tuple[str, ...], conjunction: str) -> str:
-    """``('a', 'b', 'c'), "or"`` -> ``"'a', 'b' or 'c'"``, for error messages."""
-    return f"{', '.join(map(repr, names[:-1]))} {conjunction} {names[-1]!r}"
 
 
 # torch.compile'd ``denoise`` per network class, shared by every sampler of the process (one compilation per shape)
@@ -106,7 +101,7 @@ def make_sampling_scheduler(
     if name == "ddpm" and num_inference_steps != num_train_timesteps:
         raise ValueError(
             f"scheduler='ddpm' runs all num_train_timesteps={num_train_timesteps} steps, got "
-            f"num_inference_steps={num_inference_steps}; use {_quoted(_FEW_STEP_SCHEDULERS, 'or')} for 1 to "
+            f"num_inference_steps={num_inference_steps}; use {quoted_names(_FEW_STEP_SCHEDULERS, 'or')} for 1 to "
             f"{num_train_timesteps} steps."
         )
     timesteps = leading_timesteps(num_inference_steps, num_train_timesteps)  # checks the step count
@@ -129,7 +124,7 @@ def check_noise_schedule(schedule: str) -> str:
         ValueError: naming the schedule and the valid ones.
     """
     if schedule not in NoiseSchedules.names:
-        raise ValueError(f"schedule must be one of {_quoted(NoiseSchedules.names, 'or')}, got {schedule!r}.")
+        raise ValueError(f"schedule must be one of {quoted_names(NoiseSchedules.names, 'or')}, got {schedule!r}.")
     return schedule
 
 
@@ -261,8 +256,8 @@ class DiffusionSampler:
         if eta < 0 or (eta > 0 and scheduler == "ddpm"):
             raise ValueError(
                 f"eta={eta} with scheduler={scheduler!r}: eta must be >= 0, and only "
-                f"{_quoted(_FEW_STEP_SCHEDULERS, 'and')} take it (1000 DDPM steps are stochastic already); leave eta "
-                "at 0 for 'ddpm'."
+                f"{quoted_names(_FEW_STEP_SCHEDULERS, 'and')} take it (1000 DDPM steps are stochastic already); "
+                "leave eta at 0 for 'ddpm'."
             )
         if noise_scheduler is not None:
             num_train_timesteps = noise_scheduler.num_train_timesteps

@@ -28,6 +28,7 @@ from medsegdiff_monai.data.files import lock_folder, write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
+from medsegdiff_monai.utils import quoted_names
 from medsegdiff_monai.visualize import write_overlay_png
 from medsegdiff_monai.workflows.inputs import InputSource, check_inference_inputs, is_datalist, resolve_entries
 from medsegdiff_monai.workflows.writers import GRADES_CSV_COLUMNS, write_grades_csv, write_nifti_like
@@ -361,10 +362,8 @@ class BratsVolumeInferer:
         label_convention: str = "auto",
     ) -> None:
         if label_convention not in ("auto", *RELEASES):
-            *first, last = ("auto", *RELEASES)
-            raise ValueError(
-                f"label_convention must be {', '.join(map(repr, first))} or {last!r}, got {label_convention!r}."
-            )
+            valid = quoted_names(("auto", *RELEASES), "or")
+            raise ValueError(f"label_convention must be {valid}, got {label_convention!r}.")
         if compile_min_volumes < 1:
             raise ValueError(f"compile_min_volumes must be >= 1, got {compile_min_volumes}.")
         if slice_batch_size is not None and slice_batch_size < 1:
