@@ -194,7 +194,7 @@ def check_subject_files(
     )
     if problems:
         return problems
-    release = release_of_file(paths[0]) or "brats2020"
+    release = release_of_file(paths[0], bare=True) or "brats2020"
     subject = BratsSubject(subject_id, images=tuple(paths), label=label_path, release=release)
     found = check_subject_volumes(subject, check_voxels=voxels == "all")
     if not found and voxels == "label" and label_path is not None:

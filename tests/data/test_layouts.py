@@ -249,3 +249,34 @@ def test_training_input_check_reads_labels_in_the_release_of_the_file_names(layo
         nib.save(nib.Nifti1Image(voxels, image.affine, image.header), str(label))
         with pytest.raises(BratsDataError, match=r"values \[3\]"):
             check_training_inputs(datalist, folder, [16, 16], 8, require_grade=False, progress=False)
+
+
+def test_training_input_check_reads_bare_file_names(layouts, tmp_path):
+    """Case folders with the modality names alone (``t1n.nii.gz`` ... as some BraTS 2023 tools write them) are read
+    in their release's label set, as inference's output convention reads them: ET = 3 is accepted under bare 2023
+    names and refused under bare 2018-2022 names (``t1.nii.gz`` ...)."""
+    from medsegdiff_monai.data import BratsDataError, check_training_inputs
+    from medsegdiff_monai.data.layout import MODALITY_FILE_SUFFIXES
+
+    entries = []
+    for case in sorted(p for p in layouts["brats2023"].iterdir() if p.is_dir()):
+        folder = Path(shutil.copytree(case, tmp_path / "bare" / case.name))
+        for path in list(folder.iterdir()):
+            path.rename(folder / path.name.replace(f"{case.name}-", ""))
+        names = [f"{case.name}/{suffix[1:]}.nii.gz" for suffix in MODALITY_FILE_SUFFIXES["brats2023"]]
+        entries.append({"subject_id": case.name, "image": names, "label": f"{case.name}/seg.nii.gz"})
+    assert any(3 in np.unique(_voxels(tmp_path / "bare" / e["label"])) for e in entries)
+    datalist = tmp_path / "bare" / "datalist.json"
+    datalist.write_text(json.dumps({"training": entries[:2], "validation": entries[2:]}))
+    check_training_inputs(datalist, tmp_path / "bare", [16, 16], 8, require_grade=False, progress=False)
+
+    for entry in entries:  # the same files under bare BraTS 2018-2022 names: ET = 3 is not in that set
+        renamed = []
+        for name, suffix in zip(entry["image"], MODALITY_FILE_SUFFIXES["brats2020"], strict=True):
+            target = f"{entry['subject_id']}/{suffix[1:]}.nii.gz"
+            (tmp_path / "bare" / name).rename(tmp_path / "bare" / target)
+            renamed.append(target)
+        entry["image"] = renamed
+    datalist.write_text(json.dumps({"training": entries[:2], "validation": entries[2:]}))
+    with pytest.raises(BratsDataError, match=r"values \[3\]"):
+        check_training_inputs(datalist, tmp_path / "bare", [16, 16], 8, require_grade=False, progress=False)
