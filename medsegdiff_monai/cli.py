@@ -282,16 +282,19 @@ def _register_check(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_submission(args: argparse.Namespace) -> int:
+    from medsegdiff_monai.workflows.pipeline import REGION_UNCERTAINTY_SUFFIXES
     from medsegdiff_monai.workflows.submission import write_submission
 
-    written = write_submission(args.predictions, args.out, overwrite=args.overwrite)
+    written = write_submission(args.predictions, args.out, overwrite=args.overwrite, uncertainty=args.uncertainty)
     others = sorted(set(args.out.glob("*.nii.gz")) - set(written))
     if others:
         print(
             f"note: {args.out} also holds {len(others)} other .nii.gz file(s) (e.g. {others[0].name}), which a portal "
             "would take as part of the submission; remove them if they are not."
         )
-    print(f"wrote {len(written)} segmentation(s) to {args.out} as <subject_id>.nii.gz")
+    segmentations = sum(not path.name.endswith(tuple(REGION_UNCERTAINTY_SUFFIXES.values())) for path in written)
+    maps = " and their region uncertainty maps" if args.uncertainty else ""
+    print(f"wrote {segmentations} segmentation(s) to {args.out} as <subject_id>.nii.gz{maps}")
     return 0
 
 
@@ -305,6 +308,12 @@ def _register_submission(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--predictions", required=True, type=Path, help="the output folder of an inference run.")
     parser.add_argument("--out", required=True, type=Path, help="the submission folder (created if needed).")
     parser.add_argument("--overwrite", action="store_true", help="replace differing files of the same names.")
+    parser.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also copy the QU-BraTS maps <subject_id>_unc_whole/_unc_core/_unc_enhance.nii.gz (inference with "
+        "--write_region_uncertainty true).",
+    )
     parser.set_defaults(handler=_run_submission)
 
 

@@ -175,3 +175,26 @@ def test_submission_names_each_segmentation_by_its_subject(tmp_path, capsys):
     assert "is the predictions folder itself" in capsys.readouterr().err
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(predictions / "grades.csv")]) == 1
     assert "grades.csv is a file, not a folder: choose another --out" in capsys.readouterr().err
+
+
+def test_submission_with_the_qu_brats_uncertainty_maps(tmp_path, capsys):
+    predictions = tmp_path / "inference"
+    predictions.mkdir()
+    maps = ("whole", "core", "enhance")
+    for subject_id in ("BraTS2020_001", "BraTS2020_002"):
+        (predictions / f"{subject_id}_seg.nii.gz").write_bytes(subject_id.encode())
+        for region in maps:
+            (predictions / f"{subject_id}_unc_{region}.nii.gz").write_bytes(f"{subject_id} {region}".encode())
+    out = tmp_path / "submission"
+    args = ["submission", "--predictions", str(predictions), "--out", str(out), "--uncertainty"]
+    assert cli.main(args) == 0
+    expected = {f"{s}.nii.gz": s for s in ("BraTS2020_001", "BraTS2020_002")}
+    expected |= {f"{s}_unc_{r}.nii.gz": f"{s} {r}" for s in ("BraTS2020_001", "BraTS2020_002") for r in maps}
+    assert {p.name: p.read_text() for p in out.iterdir()} == expected
+    assert "wrote 2 segmentation(s)" in capsys.readouterr().out
+    # a subject without its maps: named, and nothing is written
+    (predictions / "BraTS2020_002_unc_core.nii.gz").unlink()
+    assert cli.main([*args[:-2], str(tmp_path / "second"), "--uncertainty"]) == 1
+    error = capsys.readouterr().err
+    assert "BraTS2020_002_unc_core.nii.gz" in error and "--write_region_uncertainty true" in error
+    assert not (tmp_path / "second").exists()

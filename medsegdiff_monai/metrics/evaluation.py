@@ -27,6 +27,7 @@ from medsegdiff_monai.metrics.calibration import (
 from medsegdiff_monai.metrics.grading import expected_calibration_error, grade_metrics
 from medsegdiff_monai.metrics.lesion_wise import LESION_WISE_PARAMETERS, lesion_wise_metrics
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS, HD95_CONVENTIONS, segmentation_metrics
+from medsegdiff_monai.metrics.uncertainty import qu_brats_scores
 from medsegdiff_monai.visualize import write_png
 
 __all__ = [
@@ -107,6 +108,23 @@ def _on_label_grid(pred_image: Any, label_image: Any, pred_file: Any, label_file
     )
 
 
+def _qu_brats_row(prediction: dict[str, Any], pred_regions: np.ndarray, truth_regions: np.ndarray, label_image: Any):
+    """The QU-BraTS figures of each region (``qu_dice_auc_TC`` ... ``qu_score_ET``) and ``qu_score_mean``, from the
+    region maps of ``prediction["uncertainty_files"]`` and the brain of ``prediction["brain_file"]`` (voxels > 0),
+    each on the label's grid."""
+    label_file = prediction["label_file"]
+    brain_file = prediction["brain_file"]
+    brain = _on_label_grid(nib.load(str(brain_file)), label_image, brain_file, label_file) > 0
+    row: dict[str, float] = {}
+    for index, region in enumerate(BRATS_REGIONS):
+        path = prediction["uncertainty_files"][region]
+        uncertainty = _on_label_grid(nib.load(str(path)), label_image, path, label_file)
+        scores = qu_brats_scores(pred_regions[index] > 0, truth_regions[index] > 0, uncertainty, brain)
+        row.update({f"qu_{name}_{region}": value for name, value in scores.items()})
+    row["qu_score_mean"] = float(np.mean([row[f"qu_score_{region}"] for region in BRATS_REGIONS]))
+    return row
+
+
 def _auc(p_hgg: np.ndarray, grade: np.ndarray) -> float:
     """ROC AUC from ranks (ties count one half, as in scikit-learn); NaN unless both grades are present."""
     positive = grade == 1
@@ -147,14 +165,17 @@ def evaluate_subjects(
 
     Each prediction is ``{"subject_id", "label_file" (ground truth NIfTI), "p_hgg" (float or None), "grade" (0/1 or
     None)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or ``"pred_file"`` (a label-map NIfTI, read one
-    subject at a time). The label convention (enhancing tumour 4 in BraTS 2018-2022, 3 in BraTS 2023+) is detected
-    from the values of both maps, which must agree. Both label maps are turned into regions TC, WT, ET with MONAI's
+    subject at a time), and optionally ``"uncertainty_files"`` (``{"TC": ..., "WT": ..., "ET": ...}``, QU-BraTS
+    maps 0-100) with ``"brain_file"`` (an image whose non-zero voxels are the brain, e.g. the T1). The label
+    convention (enhancing tumour 4 in BraTS 2018-2022, 3 in BraTS 2023+) is detected from the values of both maps,
+    which must agree. Both label maps are turned into regions TC, WT, ET with MONAI's
     ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
     :func:`~medsegdiff_monai.metrics.segmentation_metrics` (BraTS Dice convention; HD95 in mm from the label file's
     voxel size, in ``hd95_convention``: ``"brats"`` pooled percentile and 373.13 for one empty region, or
     ``"monai"``), and the lesion-wise Dice and HD95 of the BraTS 2023+ ranking
     (:func:`~medsegdiff_monai.metrics.lesion_wise_metrics` with the parameters of ``lesion_challenge``; ``None``
-    leaves them out).
+    leaves them out). With uncertainty maps, the QU-BraTS figures of each region (``qu_dice_auc``, ``qu_ftp_auc``,
+    ``qu_ftn_auc``, ``qu_score``; :func:`~medsegdiff_monai.metrics.qu_brats_scores`) and ``qu_score_mean``.
 
     Intervals are percentile-bootstrap 95 % intervals over subjects (:func:`~medsegdiff_monai.metrics.
     bootstrap_interval`, ``bootstrap_resamples`` resamples from ``seed``; 0 resamples leaves them out).
@@ -169,6 +190,13 @@ def evaluate_subjects(
         ``num_subjects``.
     """
     check_evaluation_settings(hd95_convention, lesion_challenge, bootstrap_resamples)
+    with_maps = [bool(prediction.get("uncertainty_files")) for prediction in predictions]
+    if any(with_maps) and not all(with_maps):
+        missing = [str(p["subject_id"]) for p, has in zip(predictions, with_maps, strict=True) if not has]
+        raise ValueError(
+            f"uncertainty_files are given for some subjects but not for {', '.join(missing[:5])}: give them for every "
+            "subject, or for none."
+        )
     rows = []
     for prediction in predictions:
         subject_id = prediction["subject_id"]
@@ -195,6 +223,8 @@ def evaluate_subjects(
         )
         if lesion_challenge is not None:
             row.update(lesion_wise_metrics(pred_regions, truth_regions, BRATS_REGIONS, spacing, lesion_challenge))
+        if prediction.get("uncertainty_files"):
+            row.update(_qu_brats_row(prediction, pred_regions, truth_regions, label_image))
         rows.append(row)
     metric_names = [k for k in rows[0] if k not in ("subject_id", "grade", "p_hgg")] if rows else []
     summary: dict[str, Any] = {"num_subjects": len(rows)}
@@ -243,10 +273,16 @@ def evaluate_subjects(
 
 def format_table(result: EvaluationResult, columns: Sequence[str] | None = None) -> str:
     """A plain-text table: one line per subject, then the mean, std and 95 % interval of the mean over subjects,
-    then the grade metrics (with 95 % intervals)."""
+    then the grade metrics (with 95 % intervals). The default columns are the region figures and their means, of
+    the QU-BraTS figures the scores alone."""
     rows = result.rows
     if columns is None:
-        columns = [k for k in (rows[0] if rows else {}) if k.endswith(tuple(f"_{r}" for r in (*BRATS_REGIONS, "mean")))]
+        per_region = tuple(f"_{r}" for r in (*BRATS_REGIONS, "mean"))
+        columns = [
+            k
+            for k in (rows[0] if rows else {})
+            if k.endswith(per_region) and (not k.startswith("qu_") or k.startswith("qu_score_"))
+        ]
     header = ["subject_id", "grade", "p_hgg", *columns]
 
     def cell(value: Any) -> str:

@@ -1,9 +1,11 @@
-"""Does the uncertainty map point at the errors? Voxel error-detection AUROC and subject-level rank correlation.
+"""Does the uncertainty map point at the errors? Voxel error-detection AUROC, subject-level rank correlation and
+the QU-BraTS uncertainty score.
 
 The uncertainty map is the per-voxel standard deviation of the diffusion ensemble's probabilities (see
 :class:`~medsegdiff_monai.workflows.BratsVolumeInferer`); these functions measure whether it is high where the label
-map is wrong (:func:`voxel_error_auroc`) and whether subjects with a high mean uncertainty are the badly segmented
-ones (:func:`spearman_correlation` of :func:`mean_uncertainty` with Dice).
+map is wrong (:func:`voxel_error_auroc`), whether subjects with a high mean uncertainty are the badly segmented
+ones (:func:`spearman_correlation` of :func:`mean_uncertainty` with Dice), and how the per-region maps score in the
+BraTS uncertainty challenge (:func:`qu_brats_scores`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import auc, roc_auc_score
 
 __all__ = [
+    "QU_BRATS_MAX",
+    "QU_BRATS_REGION_NAMES",
     "mean_uncertainty",
+    "qu_brats_map",
+    "qu_brats_scores",
     "spearman_correlation",
     "tumour_neighbourhood",
     "voxel_error_auroc",
@@ -109,3 +115,81 @@ def spearman_correlation(x: Sequence[float] | np.ndarray, y: Sequence[float] | n
     if len(pairs) < 3 or pairs["x"].nunique() < 2 or pairs["y"].nunique() < 2:
         return math.nan
     return float(pairs["x"].corr(pairs["y"], method="spearman"))
+
+
+QU_BRATS_MAX = 100
+"""The most uncertain value of a QU-BraTS uncertainty map (0: certain)."""
+
+QU_BRATS_REGION_NAMES = {"TC": "core", "WT": "whole", "ET": "enhance"}
+"""The QU-BraTS name of each BraTS region, as in its files (``<subject_id>_unc_whole.nii.gz`` ...)."""
+
+
+def qu_brats_map(std: np.ndarray) -> np.ndarray:
+    """
+    A region's ensemble standard deviation as a QU-BraTS uncertainty map: ``round(200 * std)`` as uint8, 0 where
+    every member agrees and :data:`QU_BRATS_MAX` at the largest spread of probabilities in [0, 1] (std 0.5: half
+    the members at 0, half at 1).
+
+    Args:
+        std: (X, Y, Z) population std of the members' probabilities of one region.
+    """
+    scaled = np.rint(np.asarray(std, dtype=np.float64) * 2 * QU_BRATS_MAX)
+    return np.clip(scaled, 0, QU_BRATS_MAX).astype(np.uint8)
+
+
+def qu_brats_scores(
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    uncertainty: np.ndarray,
+    brain: np.ndarray,
+    num_points: int = 40,
+) -> dict[str, float]:
+    """
+    The QU-BraTS uncertainty figures of one region of one subject (Mehta et al., "QU-BraTS: MICCAI BraTS 2020
+    Challenge on Quantifying Uncertainty in Brain Tumor Segmentation", MELBA 2022).
+
+    Voxels whose uncertainty exceeds a threshold are filtered out, for ``num_points + 1`` thresholds from 100 down
+    to 0 in equal steps. At each threshold the Dice of the remaining voxels is computed (1 when both prediction and
+    truth are empty there), and the ratios of the true positives and true negatives within the brain that were
+    filtered out (FTP, FTN: a good map filters out errors, not correct voxels). Each curve's area over the thresholds,
+    divided by 100, is an AUC; the score is ``(dice_auc + (1 - ftp_auc) + (1 - ftn_auc)) / 3``, higher is better.
+
+    Args:
+        prediction: (X, Y, Z) bool, the predicted region (e.g. the whole tumour).
+        truth: (X, Y, Z) bool, the true region.
+        uncertainty: (X, Y, Z) the region's uncertainty map, 0 (certain) to :data:`QU_BRATS_MAX`.
+        brain: (X, Y, Z) bool brain mask (the challenge uses the T1 image's non-zero voxels).
+        num_points: threshold steps between 100 and 0 (the challenge's default 40).
+
+    Returns:
+        ``{"dice_auc", "ftp_auc", "ftn_auc", "score"}``.
+    """
+    prediction, truth, brain = (np.asarray(x, dtype=bool) for x in (prediction, truth, brain))
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    if not prediction.shape == truth.shape == uncertainty.shape == brain.shape:
+        raise ValueError(
+            f"prediction, truth, uncertainty and brain must have one shape, got {prediction.shape}, {truth.shape}, "
+            f"{uncertainty.shape} and {brain.shape}."
+        )
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}.")
+    if np.isnan(uncertainty).any() or uncertainty.min(initial=0) < 0 or uncertainty.max(initial=0) > QU_BRATS_MAX:
+        raise ValueError(f"uncertainty values must lie in [0, {QU_BRATS_MAX}] (QU-BraTS maps), without NaN.")
+    thresholds = np.linspace(0.0, QU_BRATS_MAX, num_points + 1)
+
+    def kept(voxels: np.ndarray) -> np.ndarray:
+        """(num_points + 1,) how many of ``voxels`` have an uncertainty <= each threshold (are kept)."""
+        return np.searchsorted(np.sort(uncertainty[voxels]), thresholds, side="right").astype(np.float64)
+
+    overlap, predicted, true = kept(prediction & truth), kept(prediction), kept(truth)
+    sizes = predicted + true
+    dice = np.where(sizes > 0, 2 * overlap / np.maximum(sizes, 1), 1.0)
+    eps = float(np.finfo(np.float32).eps)
+    filtered = {}
+    for name, voxels in (("ftp", prediction & truth & brain), ("ftn", ~prediction & ~truth & brain)):
+        total = float(voxels.sum())
+        filtered[name] = (total - kept(voxels)) / (total + eps)
+    figures = {"dice_auc": dice, "ftp_auc": filtered["ftp"], "ftn_auc": filtered["ftn"]}
+    scores = {name: float(auc(thresholds, curve) / QU_BRATS_MAX) for name, curve in figures.items()}
+    scores["score"] = (scores["dice_auc"] + (1 - scores["ftp_auc"]) + (1 - scores["ftn_auc"])) / 3
+    return scores

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.preflight import read_datalist_json
-from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
+from medsegdiff_monai.metrics import (
+    QU_BRATS_REGION_NAMES,
+    EvaluationResult,
+    evaluate_subjects,
+    format_table,
+    write_evaluation,
+)
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.utils import unwrap_module
 from medsegdiff_monai.workflows.inputs import InputSource, is_datalist, resolve_entries
@@ -98,7 +104,9 @@ def run_evaluation(
     Run ``inferer`` on labelled subjects and compare the label maps it wrote with the ground truth.
 
     Writes into ``output_dir`` the inference outputs (see :class:`BratsVolumeInferer`), ``metrics_per_subject.csv``
-    (Dice, IoU, HD95, lesion-wise Dice and HD95 per region TC/WT/ET and their means, true grade, p_hgg) and
+    (Dice, IoU, HD95, lesion-wise Dice and HD95 per region TC/WT/ET and their means, true grade, p_hgg; with the
+    inferer's ``write_region_uncertainty``, the QU-BraTS uncertainty figures with the T1's non-zero voxels as the
+    brain) and
     ``summary.json`` (mean and std of every metric, 95 % bootstrap intervals of every mean; AUC, F1, accuracy, ECE,
     Brier and confusion matrix of the grade, with intervals), ``reliability.png`` where the grade is scored, and
     prints the table. A BraTS folder's grades come from its ``name_mapping.csv``.
@@ -144,17 +152,22 @@ def run_evaluation(
     report: dict[str, Any] = {}
 
     def score_before_moving_in(staging: Path, outputs: list[SubjectOutput]) -> None:
+        predictions = []
+        for output, entry in zip(outputs, entries, strict=True):
+            prediction = {
+                "subject_id": output.subject_id,
+                "pred_file": staging / output.files["seg"].name,
+                "label_file": entry["label"],
+                "p_hgg": output.p_hgg,
+                "grade": entry.get("grade"),
+            }
+            if inferer.write_region_uncertainty:
+                kinds = {region: f"unc_{name}" for region, name in QU_BRATS_REGION_NAMES.items()}
+                prediction["uncertainty_files"] = {r: staging / output.files[k].name for r, k in kinds.items()}
+                prediction["brain_file"] = entry["image"][0]
+            predictions.append(prediction)
         result = evaluate_subjects(
-            [
-                {
-                    "subject_id": output.subject_id,
-                    "pred_file": staging / output.files["seg"].name,
-                    "label_file": entry["label"],
-                    "p_hgg": output.p_hgg,
-                    "grade": entry.get("grade"),
-                }
-                for output, entry in zip(outputs, entries, strict=True)
-            ],
+            predictions,
             include_hd95=include_hd95,
             hd95_convention=hd95_convention,
             lesion_challenge=lesion_challenge,

@@ -27,6 +27,8 @@ from medsegdiff_monai.data import RELEASES, convert_label_convention, release_of
 from medsegdiff_monai.data.files import lock_folder, write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
+from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS
+from medsegdiff_monai.metrics.uncertainty import QU_BRATS_REGION_NAMES, qu_brats_map
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 from medsegdiff_monai.utils import quoted_names
 from medsegdiff_monai.visualize import write_overlay_png
@@ -45,7 +47,9 @@ __all__ = [
 ]
 
 GRADES_FILENAME = "grades.csv"
-OUTPUT_SUFFIXES = ("_seg.nii.gz", "_uncertainty.nii.gz", "_overlay.png")
+REGION_UNCERTAINTY_SUFFIXES = {region: f"_unc_{name}.nii.gz" for region, name in QU_BRATS_REGION_NAMES.items()}
+"""File-name ending of each region's QU-BraTS uncertainty map (``write_region_uncertainty``), by region."""
+OUTPUT_SUFFIXES = ("_seg.nii.gz", "_uncertainty.nii.gz", "_overlay.png", *REGION_UNCERTAINTY_SUFFIXES.values())
 """File name endings of one subject's outputs (``<subject_id><suffix>``)."""
 _FLAIR = 3
 
@@ -266,6 +270,8 @@ class SubjectPrediction:
         uncertainty: (X, Y, Z) float32 ensemble std reduced over the regions.
         p_hgg: subject-level p(HGG), or None without a grade head.
         reference: the input file whose affine and shape the outputs share (the t1 image).
+        region_uncertainty: (3, X, Y, Z) float32 ensemble std of each region (TC, WT, ET), with
+            ``write_region_uncertainty``; else None.
     """
 
     subject_id: str
@@ -273,6 +279,7 @@ class SubjectPrediction:
     uncertainty: np.ndarray
     p_hgg: float | None
     reference: Path
+    region_uncertainty: np.ndarray | None = None
 
 
 @dataclass
@@ -282,7 +289,8 @@ class SubjectOutput:
     Attributes:
         subject_id: the subject.
         p_hgg: subject-level p(HGG), or None without a grade head.
-        files: ``{"seg": ..., "uncertainty": ...[, "overlay": ...]}`` paths in the output folder.
+        files: ``{"seg": ..., "uncertainty": ...[, "overlay": ...][, "unc_whole": ..., "unc_core": ...,
+            "unc_enhance": ...]}`` paths in the output folder.
     """
 
     subject_id: str
@@ -305,6 +313,9 @@ class BratsVolumeInferer:
       by ``uncertainty_reduction`` (``"max"`` or ``"mean"``);
     - ``<subject_id>_overlay.png`` (with ``write_overlays``): FLAIR slice with the most tumour, without and with
       the labels;
+    - ``<subject_id>_unc_whole.nii.gz``, ``_unc_core``, ``_unc_enhance`` (with ``write_region_uncertainty``): each
+      region's std as a QU-BraTS uncertainty map, uint8 0 (certain) to 100 (:func:`~medsegdiff_monai.metrics.
+      qu_brats_map`);
     - ``grades.csv``: ``subject_id,p_hgg,grade`` (``grade`` HGG / LGG at p >= 0.5), when the network grades.
 
     Every input file is read and checked before inference starts, and outputs are first written to a temporary
@@ -331,6 +342,8 @@ class BratsVolumeInferer:
         device: where to run the network (default: the network's device).
         uncertainty_reduction: ``"max"`` or ``"mean"`` of the per-region std.
         write_overlays: also write a PNG overlay per subject.
+        write_region_uncertainty: also write the three per-region uncertainty maps of the BraTS uncertainty
+            challenge (QU-BraTS).
         progress: show a tqdm bar over subjects.
         transforms: the invertible inference chain; default ``get_inference_transforms(roi_size)``.
         overwrite: replace the outputs of subjects that ``output_dir`` already holds.
@@ -360,6 +373,7 @@ class BratsVolumeInferer:
         allow_empty_modality: bool = False,
         compile_min_volumes: int = 1,
         label_convention: str = "auto",
+        write_region_uncertainty: bool = False,
     ) -> None:
         if label_convention not in ("auto", *RELEASES):
             valid = quoted_names(("auto", *RELEASES), "or")
@@ -387,6 +401,7 @@ class BratsVolumeInferer:
         self.min_enhancing_voxels = min_enhancing_voxels
         self.uncertainty_reduction = uncertainty_reduction
         self.write_overlays = write_overlays
+        self.write_region_uncertainty = write_region_uncertainty
         self.progress = progress
         self.overwrite = overwrite
         self.allow_empty_modality = allow_empty_modality
@@ -394,9 +409,8 @@ class BratsVolumeInferer:
         self.label_convention = label_convention
         self.roi_size = tuple(int(side) for side in roi_size)
         self.transforms = transforms if transforms is not None else get_inference_transforms(roi_size)
-        self.inverter = Invertd(
-            keys=["probs", "uncertainty"], transform=self.transforms, orig_keys="image", nearest_interp=False
-        )
+        inverted = ["probs", "uncertainty"] + (["region_uncertainty"] if write_region_uncertainty else [])
+        self.inverter = Invertd(keys=inverted, transform=self.transforms, orig_keys="image", nearest_interp=False)
         self.logger = logging.getLogger(__name__)
 
     def _runs_eagerly(self, num_volumes: int) -> bool:
@@ -430,7 +444,10 @@ class BratsVolumeInferer:
             )
         reduce = torch.amax if self.uncertainty_reduction == "max" else torch.mean
         uncertainty = reduce(volume.uncertainty, dim=0, keepdim=True)
-        for key, value in (("probs", volume.probs), ("uncertainty", uncertainty)):
+        outputs = {"probs": volume.probs, "uncertainty": uncertainty}
+        if self.write_region_uncertainty:
+            outputs["region_uncertainty"] = volume.uncertainty
+        for key, value in outputs.items():
             data[key] = MetaTensor(value.float().cpu(), meta=image.meta, applied_operations=image.applied_operations)
         inverted = self.inverter(data)
         labels = regions_to_brats_labels(inverted["probs"].as_tensor(), self.threshold)[0]
@@ -442,6 +459,11 @@ class BratsVolumeInferer:
             uncertainty=inverted["uncertainty"].as_tensor()[0].numpy().astype(np.float32),
             p_hgg=volume.p_hgg,
             reference=Path(entry["image"][0]),
+            region_uncertainty=(
+                inverted["region_uncertainty"].as_tensor().numpy().astype(np.float32)
+                if self.write_region_uncertainty
+                else None
+            ),
         )
 
     def _write_run(
@@ -511,6 +533,11 @@ class BratsVolumeInferer:
             names["overlay"] = f"{prediction.subject_id}_overlay.png"
             flair = np.asarray(nib.load(str(entry["image"][_FLAIR])).dataobj, dtype=np.float32)
             write_overlay_png(flair, prediction.labels, folder / names["overlay"])
+        if prediction.region_uncertainty is not None:
+            for region, std in zip(BRATS_REGIONS, prediction.region_uncertainty, strict=True):
+                kind = f"unc_{QU_BRATS_REGION_NAMES[region]}"
+                names[kind] = prediction.subject_id + REGION_UNCERTAINTY_SUFFIXES[region]
+                write_nifti_like(qu_brats_map(std), reference, folder / names[kind])
         return names
 
     def run(
@@ -622,6 +649,7 @@ class BratsVolumeInferer:
                 self.uncertainty_reduction,
                 self.write_overlays,
                 self.label_convention,
+                self.write_region_uncertainty,
             ],
         }
         scheduler = sampler.scheduler

@@ -1,4 +1,5 @@
-"""A folder of segmentations in the naming of BraTS challenge submissions: ``<subject_id>.nii.gz``, nothing else."""
+"""A folder in the naming of BraTS challenge submissions: ``<subject_id>.nii.gz`` segmentations and, for the
+uncertainty task (QU-BraTS), ``<subject_id>_unc_whole.nii.gz``, ``_unc_core`` and ``_unc_enhance`` maps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from medsegdiff_monai.workflows.pipeline import OUTPUT_SUFFIXES
+from medsegdiff_monai.workflows.pipeline import OUTPUT_SUFFIXES, REGION_UNCERTAINTY_SUFFIXES
 
 __all__ = ["SEGMENTATION_SUFFIX", "write_submission"]
 
@@ -15,8 +16,11 @@ SEGMENTATION_SUFFIX = OUTPUT_SUFFIXES[0]
 """File-name ending of the segmentations that inference writes (``<subject_id>_seg.nii.gz``)."""
 
 
-def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Copy every ``<subject_id>_seg.nii.gz`` of ``predictions_dir`` to ``out_dir/<subject_id>.nii.gz``.
+def write_submission(
+    predictions_dir: str | Path, out_dir: str | Path, overwrite: bool = False, uncertainty: bool = False
+) -> list[Path]:
+    """Copy every ``<subject_id>_seg.nii.gz`` of ``predictions_dir`` to ``out_dir/<subject_id>.nii.gz``, and with
+    ``uncertainty`` each subject's three QU-BraTS region maps under their own names.
 
     BraTS submission portals take one ``<subject_id>.nii.gz`` per case (``BraTS2021_00001.nii.gz``,
     ``BraTS-GLI-00001-000.nii.gz``) in a folder of segmentations only; inference writes ``_seg``, uncertainty maps,
@@ -29,12 +33,15 @@ def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite
         out_dir: the submission folder (created if needed); not ``predictions_dir`` itself.
         overwrite: replace files of the same names that differ; without it they stop the copy before any file is
             written (identical files are accepted, so the same command can run again).
+        uncertainty: also copy ``<subject_id>_unc_whole.nii.gz``, ``_unc_core`` and ``_unc_enhance`` (written by
+            inference with ``write_region_uncertainty``), as the uncertainty task of the challenge takes them.
 
     Returns:
-        the files of the submission, in subject order.
+        the files of the submission, in subject order (each segmentation before its maps).
 
     Raises:
-        FileNotFoundError: ``predictions_dir`` holds no segmentation.
+        FileNotFoundError: ``predictions_dir`` holds no segmentation, or with ``uncertainty``, a subject lacks a
+            region map (naming the subjects); nothing is written then.
         FileExistsError: ``out_dir`` is a file, or a differing file of the same name is in it and not ``overwrite``.
         ValueError: ``out_dir`` is ``predictions_dir``.
     """
@@ -48,10 +55,23 @@ def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite
         raise ValueError(f"--out {out_dir} is the predictions folder itself: choose a folder of its own.")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} is a file, not a folder: choose another --out.")
-    targets = [out_dir / (path.name[: -len(SEGMENTATION_SUFFIX)] + ".nii.gz") for path in segmentations]
+    copies = []
+    for path in segmentations:
+        subject_id = path.name[: -len(SEGMENTATION_SUFFIX)]
+        copies.append((path, out_dir / f"{subject_id}.nii.gz"))
+        if uncertainty:
+            names = [subject_id + suffix for suffix in REGION_UNCERTAINTY_SUFFIXES.values()]
+            copies.extend((predictions_dir / name, out_dir / name) for name in names)
+    lacking = sorted({source.name for source, _ in copies if not source.is_file()})
+    if lacking:
+        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        raise FileNotFoundError(
+            f"{predictions_dir} lacks the region uncertainty maps {shown}. Nothing was written. Run inference with "
+            "--write_region_uncertainty true to write them, or leave out --uncertainty."
+        )
     differing = [
         str(target)
-        for source, target in zip(segmentations, targets, strict=True)
+        for source, target in copies
         if target.exists() and not (target.is_file() and filecmp.cmp(source, target, shallow=False))
     ]
     if differing and not overwrite:
@@ -61,8 +81,8 @@ def write_submission(predictions_dir: str | Path, out_dir: str | Path, overwrite
             "or choose another --out."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    for source, target in zip(segmentations, targets, strict=True):
+    for source, target in copies:
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         shutil.copyfile(source, partial)
         os.replace(partial, target)
-    return targets
+    return [target for _, target in copies]

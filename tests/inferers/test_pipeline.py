@@ -573,3 +573,27 @@ def test_subjects_a_stopped_run_sampled_and_a_later_run_drops_are_named(stand_in
         _stopping(stand_in_network()).run(brats_copy / "BraTS20_Training_005", tmp_path / "out")
     assert "removing 2 subject(s) that an interrupted run of these settings had sampled" in caplog.text
     assert "BraTS20_Training_001, BraTS20_Training_002" in caplog.text
+
+
+def test_region_uncertainty_maps_in_the_qu_brats_format(stand_in_network, brats_copy, tmp_path):
+    """Each region's ensemble std as uint8 0-100 on the input grid (QU-BraTS names); their maximum over regions is
+    the float map (up to the rounding to 1/200); a later run without them removes them."""
+    out = tmp_path / "out"
+    outputs = _inferer(stand_in_network(), write_region_uncertainty=True).run(brats_copy, out)
+    regions = ("whole", "core", "enhance")
+    for output in outputs:
+        assert sorted(output.files) == sorted(["seg", "uncertainty", *(f"unc_{r}" for r in regions)])
+        t1 = nib.load(str(next(brats_copy.glob(f"*/{output.subject_id}_t1.nii*"))))
+        maps = []
+        for region in regions:
+            written = nib.load(str(out / f"{output.subject_id}_unc_{region}.nii.gz"))
+            assert written.shape == t1.shape and written.get_data_dtype() == np.uint8
+            np.testing.assert_allclose(written.affine, t1.affine)
+            maps.append(np.asarray(written.dataobj))
+        maps = np.stack(maps)
+        assert maps.max() <= 100
+        std = _read(out / f"{output.subject_id}_uncertainty.nii.gz")
+        assert std.max() > 0  # the stand-in's members differ
+        np.testing.assert_allclose(maps.max(axis=0) / 200, std, atol=1 / 400 + 1e-6)
+    _inferer(stand_in_network(), overwrite=True).run(brats_copy, out)
+    assert not list(out.glob("*_unc_*.nii.gz"))

@@ -2,10 +2,11 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import auc, roc_auc_score
 
 from medsegdiff_monai.metrics import (
     mean_uncertainty,
+    qu_brats_scores,
     spearman_correlation,
     tumour_neighbourhood,
     voxel_error_auroc,
@@ -65,3 +66,70 @@ def test_tumour_neighbourhood_and_wrong_voxels():
     assert math.isnan(mean_uncertainty(uncertainty, np.zeros_like(prediction)))
     with pytest.raises(ValueError, match="differs"):
         wrong_voxels(prediction, target[:-1])
+
+
+def test_qu_brats_scores_by_hand():
+    """Four voxels, thresholds 0 and 100: at 0 only the certain voxels 2 and 3 remain."""
+    prediction = np.array([1, 1, 0, 0], dtype=bool)
+    truth = np.array([1, 0, 1, 0], dtype=bool)
+    uncertainty = np.array([100, 100, 0, 0])
+    brain = np.ones(4, dtype=bool)
+    scores = qu_brats_scores(prediction, truth, uncertainty, brain, num_points=1)
+    # threshold 0: voxels 2 (missed tumour) and 3 (true negative) remain: Dice 0; the one TP (voxel 0) is filtered
+    # out (FTP 1), the one TN (voxel 3) is not (FTN 0). Threshold 100: every voxel, Dice 2 * 1 / (2 + 2) = 0.5.
+    assert scores["dice_auc"] == pytest.approx((0 + 0.5) / 2)
+    assert scores["ftp_auc"] == pytest.approx((1 + 0) / 2)
+    assert scores["ftn_auc"] == pytest.approx(0.0)
+    assert scores["score"] == pytest.approx((0.25 + 0.5 + 1) / 3)
+    # nothing left at a threshold (every voxel uncertain) counts as Dice 1, as in the challenge's code
+    assert qu_brats_scores(prediction, truth, np.full(4, 100), brain, num_points=1)["dice_auc"] == pytest.approx(0.75)
+
+
+def _qu_brats_reference(prediction, truth, uncertainty, brain, num_points):
+    """The challenge's definition written out: a mask per threshold, the three curves, scikit-learn's AUC."""
+    thresholds = np.arange(0.0, 100.0 + 1e-7, 100.0 / num_points)[::-1]
+    eps = np.finfo(np.float32).eps
+    curves = {"dice": [], "ftp": [], "ftn": []}
+    tp, tn = prediction & truth & brain, ~prediction & ~truth & brain
+    for threshold in thresholds:
+        certain = uncertainty <= threshold
+        p, t = prediction & certain, truth & certain
+        union = p.sum() + t.sum()
+        curves["dice"].append(1.0 if union == 0 else 2.0 * (p & t).sum() / union)
+        curves["ftp"].append((tp.sum() - (tp & certain).sum()) / (tp.sum() + eps))
+        curves["ftn"].append((tn.sum() - (tn & certain).sum()) / (tn.sum() + eps))
+    aucs = {name: auc(thresholds, values) / 100.0 for name, values in curves.items()}
+    return aucs, (aucs["dice"] + (1 - aucs["ftp"]) + (1 - aucs["ftn"])) / 3
+
+
+@pytest.mark.parametrize("num_points", [40, 7])
+def test_qu_brats_scores_against_the_challenge_definition(num_points):
+    rng = np.random.default_rng(num_points)
+    shape = (24, 20, 12)
+    truth = rng.random(shape) < 0.2
+    flipped = rng.random(shape) < 0.1
+    prediction = truth ^ flipped
+    brain = rng.random(shape) < 0.9
+    # a map that is higher on wrong voxels, with ties (integers) and values off the thresholds (floats)
+    uncertainty = np.clip(rng.normal(20, 15, shape) + 50 * flipped, 0, 100)
+    uncertainty[rng.random(shape) < 0.3] = 0
+    for values in (uncertainty, np.round(uncertainty)):
+        aucs, score = _qu_brats_reference(prediction, truth, values, brain, num_points)
+        scores = qu_brats_scores(prediction, truth, values, brain, num_points=num_points)
+        assert scores["dice_auc"] == pytest.approx(aucs["dice"], abs=1e-12)
+        assert scores["ftp_auc"] == pytest.approx(aucs["ftp"], abs=1e-12)
+        assert scores["ftn_auc"] == pytest.approx(aucs["ftn"], abs=1e-12)
+        assert scores["score"] == pytest.approx(score, abs=1e-12)
+    # a map that points at the errors scores higher than one that does not
+    assert (
+        qu_brats_scores(prediction, truth, 100.0 * flipped, brain)["score"]
+        > qu_brats_scores(prediction, truth, 100.0 * ~flipped, brain)["score"]
+    )
+
+
+def test_qu_brats_scores_refuses_maps_off_the_scale():
+    voxels = np.ones((2, 2, 2), dtype=bool)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        qu_brats_scores(voxels, voxels, np.full((2, 2, 2), 0.5) * 255, voxels)
+    with pytest.raises(ValueError, match="one shape"):
+        qu_brats_scores(voxels, voxels, np.zeros((2, 2)), voxels)
