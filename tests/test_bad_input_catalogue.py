@@ -310,7 +310,7 @@ def train_entry_with_three_images(w):
 
 def train_entry_without_grade(w):
     w.rewrite_datalist(lambda c: c["training"][0].pop("grade"))
-    return train(w), 1, "'grade' must be 0 (LGG) or 1 (HGG)"
+    return train(w), 1, "no 'grade'; the grade head needs one for every training and validation subject"
 
 
 def train_modalities_in_wrong_order(w):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 LabelMap = TypeVar("LabelMap")
 
@@ -41,6 +43,31 @@ GRADE_TO_INDEX: dict[str, int] = {"LGG": 0, "HGG": 1}
 """Class index of each grade name found in the ``Grade`` column of ``name_mapping.csv``."""
 
 INDEX_TO_GRADE: dict[int, str] = {index: name for name, index in GRADE_TO_INDEX.items()}
+
+
+def grade_index(value: Any, subject: str = "?") -> int:
+    """The class index of a grade: LGG 0, HGG 1.
+
+    Args:
+        value: 0, 1, ``"LGG"``, ``"HGG"`` (any case), ``"0"``, ``"1"``, a bool, or a one-element array / tensor of
+            those.
+        subject: subject id named in the error message.
+
+    Raises:
+        ValueError: naming the subject, when the value is not a grade.
+    """
+    number = None
+    if isinstance(value, str):
+        text = value.strip()
+        number = GRADE_TO_INDEX.get(text.upper(), int(text) if text in ("0", "1") else None)
+    else:
+        array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        if array.size == 1 and array.dtype.kind in "biuf" and float(array.reshape(())) in (0.0, 1.0):
+            number = int(array.reshape(()))
+    if number is None:
+        raise ValueError(f"subject {subject}: grade {value!r} is not valid: expected 0/'LGG' or 1/'HGG'.")
+    return number
+
 
 NAME_MAPPING_COLUMNS: tuple[str, ...] = (
     "Grade",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems
-from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, release_of_file
+from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, grade_index, release_of_file
 from medsegdiff_monai.data.validation import BratsDataError, check_subject_volumes
 
 __all__ = [
@@ -222,7 +222,7 @@ def check_subject_entries(
         where: the list's name for messages, e.g. ``"datalist.json 'training'"``.
         base_dir: the root of relative paths (None: paths as given).
         require_label: a missing ``label`` is a problem.
-        require_grade: a ``grade`` other than 0 / 1 is a problem.
+        require_grade: a missing ``grade`` is a problem (one other than 0 / 1 / ``"LGG"`` / ``"HGG"`` always is).
         allow_empty_modality: an empty or constant modality is not a problem.
 
     Returns:
@@ -245,11 +245,19 @@ def check_subject_entries(
         if require_label and not entry.get("label"):
             problems.append(f"subject {subject_id} ({where}[{index}]): no 'label' file given.")
             continue
-        if require_grade and entry.get("grade") not in (0, 1):
+        if require_grade and entry.get("grade") is None:
             problems.append(
-                f"subject {subject_id} ({where}[{index}]): 'grade' must be 0 (LGG) or 1 (HGG), got "
-                f"{entry.get('grade')!r}; write the datalist again with `medsegdiff-monai datalist`."
+                f"subject {subject_id} ({where}[{index}]): no 'grade'; the grade head needs one for every training "
+                "and validation subject. Write the datalist again with `medsegdiff-monai datalist --grades "
+                "GRADES.csv`, or pass --use_grade_head false to train segmentation only."
             )
+        elif entry.get("grade") is not None:
+            try:
+                grade_index(entry["grade"], subject_id)
+            except ValueError as error:
+                problems.append(
+                    f"{error} ({where}[{index}]) Write the datalist again with `medsegdiff-monai datalist`."
+                )
         paths = [root / p if root is not None else Path(p) for p in images]
         label = entry.get("label")
         label_path = (root / label if root is not None else Path(label)) if label else None

@@ -6,17 +6,16 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from medsegdiff_monai.data.layout import (
-    GRADE_TO_INDEX,
     LABEL_FILE_SUFFIX,
     MODALITIES,
     MODALITY_FILE_SUFFIXES,
+    grade_index,
     nifti_stem,
 )
 from medsegdiff_monai.data.name_mapping import read_name_mapping
@@ -32,19 +31,9 @@ def grade_to_tensor(value: Any, subject: str = "?") -> torch.Tensor:
         subject: subject id used in the error message.
 
     Raises:
-        ValueError: when the value is not a valid grade.
+        ValueError: when the value is not a valid grade (see :func:`~medsegdiff_monai.data.grade_index`).
     """
-    if isinstance(value, str):
-        text = value.strip()
-        number = GRADE_TO_INDEX.get(text.upper(), int(text) if text in ("0", "1") else None)
-    else:
-        array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-        number = None
-        if array.size == 1 and array.dtype.kind in "biuf" and float(array.reshape(())) in (0.0, 1.0):
-            number = int(array.reshape(()))
-    if number is None:
-        raise ValueError(f"subject {subject}: grade {value!r} is not valid: expected 0/'LGG' or 1/'HGG'.")
-    return torch.tensor(number, dtype=torch.long)
+    return torch.tensor(grade_index(value, subject), dtype=torch.long)
 
 
 class AttachGraded(MapTransform):

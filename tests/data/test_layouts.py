@@ -280,3 +280,26 @@ def test_training_input_check_reads_bare_file_names(layouts, tmp_path):
     datalist.write_text(json.dumps({"training": entries[:2], "validation": entries[2:]}))
     with pytest.raises(BratsDataError, match=r"values \[3\]"):
         check_training_inputs(datalist, tmp_path / "bare", [16, 16], 8, require_grade=False, progress=False)
+
+
+def test_training_input_check_names_subjects_without_a_grade_among_graded_ones(synthetic_datalist, tmp_path):
+    """Grades given for some training subjects only: each subject without one is named with both ways out, before
+    any cache fill; grade names ("LGG", "HGG") are grades, other values are named."""
+    from medsegdiff_monai.data import BratsDataError, check_training_inputs
+
+    folder = synthetic_datalist.parent
+    datalist = tmp_path / "datalist.json"
+    content = json.loads(synthetic_datalist.read_text())
+    content["training"][0]["grade"] = "LGG" if content["training"][0]["grade"] == 0 else "HGG"
+    datalist.write_text(json.dumps(content))
+    check_training_inputs(datalist, folder, [16, 16], 8, require_grade=True, progress=False)
+    missing = content["training"][1].pop("grade")
+    content["validation"][0]["grade"] = "G4"
+    datalist.write_text(json.dumps(content))
+    with pytest.raises(BratsDataError) as raised:
+        check_training_inputs(datalist, folder, [16, 16], 8, require_grade=True, progress=False)
+    message = str(raised.value)
+    assert f"subject {content['training'][1]['subject_id']} (datalist.json 'training'[1]): no 'grade'" in message
+    assert "--grades GRADES.csv" in message and "--use_grade_head false" in message
+    assert f"subject {content['validation'][0]['subject_id']}: grade 'G4' is not valid" in message
+    assert missing in (0, 1)
