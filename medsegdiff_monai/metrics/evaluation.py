@@ -15,7 +15,7 @@ import numpy as np
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 from scipy.stats import rankdata
 
-from medsegdiff_monai.data.layout import RELEASE_TITLES, convert_label_convention, label_convention
+from medsegdiff_monai.data.layout import convert_label_convention, grade_index, label_convention
 from medsegdiff_monai.data.validation import AFFINE_TOLERANCE
 from medsegdiff_monai.metrics.bootstrap import bootstrap_interval
 from medsegdiff_monai.metrics.calibration import (
@@ -64,17 +64,9 @@ def _regions(labels: np.ndarray, release: str) -> np.ndarray:
     return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(internal[None]), dtype=np.uint8)
 
 
-def _pair_release(pred: np.ndarray, truth: np.ndarray, pred_source: Any, truth_source: Any) -> str:
-    """The label convention shared by a prediction and its reference (BraTS 2018-2022 when neither has ET)."""
-    found = {
-        source: label_convention(np.unique(labels).tolist(), source)
-        for labels, source in ((truth, truth_source), (pred, pred_source))
-    }
-    releases = {release for release in found.values() if release is not None}
-    if len(releases) > 1:
-        described = ", ".join(f"{source}: {RELEASE_TITLES[release]}" for source, release in found.items())
-        raise ValueError(f"prediction and reference follow different BraTS label conventions ({described}).")
-    return releases.pop() if releases else "brats2020"
+def _release_regions(labels: np.ndarray, source: Any) -> np.ndarray:
+    """(3, X, Y, Z) TC, WT, ET of a label map in the convention its values follow (either, without ET)."""
+    return _regions(labels, label_convention(np.unique(labels).tolist(), source) or "brats2020")
 
 
 def _on_label_grid(pred_image: Any, label_image: Any, pred_file: Any, label_file: Any) -> np.ndarray:
@@ -164,11 +156,12 @@ def evaluate_subjects(
     Per-subject segmentation metrics and subject-level grade metrics.
 
     Each prediction is ``{"subject_id", "label_file" (ground truth NIfTI), "p_hgg" (float or None), "grade" (0/1 or
-    None)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or ``"pred_file"`` (a label-map NIfTI, read one
-    subject at a time), and optionally ``"uncertainty_files"`` (``{"TC": ..., "WT": ..., "ET": ...}``, QU-BraTS
-    maps 0-100) with ``"brain_file"`` (an image whose non-zero voxels are the brain, e.g. the T1). The label
-    convention (enhancing tumour 4 in BraTS 2018-2022, 3 in BraTS 2023+) is detected from the values of both maps,
-    which must agree. Both label maps are turned into regions TC, WT, ET with MONAI's
+    None; ``"LGG"`` / ``"HGG"`` are read as 0 / 1)}`` with either ``"pred_labels"`` ((X, Y, Z) BraTS labels) or
+    ``"pred_file"`` (a label-map NIfTI, read one subject at a time), and optionally ``"uncertainty_files"``
+    (``{"TC": ..., "WT": ..., "ET": ...}``, QU-BraTS maps 0-100) with ``"brain_file"`` (an image whose non-zero
+    voxels are the brain, e.g. the T1). The label convention (enhancing tumour 4 in BraTS 2018-2022, 3 in BraTS
+    2023+) of each map is detected from its values, so a prediction written in the other release's convention is
+    scored by its regions all the same. Both label maps are turned into regions TC, WT, ET with MONAI's
     ``ConvertToMultiChannelBasedOnBratsClasses`` and compared on the input grid with
     :func:`~medsegdiff_monai.metrics.segmentation_metrics` (BraTS Dice convention; HD95 in mm from the label file's
     voxel size, in ``hd95_convention``: ``"brats"`` pooled percentile and 373.13 for one empty region, or
@@ -186,7 +179,9 @@ def evaluate_subjects(
         grade metrics of :func:`~medsegdiff_monai.metrics.grade_metrics` (NaN with a warning when undefined) with
         ``auc_ci95``, ``ece_ci95``, ``brier_ci95``, the ``reliability`` bins
         (:func:`~medsegdiff_monai.metrics.reliability_bins`) and ``ece_if_calibrated``
-        (:func:`~medsegdiff_monai.metrics.calibrated_ece_floor`); ``bootstrap`` (the interval method); and
+        (:func:`~medsegdiff_monai.metrics.calibrated_ece_floor`), or ``grade`` None with the reason in
+        ``grade_skipped`` where no subject has both; ``grade_excluded_subjects`` (with a warning) where some
+        subjects have a true grade and others none, or a NaN p_hgg; ``bootstrap`` (the interval method); and
         ``num_subjects``.
     """
     check_evaluation_settings(hd95_convention, lesion_challenge, bootstrap_resamples)
@@ -213,11 +208,13 @@ def evaluate_subjects(
                 f"subject {subject_id}: prediction shape {pred.shape} differs from label "
                 f"{prediction['label_file']} shape {truth.shape}."
             )
-        release = _pair_release(pred, truth, pred_source, prediction["label_file"])
         spacing = [float(z) for z in label_image.header.get_zooms()[:3]]
         row: dict[str, Any] = {"subject_id": subject_id}
-        row.update(grade=prediction.get("grade"), p_hgg=prediction.get("p_hgg"))
-        pred_regions, truth_regions = _regions(pred, release), _regions(truth, release)
+        grade = prediction.get("grade")
+        grade = None if grade is None else grade_index(grade, subject_id)
+        row.update(grade=grade, p_hgg=prediction.get("p_hgg"))
+        pred_regions = _release_regions(pred, pred_source)
+        truth_regions = _release_regions(truth, prediction["label_file"])
         row.update(
             segmentation_metrics(pred_regions, truth_regions, BRATS_REGIONS, include_hd95, spacing, hd95_convention)
         )
@@ -246,16 +243,22 @@ def evaluate_subjects(
             "num_resamples": bootstrap_resamples,
             "seed": seed,
         }
-    graded = [row for row in rows if row["p_hgg"] is not None and row["grade"] is not None]
-    ungradable = [str(row["subject_id"]) for row in graded if math.isnan(row["p_hgg"])]
-    if ungradable:  # no brain slice to grade (an empty volume accepted with allow_empty_modality)
-        warnings.warn(
-            f"evaluation: p_hgg is NaN for {len(ungradable)} subject(s) ({', '.join(ungradable[:5])}): the grade "
-            "metrics leave them out.",
-            stacklevel=2,
-        )
-        graded = [row for row in graded if not math.isnan(row["p_hgg"])]
-        summary["grade_excluded_subjects"] = ungradable
+    with_p = [row for row in rows if row["p_hgg"] is not None]
+    with_grade = [row for row in with_p if row["grade"] is not None]
+    excluded = {  # NaN: no brain slice to grade; no grade: named only where others have one (else none is scored)
+        "p_hgg is NaN": [row for row in with_grade if math.isnan(row["p_hgg"])],
+        "no true grade": [row for row in with_p if row["grade"] is None] if with_grade else [],
+    }
+    for reason, left_out in excluded.items():
+        if left_out:
+            names = ", ".join(str(row["subject_id"]) for row in left_out[:5])
+            warnings.warn(
+                f"evaluation: {reason} for {len(left_out)} subject(s) ({names}): the grade metrics leave them out.",
+                stacklevel=2,
+            )
+    if any(excluded.values()):
+        summary["grade_excluded_subjects"] = [str(row["subject_id"]) for group in excluded.values() for row in group]
+    graded = [row for row in with_grade if not math.isnan(row["p_hgg"])]
     if graded:
         p_hgg = np.asarray([row["p_hgg"] for row in graded], dtype=np.float64)
         grade = np.asarray([row["grade"] for row in graded], dtype=int)
@@ -267,7 +270,9 @@ def evaluate_subjects(
         summary["grade"]["reliability"] = reliability_bins(p_hgg, grade)
         summary["grade"]["ece_if_calibrated"] = calibrated_ece_floor(p_hgg)
     else:
-        warnings.warn("evaluation: no subject has both p_hgg and a true grade; grade metrics skipped.", stacklevel=2)
+        reason = "no subject has both p_hgg and a true grade"
+        summary["grade"], summary["grade_skipped"] = None, reason
+        warnings.warn(f"evaluation: {reason}; grade metrics skipped.", stacklevel=2)
     return EvaluationResult(subjects=rows, summary=summary)
 
 
@@ -344,7 +349,7 @@ def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> tuple[
     with open(json_path, "w") as f:
         json.dump(_json_safe(result.summary), f, indent=2, allow_nan=False)
         f.write("\n")
-    reliability = result.summary.get("grade", {}).get("reliability")
+    reliability = (result.summary.get("grade") or {}).get("reliability")
     if reliability is not None:
         write_png(reliability_diagram(reliability), output_dir / RELIABILITY_PNG)
     return csv_path, json_path

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medsegdiff_monai.data.layout import grade_index
 from medsegdiff_monai.data.preflight import read_datalist_json
 from medsegdiff_monai.metrics import (
     QU_BRATS_REGION_NAMES,
@@ -131,7 +132,8 @@ def run_evaluation(
             the network's grade calibration, so that an in-sample report can be told from a held-out one.
 
     Raises:
-        ValueError: naming the subjects without a label file, or a bad setting (see
+        ValueError: naming the subjects without a label file or with a grade other than 0 / 1 / ``"LGG"`` /
+            ``"HGG"``, or a bad setting (see
             :func:`~medsegdiff_monai.metrics.evaluation.check_evaluation_settings`).
         FileExistsError: when ``output_dir`` holds a report and the inferer's ``overwrite`` is False.
 
@@ -143,6 +145,15 @@ def run_evaluation(
     unlabelled = [str(e.get("subject_id", e["image"][0])) for e in entries if not e.get("label")]
     if unlabelled:
         raise ValueError(f"evaluation needs a label file for every subject; none for: {', '.join(unlabelled)}.")
+    bad_grades = []
+    for entry in entries:
+        if entry.get("grade") is not None:
+            try:
+                grade_index(entry["grade"], str(entry.get("subject_id", entry["image"][0])))
+            except ValueError as error:
+                bad_grades.append(str(error))
+    if bad_grades:
+        raise ValueError(" ".join(bad_grades) + " Correct the datalist's 'grade' fields, or leave them out.")
     report = [name for name in REPORT_FILENAMES if (Path(output_dir) / name).exists()]
     if report and not inferer.overwrite and not subjects_of_stopped_runs(output_dir):  # else its own, moved in
         raise FileExistsError(

@@ -57,7 +57,7 @@ def test_brats2023_evaluation_writes_and_scores_label_3(brain_oracle, folders, t
         if et.sum() <= 50:  # a lesion of at most 50 mm^3 is not scored, and the prediction touching it is no FP
             assert row["lesion_dice_ET"] == 1.0 and row["lesion_fp_ET"] == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert "grade" not in summary and summary["dice_ET"]["ci95"][0] <= summary["dice_ET"]["mean"]
+    assert summary["grade"] is None and summary["dice_ET"]["ci95"][0] <= summary["dice_ET"]["mean"]
 
 
 def test_brats2020_folder_evaluation_scores_the_grade(brain_oracle, folders, tmp_path):

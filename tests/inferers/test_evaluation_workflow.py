@@ -51,6 +51,19 @@ def test_evaluation_needs_labels(brain_oracle, synthetic_brats_dir, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_grade_that_is_not_a_grade_stops_the_evaluation_before_sampling(
+    stand_in_network, synthetic_datalist, tmp_path
+):
+    """A datalist's grade "G4" is named with its subject before any subject is sampled; "LGG" / "HGG" are grades."""
+    entries = load_brats_datalist(synthetic_datalist, "validation")[:2]
+    entries[0]["grade"], entries[1]["grade"] = "LGG", "G4"
+    network = stand_in_network()
+    inferer = BratsVolumeInferer(network, DiffusionSampler(2, ensemble_size=1), (64, 64), progress=False)
+    with pytest.raises(ValueError, match=rf"subject {entries[1]['subject_id']}: grade 'G4' is not valid"):
+        run_evaluation(inferer, entries, tmp_path / "eval")
+    assert not network.encode_batches and not (tmp_path / "eval").exists()
+
+
 def test_a_second_evaluation_into_the_same_folder_needs_overwrite(brain_oracle, synthetic_datalist, tmp_path):
     """The report of an earlier evaluation is never replaced silently: without ``overwrite`` the second run stops
     before sampling, naming the report's files; with it, the report is replaced."""
@@ -95,7 +108,7 @@ def test_a_report_without_a_grade_leaves_no_earlier_reliability_diagram(brain_or
     ungraded = [{k: v for k, v in e.items() if k != "grade"} for e in load_brats_datalist(synthetic_datalist)]
     inferer.overwrite = True
     run_evaluation(inferer, ungraded, out, print_table=False)
-    assert "grade" not in json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["grade"] is None
     assert not (out / "reliability.png").exists()
 
 

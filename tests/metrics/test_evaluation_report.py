@@ -172,6 +172,30 @@ def test_a_subject_without_a_grade_estimate_is_left_out_of_the_grade_metrics(tmp
     assert summary["grade"]["auc"] == pytest.approx(roc_auc_score([0, 1, 1], [0.2, 0.9, 0.4]))
 
 
+def test_grade_names_subjects_without_a_grade_and_a_skipped_grade_are_reported(tmp_path):
+    """ "LGG" / "HGG" read as 0 / 1 (as the training transforms read them); a subject without a true grade among
+    graded ones is named and left out; with no grade at all the summary says why the grade is not scored."""
+    label_file = _label_file(tmp_path, "s", _labels())
+    subjects = [
+        {"subject_id": f"s{i}", "pred_labels": _labels(), "label_file": label_file, "p_hgg": p, "grade": grade}
+        for i, (p, grade) in enumerate([(0.2, "LGG"), (0.7, None), (0.9, "HGG"), (0.4, 1), (0.3, "lgg")])
+    ]
+    with pytest.warns(UserWarning, match=r"no true grade for 1 subject\(s\) \(s1\)"):
+        result = evaluate_subjects(subjects, include_hd95=False, bootstrap_resamples=0)
+    assert [row["grade"] for row in result.rows] == [0, None, 1, 1, 0]
+    assert result.summary["grade_excluded_subjects"] == ["s1"]
+    assert result.summary["grade"]["auc"] == pytest.approx(roc_auc_score([0, 1, 1, 0], [0.2, 0.9, 0.4, 0.3]))
+    with pytest.raises(ValueError, match=r"subject s0: grade 'G4' is not valid"):
+        evaluate_subjects([{**subjects[0], "grade": "G4"}], include_hd95=False, bootstrap_resamples=0)
+    ungraded = [{**subject, "grade": None} for subject in subjects]
+    with pytest.warns(UserWarning, match="grade metrics skipped"):
+        result = evaluate_subjects(ungraded, include_hd95=False, bootstrap_resamples=0)
+    assert result.summary["grade"] is None and "no subject has both" in result.summary["grade_skipped"]
+    assert "grade_excluded_subjects" not in result.summary
+    write_evaluation(result, tmp_path / "report")
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["grade"] is None
+
+
 def test_shape_mismatch(tmp_path):
     truth = _labels()
     with pytest.raises(ValueError, match="subject s: prediction shape"):
@@ -195,5 +219,8 @@ def test_brats2023_label_maps_score_like_brats2020(tmp_path):
     assert rows[1]["dice_ET"] == pytest.approx(2 * 4 / (4 + 8))  # ET = label 3 is not lost
     # WT: the lesion is exact (Dice 1, HD95 0) and the stray voxel is a false positive (0, 374)
     assert rows[1]["lesion_fp_WT"] == 1 and rows[1]["lesion_dice_WT"] == 0.5 and rows[1]["lesion_hd95_WT"] == 187.0
-    with pytest.raises(ValueError, match=r"different BraTS label conventions .*2020.nii: BraTS 2018-2022"):
-        evaluate_subjects([{"subject_id": "s", "pred_labels": as_2023["pred"], "label_file": tmp_path / "2020.nii"}])
+    # a prediction in the other release's convention (a forced --label_convention) is scored by its regions
+    crossed = evaluate_subjects(
+        [{"subject_id": "s", "pred_labels": as_2023["pred"], "label_file": tmp_path / "2020.nii"}], include_hd95=True
+    ).rows[0]
+    assert crossed == rows[0]
