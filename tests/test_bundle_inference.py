@@ -292,3 +292,26 @@ def test_evaluation_takes_its_subjects_from_input(tmp_path, synthetic_brats_dir)
     subjects = sorted(p.name for p in synthetic_brats_dir.iterdir() if p.is_dir())
     assert [entry["subject_id"] for entry in entries] == subjects
     assert all(entry["label"].startswith(str(synthetic_brats_dir)) for entry in entries)
+
+
+@pytest.mark.parametrize("value, expected", [("null", None), ("None", None), ("BraTS-GLI", "BraTS-GLI")])
+def test_lesion_wise_scores_are_left_out_with_null_on_the_command_line(
+    monkeypatch, synthetic_datalist, value, expected
+):
+    """``--lesion_challenge null`` reaches the evaluation as None (a Python ``None`` on the command line is dropped by
+    MONAI, so the spelling the refusal names must work)."""
+    from monai.bundle import ConfigParser
+
+    import medsegdiff_monai.workflows
+
+    calls = []
+    monkeypatch.setattr(medsegdiff_monai.workflows, "run_evaluation", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(medsegdiff_monai.workflows, "evaluation_provenance", lambda *args: {})
+    parser = ConfigParser()
+    parser.read_config(_inference_config_files("evaluate.json"))
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(synthetic_datalist.parent)})
+    parser.update({"lesion_challenge": value, "volume_inferer": None})
+    parser["validate#dataset"] = {"_target_": "Dataset", "data": []}
+    step = next(i for i, expression in enumerate(parser["run"]) if "run_evaluation(" in expression)
+    parser.get_parsed_content(f"run#{step}")
+    assert calls[0]["lesion_challenge"] == expected

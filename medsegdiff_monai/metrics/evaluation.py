@@ -136,8 +136,8 @@ def check_evaluation_settings(hd95_convention: str, lesion_challenge: str | None
         raise ValueError(f"hd95_convention {hd95_convention!r}: expected one of {list(HD95_CONVENTIONS)}.")
     if lesion_challenge is not None and lesion_challenge not in LESION_WISE_PARAMETERS:
         raise ValueError(
-            f"lesion_challenge {lesion_challenge!r}: expected one of {list(LESION_WISE_PARAMETERS)}, or null to leave "
-            "the lesion-wise scores out."
+            f"lesion_challenge {lesion_challenge!r}: expected one of {list(LESION_WISE_PARAMETERS)}, or None to leave "
+            "the lesion-wise scores out (--lesion_challenge null on the bundle's command line)."
         )
     if bootstrap_resamples < 0:
         raise ValueError(f"bootstrap_resamples must be >= 0 (0: no intervals), got {bootstrap_resamples}.")
