@@ -235,3 +235,15 @@ def test_training_without_grades_is_segmentation_only(tmp_path):
     state = torch.load(tmp_path / "bundle_root" / "runs" / "train" / "model.pt", weights_only=True)
     assert state and not any(key.startswith(("grade_head.", "grade_calibration.")) for key in state)
     assert len(read_metrics(tmp_path / "bundle_root")) == 2  # segmentation + joint, the grade stage left out
+
+
+def test_class_weights_that_train_nothing_are_refused_before_the_run_folder(
+    tmp_path, synthetic_brats_dir, synthetic_datalist
+):
+    """``--class_weights "[0,0]"`` is refused before the run folder is prepared, so the corrected command starts a
+    fresh run rather than taking over a folder whose record holds the refused settings."""
+    command = bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--class_weights", "[0,0]")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "alpha weights must be >= 0 and not all 0" in result.stderr
+    assert not (tmp_path / "runs").exists()
