@@ -12,6 +12,8 @@ from torch import nn
 __all__ = ["extract_network_state", "load_network_weights", "read_checkpoint"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_GRADE_MODULES = ("grade_head", "grade_calibration", "cls_head")
+"""Top-level modules of the grade (``cls_head``: the grade head of files written before it was renamed)."""
 
 
 def extract_network_state(checkpoint: Mapping, key: str = "network") -> dict[str, torch.Tensor]:
@@ -69,7 +71,9 @@ def load_network_weights(
     The file's ``grade_calibration.scale`` / ``.bias`` (the Platt scaling fitted on the validation split after
     training) load with the weights, so every grade computed with the network is calibrated. A file saved before
     the calibration existed lacks them: it still loads (also with ``strict=True``), with a warning, and the grade
-    is the uncalibrated network output (identity calibration).
+    is the uncalibrated network output (identity calibration). A file and a network that differ only in having a
+    grade head (a segmentation-only file, which training writes on data without grades, loaded into a network with
+    the head, or the converse) are refused before loading, saying which ``use_grade_head`` fits the file.
 
     Args:
         network: the module built with the training configuration (same preset, heads and mask channels).
@@ -79,7 +83,8 @@ def load_network_weights(
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: when the file holds no tensors of the network or the keys do not match.
+        ValueError: when the file holds no tensors of the network or the keys do not match (with ``strict``, a
+            grade head in only one of them is named with the ``use_grade_head`` to pass).
     """
     path = Path(path)
     if not path.is_file():
@@ -91,6 +96,9 @@ def load_network_weights(
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a state dict.")
     state = extract_network_state(checkpoint)
+    remedy = _grade_head_remedy(network.state_dict(), state) if strict else None
+    if remedy is not None:
+        raise ValueError(f"checkpoint {path} does not match the network: {remedy}")
     try:
         network.load_state_dict(state, strict=strict)
     except RuntimeError:
@@ -100,6 +108,39 @@ def load_network_weights(
             "mask_channels and any network_def keys)."
         ) from None
     return network
+
+
+def _grade_head_remedy(expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> str | None:
+    """What to do when a state dict and a network's differ only in the grade (head and calibration): one of them
+    has it and the other none of it; ``None`` for any other difference, or none.
+
+    Args:
+        expected: the network's state dict.
+        stored: the file's state dict.
+    """
+
+    def split(state: Mapping[str, torch.Tensor]) -> tuple[list[str], set[str]]:
+        grade = [key for key in state if key.split(".", 1)[0] in _GRADE_MODULES]
+        return grade, set(state) - set(grade)
+
+    network_grade, network_rest = split(expected)
+    file_grade, file_rest = split(stored)
+    if network_rest != file_rest or any(stored[key].shape != expected[key].shape for key in file_rest):
+        return None
+    if network_grade and not file_grade:
+        return (
+            "the file has no grade head: it was trained segmentation-only (training does so on data without grades), "
+            f"while the network is built with one ({len(network_grade)} tensor(s) of the network are not in the "
+            f"file, e.g. {network_grade[0]}). Pass --use_grade_head false (get_network(..., use_grade_head=False)) "
+            "to segment without a grade."
+        )
+    if file_grade and not network_grade:
+        return (
+            f"the file has a grade head, while the network is built without one ({len(file_grade)} in the file are "
+            f"not in the network, e.g. {file_grade[0]}). Pass --use_grade_head true or leave it at its default "
+            "(true)."
+        )
+    return None
 
 
 def _mismatch(expected: Mapping[str, torch.Tensor], stored: Mapping[str, torch.Tensor]) -> str:

@@ -161,6 +161,26 @@ def test_a_checkpoint_of_another_network_is_summarised_not_dumped(tmp_path):
     assert len(message) < 1000
 
 
+@pytest.mark.parametrize("file_has_head", [False, True])
+def test_a_grade_head_in_only_the_file_or_the_network_names_use_grade_head(tmp_path, file_has_head):
+    """A segmentation-only file (training writes one on data without grades) loaded into a network with the grade
+    head, and the converse, name the ``use_grade_head`` that fits the file, with no calibration warning before."""
+    torch.save(get_network("small", **TINY, use_grade_head=file_has_head).state_dict(), tmp_path / "model.pt")
+    network = get_network("small", **TINY, use_grade_head=not file_has_head)
+    with warnings.catch_warnings(), pytest.raises(ValueError) as raised:
+        warnings.simplefilter("error")
+        load_network_weights(network, tmp_path / "model.pt")
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {tmp_path / 'model.pt'} does not match the network: ")
+    if file_has_head:
+        assert "the file has a grade head, while the network is built without one (11 in the file" in message
+        assert message.endswith("Pass --use_grade_head true or leave it at its default (true).")
+    else:
+        assert "the file has no grade head: it was trained segmentation-only" in message
+        assert "(11 tensor(s) of the network are not in the file, e.g. grade_head.feature_norm.running_mean)" in message
+        assert "Pass --use_grade_head false" in message
+
+
 @pytest.mark.parametrize("content", [b"subject_id,p_hgg\n", b'{"not": "a checkpoint"}', None])
 def test_a_file_that_is_no_checkpoint_is_named(tmp_path, content):
     """A text file, a JSON file and a truncated checkpoint each give one ValueError naming the file, never torch's
