@@ -23,7 +23,13 @@ from monai.transforms import Compose, Invertd, Transform
 from torch import nn
 from tqdm.auto import tqdm
 
-from medsegdiff_monai.data import RELEASES, convert_label_convention, release_of_file
+from medsegdiff_monai.data import (
+    ENHANCING_LABEL,
+    RELEASE_TITLES,
+    RELEASES,
+    convert_label_convention,
+    release_of_file,
+)
 from medsegdiff_monai.data.files import lock_folder, write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
@@ -353,7 +359,9 @@ class BratsVolumeInferer:
             this process holds the compiled denoiser, every run uses it.
         label_convention: label values of the written segmentations: ``"auto"`` follows the naming of each
             subject's T1 file (BraTS 2023+ names such as ``...-t1n.nii.gz`` or a bare ``t1n.nii.gz`` give ET = 3,
-            any other name ET = 4), ``"brats2020"`` (ET = 4, BraTS 2018-2022) or ``"brats2023"`` (ET = 3).
+            any other name ET = 4), ``"brats2020"`` (ET = 4, BraTS 2018-2022, 2021 included) or ``"brats2023"``
+            (ET = 3, BraTS 2023+); another value (a release year such as ``"brats2021"``) is refused, naming the
+            release years of each convention.
     """
 
     def __init__(
@@ -377,7 +385,14 @@ class BratsVolumeInferer:
     ) -> None:
         if label_convention not in ("auto", *RELEASES):
             valid = quoted_names(("auto", *RELEASES), "or")
-            raise ValueError(f"label_convention must be {valid}, got {label_convention!r}.")
+            conventions = ", ".join(
+                f"{release!r} is the label convention of {RELEASE_TITLES[release]} (ET = {ENHANCING_LABEL[release]})"
+                for release in RELEASES
+            )
+            raise ValueError(
+                f"label_convention must be {valid}, got {label_convention!r}: {conventions}; 'auto' follows each "
+                "subject's T1 file name."
+            )
         if compile_min_volumes < 1:
             raise ValueError(f"compile_min_volumes must be >= 1, got {compile_min_volumes}.")
         if slice_batch_size is not None and slice_batch_size < 1:

@@ -103,5 +103,11 @@ def test_the_label_convention_of_bare_names_and_on_request(
 
 
 def test_an_unknown_label_convention_is_named(brain_oracle):
-    with pytest.raises(ValueError, match="must be 'auto', 'brats2020' or 'brats2023', got 'brats2021'"):
+    """A release year (``brats2021``) is refused with the releases whose labels each convention is."""
+    with pytest.raises(ValueError) as raised:
         BratsVolumeInferer(brain_oracle(), DiffusionSampler(2, ensemble_size=1), (32, 32), label_convention="brats2021")
+    assert str(raised.value) == (
+        "label_convention must be 'auto', 'brats2020' or 'brats2023', got 'brats2021': 'brats2020' is the label "
+        "convention of BraTS 2018-2022 (ET = 4), 'brats2023' is the label convention of BraTS 2023+ (ET = 3); 'auto' "
+        "follows each subject's T1 file name."
+    )
