@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medsegdiff_monai.data.input_checks import modality_in_name
 from medsegdiff_monai.data.layout import (
     LABEL_FILE_SUFFIX,
     MODALITIES,
@@ -54,14 +55,20 @@ def list_subject_dirs(data_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
-def _expected_name(subject_id: str, modality: str, release: str | None) -> str:
+def _expected_name(subject_id: str, modality: str, release: str | None, bare: bool) -> str:
+    """The file names a modality may have in a subject folder, for a message: of ``release`` (None: of either),
+    bare names included with ``bare``."""
     index = MODALITIES.index(modality)
     releases = RELEASES if release is None else (release,)
-    names = [f"{subject_id}{MODALITY_FILE_SUFFIXES[r][index]}.nii.gz ({RELEASE_TITLES[r]})" for r in releases]
+    names = []
+    for r in releases:
+        suffix = MODALITY_FILE_SUFFIXES[r][index]
+        bare_name = f" or {suffix[1:]}.nii.gz" if bare else ""
+        names.append(f"{subject_id}{suffix}.nii.gz{bare_name} ({RELEASE_TITLES[r]})")
     return " or ".join(names)
 
 
-def locate_subject_files(subject_dir: str | Path, require_label: bool = True) -> SubjectFiles:
+def locate_subject_files(subject_dir: str | Path, require_label: bool = True, bare: bool = False) -> SubjectFiles:
     """Find the four modality files and the label file of one subject folder, in either BraTS naming.
 
     A modality file ends, before ``.nii`` / ``.nii.gz``, with ``_t1``, ``_t1ce``, ``_t2``, ``_flair`` (BraTS
@@ -71,9 +78,15 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
     subject-355 quirk ``W39_1998.09.19_Segm.nii``; a non-standard label name is reported in ``notes``. Nothing is
     read beyond the folder listing.
 
+    A file named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, as BraTS 2023 tools write them) is a
+    modality file only with ``bare``; without it, a missing modality whose bare-named file the folder holds says
+    where such names are read.
+
     Args:
         subject_dir: the subject folder; its name is the subject id.
         require_label: whether a missing label file is a problem (``False`` for releases without labels).
+        bare: also read a modality file named as the modality alone (the folder of one subject given as inference
+            input; see :func:`~medsegdiff_monai.data.layout.modality_of_file`).
 
     Returns:
         the files found (``subject.release`` set from the naming), with every problem found (not only the first).
@@ -84,7 +97,7 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
     problems: list[str] = []
     notes: list[str] = []
 
-    modality_files = {p: found for p in niftis if (found := modality_of_file(p)) is not None}
+    modality_files = {p: found for p in niftis if (found := modality_of_file(p, bare)) is not None}
     releases = sorted({release for release, _ in modality_files.values()})
     if len(releases) > 1:
         examples = "; ".join(
@@ -99,9 +112,16 @@ def locate_subject_files(subject_dir: str | Path, require_label: bool = True) ->
     for modality in MODALITIES:
         found = [p for p, (_, m) in modality_files.items() if m == modality]
         if not found:
+            bare_named = [p.name for p in niftis if modality_in_name(p) == modality]
+            hint = (
+                f" {' and '.join(bare_named)} there is named as the modality alone, which is read only when the four "
+                "files are given as a list, or this folder alone, as the inference input."
+                if bare_named
+                else ""
+            )
             problems.append(
                 f"subject {subject_id}: missing modality '{modality}': expected a file "
-                f"{_expected_name(subject_id, modality, release)} (or .nii) in {folder}."
+                f"{_expected_name(subject_id, modality, release, bare)} (or .nii) in {folder}.{hint}"
             )
         elif len(found) > 1:
             names = ", ".join(p.name for p in found)

@@ -55,19 +55,24 @@ def _folder_grades(folder: Path) -> dict[str, int]:
 
 
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
-    """A folder of modality files is one subject; otherwise its subject folders are the subjects (a release), and a
-    NIfTI file without a modality name beside them (an atlas, a template) is not read."""
+    """A folder of modality files is one subject, named after the folder; so is a folder of NIfTI files without
+    subject folders, whose modality files may then be named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, as
+    BraTS 2023 tools write them). Otherwise its subject folders are the subjects (a release, whose files must carry
+    the subject id), and a NIfTI file without a modality name beside them (an atlas, a template) is not read."""
     nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
+    bare = False
     if any(modality_of_file(p) for p in nifti_files):
         subject_dirs = [folder]
     else:
-        subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0] or ([folder] if nifti_files else [])
+        subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0]
+        if not subject_dirs and nifti_files:
+            subject_dirs, bare = [folder], True
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")
     grades = _folder_grades(folder)
     subjects, problems = [], []
     for subject_dir in subject_dirs:
-        found = locate_subject_files(subject_dir, require_label=False)
+        found = locate_subject_files(subject_dir, require_label=False, bare=bare)
         problems.extend(found.problems)
         if found.subject is not None:
             subjects.append(replace(found.subject, grade=grades.get(found.subject.subject_id)))
@@ -123,7 +128,9 @@ def collect_inference_inputs(
 
     - a BraTS release folder (one sub-folder per subject) or one subject's folder, in the BraTS 2018-2022 or 2023+
       naming: files are found by :func:`medsegdiff_monai.data.locate_subject_files` (labels optional), and grades
-      come from the folder's ``name_mapping.csv`` where there is one;
+      come from the folder's ``name_mapping.csv`` where there is one; the files of one subject's folder (not those
+      of a release's subject folders) may also be named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, ...),
+      the folder's name then being the subject id;
     - a datalist JSON: the list ``datalist_key``, paths relative to ``data_dir`` (default: the JSON's folder);
     - the four modality files of one subject, in the order t1, t1ce, t2, flair (t1n, t1c, t2w, t2f); the subject
       id comes from the t1 file name (``<id>_t1.nii.gz`` or ``<id>-t1n.nii.gz``).

@@ -117,6 +117,24 @@ def test_missing_modality_under_either_naming(layouts, tmp_path):
         read_brats_folder(folder, progress=False)
 
 
+def test_check_of_a_release_with_bare_file_names_says_where_they_are_read(layouts, tmp_path, capsys):
+    """A release whose subject folder holds ``t1n.nii.gz`` ... (the subject id not in the names) is refused by
+    ``check``, each missing modality naming its bare-named file and the inputs that read such names."""
+    folder = _copy(layouts, "brats2023", tmp_path)
+    subject = folder / "BraTS-GLI-00001-000"
+    for path in subject.glob("*.nii.gz"):
+        path.rename(subject / path.name.removeprefix(f"{subject.name}-"))
+    assert main(["check", "--data-dir", str(folder), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"subject {subject.name}: missing modality 't1ce': expected a file {subject.name}_t1ce.nii.gz (BraTS "
+        f"2018-2022) or {subject.name}-t1c.nii.gz (BraTS 2023+) (or .nii) in {subject}. t1c.nii.gz there is named as "
+        "the modality alone, which is read only when the four files are given as a list, or this folder alone, as "
+        "the inference input."
+    ) in err
+    assert err.count("named as the modality alone") == 4 and "4 problem(s) found." in err
+
+
 def test_mixed_naming_in_a_subject_and_in_a_folder(layouts, tmp_path):
     folder = _copy(layouts, "brats2021", tmp_path)
     subject = folder / "BraTS2021_00001"

@@ -11,7 +11,13 @@ import pytest
 
 from medsegdiff_monai.data import BratsDataError, write_synthetic_brats
 from medsegdiff_monai.inferers import DiffusionSampler
-from medsegdiff_monai.workflows import BratsVolumeInferer, collect_inference_inputs, run_evaluation
+from medsegdiff_monai.workflows import (
+    BratsVolumeInferer,
+    check_inference_inputs,
+    check_output_folder,
+    collect_inference_inputs,
+    run_evaluation,
+)
 
 SHAPE = (32, 32, 16)
 
@@ -40,6 +46,37 @@ def test_mixed_layout_folder_is_refused(folders, tmp_path):
     shutil.copytree(folders["brats2020"] / "BraTS20_Training_001", mixed / "BraTS20_Training_001")
     with pytest.raises(BratsDataError, match=r"mixes BraTS layouts"):
         collect_inference_inputs(mixed)
+
+
+@pytest.mark.parametrize(
+    "layout, suffixes, names, extension",
+    [
+        ("brats2023", ("t1n", "t1c", "t2w", "t2f"), ("t1n", "t1c", "t2w", "t2f"), ".nii.gz"),  # BraTS 2023 tools
+        ("brats2020", ("t1", "t1ce", "t2", "flair"), ("T1", "T1CE", "T2", "FLAIR"), ".nii"),
+    ],
+)
+def test_a_case_folder_of_bare_file_names_is_one_subject(folders, tmp_path, layout, suffixes, names, extension):
+    """A folder holding one subject's files named as the modality alone is that subject, the folder's name its id,
+    the files in modality order; in a release's subject folders such names stay refused, naming where they are
+    read; and an output folder beside the case folder is accepted (bare names do not make the parent a release)."""
+    subject = sorted(p for p in folders[layout].iterdir() if p.is_dir())[0]
+    separator = "-" if layout == "brats2023" else "_"
+    case = tmp_path / "cases" / "case01"
+    case.mkdir(parents=True)
+    for suffix, name in zip((*suffixes, "seg"), (*names, "seg")):
+        shutil.copy(subject / f"{subject.name}{separator}{suffix}{extension}", case / f"{name}{extension}")
+    (entry,) = collect_inference_inputs(case)
+    assert entry == {
+        "image": [str(case / f"{name}{extension}") for name in names],
+        "subject_id": "case01",
+        "label": str(case / f"seg{extension}"),
+    }
+    check_inference_inputs([entry])
+    check_output_folder(tmp_path / "cases" / "out", case, entries=[entry])
+    with pytest.raises(ValueError, match="lies inside the input folder"):
+        check_output_folder(case / "out", case, entries=[entry])
+    with pytest.raises(BratsDataError, match=r"named as the modality alone, which is read only when the four files"):
+        collect_inference_inputs(case.parent)
 
 
 def test_brats2023_evaluation_writes_and_scores_label_3(brain_oracle, folders, tmp_path):
