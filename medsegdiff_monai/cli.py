@@ -225,9 +225,10 @@ def _register_datalist(subparsers: argparse._SubParsersAction) -> None:
         "datalist",
         help="validate a BraTS folder and write a stratified training/validation(/testing) datalist JSON.",
         description="Validate the folder, split subjects by grade (stratified, seeded; with --test-fraction also a "
-        "held-out 'testing' list, used for nothing but the final evaluation), print the training split's "
-        "n_LGG, n_HGG and alpha_c = N / (2 n_c), and write a MONAI datalist with paths relative to DATA_DIR. "
-        "Load it with monai.data.load_decathlon_datalist(path, data_list_key='training', base_dir=DATA_DIR).",
+        "held-out 'testing' list, used for nothing but the final evaluation) and by patient (the timepoints of a "
+        "BraTS 2023+ patient, BraTS-GLI-PPPPP-TTT, are all in one list; the fractions count patients), print the "
+        "training split's n_LGG, n_HGG and alpha_c = N / (2 n_c), and write a MONAI datalist with paths relative to "
+        "DATA_DIR. Load it with monai.data.load_decathlon_datalist(path, data_list_key='training', base_dir=DATA_DIR).",
     )
     _add_folder_arguments(parser)
     parser.add_argument(

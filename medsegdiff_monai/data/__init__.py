@@ -25,6 +25,7 @@ from medsegdiff_monai.data.layout import (
     grade_index,
     label_convention,
     modality_of_file,
+    patient_of,
     release_of_file,
 )
 from medsegdiff_monai.data.name_mapping import NameMapping, parse_name_mapping, read_name_mapping
@@ -105,6 +106,7 @@ __all__ = [
     "make_synthetic_subject",
     "mixed_release_problems",
     "parse_name_mapping",
+    "patient_of",
     "read_brats_folder",
     "read_datalist_json",
     "read_name_mapping",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.files import write_text_atomically
-from medsegdiff_monai.data.layout import BratsSubject
+from medsegdiff_monai.data.layout import BratsSubject, patient_of
 from medsegdiff_monai.data.split import class_balance, stratified_split
 
 __all__ = [
@@ -49,14 +49,15 @@ def build_datalist(
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """MONAI datalist of a subject-level split stratified by grade (see :func:`stratified_split`).
+    """MONAI datalist of a patient-level split stratified by grade (see :func:`stratified_split`): the timepoints of a
+    BraTS 2023+ patient are all in one list.
 
     Args:
         subjects: validated subjects with grades (e.g. from :func:`read_brats_folder`).
         data_dir: the data root; entry paths are relative to it.
-        val_fraction: share of each grade in the validation split.
+        val_fraction: share of each grade's patients in the validation split.
         seed: seed of the split.
-        test_fraction: share of each grade in the held-out ``testing`` split (0: no ``testing`` key).
+        test_fraction: share of each grade's patients in the held-out ``testing`` split (0: no ``testing`` key).
 
     Returns:
         ``{"training": [...], "validation": [...], "testing": [...], "class_balance": {...}, "split": {...}}``;
@@ -64,7 +65,8 @@ def build_datalist(
         split (``n_LGG``, ``n_HGG``, ``alpha_LGG``, ``alpha_HGG``).
 
     Raises:
-        ValueError: when a subject has no grade, or a split lacks a grade (the message names the split and counts).
+        ValueError: when a subject has no grade, a patient's subjects differ in grade, or a split lacks a grade (the
+            message names the split and counts).
     """
     ungraded = [s.subject_id for s in subjects if s.grade is None]
     if subjects and len(ungraded) == len(subjects):
@@ -162,23 +164,25 @@ def build_segmentation_datalist(
 ) -> dict[str, Any]:
     """MONAI datalist of subjects without grades (segmentation only, e.g. BraTS 2021 or 2023 without a grade table).
 
-    The subjects, sorted by id, are shuffled and split by MONAI's ``partition_dataset`` (seeded), not stratified:
-    the first ``round(n * test_fraction)`` shuffled subjects are held out for testing, the next
-    ``round(n * val_fraction)`` validate.
+    The subjects are grouped by patient (:func:`~medsegdiff_monai.data.layout.patient_of`: the timepoints of a
+    BraTS 2023+ patient stay in one list; any other id is a patient of its own). The ``n`` patients, sorted, are
+    shuffled and split by MONAI's ``partition_dataset`` (seeded), not stratified: the first
+    ``round(n * test_fraction)`` shuffled patients are held out for testing, the next ``round(n * val_fraction)``
+    validate.
 
     Args:
         subjects: validated subjects (grades ``None``).
         data_dir: the data root; entry paths are relative to it.
-        val_fraction: share of subjects in the validation split, in [0, 1).
+        val_fraction: share of patients in the validation split, in [0, 1).
         seed: seed of the split.
-        test_fraction: share of subjects in the held-out ``testing`` split (0: no ``testing`` key).
+        test_fraction: share of patients in the held-out ``testing`` split (0: no ``testing`` key).
 
     Returns:
         ``{"training": [...], "validation": [...], ["testing": [...],] "split": {...}}``; the entries have no
         ``grade``.
 
     Raises:
-        ValueError: a fraction out of range, or a split that leaves no training subject.
+        ValueError: a fraction out of range, or a split that leaves no training patient.
     """
     from monai.data import partition_dataset  # MONAI (and torch) load lazily, keeping the CLI quick to start
 
@@ -186,16 +190,22 @@ def build_segmentation_datalist(
         raise ValueError(
             f"datalist: val_fraction and test_fraction must be in [0, 1), got {val_fraction} and {test_fraction}."
         )
-    ordered = sorted(subjects, key=lambda s: s.subject_id)
-    num_test, num_val = (int(round(len(ordered) * fraction)) for fraction in (test_fraction, val_fraction))
-    if ordered and num_test + num_val >= len(ordered):
+    subjects_of: dict[str, list[BratsSubject]] = {}
+    for subject in sorted(subjects, key=lambda s: s.subject_id):
+        subjects_of.setdefault(patient_of(subject.subject_id), []).append(subject)
+    patients = sorted(subjects_of)
+    num_test, num_val = (int(round(len(patients) * fraction)) for fraction in (test_fraction, val_fraction))
+    if patients and num_test + num_val >= len(patients):
+        unit = "subjects" if len(patients) == len(subjects) else "patients"
         raise ValueError(
-            f"datalist: {len(ordered)} subjects, {num_val} for validation and {num_test} for testing leave none for "
+            f"datalist: {len(patients)} {unit}, {num_val} for validation and {num_test} for testing leave none for "
             "training; lower --val-fraction or --test-fraction."
         )
-    shuffled = partition_dataset(ordered, num_partitions=1, shuffle=True, seed=seed)[0]
+    shuffled = partition_dataset(patients, num_partitions=1, shuffle=True, seed=seed)[0]
     parts = shuffled[:num_test], shuffled[num_test : num_test + num_val], shuffled[num_test + num_val :]
-    testing, validation, training = (sorted(part, key=lambda s: s.subject_id) for part in parts)
+    testing, validation, training = (
+        sorted((s for p in part for s in subjects_of[p]), key=lambda s: s.subject_id) for part in parts
+    )
     datalist: dict[str, Any] = {
         "training": [subject_entry(s, data_dir) for s in training],
         "validation": [subject_entry(s, data_dir) for s in validation],

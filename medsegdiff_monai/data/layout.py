@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,21 @@ SUBJECT_ID_COLUMN = "BraTS_2020_subject_ID"
 GRADE_COLUMN = "Grade"
 NAME_MAPPING_FILENAME = "name_mapping.csv"
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
+
+_TIMEPOINT_ID = re.compile(r"(BraTS(?:-[A-Za-z]+)+-\d+)-\d+")
+"""A BraTS 2023+ subject id, ``BraTS-<cohort>-<patient>-<timepoint>``; its group 1 names the patient."""
+
+
+def patient_of(subject_id: str) -> str:
+    """The patient of a subject id: ``BraTS-GLI-00001-001`` -> ``BraTS-GLI-00001`` (BraTS 2023+ ids end in the
+    patient's timepoint; -MEN, -PED, -SSA, -MET ... alike); any other id (``BraTS20_Training_001``,
+    ``BraTS2021_00000``) is a patient of its own and comes back unchanged.
+
+    Args:
+        subject_id: the subject's folder name.
+    """
+    match = _TIMEPOINT_ID.fullmatch(subject_id)
+    return match.group(1) if match is not None else subject_id
 
 
 def is_nifti(path: Path) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems
-from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, grade_index, release_of_file
+from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, grade_index, patient_of, release_of_file
 from medsegdiff_monai.data.validation import BratsDataError, check_subject_volumes
 
 __all__ = [
@@ -339,9 +339,11 @@ def first_image(entry: Any) -> str | None:
 
 def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> list[str]:
     """A subject listed in both ``training`` and ``validation`` (the same first image file) would be validated on,
-    chosen as best and calibrated on what it was trained on."""
-    lists = [content.get(key) for key in ("training", "validation")]
-    if not all(isinstance(entries, list) for entries in lists):
+    chosen as best and calibrated on what it was trained on; a timepoint of a patient trained on (BraTS 2023+
+    ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00001-001``, see :func:`patient_of`) in ``validation`` or ``testing`` is
+    not held out either."""
+    training_entries = content.get("training")
+    if not isinstance(training_entries, list):
         return []
 
     def first_images(entries: list) -> dict[Path, str]:
@@ -352,12 +354,33 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
                 found[path] = str(entry.get("subject_id") or path.parent.name)
         return found
 
-    training, validation = (first_images(entries) for entries in lists)
-    shared = [validation[path] for path in validation if path in training]
-    if not shared:
-        return []
-    return [
-        f"datalist {datalist}: {len(shared)} subject(s) in both 'training' and 'validation' ({', '.join(shared)}); "
-        "a validation subject must be held out from training. Write the datalist again with `medsegdiff-monai "
-        f"datalist --data-dir {dataset_dir} --out {datalist}`."
-    ]
+    training = first_images(training_entries)
+    trained_patients: dict[str, list[str]] = {}
+    for subject in training.values():
+        trained_patients.setdefault(patient_of(subject), []).append(subject)
+    again = f"Write the datalist again with `medsegdiff-monai datalist --data-dir {dataset_dir} --out {datalist}`."
+    problems = []
+    for key in ("validation", "testing"):
+        entries = content.get(key)
+        if not isinstance(entries, list):
+            continue
+        held_out = first_images(entries)
+        if key == "validation" and (shared := [held_out[path] for path in held_out if path in training]):
+            problems.append(
+                f"datalist {datalist}: {len(shared)} subject(s) in both 'training' and 'validation' "
+                f"({', '.join(shared)}); a validation subject must be held out from training. {again}"
+            )
+        pairs = [
+            f"{trained} in 'training' and {subject} in {key!r}"
+            for path, subject in held_out.items()
+            if path not in training
+            for trained in trained_patients.get(patient_of(subject), [])
+            if trained != subject
+        ]
+        if pairs:
+            problems.append(
+                f"datalist {datalist}: {len(pairs)} pair(s) of one patient's timepoints in 'training' and {key!r} "
+                f"({', '.join(pairs)}); a patient's timepoints must all be in one list, else the {key} subjects are "
+                f"not held out from training. {again}"
+            )
+    return problems

@@ -1,4 +1,4 @@
-"""Subject-level stratified split (training / validation / testing) and the training split's grade class balance."""
+"""Patient-level stratified split (training / validation / testing) and the training split's grade class balance."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from medsegdiff_monai.data.layout import GRADE_TO_INDEX, INDEX_TO_GRADE
+from medsegdiff_monai.data.layout import GRADE_TO_INDEX, INDEX_TO_GRADE, patient_of
 
 __all__ = ["SubjectSplit", "class_balance", "class_balance_line", "grade_class_weights", "stratified_split"]
 
@@ -30,6 +30,13 @@ def _grade_counts(grades: Sequence[int]) -> dict[str, int]:
     return {name: sum(1 for g in grades if g == index) for name, index in GRADE_TO_INDEX.items()}
 
 
+def _counted(num_patients: int, num_subjects: int) -> str:
+    """``"6 subjects"``, or ``"4 patients (6 subjects)"`` where patients have several subjects (timepoints)."""
+    if num_patients == num_subjects:
+        return f"{num_subjects} subjects"
+    return f"{num_patients} patients ({num_subjects} subjects)"
+
+
 def stratified_split(
     subject_ids: Sequence[str],
     grades: Sequence[int],
@@ -37,16 +44,19 @@ def stratified_split(
     seed: int = 0,
     test_fraction: float = 0.0,
 ) -> SubjectSplit:
-    """Split subjects into training, validation and testing, stratified by grade, deterministic from ``seed``.
+    """Split subjects into training, validation and testing by patient, stratified by grade, deterministic from
+    ``seed``.
 
-    Each grade's subjects are sorted by id and shuffled with ``numpy.random.default_rng(seed)``; the first
-    ``round(n_grade * test_fraction)`` go to testing, the next ``round(n_grade * val_fraction)`` to validation, the
-    rest to training. The result does not depend on the input order. With ``test_fraction=0`` the training and
-    validation splits are those of the two-way split of the same seed.
+    The subjects are grouped by patient (:func:`~medsegdiff_monai.data.layout.patient_of`): the timepoints of a
+    BraTS 2023+ patient (``BraTS-GLI-00001-000``, ``BraTS-GLI-00001-001``) go to one split together; any other id
+    is a patient of its own. Each grade's patients are sorted and shuffled with ``numpy.random.default_rng(seed)``;
+    the first ``round(n_grade * test_fraction)`` go to testing, the next ``round(n_grade * val_fraction)`` to
+    validation, the rest to training (``n_grade`` counts patients). The result does not depend on the input order.
+    With ``test_fraction=0`` the training and validation splits are those of the two-way split of the same seed.
 
     Args:
         subject_ids: unique subject ids.
-        grades: grade index of each subject (LGG 0, HGG 1).
+        grades: grade index of each subject (LGG 0, HGG 1); a patient's subjects share one grade.
         val_fraction: share of each grade held out for validation, in [0, 1).
         seed: seed of the shuffle.
         test_fraction: share of each grade held out for testing, in [0, 1); ``val_fraction + test_fraction < 1``.
@@ -55,9 +65,9 @@ def stratified_split(
         :class:`SubjectSplit`; together the three lists hold all ``subject_ids``.
 
     Raises:
-        ValueError: on mismatched lengths, repeated ids, grades outside {0, 1}, fractions out of range, or when the
-            training split, or a validation / testing split asked for (fraction > 0), lacks a grade; the message
-            names the split and its counts.
+        ValueError: on mismatched lengths, repeated ids, grades outside {0, 1}, a patient with subjects of both
+            grades, fractions out of range, or when the training split, or a validation / testing split asked for
+            (fraction > 0), lacks a grade; the message names the split and its counts.
 
     Example::
 
@@ -81,24 +91,38 @@ def stratified_split(
     if unknown:
         raise ValueError(f"split: grades must be 0 (LGG) or 1 (HGG), got {unknown}.")
 
+    grade_of = dict(zip(subject_ids, grades, strict=True))
+    subjects_of: dict[str, list[str]] = {}
+    for subject in sorted(subject_ids):
+        subjects_of.setdefault(patient_of(subject), []).append(subject)
+    for patient, members in subjects_of.items():
+        if len({grade_of[s] for s in members}) > 1:
+            listed = ", ".join(f"{s} {INDEX_TO_GRADE[grade_of[s]]}" for s in members)
+            raise ValueError(
+                f"split: the subjects of patient {patient} have different grades ({listed}); a patient's timepoints "
+                "share one grade: correct the grade table."
+            )
+
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}
-    grade_of = dict(zip(subject_ids, grades, strict=True))
     for grade in sorted(INDEX_TO_GRADE):
-        members = sorted(s for s, g in grade_of.items() if g == grade)
+        members = sorted(p for p, subjects in subjects_of.items() if grade_of[subjects[0]] == grade)
         order = [members[i] for i in rng.permutation(len(members))]
         n_test = int(round(len(members) * test_fraction))
         n_val = int(round(len(members) * val_fraction))
-        parts["testing"].extend(order[:n_test])
-        parts["validation"].extend(order[n_test : n_test + n_val])
-        parts["training"].extend(order[n_test + n_val :])
+        for name, patients in (
+            ("testing", order[:n_test]),
+            ("validation", order[n_test : n_test + n_val]),
+            ("training", order[n_test + n_val :]),
+        ):
+            parts[name].extend(s for p in patients for s in subjects_of[p])
     for name, fraction in (("training", 1.0), ("validation", val_fraction), ("testing", test_fraction)):
         counts = _grade_counts([grade_of[s] for s in parts[name]])
         missing = [grade for grade, count in counts.items() if count == 0]
         if fraction > 0 and missing:
             raise ValueError(
                 f"split: the {name} split would have no {' and no '.join(missing)} subject "
-                f"(n_LGG={counts['LGG']} n_HGG={counts['HGG']} of {len(subject_ids)} subjects with "
+                f"(n_LGG={counts['LGG']} n_HGG={counts['HGG']} of {_counted(len(subjects_of), len(subject_ids))} with "
                 f"val_fraction={val_fraction}, test_fraction={test_fraction}); every split needs both grades. "
                 "Use more subjects, other fractions or another seed."
             )

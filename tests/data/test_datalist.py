@@ -1,10 +1,18 @@
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 from monai.data import load_decathlon_datalist
 
-from medsegdiff_monai.data import build_datalist, load_brats_datalist, read_brats_folder, write_datalist
+from medsegdiff_monai.data import (
+    BratsSubject,
+    build_datalist,
+    load_brats_datalist,
+    patient_of,
+    read_brats_folder,
+    write_datalist,
+)
 
 
 def test_datalist_entries(synthetic_brats_dir, synthetic_datalist):
@@ -56,3 +64,27 @@ def test_datalist_with_a_held_out_test_split(synthetic_brats_dir):
 def test_a_list_the_datalist_lacks_is_named_with_the_ones_it_has(synthetic_datalist):
     with pytest.raises(KeyError, match=r"has no list 'testing'; its lists: \['training', 'validation'\]"):
         load_brats_datalist(synthetic_datalist, "testing")
+
+
+def _brats2023_subjects(ids: list[str], root: Path) -> list[BratsSubject]:
+    """Subjects without grades under BraTS 2023 names (the files need not exist to build a datalist)."""
+    return [
+        BratsSubject(
+            sid, tuple(root / sid / f"{sid}-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f")), release="brats2023"
+        )
+        for sid in ids
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_datalist_without_grades_keeps_the_timepoints_of_a_patient_in_one_list(seed, tmp_path):
+    # 10 patients, the even ones seen at three timepoints: 20 subjects
+    ids = [f"BraTS-GLI-{p:05d}-{t:03d}" for p in range(10) for t in range(3 if p % 2 == 0 else 1)]
+    datalist = build_datalist(
+        _brats2023_subjects(ids, tmp_path), tmp_path, val_fraction=0.2, seed=seed, test_fraction=0.2
+    )
+    lists = [[e["subject_id"] for e in datalist[key]] for key in ("training", "validation", "testing")]
+    assert sorted(sum(lists, [])) == sorted(ids)
+    patients = [{patient_of(s) for s in part} for part in lists]
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(patients, 2))
+    assert [len(p) for p in patients] == [6, 2, 2]  # round(10 * 0.2) = 2 patients in each held-out list

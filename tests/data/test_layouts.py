@@ -16,6 +16,7 @@ from medsegdiff_monai.data import (
     BratsDataError,
     convert_label_convention,
     label_convention,
+    patient_of,
     read_brats_folder,
     release_of_file,
     write_synthetic_brats,
@@ -321,3 +322,57 @@ def test_training_input_check_names_subjects_without_a_grade_among_graded_ones(s
     assert "--grades GRADES.csv" in message and "--use_grade_head false" in message
     assert f"subject {content['validation'][0]['subject_id']}: grade 'G4' is not valid" in message
     assert missing in (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("subject_id", "patient"),
+    [
+        ("BraTS-GLI-00001-001", "BraTS-GLI-00001"),
+        ("BraTS-MEN-00002-000", "BraTS-MEN-00002"),
+        ("BraTS-SSA-00003-010", "BraTS-SSA-00003"),
+        ("BraTS20_Training_001", "BraTS20_Training_001"),
+        ("BraTS2021_00000", "BraTS2021_00000"),
+        ("BraTS-GLI-00001", "BraTS-GLI-00001"),
+    ],
+)
+def test_patient_of_a_subject_id(subject_id, patient):
+    assert patient_of(subject_id) == patient
+
+
+def _with_second_timepoints(layouts: dict[str, Path], tmp_path: Path) -> Path:
+    """The three BraTS 2023 subjects (timepoint 000) and a copy of each as timepoint 001: three patients."""
+    folder = _copy(layouts, "brats2023", tmp_path)
+    for case in sorted(p for p in folder.iterdir() if p.is_dir()):
+        later = f"{patient_of(case.name)}-001"
+        (folder / later).mkdir()
+        for path in case.iterdir():
+            shutil.copy(path, folder / later / path.name.replace(case.name, later))
+    return folder
+
+
+def test_datalist_and_training_check_keep_a_patients_timepoints_in_one_list(layouts, tmp_path):
+    from medsegdiff_monai.data import BratsDataError, check_training_inputs
+
+    folder = _with_second_timepoints(layouts, tmp_path)
+    datalist = folder / "datalist.json"
+    split = ["--val-fraction", "0.34", "--test-fraction", "0.34", "--seed", "0", "--out", str(datalist)]
+    assert main(["datalist", "--data-dir", str(folder), *split, "--no-progress"]) == 0
+    content = json.loads(datalist.read_text())
+    lists = {key: [e["subject_id"] for e in content[key]] for key in ("training", "validation", "testing")}
+    # one patient (both of its timepoints) in each list
+    assert {key: sorted({patient_of(s) for s in ids}) for key, ids in lists.items()} == {
+        key: [ids[0][:-4]] for key, ids in lists.items()
+    }
+    assert all(len(ids) == 2 for ids in lists.values())
+    check_training_inputs(datalist, folder, [16, 16], 8, require_grade=False, progress=False)
+
+    for key in ("validation", "testing"):  # a timepoint moved to training: that patient is no longer held out
+        moved = json.loads(datalist.read_text())
+        moved["training"].append(moved[key].pop())
+        edited = tmp_path / f"moved_{key}.json"
+        edited.write_text(json.dumps(moved))
+        with pytest.raises(BratsDataError) as error:
+            check_training_inputs(edited, folder, [16, 16], 8, require_grade=False, progress=False)
+        trained, held_out = sorted(lists[key], reverse=True)
+        assert f"({trained} in 'training' and {held_out} in {key!r})" in str(error.value)
+        assert "Write the datalist again with `medsegdiff-monai datalist" in str(error.value)

@@ -1,9 +1,16 @@
+import itertools
 import random
 import re
 
 import pytest
 
-from medsegdiff_monai.data import class_balance, class_balance_line, grade_class_weights, stratified_split
+from medsegdiff_monai.data import (
+    class_balance,
+    class_balance_line,
+    grade_class_weights,
+    patient_of,
+    stratified_split,
+)
 
 IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 370)]
 GRADES = [0] * 76 + [1] * 293  # the real release: 76 LGG, 293 HGG
@@ -93,3 +100,35 @@ def test_alpha_of_the_training_split():
 def test_alpha_undefined_without_a_class():
     with pytest.raises(ValueError, match="no LGG subject"):
         grade_class_weights([1, 1, 1])
+
+
+def _timepoint_ids(num_patients: int) -> tuple[list[str], list[int]]:
+    """BraTS 2023 ids of ``num_patients`` patients with one to three timepoints each; every fourth patient is LGG."""
+    rng = random.Random(0)
+    ids, grades = [], []
+    for patient in range(num_patients):
+        for timepoint in range(rng.randint(1, 3)):
+            ids.append(f"BraTS-GLI-{patient:05d}-{timepoint:03d}")
+            grades.append(int(patient % 4 != 0))
+    return ids, grades
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_timepoints_of_a_patient_stay_in_one_split(seed):
+    ids, grades = _timepoint_ids(20)  # 5 LGG and 15 HGG patients
+    assert len(ids) > 30
+    split = stratified_split(ids, grades, val_fraction=0.2, seed=seed, test_fraction=0.2)
+    assert sorted(sum(split, [])) == sorted(ids)
+    patients = [{patient_of(s) for s in part} for part in split]
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(patients, 2))
+    # the fractions count patients: round(5 * 0.2) = 1 LGG and round(15 * 0.2) = 3 HGG in each held-out split
+    assert [len(part) for part in patients] == [12, 4, 4]
+
+
+def test_a_patient_with_two_grades_is_refused():
+    ids, grades = _timepoint_ids(8)
+    ids, grades = [*ids, "BraTS-GLI-00000-009"], [*grades, 1]  # patient 0 is LGG
+    message = "the subjects of patient BraTS-GLI-00000 have different grades (BraTS-GLI-00000-000 LGG, "
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        stratified_split(ids, grades, val_fraction=0.25, seed=0)
+    assert "BraTS-GLI-00000-009 HGG); a patient's timepoints share one grade" in str(error.value)
