@@ -239,7 +239,7 @@ def _register_datalist(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         help="share of each grade held out as the 'testing' list (default 0: none); every split asked for must "
-        "hold both grades.",
+        "hold at least one patient, and both grades where there are grades.",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0).")
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: DATA_DIR/datalist.json).")

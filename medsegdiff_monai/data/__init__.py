@@ -42,6 +42,7 @@ from medsegdiff_monai.data.split import (
     class_balance,
     class_balance_line,
     grade_class_weights,
+    held_out_count,
     stratified_split,
 )
 from medsegdiff_monai.data.synthetic import (
@@ -98,6 +99,7 @@ __all__ = [
     "get_difficulty",
     "grade_class_weights",
     "grade_index",
+    "held_out_count",
     "label_convention",
     "list_subject_dirs",
     "make_slice_dataset",

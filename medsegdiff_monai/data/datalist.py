@@ -9,7 +9,7 @@ from typing import Any
 
 from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.data.layout import BratsSubject, patient_of
-from medsegdiff_monai.data.split import class_balance, stratified_split
+from medsegdiff_monai.data.split import class_balance, held_out_count, stratified_split
 
 __all__ = [
     "build_datalist",
@@ -65,8 +65,8 @@ def build_datalist(
         split (``n_LGG``, ``n_HGG``, ``alpha_LGG``, ``alpha_HGG``).
 
     Raises:
-        ValueError: when a subject has no grade, a patient's subjects differ in grade, or a split lacks a grade (the
-            message names the split and counts).
+        ValueError: when a subject has no grade, a patient's subjects differ in grade, a fraction above 0 holds out
+            no patient, or a split lacks a grade (the message names the split and counts).
     """
     ungraded = [s.subject_id for s in subjects if s.grade is None]
     if subjects and len(ungraded) == len(subjects):
@@ -182,7 +182,8 @@ def build_segmentation_datalist(
         ``grade``.
 
     Raises:
-        ValueError: a fraction out of range, or a split that leaves no training patient.
+        ValueError: a fraction out of range, a fraction above 0 that holds out no patient (see
+            :func:`held_out_count`), or a split that leaves no training patient.
     """
     from monai.data import partition_dataset  # MONAI (and torch) load lazily, keeping the CLI quick to start
 
@@ -194,7 +195,10 @@ def build_segmentation_datalist(
     for subject in sorted(subjects, key=lambda s: s.subject_id):
         subjects_of.setdefault(patient_of(subject.subject_id), []).append(subject)
     patients = sorted(subjects_of)
-    num_test, num_val = (int(round(len(patients) * fraction)) for fraction in (test_fraction, val_fraction))
+    num_test, num_val = (
+        held_out_count(name, fraction, len(patients), len(subjects))
+        for name, fraction in (("testing", test_fraction), ("validation", val_fraction))
+    )
     if patients and num_test + num_val >= len(patients):
         unit = "subjects" if len(patients) == len(subjects) else "patients"
         raise ValueError(

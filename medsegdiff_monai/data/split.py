@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -9,7 +10,14 @@ import numpy as np
 
 from medsegdiff_monai.data.layout import GRADE_TO_INDEX, INDEX_TO_GRADE, patient_of
 
-__all__ = ["SubjectSplit", "class_balance", "class_balance_line", "grade_class_weights", "stratified_split"]
+__all__ = [
+    "SubjectSplit",
+    "class_balance",
+    "class_balance_line",
+    "grade_class_weights",
+    "held_out_count",
+    "stratified_split",
+]
 
 
 class SubjectSplit(NamedTuple):
@@ -35,6 +43,36 @@ def _counted(num_patients: int, num_subjects: int) -> str:
     if num_patients == num_subjects:
         return f"{num_subjects} subjects"
     return f"{num_patients} patients ({num_subjects} subjects)"
+
+
+_FRACTION_OPTIONS: dict[str, str] = {"validation": "--val-fraction", "testing": "--test-fraction"}
+
+
+def held_out_count(split: str, fraction: float, num_patients: int, num_subjects: int) -> int:
+    """Number of patients a held-out list takes, ``round(num_patients * fraction)``; a fraction above 0 that takes
+    none (the list asked for would be empty) is refused.
+
+    Args:
+        split: the list, ``"validation"`` or ``"testing"``.
+        fraction: its share (``--val-fraction`` / ``--test-fraction``).
+        num_patients: the patients split (see :func:`~medsegdiff_monai.data.layout.patient_of`).
+        num_subjects: their subjects (named in the error where they outnumber the patients).
+
+    Raises:
+        ValueError: naming the option, the fraction, the numbers of patients and subjects, and the smallest fraction
+            that holds one patient out.
+    """
+    count = int(round(num_patients * fraction))
+    if fraction > 0 and count == 0 and num_patients > 0:
+        option = _FRACTION_OPTIONS[split]
+        unit = "subjects" if num_patients == num_subjects else "patients"
+        smallest = math.ceil(100 / num_patients) / 100  # num_patients * smallest >= 1 rounds to 1 or more
+        instead = f"pass {option} {smallest:g} or more" + (", or 0 for no testing list" if split == "testing" else "")
+        raise ValueError(
+            f"split: {option} {fraction} of {_counted(num_patients, num_subjects)} gives 0 {split} {unit} "
+            f"(round({num_patients} * {fraction}) = 0); {instead}."
+        )
+    return count
 
 
 def stratified_split(
@@ -66,7 +104,8 @@ def stratified_split(
 
     Raises:
         ValueError: on mismatched lengths, repeated ids, grades outside {0, 1}, a patient with subjects of both
-            grades, fractions out of range, or when the training split, or a validation / testing split asked for
+            grades, fractions out of range, a fraction above 0 that holds out no patient (see
+            :func:`held_out_count`), or when the training split, or a validation / testing split asked for
             (fraction > 0), lacks a grade; the message names the split and its counts.
 
     Example::
@@ -102,6 +141,8 @@ def stratified_split(
                 f"split: the subjects of patient {patient} have different grades ({listed}); a patient's timepoints "
                 "share one grade: correct the grade table."
             )
+    for name, fraction in (("testing", test_fraction), ("validation", val_fraction)):
+        held_out_count(name, fraction, len(subjects_of), len(subject_ids))
 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}

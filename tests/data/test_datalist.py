@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,20 @@ def test_a_datalist_without_grades_keeps_the_timepoints_of_a_patient_in_one_list
     patients = [{patient_of(s) for s in part} for part in lists]
     assert all(a.isdisjoint(b) for a, b in itertools.combinations(patients, 2))
     assert [len(p) for p in patients] == [6, 2, 2]  # round(10 * 0.2) = 2 patients in each held-out list
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "test_fraction", "message"),
+    [
+        (0.34, 0.05, "--test-fraction 0.05 of 6 subjects gives 0 testing subjects (round(6 * 0.05) = 0); pass "
+         "--test-fraction 0.17 or more, or 0 for no testing list."),
+        (0.05, 0.0, "--val-fraction 0.05 of 6 subjects gives 0 validation subjects (round(6 * 0.05) = 0); pass "
+         "--val-fraction 0.17 or more."),
+    ],
+)  # fmt: skip
+def test_a_datalist_without_grades_refuses_a_fraction_that_holds_out_no_patient(
+    val_fraction, test_fraction, message, tmp_path
+):
+    subjects = _brats2023_subjects([f"BraTS-GLI-{p:05d}-000" for p in range(6)], tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_datalist(subjects, tmp_path, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)

@@ -376,3 +376,16 @@ def test_datalist_and_training_check_keep_a_patients_timepoints_in_one_list(layo
         trained, held_out = sorted(lists[key], reverse=True)
         assert f"({trained} in 'training' and {held_out} in {key!r})" in str(error.value)
         assert "Write the datalist again with `medsegdiff-monai datalist" in str(error.value)
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
+def test_datalist_without_grades_refuses_a_fraction_that_holds_out_no_subject(layouts, layout, tmp_path, capsys):
+    out = tmp_path / "datalist.json"
+    folder = ["--data-dir", str(layouts[layout]), "--out", str(out), "--no-progress"]
+    assert main(["datalist", *folder, "--val-fraction", "0.34", "--test-fraction", "0.05"]) == 1
+    assert "--test-fraction 0.05 of 3 subjects gives 0 testing subjects" in capsys.readouterr().err
+    assert main(["datalist", *folder, "--val-fraction", "0.05"]) == 1
+    error = capsys.readouterr().err
+    assert "--val-fraction 0.05 of 3 subjects gives 0 validation subjects" in error
+    assert "pass --val-fraction 0.34 or more" in error
+    assert not out.exists()

@@ -132,3 +132,35 @@ def test_a_patient_with_two_grades_is_refused():
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         stratified_split(ids, grades, val_fraction=0.25, seed=0)
     assert "BraTS-GLI-00000-009 HGG); a patient's timepoints share one grade" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("ids", "val_fraction", "test_fraction", "message"),
+    [
+        (
+            [f"s{i}" for i in range(8)],
+            0.25,
+            0.05,
+            "split: --test-fraction 0.05 of 8 subjects gives 0 testing subjects (round(8 * 0.05) = 0); pass "
+            "--test-fraction 0.13 or more, or 0 for no testing list.",
+        ),
+        (
+            [f"s{i}" for i in range(8)],
+            0.05,
+            0.25,
+            "split: --val-fraction 0.05 of 8 subjects gives 0 validation subjects (round(8 * 0.05) = 0); pass "
+            "--val-fraction 0.13 or more.",
+        ),
+        (
+            [f"BraTS-GLI-{i // 2:05d}-{i % 2:03d}" for i in range(8)],
+            0.25,
+            0.1,
+            "split: --test-fraction 0.1 of 4 patients (8 subjects) gives 0 testing patients (round(4 * 0.1) = 0); "
+            "pass --test-fraction 0.25 or more, or 0 for no testing list.",
+        ),
+    ],
+)
+def test_a_fraction_that_holds_out_no_patient_is_refused(ids, val_fraction, test_fraction, message):
+    grades = [0, 0, 1, 1, 0, 0, 1, 1]  # the two timepoints of a patient share its grade
+    with pytest.raises(ValueError, match=re.escape(message)):
+        stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
