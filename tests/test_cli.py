@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from medsegdiff_monai import cli
@@ -146,10 +148,19 @@ def test_module_entry_point_exit_code(tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
+def _label_map_bytes(enhancing: int, tmp_path) -> bytes:
+    """A small label map with necrosis, oedema and the enhancing label ``enhancing``, as NIfTI bytes."""
+    labels = np.zeros((4, 4, 4), dtype=np.uint8)
+    labels[0, 0, :3] = [1, 2, enhancing]
+    path = tmp_path / f"labels_{enhancing}.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(path))
+    return path.read_bytes()
+
+
 def test_submission_names_each_segmentation_by_its_subject(tmp_path, capsys):
     predictions = tmp_path / "inference"
     predictions.mkdir()
-    contents = {"BraTS2021_00001": b"first", "BraTS-GLI-00002-000": b"second"}
+    contents = {"BraTS2021_00001": _label_map_bytes(4, tmp_path), "BraTS-GLI-00002-000": _label_map_bytes(3, tmp_path)}
     for subject_id, content in contents.items():
         (predictions / f"{subject_id}_seg.nii.gz").write_bytes(content)
         (predictions / f"{subject_id}_uncertainty.nii.gz").write_bytes(b"not submitted")
@@ -160,13 +171,14 @@ def test_submission_names_each_segmentation_by_its_subject(tmp_path, capsys):
     assert "wrote 2 segmentation(s)" in capsys.readouterr().out
     # the same command again is accepted; a differing file of the same name is kept unless --overwrite
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 0
-    (predictions / "BraTS2021_00001_seg.nii.gz").write_bytes(b"sampled again")
+    sampled_again = _label_map_bytes(2, tmp_path)
+    (predictions / "BraTS2021_00001_seg.nii.gz").write_bytes(sampled_again)
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 1
     assert "BraTS2021_00001.nii.gz already exist(s) with other contents" in capsys.readouterr().err
-    assert (out / "BraTS2021_00001.nii.gz").read_bytes() == b"first"
+    assert (out / "BraTS2021_00001.nii.gz").read_bytes() == contents["BraTS2021_00001"]
     (out / "BraTS20_Validation_001.nii.gz").write_bytes(b"of an earlier submission")
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "BraTS2021_00001.nii.gz").read_bytes() == b"sampled again"
+    assert (out / "BraTS2021_00001.nii.gz").read_bytes() == sampled_again
     assert "also holds 1 other .nii.gz file(s) (e.g. BraTS20_Validation_001.nii.gz)" in capsys.readouterr().out
     # no segmentation, or the predictions folder itself as --out
     assert cli.main(["submission", "--predictions", str(out), "--out", str(tmp_path / "x")]) == 1
@@ -198,3 +210,21 @@ def test_submission_with_the_qu_brats_uncertainty_maps(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "BraTS2020_002_unc_core.nii.gz" in error and "--write_region_uncertainty true" in error
     assert not (tmp_path / "second").exists()
+
+
+def test_submission_refuses_labels_in_the_other_release_of_the_subject_id(tmp_path, capsys):
+    """A BraTS 2023 subject written with ET = 4 (inference run with --label_convention brats2020) would lose its
+    enhancing tumour on the portal; it is named and nothing is written. Ids of no known release are not checked."""
+    predictions = tmp_path / "inference"
+    predictions.mkdir()
+    (predictions / "BraTS-GLI-00002-000_seg.nii.gz").write_bytes(_label_map_bytes(4, tmp_path))
+    (predictions / "BraTS2021_00001_seg.nii.gz").write_bytes(_label_map_bytes(4, tmp_path))
+    (predictions / "case07_seg.nii.gz").write_bytes(_label_map_bytes(3, tmp_path))
+    out = tmp_path / "submission"
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "BraTS-GLI-00002-000_seg.nii.gz holds ET = 4 (BraTS 2018-2022 labels)" in error
+    assert "BraTS 2023+ subject, whose challenge reads ET = 3" in error and "--label_convention auto" in error
+    assert "BraTS2021_00001" not in error and "case07" not in error and not out.exists()
+    (predictions / "BraTS-GLI-00002-000_seg.nii.gz").write_bytes(_label_map_bytes(3, tmp_path))
+    assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 0

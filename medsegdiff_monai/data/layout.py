@@ -101,6 +101,22 @@ def patient_of(subject_id: str) -> str:
     return match.group(1) if match is not None else subject_id
 
 
+_RELEASE_2018_2022_ID = re.compile(r"Bra[Tt][Ss](?:18|19|20|2021)_.+")
+"""A BraTS 2018-2022 subject id (``Brats18_...``, ``BraTS19_...``, ``BraTS20_Training_001``, ``BraTS2021_00000``)."""
+
+
+def release_of_subject_id(subject_id: str) -> str | None:
+    """The release whose label convention a subject id belongs to: ``"brats2023"`` for ``BraTS-GLI-00001-000`` and
+    the other BraTS 2023+ cohorts, ``"brats2020"`` for the ids of BraTS 2018-2022, ``None`` for any other id.
+
+    Args:
+        subject_id: the subject's folder name.
+    """
+    if _TIMEPOINT_ID.fullmatch(subject_id):
+        return "brats2023"
+    return "brats2020" if _RELEASE_2018_2022_ID.fullmatch(subject_id) else None
+
+
 def is_nifti(path: Path) -> bool:
     """Whether ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
     return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)

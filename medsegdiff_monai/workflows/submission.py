@@ -8,12 +8,31 @@ import os
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from medsegdiff_monai.data.layout import ENHANCING_LABEL, RELEASE_TITLES, label_convention, release_of_subject_id
 from medsegdiff_monai.workflows.pipeline import OUTPUT_SUFFIXES, REGION_UNCERTAINTY_SUFFIXES
 
 __all__ = ["SEGMENTATION_SUFFIX", "write_submission"]
 
 SEGMENTATION_SUFFIX = OUTPUT_SUFFIXES[0]
 """File-name ending of the segmentations that inference writes (``<subject_id>_seg.nii.gz``)."""
+
+
+def _convention_problem(path: Path, subject_id: str) -> str | None:
+    """A message when a segmentation's enhancing-tumour label is not the one its subject id's release scores (ET = 4
+    in a ``BraTS-GLI-...`` file, 3 in a ``BraTS2021_...`` one); None when it is, or cannot be told."""
+    expected = release_of_subject_id(subject_id)
+    if expected is None:
+        return None
+    found = label_convention(np.unique(np.asarray(nib.load(str(path)).dataobj)).tolist(), path)
+    if found is None or found == expected:
+        return None
+    return (
+        f"{path} holds ET = {ENHANCING_LABEL[found]} ({RELEASE_TITLES[found]} labels), but {subject_id} is a "
+        f"{RELEASE_TITLES[expected]} subject, whose challenge reads ET = {ENHANCING_LABEL[expected]}."
+    )
 
 
 def write_submission(
@@ -43,7 +62,8 @@ def write_submission(
         FileNotFoundError: ``predictions_dir`` holds no segmentation, or with ``uncertainty``, a subject lacks a
             region map (naming the subjects); nothing is written then.
         FileExistsError: ``out_dir`` is a file, or a differing file of the same name is in it and not ``overwrite``.
-        ValueError: ``out_dir`` is ``predictions_dir``.
+        ValueError: ``out_dir`` is ``predictions_dir``, or a segmentation's enhancing-tumour label is not the one
+            its subject id's release scores (ET = 4 in a ``BraTS-GLI-...`` file, 3 in a ``BraTS2021_...`` one).
     """
     predictions_dir, out_dir = Path(predictions_dir), Path(out_dir)
     segmentations = sorted(predictions_dir.glob(f"*{SEGMENTATION_SUFFIX}")) if predictions_dir.is_dir() else []
@@ -68,6 +88,16 @@ def write_submission(
         raise FileNotFoundError(
             f"{predictions_dir} lacks the region uncertainty maps {shown}. Nothing was written. Run inference with "
             "--write_region_uncertainty true to write them, or leave out --uncertainty."
+        )
+    mislabelled = [
+        problem
+        for path in segmentations
+        if (problem := _convention_problem(path, path.name[: -len(SEGMENTATION_SUFFIX)]))
+    ]
+    if mislabelled:
+        raise ValueError(
+            " ".join(mislabelled) + " Nothing was written. Run inference again with --label_convention auto (or "
+            "the subjects' release) to write the labels their challenge scores."
         )
     differing = [
         str(target)
