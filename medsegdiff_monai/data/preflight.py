@@ -338,49 +338,42 @@ def first_image(entry: Any) -> str | None:
 
 
 def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> list[str]:
-    """A subject listed in both ``training`` and ``validation`` (the same first image file) would be validated on,
-    chosen as best and calibrated on what it was trained on; a timepoint of a patient trained on (BraTS 2023+
-    ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00001-001``, see :func:`patient_of`) in ``validation`` or ``testing`` is
-    not held out either."""
-    training_entries = content.get("training")
-    if not isinstance(training_entries, list):
-        return []
+    """A subject (the same first image file) or one patient's timepoints (BraTS 2023+ ``BraTS-GLI-00001-000`` and
+    ``BraTS-GLI-00001-001``, see :func:`patient_of`) in two of ``training``, ``validation`` and ``testing``: the
+    validation subjects choose the checkpoint and fit the calibration, the testing ones measure what neither saw, so
+    none of them may share a patient with another list."""
 
-    def first_images(entries: list) -> dict[Path, str]:
+    def first_images(entries: Any) -> dict[Path, str]:
         found = {}
-        for entry in entries:
+        for entry in entries if isinstance(entries, list) else []:
             if (image := first_image(entry)) is not None:
                 path = (Path(dataset_dir) / image).resolve()
                 found[path] = str(entry.get("subject_id") or path.parent.name)
         return found
 
-    training = first_images(training_entries)
-    trained_patients: dict[str, list[str]] = {}
-    for subject in training.values():
-        trained_patients.setdefault(patient_of(subject), []).append(subject)
+    lists = {key: first_images(content.get(key)) for key in ("training", "validation", "testing")}
     again = f"Write the datalist again with `medsegdiff-monai datalist --data-dir {dataset_dir} --out {datalist}`."
     problems = []
-    for key in ("validation", "testing"):
-        entries = content.get(key)
-        if not isinstance(entries, list):
-            continue
-        held_out = first_images(entries)
-        if key == "validation" and (shared := [held_out[path] for path in held_out if path in training]):
+    for first, second in (("training", "validation"), ("training", "testing"), ("validation", "testing")):
+        if shared := [subject for path, subject in lists[second].items() if path in lists[first]]:
             problems.append(
-                f"datalist {datalist}: {len(shared)} subject(s) in both 'training' and 'validation' "
-                f"({', '.join(shared)}); a validation subject must be held out from training. {again}"
+                f"datalist {datalist}: {len(shared)} subject(s) in both {first!r} and {second!r} "
+                f"({', '.join(shared)}); a {second} subject must be held out from {first}. {again}"
             )
+        patients: dict[str, list[str]] = {}
+        for subject in lists[first].values():
+            patients.setdefault(patient_of(subject), []).append(subject)
         pairs = [
-            f"{trained} in 'training' and {subject} in {key!r}"
-            for path, subject in held_out.items()
-            if path not in training
-            for trained in trained_patients.get(patient_of(subject), [])
-            if trained != subject
+            f"{other} in {first!r} and {subject} in {second!r}"
+            for path, subject in lists[second].items()
+            if path not in lists[first]
+            for other in patients.get(patient_of(subject), [])
+            if other != subject
         ]
         if pairs:
             problems.append(
-                f"datalist {datalist}: {len(pairs)} pair(s) of one patient's timepoints in 'training' and {key!r} "
-                f"({', '.join(pairs)}); a patient's timepoints must all be in one list, else the {key} subjects are "
-                f"not held out from training. {again}"
+                f"datalist {datalist}: {len(pairs)} pair(s) of one patient's timepoints in {first!r} and {second!r} "
+                f"({', '.join(pairs)}); a patient's timepoints must all be in one list, else the {second} subjects "
+                f"are not held out from {first}. {again}"
             )
     return problems

@@ -376,6 +376,22 @@ def test_datalist_and_training_check_keep_a_patients_timepoints_in_one_list(layo
         trained, held_out = sorted(lists[key], reverse=True)
         assert f"({trained} in 'training' and {held_out} in {key!r})" in str(error.value)
         assert "Write the datalist again with `medsegdiff-monai datalist" in str(error.value)
+    # a validation timepoint moved to testing: the checkpoint was chosen on its patient
+    moved = json.loads(datalist.read_text())
+    moved["testing"].append(moved["validation"].pop())
+    edited = tmp_path / "moved_to_testing.json"
+    edited.write_text(json.dumps(moved))
+    with pytest.raises(BratsDataError) as error:
+        check_training_inputs(edited, folder, [16, 16], 8, require_grade=False, progress=False)
+    first, second = sorted(lists["validation"])
+    assert f"({first} in 'validation' and {second} in 'testing')" in str(error.value)
+    # the very same subject in training and testing
+    copied = json.loads(datalist.read_text())
+    copied["testing"].append(copied["training"][0])
+    edited.write_text(json.dumps(copied))
+    with pytest.raises(BratsDataError) as error:
+        check_training_inputs(edited, folder, [16, 16], 8, require_grade=False, progress=False)
+    assert f"1 subject(s) in both 'training' and 'testing' ({lists['training'][0]})" in str(error.value)
 
 
 @pytest.mark.parametrize("layout", ["brats2021", "brats2023"])
