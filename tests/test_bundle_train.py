@@ -237,13 +237,17 @@ def test_training_without_grades_is_segmentation_only(tmp_path):
     assert len(read_metrics(tmp_path / "bundle_root")) == 2  # segmentation + joint, the grade stage left out
 
 
+@pytest.mark.parametrize(
+    "class_weights, message", [("[0,0]", "must be >= 0 and not all 0"), ("[]", "one weight per grade")]
+)
 def test_class_weights_that_train_nothing_are_refused_before_the_run_folder(
-    tmp_path, synthetic_brats_dir, synthetic_datalist
+    tmp_path, synthetic_brats_dir, synthetic_datalist, class_weights, message
 ):
-    """``--class_weights "[0,0]"`` is refused before the run folder is prepared, so the corrected command starts a
-    fresh run rather than taking over a folder whose record holds the refused settings."""
-    command = bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--class_weights", "[0,0]")
+    """``--class_weights "[0,0]"`` (or an empty list, which is not the class balance) is refused before the run
+    folder is prepared, so the corrected command starts a fresh run rather than taking over a folder whose record
+    holds the refused settings."""
+    command = bundle_command(synthetic_brats_dir, synthetic_datalist, tmp_path, "--class_weights", class_weights)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "alpha weights must be >= 0 and not all 0" in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "runs").exists()

@@ -119,13 +119,15 @@ def test_grade_focal_loss_sample_weight_is_the_mean_over_weighted_samples():
 
 
 def test_grade_focal_loss_input_checks():
-    loss = GradeFocalLoss(alpha=(1.0, 2.0, 3.0))
-    with pytest.raises(ValueError, match="3 alpha weights"):
-        loss(torch.randn(2, 2), torch.tensor([0, 1]))
+    loss = GradeFocalLoss(alpha=(1.0, 2.0))
+    with pytest.raises(ValueError, match="2 alpha weights but grade_logits has 3 classes"):
+        loss(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="grade_logits \\(B, num_classes\\) and grade \\(B,\\)"):
         GradeFocalLoss()(torch.randn(2, 2), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match=">= 0"):
         GradeFocalLoss(alpha=(-1.0, 1.0))
+    with pytest.raises(ValueError, match=r"one weight per grade, \[alpha_LGG, alpha_HGG\], got \[1, 2, 3\]"):
+        GradeFocalLoss(alpha=[1, 2, 3])
     with pytest.raises(ValueError, match="not all 0"):  # --class_weights "[0,0]": a grade stage that learns nothing
         GradeFocalLoss(alpha=(0.0, 0.0))
     # a fractional grade is not truncated to a class, a grade of 2 is not a raw index error
