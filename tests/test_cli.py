@@ -224,7 +224,7 @@ def test_submission_refuses_labels_in_the_other_release_of_the_subject_id(tmp_pa
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 1
     error = capsys.readouterr().err
     assert "BraTS-GLI-00002-000_seg.nii.gz holds ET = 4 (BraTS 2018-2022 labels)" in error
-    assert "BraTS 2023+ subject, whose challenge reads ET = 3" in error and "--label_convention auto" in error
+    assert "subject, whose challenge reads ET = 3: run inference again with --label_convention brats2023" in error
     assert "BraTS2021_00001" not in error and "case07" not in error and not out.exists()
     (predictions / "BraTS-GLI-00002-000_seg.nii.gz").write_bytes(_label_map_bytes(3, tmp_path))
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 0

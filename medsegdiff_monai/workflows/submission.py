@@ -31,7 +31,8 @@ def _convention_problem(path: Path, subject_id: str) -> str | None:
         return None
     return (
         f"{path} holds ET = {ENHANCING_LABEL[found]} ({RELEASE_TITLES[found]} labels), but {subject_id} is a "
-        f"{RELEASE_TITLES[expected]} subject, whose challenge reads ET = {ENHANCING_LABEL[expected]}."
+        f"{RELEASE_TITLES[expected]} subject, whose challenge reads ET = {ENHANCING_LABEL[expected]}: run inference "
+        f"again with --label_convention {expected}."
     )
 
 
@@ -95,10 +96,7 @@ def write_submission(
         if (problem := _convention_problem(path, path.name[: -len(SEGMENTATION_SUFFIX)]))
     ]
     if mislabelled:
-        raise ValueError(
-            " ".join(mislabelled) + " Nothing was written. Run inference again with --label_convention auto (or "
-            "the subjects' release) to write the labels their challenge scores."
-        )
+        raise ValueError(" ".join(mislabelled) + " Nothing was written.")
     differing = [
         str(target)
         for source, target in copies
