@@ -111,7 +111,10 @@ def _qu_brats_row(prediction: dict[str, Any], pred_regions: np.ndarray, truth_re
     for index, region in enumerate(BRATS_REGIONS):
         path = prediction["uncertainty_files"][region]
         uncertainty = _on_label_grid(nib.load(str(path)), label_image, path, label_file)
-        scores = qu_brats_scores(pred_regions[index] > 0, truth_regions[index] > 0, uncertainty, brain)
+        try:
+            scores = qu_brats_scores(pred_regions[index] > 0, truth_regions[index] > 0, uncertainty, brain)
+        except ValueError as error:
+            raise ValueError(f"subject {prediction['subject_id']}: {region} map {path}: {error}") from error
         row.update({f"qu_{name}_{region}": value for name, value in scores.items()})
     row["qu_score_mean"] = float(np.mean([row[f"qu_score_{region}"] for region in BRATS_REGIONS]))
     return row
@@ -192,6 +195,15 @@ def evaluate_subjects(
             f"uncertainty_files are given for some subjects but not for {', '.join(missing[:5])}: give them for every "
             "subject, or for none."
         )
+    for prediction in predictions:
+        files = prediction.get("uncertainty_files") or {}
+        lacking = [region for region in BRATS_REGIONS if region not in files]
+        if files and (lacking or not prediction.get("brain_file")):
+            given = "no brain_file" if not lacking else f"no map of {', '.join(lacking)}"
+            raise ValueError(
+                f"subject {prediction['subject_id']}: uncertainty_files needs a map of each of TC, WT and ET and a "
+                f"brain_file (e.g. the T1) beside them; got {given}."
+            )
     rows = []
     for prediction in predictions:
         subject_id = prediction["subject_id"]

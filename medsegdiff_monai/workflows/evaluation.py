@@ -11,7 +11,6 @@ from typing import Any
 from medsegdiff_monai.data.layout import grade_index
 from medsegdiff_monai.data.preflight import read_datalist_json
 from medsegdiff_monai.metrics import (
-    QU_BRATS_REGION_NAMES,
     EvaluationResult,
     evaluate_subjects,
     format_table,
@@ -20,7 +19,12 @@ from medsegdiff_monai.metrics import (
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.utils import unwrap_module
 from medsegdiff_monai.workflows.inputs import InputSource, is_datalist, resolve_entries
-from medsegdiff_monai.workflows.pipeline import BratsVolumeInferer, SubjectOutput, subjects_of_stopped_runs
+from medsegdiff_monai.workflows.pipeline import (
+    REGION_UNCERTAINTY_KINDS,
+    BratsVolumeInferer,
+    SubjectOutput,
+    subjects_of_stopped_runs,
+)
 
 __all__ = ["evaluation_list", "evaluation_provenance", "is_in_sample", "run_evaluation"]
 
@@ -173,8 +177,8 @@ def run_evaluation(
                 "grade": entry.get("grade"),
             }
             if inferer.write_region_uncertainty:
-                kinds = {region: f"unc_{name}" for region, name in QU_BRATS_REGION_NAMES.items()}
-                prediction["uncertainty_files"] = {r: staging / output.files[k].name for r, k in kinds.items()}
+                maps = REGION_UNCERTAINTY_KINDS.items()
+                prediction["uncertainty_files"] = {region: staging / output.files[kind].name for region, kind in maps}
                 prediction["brain_file"] = entry["image"][0]
             predictions.append(prediction)
         result = evaluate_subjects(

@@ -53,7 +53,9 @@ __all__ = [
 ]
 
 GRADES_FILENAME = "grades.csv"
-REGION_UNCERTAINTY_SUFFIXES = {region: f"_unc_{name}.nii.gz" for region, name in QU_BRATS_REGION_NAMES.items()}
+REGION_UNCERTAINTY_KINDS = {region: f"unc_{name}" for region, name in QU_BRATS_REGION_NAMES.items()}
+"""The kind (:attr:`SubjectOutput.files` key) of each region's QU-BraTS uncertainty map, by region."""
+REGION_UNCERTAINTY_SUFFIXES = {region: f"_{kind}.nii.gz" for region, kind in REGION_UNCERTAINTY_KINDS.items()}
 """File-name ending of each region's QU-BraTS uncertainty map (``write_region_uncertainty``), by region."""
 OUTPUT_SUFFIXES = ("_seg.nii.gz", "_uncertainty.nii.gz", "_overlay.png", *REGION_UNCERTAINTY_SUFFIXES.values())
 """File name endings of one subject's outputs (``<subject_id><suffix>``)."""
@@ -550,7 +552,7 @@ class BratsVolumeInferer:
             write_overlay_png(flair, prediction.labels, folder / names["overlay"])
         if prediction.region_uncertainty is not None:
             for region, std in zip(BRATS_REGIONS, prediction.region_uncertainty, strict=True):
-                kind = f"unc_{QU_BRATS_REGION_NAMES[region]}"
+                kind = REGION_UNCERTAINTY_KINDS[region]
                 names[kind] = prediction.subject_id + REGION_UNCERTAINTY_SUFFIXES[region]
                 write_nifti_like(qu_brats_map(std), reference, folder / names[kind])
         return names

@@ -224,3 +224,22 @@ def test_brats2023_label_maps_score_like_brats2020(tmp_path):
         [{"subject_id": "s", "pred_labels": as_2023["pred"], "label_file": tmp_path / "2020.nii"}], include_hd95=True
     ).rows[0]
     assert crossed == rows[0]
+
+
+def test_region_maps_that_cannot_be_scored_are_named(tmp_path):
+    """QU-BraTS inputs are checked before any subject is scored, and a map off the 0-100 scale names its file."""
+    truth = _labels()
+    label_file = _label_file(tmp_path, "s", truth)
+    maps = {region: _label_file(tmp_path, f"unc_{region}", np.zeros_like(truth)) for region in ("TC", "WT", "ET")}
+    subject = {"subject_id": "s", "pred_labels": truth, "label_file": label_file, "uncertainty_files": maps}
+    with pytest.raises(ValueError, match="subject s: uncertainty_files needs .* got no brain_file"):
+        evaluate_subjects([subject], include_hd95=False, bootstrap_resamples=0)
+    without_et = {**subject, "brain_file": label_file, "uncertainty_files": {r: maps[r] for r in ("TC", "WT")}}
+    with pytest.raises(ValueError, match="got no map of ET"):
+        evaluate_subjects([without_et], include_hd95=False, bootstrap_resamples=0)
+    maps["ET"] = _label_file(tmp_path, "unc_ET_255", np.full_like(truth, 255))
+    with pytest.raises(ValueError, match=r"subject s: ET map .*unc_ET_255\.nii: uncertainty values must lie in"):
+        evaluate_subjects([{**subject, "brain_file": label_file}], include_hd95=False, bootstrap_resamples=0)
+    maps["ET"] = _label_file(tmp_path, "unc_ET", np.zeros_like(truth))
+    row = evaluate_subjects([{**subject, "brain_file": label_file}], include_hd95=False, bootstrap_resamples=0).rows[0]
+    assert row["qu_score_WT"] == pytest.approx((row["dice_WT"] + 2) / 3)  # a map of zeros filters nothing
