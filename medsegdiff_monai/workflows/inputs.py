@@ -57,12 +57,16 @@ def _folder_grades(folder: Path) -> dict[str, int]:
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
     """A folder of modality files is one subject, named after the folder; so is a folder of NIfTI files without
     subject folders, whose modality files may then be named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, as
-    BraTS 2023 tools write them). Otherwise its subject folders are the subjects (a release, whose files must carry
+    BraTS 2023 tools write them), or holding all four modalities so named beside other folders. Otherwise its
+    subject folders are the subjects (a release, whose files must carry
     the subject id), and a NIfTI file without a modality name beside them (an atlas, a template) is not read."""
     nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
+    bare_modalities = {found[1] for p in nifti_files if (found := modality_of_file(p, bare=True)) is not None}
     bare = False
     if any(modality_of_file(p) for p in nifti_files):
         subject_dirs = [folder]
+    elif bare_modalities >= set(MODALITIES):  # the four modalities named alone: one case, whatever folders it holds
+        subject_dirs, bare = [folder], True
     else:
         subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0]
         if not subject_dirs and nifti_files:

@@ -77,6 +77,10 @@ def test_a_case_folder_of_bare_file_names_is_one_subject(folders, tmp_path, layo
         check_output_folder(case / "out", case, entries=[entry])
     with pytest.raises(BratsDataError, match=r"named as the modality alone, which is read only when the four files"):
         collect_inference_inputs(case.parent)
+    # a folder of NIfTI files inside the case (earlier outputs, a mask) does not make the case a release
+    (case / "masks").mkdir()
+    shutil.copy(case / f"seg{extension}", case / "masks" / f"brain{extension}")
+    assert collect_inference_inputs(case) == [entry]
 
 
 def test_brats2023_evaluation_writes_and_scores_label_3(brain_oracle, folders, tmp_path):
