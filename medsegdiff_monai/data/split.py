@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -48,7 +47,9 @@ def _counted(num_patients: int, num_subjects: int) -> str:
 _FRACTION_OPTIONS: dict[str, str] = {"validation": "--val-fraction", "testing": "--test-fraction"}
 
 
-def held_out_count(split: str, fraction: float, num_patients: int, num_subjects: int) -> int:
+def held_out_count(
+    split: str, fraction: float, num_patients: int, num_subjects: int, group_sizes: Sequence[int] = ()
+) -> int:
     """Number of patients a held-out list takes, ``round(num_patients * fraction)``; a fraction above 0 that takes
     none (the list asked for would be empty) is refused.
 
@@ -57,17 +58,21 @@ def held_out_count(split: str, fraction: float, num_patients: int, num_subjects:
         fraction: its share (``--val-fraction`` / ``--test-fraction``).
         num_patients: the patients split (see :func:`~medsegdiff_monai.data.layout.patient_of`).
         num_subjects: their subjects (named in the error where they outnumber the patients).
+        group_sizes: the patients of each group that is split on its own (each grade of a stratified split), which
+            the suggested fraction must hold one of out each; default: all patients together.
 
     Raises:
         ValueError: naming the option, the fraction, the numbers of patients and subjects, and the smallest fraction
-            that holds one patient out.
+            that holds one patient out (of each group).
     """
     count = int(round(num_patients * fraction))
     if fraction > 0 and count == 0 and num_patients > 0:
         option = _FRACTION_OPTIONS[split]
         unit = "subjects" if num_patients == num_subjects else "patients"
-        smallest = math.ceil(100 / num_patients) / 100  # num_patients * smallest >= 1 rounds to 1 or more
-        instead = f"pass {option} {smallest:g} or more" + (", or 0 for no testing list" if split == "testing" else "")
+        sizes = list(group_sizes) or [num_patients]
+        smallest = next((k / 100 for k in range(1, 100) if all(round(n * k / 100) >= 1 for n in sizes)), None)
+        instead = f"pass {option} {smallest:g} or more" if smallest is not None else "use more subjects"
+        instead += ", or 0 for no testing list" if split == "testing" else ""
         raise ValueError(
             f"split: {option} {fraction} of {_counted(num_patients, num_subjects)} gives 0 {split} {unit} "
             f"(round({num_patients} * {fraction}) = 0); {instead}."
@@ -141,8 +146,9 @@ def stratified_split(
                 f"split: the subjects of patient {patient} have different grades ({listed}); a patient's timepoints "
                 "share one grade: correct the grade table."
             )
+    patients_per_grade = [sum(grade_of[members[0]] == g for members in subjects_of.values()) for g in INDEX_TO_GRADE]
     for name, fraction in (("testing", test_fraction), ("validation", val_fraction)):
-        held_out_count(name, fraction, len(subjects_of), len(subject_ids))
+        held_out_count(name, fraction, len(subjects_of), len(subject_ids), [n for n in patients_per_grade if n])
 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}

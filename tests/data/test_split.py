@@ -156,7 +156,7 @@ def test_a_patient_with_two_grades_is_refused():
             0.25,
             0.1,
             "split: --test-fraction 0.1 of 4 patients (8 subjects) gives 0 testing patients (round(4 * 0.1) = 0); "
-            "pass --test-fraction 0.25 or more, or 0 for no testing list.",
+            "pass --test-fraction 0.26 or more, or 0 for no testing list.",
         ),
     ],
 )
