@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.files import write_text_atomically
-from medsegdiff_monai.data.layout import BratsSubject, patient_of
+from medsegdiff_monai.data.layout import BratsSubject, subjects_by_patient
 from medsegdiff_monai.data.split import class_balance, held_out_count, stratified_split
 
 __all__ = [
@@ -191,9 +191,8 @@ def build_segmentation_datalist(
         raise ValueError(
             f"datalist: val_fraction and test_fraction must be in [0, 1), got {val_fraction} and {test_fraction}."
         )
-    subjects_of: dict[str, list[BratsSubject]] = {}
-    for subject in sorted(subjects, key=lambda s: s.subject_id):
-        subjects_of.setdefault(patient_of(subject.subject_id), []).append(subject)
+    by_id = {subject.subject_id: subject for subject in subjects}
+    subjects_of = {patient: [by_id[s] for s in ids] for patient, ids in subjects_by_patient(by_id).items()}
     patients = sorted(subjects_of)
     num_test, num_val = (
         held_out_count(name, fraction, len(patients), len(subjects))

@@ -101,6 +101,18 @@ def patient_of(subject_id: str) -> str:
     return match.group(1) if match is not None else subject_id
 
 
+def subjects_by_patient(subject_ids: Iterable[str]) -> dict[str, list[str]]:
+    """The subject ids of each patient (:func:`patient_of`), each list sorted, patients in order of their first id.
+
+    Args:
+        subject_ids: the subjects' folder names.
+    """
+    grouped: dict[str, list[str]] = {}
+    for subject_id in sorted(subject_ids):
+        grouped.setdefault(patient_of(subject_id), []).append(subject_id)
+    return grouped
+
+
 _RELEASE_2018_2022_ID = re.compile(r"Bra[Tt][Ss](?:18|19|20|2021)_.+")
 """A BraTS 2018-2022 subject id (``Brats18_...``, ``BraTS19_...``, ``BraTS20_Training_001``, ``BraTS2021_00000``)."""
 

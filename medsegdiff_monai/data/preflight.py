@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_monai.data.input_checks import empty_modality_problem, modality_order_problems
-from medsegdiff_monai.data.layout import MODALITIES, BratsSubject, grade_index, patient_of, release_of_file
+from medsegdiff_monai.data.layout import (
+    MODALITIES,
+    BratsSubject,
+    grade_index,
+    patient_of,
+    release_of_file,
+    subjects_by_patient,
+)
 from medsegdiff_monai.data.validation import BratsDataError, check_subject_volumes
 
 __all__ = [
@@ -360,9 +367,7 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
                 f"datalist {datalist}: {len(shared)} subject(s) in both {first!r} and {second!r} "
                 f"({', '.join(shared)}); a {second} subject must be held out from {first}. {again}"
             )
-        patients: dict[str, list[str]] = {}
-        for subject in lists[first].values():
-            patients.setdefault(patient_of(subject), []).append(subject)
+        patients = subjects_by_patient(lists[first].values())
         pairs = [
             f"{other} in {first!r} and {subject} in {second!r}"
             for path, subject in lists[second].items()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from medsegdiff_monai.data.layout import GRADE_TO_INDEX, INDEX_TO_GRADE, patient_of
+from medsegdiff_monai.data.layout import GRADE_TO_INDEX, INDEX_TO_GRADE, subjects_by_patient
 
 __all__ = [
     "SubjectSplit",
@@ -136,9 +136,7 @@ def stratified_split(
         raise ValueError(f"split: grades must be 0 (LGG) or 1 (HGG), got {unknown}.")
 
     grade_of = dict(zip(subject_ids, grades, strict=True))
-    subjects_of: dict[str, list[str]] = {}
-    for subject in sorted(subject_ids):
-        subjects_of.setdefault(patient_of(subject), []).append(subject)
+    subjects_of = subjects_by_patient(subject_ids)
     for patient, members in subjects_of.items():
         if len({grade_of[s] for s in members}) > 1:
             listed = ", ".join(f"{s} {INDEX_TO_GRADE[grade_of[s]]}" for s in members)
