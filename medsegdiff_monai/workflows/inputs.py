@@ -54,22 +54,26 @@ def _folder_grades(folder: Path) -> dict[str, int]:
     return mapping.grades
 
 
+def _modality_files(folder: Path) -> list[Path]:
+    """The NIfTI files of ``folder`` named after a modality, in either release's naming or alone."""
+    return [p for p in folder.iterdir() if is_nifti(p) and modality_of_file(p, bare=True) is not None]
+
+
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
     """A folder of modality files is one subject, named after the folder; so is a folder of NIfTI files without
     subject folders, whose modality files may then be named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, as
-    BraTS 2023 tools write them), or holding all four modalities so named beside other folders. Otherwise its
-    subject folders are the subjects (a release, whose files must carry
+    BraTS 2023 tools write them), also beside folders without modality files (a mask, earlier outputs). Otherwise
+    its subject folders are the subjects (a release, whose files must carry
     the subject id), and a NIfTI file without a modality name beside them (an atlas, a template) is not read."""
     nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
-    bare_modalities = {found[1] for p in nifti_files if (found := modality_of_file(p, bare=True)) is not None}
     bare = False
     if any(modality_of_file(p) for p in nifti_files):
         subject_dirs = [folder]
-    elif bare_modalities >= set(MODALITIES):  # the four modalities named alone: one case, whatever folders it holds
-        subject_dirs, bare = [folder], True
     else:
         subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0]
-        if not subject_dirs and nifti_files:
+        # a case of bare-named files may hold folders of other NIfTI files (a mask, earlier outputs); a release's
+        # subject folders hold modality files, and four bare-named files beside them (an atlas) are not read
+        if nifti_files and not any(_modality_files(d) for d in subject_dirs):
             subject_dirs, bare = [folder], True
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")

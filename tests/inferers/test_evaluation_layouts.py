@@ -81,6 +81,13 @@ def test_a_case_folder_of_bare_file_names_is_one_subject(folders, tmp_path, layo
     (case / "masks").mkdir()
     shutil.copy(case / f"seg{extension}", case / "masks" / f"brain{extension}")
     assert collect_inference_inputs(case) == [entry]
+    # four bare-named files beside a release's subject folders (an atlas) leave the release a release
+    release = tmp_path / "release"
+    shutil.copytree(folders[layout], release)
+    for name in names:
+        shutil.copy(case / f"{name}{extension}", release / f"{name}{extension}")
+    subjects = sorted(p.name for p in folders[layout].iterdir() if p.is_dir())
+    assert [e["subject_id"] for e in collect_inference_inputs(release)] == subjects
 
 
 def test_brats2023_evaluation_writes_and_scores_label_3(brain_oracle, folders, tmp_path):
