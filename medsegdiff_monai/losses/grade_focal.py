@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -40,10 +41,13 @@ class GradeFocalLoss(_Loss):
 
     def __init__(self, alpha: Sequence[float] | None = None, gamma: float = 2.0) -> None:
         super().__init__()
-        if alpha is not None and len(alpha) != 2:
+        if alpha is not None and (not isinstance(alpha, Sequence) or len(alpha) != 2):
             raise ValueError(
-                f"GradeFocalLoss alpha gives one weight per grade, [alpha_LGG, alpha_HGG], got {list(alpha)}."
+                "GradeFocalLoss alpha gives one weight per grade, [alpha_LGG, alpha_HGG] (--class_weights in the "
+                f"bundle), got {alpha!r}."
             )
+        if alpha is not None and not all(math.isfinite(a) for a in alpha):
+            raise ValueError(f"GradeFocalLoss alpha weights must be finite, got {list(alpha)}.")
         if alpha is not None and (any(a < 0 for a in alpha) or not any(a > 0 for a in alpha)):
             raise ValueError(
                 f"GradeFocalLoss alpha weights must be >= 0 and not all 0 (the grade loss would be 0, and the grade "

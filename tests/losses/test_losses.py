@@ -126,8 +126,12 @@ def test_grade_focal_loss_input_checks():
         GradeFocalLoss()(torch.randn(2, 2), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match=">= 0"):
         GradeFocalLoss(alpha=(-1.0, 1.0))
-    with pytest.raises(ValueError, match=r"one weight per grade, \[alpha_LGG, alpha_HGG\], got \[1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"one weight per grade, \[alpha_LGG, alpha_HGG\] .*, got \[1, 2, 3\]"):
         GradeFocalLoss(alpha=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"one weight per grade, .*got 0\.25"):  # --class_weights 0.25
+        GradeFocalLoss(alpha=0.25)
+    with pytest.raises(ValueError, match="must be finite"):
+        GradeFocalLoss(alpha=[1.0, float("nan")])
     with pytest.raises(ValueError, match="not all 0"):  # --class_weights "[0,0]": a grade stage that learns nothing
         GradeFocalLoss(alpha=(0.0, 0.0))
     # a fractional grade is not truncated to a class, a grade of 2 is not a raw index error
