@@ -344,6 +344,24 @@ def first_image(entry: Any) -> str | None:
     return images[0] if isinstance(images, list) and images and isinstance(images[0], str) else None
 
 
+def _datalist_command(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> str:
+    """The ``datalist`` command that writes ``datalist`` again with the split its ``split`` record names (fractions,
+    seed), replacing the file."""
+    split = content.get("split") if isinstance(content.get("split"), Mapping) else {}
+    options = [
+        f"{option} {split[key]}"
+        for key, option in (
+            ("val_fraction", "--val-fraction"),
+            ("test_fraction", "--test-fraction"),
+            ("seed", "--seed"),
+        )
+        if split.get(key) is not None
+    ]
+    return " ".join(
+        ["medsegdiff-monai datalist --data-dir", str(dataset_dir), "--out", str(datalist), *options, "--overwrite"]
+    )
+
+
 def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> list[str]:
     """A subject (the same first image file) or one patient's timepoints (BraTS 2023+ ``BraTS-GLI-00001-000`` and
     ``BraTS-GLI-00001-001``, see :func:`patient_of`) in two of ``training``, ``validation`` and ``testing``: the
@@ -359,7 +377,7 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
         return found
 
     lists = {key: first_images(content.get(key)) for key in ("training", "validation", "testing")}
-    again = f"Write the datalist again with `medsegdiff-monai datalist --data-dir {dataset_dir} --out {datalist}`."
+    again = f"Write the datalist again with `{_datalist_command(content, datalist, dataset_dir)}`."
     problems = []
     for first, second in (("training", "validation"), ("training", "testing"), ("validation", "testing")):
         if shared := [subject for path, subject in lists[second].items() if path in lists[first]]:

@@ -375,7 +375,12 @@ def test_datalist_and_training_check_keep_a_patients_timepoints_in_one_list(layo
             check_training_inputs(edited, folder, [16, 16], 8, require_grade=False, progress=False)
         trained, held_out = sorted(lists[key], reverse=True)
         assert f"({trained} in 'training' and {held_out} in {key!r})" in str(error.value)
-        assert "Write the datalist again with `medsegdiff-monai datalist" in str(error.value)
+        # the advice, followed as given, writes the same split again over the edited file, testing list included
+        command = str(error.value).split("Write the datalist again with `")[1].split("`")[0]
+        assert command.endswith("--val-fraction 0.34 --test-fraction 0.34 --seed 0 --overwrite")
+        assert main([*command.split()[1:], "--no-progress"]) == 0
+        assert json.loads(edited.read_text())["testing"] == json.loads(datalist.read_text())["testing"]
+        check_training_inputs(edited, folder, [16, 16], 8, require_grade=False, progress=False)
     # a validation timepoint moved to testing: the checkpoint was chosen on its patient
     moved = json.loads(datalist.read_text())
     moved["testing"].append(moved["validation"].pop())
