@@ -195,8 +195,11 @@ def build_segmentation_datalist(
     subjects_of = {patient: [by_id[s] for s in ids] for patient, ids in subjects_by_patient(by_id).items()}
     patients = sorted(subjects_of)
     num_test, num_val = (
-        held_out_count(name, fraction, len(patients), len(subjects))
-        for name, fraction in (("testing", test_fraction), ("validation", val_fraction))
+        held_out_count(name, fraction, len(patients), len(subjects), other_fraction=other)
+        for name, fraction, other in (
+            ("testing", test_fraction, val_fraction),
+            ("validation", val_fraction, test_fraction),
+        )
     )
     if patients and num_test + num_val >= len(patients):
         unit = "subjects" if len(patients) == len(subjects) else "patients"

@@ -48,7 +48,12 @@ _FRACTION_OPTIONS: dict[str, str] = {"validation": "--val-fraction", "testing": 
 
 
 def held_out_count(
-    split: str, fraction: float, num_patients: int, num_subjects: int, group_sizes: Sequence[int] = ()
+    split: str,
+    fraction: float,
+    num_patients: int,
+    num_subjects: int,
+    group_sizes: Sequence[int] = (),
+    other_fraction: float = 0.0,
 ) -> int:
     """Number of patients a held-out list takes, ``round(num_patients * fraction)``; a fraction above 0 that takes
     none (the list asked for would be empty) is refused.
@@ -60,6 +65,8 @@ def held_out_count(
         num_subjects: their subjects (named in the error where they outnumber the patients).
         group_sizes: the patients of each group that is split on its own (each grade of a stratified split), which
             the suggested fraction must hold one of out each; default: all patients together.
+        other_fraction: the share of the other held-out list, so that the suggested fraction leaves each group a
+            training patient.
 
     Raises:
         ValueError: naming the option, the fraction, the numbers of patients and subjects, and the smallest fraction
@@ -70,8 +77,20 @@ def held_out_count(
         option = _FRACTION_OPTIONS[split]
         unit = "subjects" if num_patients == num_subjects else "patients"
         sizes = list(group_sizes) or [num_patients]
-        smallest = next((k / 100 for k in range(1, 100) if all(round(n * k / 100) >= 1 for n in sizes)), None)
-        instead = f"pass {option} {smallest:g} or more" if smallest is not None else "use more subjects"
+        smallest = next(
+            (
+                k / 100
+                for k in range(1, 100)
+                if all(1 <= round(n * k / 100) <= n - 1 - round(n * other_fraction) for n in sizes)
+            ),
+            None,
+        )
+        each = " of each grade" if group_sizes else ""
+        instead = (
+            f"pass {option} {smallest:g} or more"
+            if smallest is not None
+            else f"no fraction holds out one patient{each} and leaves one for training: use more subjects"
+        )
         instead += ", or 0 for no testing list" if split == "testing" else ""
         raise ValueError(
             f"split: {option} {fraction} of {_counted(num_patients, num_subjects)} gives 0 {split} {unit} "
@@ -145,8 +164,12 @@ def stratified_split(
                 "share one grade: correct the grade table."
             )
     patients_per_grade = [sum(grade_of[members[0]] == g for members in subjects_of.values()) for g in INDEX_TO_GRADE]
-    for name, fraction in (("testing", test_fraction), ("validation", val_fraction)):
-        held_out_count(name, fraction, len(subjects_of), len(subject_ids), [n for n in patients_per_grade if n])
+    grade_sizes = [n for n in patients_per_grade if n]
+    for name, fraction, other in (
+        ("testing", test_fraction, val_fraction),
+        ("validation", val_fraction, test_fraction),
+    ):
+        held_out_count(name, fraction, len(subjects_of), len(subject_ids), grade_sizes, other)
 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}

@@ -164,3 +164,23 @@ def test_a_fraction_that_holds_out_no_patient_is_refused(ids, val_fraction, test
     grades = [0, 0, 1, 1, 0, 0, 1, 1]  # the two timepoints of a patient share its grade
     with pytest.raises(ValueError, match=re.escape(message)):
         stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
+
+
+@pytest.mark.parametrize(
+    ("grades", "val_fraction", "test_fraction", "message"),
+    [
+        ([0] + [1] * 7, 0.05, 0.0, "no fraction holds out one patient of each grade and leaves one for training"),
+        ([0, 0, 1, 1], 0.5, 0.1, "no fraction holds out one patient of each grade and leaves one for training"),
+        ([0, 0] + [1] * 6, 0.05, 0.0, "pass --val-fraction 0.26 or more"),
+    ],
+)
+def test_the_suggested_fraction_works_or_none_is_suggested(grades, val_fraction, test_fraction, message):
+    """The fraction a refusal suggests holds out a patient of each grade and leaves each a training patient, given
+    the other list's share: followed, it splits; where no fraction can, the refusal says so."""
+    ids = [f"s{i}" for i in range(len(grades))]
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
+    if "pass" in message:
+        suggested = float(str(error.value).split("--val-fraction ")[-1].split(" or more")[0])
+        split = stratified_split(ids, grades, val_fraction=suggested, seed=0, test_fraction=test_fraction)
+        assert {grades[ids.index(s)] for s in split.validation} == {0, 1}
