@@ -63,8 +63,8 @@ def _from_folder(folder: Path) -> list[dict[str, Any]]:
     """A folder of modality files is one subject, named after the folder; so is a folder of NIfTI files without
     subject folders, whose modality files may then be named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, as
     BraTS 2023 tools write them), also beside folders without modality files (a mask, earlier outputs). Otherwise
-    its subject folders are the subjects (a release, whose files must carry
-    the subject id), and a NIfTI file without a modality name beside them (an atlas, a template) is not read."""
+    its subject folders are the subjects (a release, whose files must carry the subject id), and a NIfTI file
+    without a modality name beside them (an atlas, a template) is not read."""
     nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
     bare = False
     if any(modality_of_file(p) for p in nifti_files):
