@@ -54,9 +54,10 @@ def _folder_grades(folder: Path) -> dict[str, int]:
     return mapping.grades
 
 
-def _modality_files(folder: Path) -> list[Path]:
-    """The NIfTI files of ``folder`` named after a modality, in either release's naming or alone."""
-    return [p for p in folder.iterdir() if is_nifti(p) and modality_of_file(p, bare=True) is not None]
+def _holds_other_nifti_files(folder: Path) -> bool:
+    """Whether ``folder`` holds NIfTI files, none of them named after a modality (in either naming or alone)."""
+    nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
+    return bool(nifti_files) and not any(modality_of_file(p, bare=True) for p in nifti_files)
 
 
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
@@ -72,8 +73,9 @@ def _from_folder(folder: Path) -> list[dict[str, Any]]:
     else:
         subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0]
         # a case of bare-named files may hold folders of other NIfTI files (a mask, earlier outputs); a release's
-        # subject folders hold modality files, and four bare-named files beside them (an atlas) are not read
-        if nifti_files and not any(_modality_files(d) for d in subject_dirs):
+        # subject folders hold modality files or none (a damaged subject, named below), and NIfTI files beside them
+        # (an atlas) are not read
+        if nifti_files and all(_holds_other_nifti_files(d) for d in subject_dirs):
             subject_dirs, bare = [folder], True
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")

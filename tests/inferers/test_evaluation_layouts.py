@@ -88,6 +88,12 @@ def test_a_case_folder_of_bare_file_names_is_one_subject(folders, tmp_path, layo
         shutil.copy(case / f"{name}{extension}", release / f"{name}{extension}")
     subjects = sorted(p.name for p in folders[layout].iterdir() if p.is_dir())
     assert [e["subject_id"] for e in collect_inference_inputs(release)] == subjects
+    # ... also where its subject folders lost their files: those are named, the atlas is not read as a subject
+    for subject_dir in (release / name for name in subjects):
+        shutil.rmtree(subject_dir)
+        subject_dir.mkdir()
+    with pytest.raises(BratsDataError, match=rf"subject {subjects[0]}: missing modality"):
+        collect_inference_inputs(release)
 
 
 def test_brats2023_evaluation_writes_and_scores_label_3(brain_oracle, folders, tmp_path):
