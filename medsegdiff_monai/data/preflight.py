@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import traceback
 import warnings
@@ -345,20 +346,24 @@ def first_image(entry: Any) -> str | None:
 
 
 def _datalist_command(content: Mapping[str, Any], datalist: str | Path, dataset_dir: str | Path) -> str:
-    """The ``datalist`` command that writes ``datalist`` again with the split its ``split`` record names (fractions,
-    seed), replacing the file."""
+    """How to write ``datalist`` again: the ``datalist`` command with the fractions and seed of its ``split`` record
+    (the same lists while the folder's subjects are the same), replacing the file."""
     split = content.get("split") if isinstance(content.get("split"), Mapping) else {}
     options = [
-        f"{option} {split[key]}"
+        part
         for key, option in (
             ("val_fraction", "--val-fraction"),
             ("test_fraction", "--test-fraction"),
             ("seed", "--seed"),
         )
         if split.get(key) is not None
+        for part in (option, str(split[key]))
     ]
-    return " ".join(
-        ["medsegdiff-monai datalist --data-dir", str(dataset_dir), "--out", str(datalist), *options, "--overwrite"]
+    command = ["medsegdiff-monai", "datalist", "--data-dir", str(dataset_dir), "--out", str(datalist), *options]
+    fractions = "" if options else " with the --val-fraction and --test-fraction of its lists"
+    return (
+        f"Write the datalist again with `{shlex.join([*command, '--overwrite'])}`{fractions}, adding the --grades "
+        "table it was written with, if any."
     )
 
 
@@ -377,7 +382,7 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
         return found
 
     lists = {key: first_images(content.get(key)) for key in ("training", "validation", "testing")}
-    again = f"Write the datalist again with `{_datalist_command(content, datalist, dataset_dir)}`."
+    again = _datalist_command(content, datalist, dataset_dir)
     problems = []
     for first, second in (("training", "validation"), ("training", "testing"), ("validation", "testing")):
         if shared := [subject for path, subject in lists[second].items() if path in lists[first]]:
