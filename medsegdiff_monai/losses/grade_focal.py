@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from monai.losses import FocalLoss
 from torch.nn.modules.loss import _Loss
@@ -12,6 +13,35 @@ from torch.nn.modules.loss import _Loss
 from medsegdiff_monai.utils import renamed_args
 
 __all__ = ["GradeFocalLoss"]
+
+
+def _grade_weights(alpha: Any) -> tuple[float, float]:
+    """``(alpha_LGG, alpha_HGG)`` from a sequence, array or tensor of two real numbers, finite in float32, >= 0 and
+    not both 0.
+
+    Raises:
+        ValueError: naming the value and what it must be (``--class_weights`` in the bundle).
+    """
+    values = None
+    if not isinstance(alpha, (str, bytes)):
+        try:
+            values = np.asarray(alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha)
+        except (TypeError, ValueError):
+            values = None
+    if values is None or values.shape != (2,) or values.dtype.kind not in "iuf":
+        raise ValueError(
+            "GradeFocalLoss alpha gives one weight per grade, [alpha_LGG, alpha_HGG] (--class_weights in the "
+            f"bundle), got {alpha!r}."
+        )
+    weights = values.astype(np.float32)
+    if not np.isfinite(weights).all():
+        raise ValueError(f"GradeFocalLoss alpha weights must be finite (in float32), got {alpha!r}.")
+    if (weights < 0).any() or not (weights > 0).any():
+        raise ValueError(
+            f"GradeFocalLoss alpha weights must be >= 0 and not all 0 (the grade loss would be 0, and the grade "
+            f"head would learn nothing), got {tuple(float(w) for w in weights)}."
+        )
+    return float(weights[0]), float(weights[1])
 
 
 class GradeFocalLoss(_Loss):
@@ -41,21 +71,9 @@ class GradeFocalLoss(_Loss):
 
     def __init__(self, alpha: Sequence[float] | None = None, gamma: float = 2.0) -> None:
         super().__init__()
-        if alpha is not None and (not isinstance(alpha, Sequence) or len(alpha) != 2):
-            raise ValueError(
-                "GradeFocalLoss alpha gives one weight per grade, [alpha_LGG, alpha_HGG] (--class_weights in the "
-                f"bundle), got {alpha!r}."
-            )
-        if alpha is not None and not all(math.isfinite(a) for a in alpha):
-            raise ValueError(f"GradeFocalLoss alpha weights must be finite, got {list(alpha)}.")
-        if alpha is not None and (any(a < 0 for a in alpha) or not any(a > 0 for a in alpha)):
-            raise ValueError(
-                f"GradeFocalLoss alpha weights must be >= 0 and not all 0 (the grade loss would be 0, and the grade "
-                f"head would learn nothing), got {tuple(alpha)}."
-            )
+        self.alpha = None if alpha is None else _grade_weights(alpha)
         if gamma < 0:
             raise ValueError(f"GradeFocalLoss gamma must be >= 0, got {gamma}.")
-        self.alpha = None if alpha is None else tuple(float(a) for a in alpha)
         # alpha is applied here, as alpha[grade], rather than as FocalLoss's ``weight``: MONAI checks and copies that
         # list on every call (two host synchronisations per step on a GPU)
         self.register_buffer("alpha_weights", None if alpha is None else torch.tensor(self.alpha), persistent=False)

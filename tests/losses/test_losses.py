@@ -132,6 +132,16 @@ def test_grade_focal_loss_input_checks():
         GradeFocalLoss(alpha=0.25)
     with pytest.raises(ValueError, match="must be finite"):
         GradeFocalLoss(alpha=[1.0, float("nan")])
+    with pytest.raises(ValueError, match="must be finite"):  # inf in the float32 weights
+        GradeFocalLoss(alpha=[1e308, 1e308])
+    for not_weights in ("12", b"ab", ("1", "2"), [None, 1], (True, False), {"a": 1}):
+        with pytest.raises(ValueError, match="one weight per grade"):
+            GradeFocalLoss(alpha=not_weights)
+    # an array or tensor of two weights is two weights
+    logits, grade = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    expected = GradeFocalLoss(alpha=[2.5, 0.5])(logits, grade)
+    for weights in (np.array([2.5, 0.5]), torch.tensor([2.5, 0.5]), (2.5, 0.5)):
+        torch.testing.assert_close(GradeFocalLoss(alpha=weights)(logits, grade), expected)
     with pytest.raises(ValueError, match="not all 0"):  # --class_weights "[0,0]": a grade stage that learns nothing
         GradeFocalLoss(alpha=(0.0, 0.0))
     # a fractional grade is not truncated to a class, a grade of 2 is not a raw index error
