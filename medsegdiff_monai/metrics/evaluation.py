@@ -105,16 +105,23 @@ def _qu_brats_row(prediction: dict[str, Any], pred_regions: np.ndarray, truth_re
     region maps of ``prediction["uncertainty_files"]`` and the brain of ``prediction["brain_file"]`` (voxels > 0),
     each on the label's grid."""
     label_file = prediction["label_file"]
-    brain_file = prediction["brain_file"]
-    brain = _on_label_grid(nib.load(str(brain_file)), label_image, brain_file, label_file) > 0
+    subject = f"subject {prediction['subject_id']}"
+
+    def on_label_grid(path: Any, what: str) -> np.ndarray:
+        try:
+            return _on_label_grid(nib.load(str(path)), label_image, path, label_file)
+        except (OSError, ValueError) as error:  # a missing or unreadable file, or another grid
+            raise ValueError(f"{subject}: {what} {path}: {error}") from error
+
+    brain = on_label_grid(prediction["brain_file"], "brain_file") > 0
     row: dict[str, float] = {}
     for index, region in enumerate(BRATS_REGIONS):
         path = prediction["uncertainty_files"][region]
-        uncertainty = _on_label_grid(nib.load(str(path)), label_image, path, label_file)
+        uncertainty = on_label_grid(path, f"{region} map")
         try:
             scores = qu_brats_scores(pred_regions[index] > 0, truth_regions[index] > 0, uncertainty, brain)
         except ValueError as error:
-            raise ValueError(f"subject {prediction['subject_id']}: {region} map {path}: {error}") from error
+            raise ValueError(f"{subject}: {region} map {path}: {error}") from error
         row.update({f"qu_{name}_{region}": value for name, value in scores.items()})
     row["qu_score_mean"] = float(np.mean([row[f"qu_score_{region}"] for region in BRATS_REGIONS]))
     return row

@@ -240,6 +240,13 @@ def test_region_maps_that_cannot_be_scored_are_named(tmp_path):
     maps["ET"] = _label_file(tmp_path, "unc_ET_255", np.full_like(truth, 255))
     with pytest.raises(ValueError, match=r"subject s: ET map .*unc_ET_255\.nii: uncertainty values must lie in"):
         evaluate_subjects([{**subject, "brain_file": label_file}], include_hd95=False, bootstrap_resamples=0)
+    maps["ET"] = _label_file(tmp_path, "unc_ET_moved", np.zeros_like(truth), zooms=(2.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"subject s: ET map .*unc_ET_moved\.nii: .*does not lie on the voxel grid"):
+        evaluate_subjects([{**subject, "brain_file": label_file}], include_hd95=False, bootstrap_resamples=0)
+    with pytest.raises(ValueError, match=r"subject s: brain_file .*absent\.nii"):
+        evaluate_subjects(
+            [{**subject, "brain_file": tmp_path / "absent.nii"}], include_hd95=False, bootstrap_resamples=0
+        )
     maps["ET"] = _label_file(tmp_path, "unc_ET", np.zeros_like(truth))
     row = evaluate_subjects([{**subject, "brain_file": label_file}], include_hd95=False, bootstrap_resamples=0).rows[0]
     assert row["qu_score_WT"] == pytest.approx((row["dice_WT"] + 2) / 3)  # a map of zeros filters nothing
