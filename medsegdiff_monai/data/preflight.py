@@ -382,6 +382,7 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
         return found
 
     lists = {key: first_images(content.get(key)) for key in ("training", "validation", "testing")}
+    patients = {key: subjects_by_patient(lists[key].values()) for key in ("training", "validation")}
     again = _datalist_command(content, datalist, dataset_dir)
     problems = []
     for first, second in (("training", "validation"), ("training", "testing"), ("validation", "testing")):
@@ -390,12 +391,11 @@ def _shared_subject_problems(content: Mapping[str, Any], datalist: str | Path, d
                 f"datalist {datalist}: {len(shared)} subject(s) in both {first!r} and {second!r} "
                 f"({', '.join(shared)}); a {second} subject must be held out from {first}. {again}"
             )
-        patients = subjects_by_patient(lists[first].values())
         pairs = [
             f"{other} in {first!r} and {subject} in {second!r}"
             for path, subject in lists[second].items()
             if path not in lists[first]
-            for other in patients.get(patient_of(subject), [])
+            for other in patients[first].get(patient_of(subject), [])
             if other != subject
         ]
         if pairs:

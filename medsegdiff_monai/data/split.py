@@ -163,8 +163,11 @@ def stratified_split(
                 f"split: the subjects of patient {patient} have different grades ({listed}); a patient's timepoints "
                 "share one grade: correct the grade table."
             )
-    patients_per_grade = [sum(grade_of[members[0]] == g for members in subjects_of.values()) for g in INDEX_TO_GRADE]
-    grade_sizes = [n for n in patients_per_grade if n]
+    patients_of_grade = {
+        grade: sorted(p for p, members in subjects_of.items() if grade_of[members[0]] == grade)
+        for grade in sorted(INDEX_TO_GRADE)
+    }
+    grade_sizes = [len(patients) for patients in patients_of_grade.values() if patients]
     for name, fraction, other in (
         ("testing", test_fraction, val_fraction),
         ("validation", val_fraction, test_fraction),
@@ -173,8 +176,7 @@ def stratified_split(
 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}
-    for grade in sorted(INDEX_TO_GRADE):
-        members = sorted(p for p, subjects in subjects_of.items() if grade_of[subjects[0]] == grade)
+    for members in patients_of_grade.values():
         order = [members[i] for i in rng.permutation(len(members))]
         n_test = int(round(len(members) * test_fraction))
         n_val = int(round(len(members) * val_fraction))
