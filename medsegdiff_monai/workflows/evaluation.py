@@ -10,12 +10,7 @@ from typing import Any
 
 from medsegdiff_monai.data.layout import grade_index
 from medsegdiff_monai.data.preflight import read_datalist_json
-from medsegdiff_monai.metrics import (
-    EvaluationResult,
-    evaluate_subjects,
-    format_table,
-    write_evaluation,
-)
+from medsegdiff_monai.metrics import EvaluationResult, evaluate_subjects, format_table, write_evaluation
 from medsegdiff_monai.metrics.evaluation import REPORT_FILENAMES, check_evaluation_settings
 from medsegdiff_monai.utils import unwrap_module
 from medsegdiff_monai.workflows.inputs import InputSource, is_datalist, resolve_entries
