@@ -48,7 +48,9 @@ def test_datalist_with_a_test_split(tmp_path, capsys):
     out.unlink()
     too_many = ["--val-fraction", "0.25", "--test-fraction", "0.1", "--out", str(out), "--no-progress"]
     assert cli.main(["datalist", "--data-dir", str(data), *too_many]) == 1
-    assert "the testing split would have no LGG and no HGG subject (n_LGG=0 n_HGG=0" in capsys.readouterr().err
+    refusal = capsys.readouterr().err
+    assert "--test-fraction 0.1 of 4 LGG and 4 HGG subjects gives 0 testing LGG subjects" in refusal
+    assert "pass --test-fraction from 0.13 to 0.62, or 0 for no testing list" in refusal
     assert not out.exists()
 
 

@@ -43,6 +43,7 @@ from medsegdiff_monai.data.split import (
     class_balance_line,
     grade_class_weights,
     held_out_count,
+    held_out_counts,
     stratified_split,
 )
 from medsegdiff_monai.data.synthetic import (
@@ -100,6 +101,7 @@ __all__ = [
     "grade_class_weights",
     "grade_index",
     "held_out_count",
+    "held_out_counts",
     "label_convention",
     "list_subject_dirs",
     "make_slice_dataset",

@@ -9,7 +9,7 @@ from typing import Any
 
 from medsegdiff_monai.data.files import write_text_atomically
 from medsegdiff_monai.data.layout import BratsSubject, subjects_by_patient
-from medsegdiff_monai.data.split import class_balance, held_out_count, stratified_split
+from medsegdiff_monai.data.split import class_balance, held_out_counts, stratified_split
 
 __all__ = [
     "build_datalist",
@@ -183,7 +183,7 @@ def build_segmentation_datalist(
 
     Raises:
         ValueError: a fraction out of range, a fraction above 0 that holds out no patient (see
-            :func:`held_out_count`), or a split that leaves no training patient.
+            :func:`held_out_counts`), or a split that leaves no training patient.
     """
     from monai.data import partition_dataset  # MONAI (and torch) load lazily, keeping the CLI quick to start
 
@@ -194,13 +194,7 @@ def build_segmentation_datalist(
     by_id = {subject.subject_id: subject for subject in subjects}
     subjects_of = {patient: [by_id[s] for s in ids] for patient, ids in subjects_by_patient(by_id).items()}
     patients = sorted(subjects_of)
-    num_test, num_val = (
-        held_out_count(name, fraction, len(patients), len(subjects), other_fraction=other)
-        for name, fraction, other in (
-            ("testing", test_fraction, val_fraction),
-            ("validation", val_fraction, test_fraction),
-        )
-    )
+    num_val, num_test = held_out_counts(val_fraction, test_fraction, len(patients), len(subjects))
     if patients and num_test + num_val >= len(patients):
         unit = "subjects" if len(patients) == len(subjects) else "patients"
         raise ValueError(

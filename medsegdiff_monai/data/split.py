@@ -15,6 +15,7 @@ __all__ = [
     "class_balance_line",
     "grade_class_weights",
     "held_out_count",
+    "held_out_counts",
     "stratified_split",
 ]
 
@@ -47,56 +48,108 @@ def _counted(num_patients: int, num_subjects: int) -> str:
 _FRACTION_OPTIONS: dict[str, str] = {"validation": "--val-fraction", "testing": "--test-fraction"}
 
 
+def _working_fractions(group_sizes: Sequence[int], other_fraction: float) -> list[float]:
+    """The fractions in steps of 0.01 that hold out at least one patient of each group and leave each group a
+    training patient beside the other list, in increasing order (they form one range). The other list holds
+    ``round(n * other_fraction)`` patients of a group of ``n``, and at least one where ``other_fraction`` is above 0
+    (it is refused otherwise)."""
+
+    def other_count(n: int) -> int:
+        return max(1, round(n * other_fraction)) if other_fraction > 0 else 0
+
+    return [
+        k / 100
+        for k in range(1, 100)
+        if k / 100 + other_fraction < 1 and all(1 <= round(n * k / 100) <= n - 1 - other_count(n) for n in group_sizes)
+    ]
+
+
 def held_out_count(
     split: str,
     fraction: float,
     num_patients: int,
     num_subjects: int,
-    group_sizes: Sequence[int] = (),
+    group_sizes: Mapping[str, int] | None = None,
     other_fraction: float = 0.0,
 ) -> int:
     """Number of patients a held-out list takes, ``round(num_patients * fraction)``; a fraction above 0 that takes
-    none (the list asked for would be empty) is refused.
+    none (the list asked for would be empty), or none of a group that is split on its own, is refused.
 
     Args:
         split: the list, ``"validation"`` or ``"testing"``.
         fraction: its share (``--val-fraction`` / ``--test-fraction``).
         num_patients: the patients split (see :func:`~medsegdiff_monai.data.layout.patient_of`).
         num_subjects: their subjects (named in the error where they outnumber the patients).
-        group_sizes: the patients of each group that is split on its own (each grade of a stratified split), which
-            the suggested fraction must hold one of out each; default: all patients together.
-        other_fraction: the share of the other held-out list, so that the suggested fraction leaves each group a
+        group_sizes: the patients of each group that is split on its own by name (each grade of a stratified split,
+            ``{"LGG": 3, "HGG": 9}``), each of which the list must hold one of; default: all patients together.
+        other_fraction: the share of the other held-out list, so that the suggested fractions leave each group a
             training patient.
 
     Raises:
-        ValueError: naming the option, the fraction, the numbers of patients and subjects, and the smallest fraction
-            that holds one patient out (of each group).
+        ValueError: naming the option, the fraction, the numbers of patients and subjects (and the group left
+            out), and the range of fractions that hold one patient out (of each group) and leave one for training,
+            or what else to change.
     """
     count = int(round(num_patients * fraction))
-    if fraction > 0 and count == 0 and num_patients > 0:
-        option = _FRACTION_OPTIONS[split]
-        unit = "subjects" if num_patients == num_subjects else "patients"
-        sizes = list(group_sizes) or [num_patients]
-        smallest = next(
-            (
-                k / 100
-                for k in range(1, 100)
-                if all(1 <= round(n * k / 100) <= n - 1 - round(n * other_fraction) for n in sizes)
-            ),
-            None,
-        )
-        each = " of each grade" if group_sizes else ""
+    groups = dict(group_sizes) if group_sizes else {"": num_patients}
+    empty = [name for name, size in groups.items() if size > 0 and round(size * fraction) == 0]
+    if fraction <= 0 or not empty:
+        return count
+    option = _FRACTION_OPTIONS[split]
+    unit = "subjects" if num_patients == num_subjects else "patients"
+    sizes = [size for size in groups.values() if size > 0]
+    each = " of each grade" if group_sizes else ""
+    working = _working_fractions(sizes, other_fraction)
+    if working:
+        low, high = working[0], working[-1]
+        instead = f"pass {option} {low:g}" if low == high else f"pass {option} from {low:g} to {high:g}"
+    elif other_fraction > 0 and _working_fractions(sizes, 0.0):
+        other = _FRACTION_OPTIONS["testing" if split == "validation" else "validation"]
         instead = (
-            f"pass {option} {smallest:g} or more"
-            if smallest is not None
-            else f"no fraction holds out one patient{each} and leaves one for training: use more subjects"
+            f"no fraction holds out one patient{each} and leaves one for training beside {other} "
+            f"{other_fraction:g}: lower {other}, or use more subjects"
         )
-        instead += ", or 0 for no testing list" if split == "testing" else ""
-        raise ValueError(
-            f"split: {option} {fraction} of {_counted(num_patients, num_subjects)} gives 0 {split} {unit} "
-            f"(round({num_patients} * {fraction}) = 0); {instead}."
-        )
-    return count
+    else:
+        instead = f"no fraction holds out one patient{each} and leaves one for training: use more subjects"
+    instead += ", or 0 for no testing list" if split == "testing" else ""
+    if group_sizes:
+        name, size = empty[0], groups[empty[0]]
+        gives = f"gives 0 {split} {name} {unit} (round({size} * {fraction}) = 0)"
+        counted = " and ".join(f"{size} {name}" for name, size in groups.items()) + f" {unit}"
+        counted += f" ({num_subjects} subjects)" if unit == "patients" else ""
+    else:
+        gives = f"gives 0 {split} {unit} (round({num_patients} * {fraction}) = 0)"
+        counted = _counted(num_patients, num_subjects)
+    raise ValueError(f"split: {option} {fraction} of {counted} {gives}; {instead}.")
+
+
+def held_out_counts(
+    val_fraction: float,
+    test_fraction: float,
+    num_patients: int,
+    num_subjects: int,
+    group_sizes: Mapping[str, int] | None = None,
+) -> tuple[int, int]:
+    """:func:`held_out_count` of the validation and the testing list together.
+
+    Returns:
+        the numbers of validation and testing patients.
+
+    Raises:
+        ValueError: with the refusal of each list that holds out no patient (of a group), both where both do.
+    """
+    counts, refusals = {}, []
+    for split, fraction, other in (
+        ("validation", val_fraction, test_fraction),
+        ("testing", test_fraction, val_fraction),
+    ):
+        try:
+            counts[split] = held_out_count(split, fraction, num_patients, num_subjects, group_sizes, other)
+        except ValueError as refusal:
+            refusals.append(str(refusal))
+    if refusals:
+        raise ValueError(" ".join(refusals))
+    return counts["validation"], counts["testing"]
 
 
 def stratified_split(
@@ -167,12 +220,8 @@ def stratified_split(
         grade: sorted(p for p, members in subjects_of.items() if grade_of[members[0]] == grade)
         for grade in sorted(INDEX_TO_GRADE)
     }
-    grade_sizes = [len(patients) for patients in patients_of_grade.values() if patients]
-    for name, fraction, other in (
-        ("testing", test_fraction, val_fraction),
-        ("validation", val_fraction, test_fraction),
-    ):
-        held_out_count(name, fraction, len(subjects_of), len(subject_ids), grade_sizes, other)
+    grade_sizes = {INDEX_TO_GRADE[grade]: len(patients) for grade, patients in patients_of_grade.items()}
+    held_out_counts(val_fraction, test_fraction, len(subjects_of), len(subject_ids), grade_sizes)
 
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}
@@ -194,7 +243,7 @@ def stratified_split(
                 f"split: the {name} split would have no {' and no '.join(missing)} subject "
                 f"(n_LGG={counts['LGG']} n_HGG={counts['HGG']} of {_counted(len(subjects_of), len(subject_ids))} with "
                 f"val_fraction={val_fraction}, test_fraction={test_fraction}); every split needs both grades. "
-                "Use more subjects, other fractions or another seed."
+                "Use more subjects or lower fractions."
             )
     return SubjectSplit(*(sorted(parts[name]) for name in SubjectSplit._fields))
 

@@ -95,9 +95,9 @@ def test_a_datalist_without_grades_keeps_the_timepoints_of_a_patient_in_one_list
     ("val_fraction", "test_fraction", "message"),
     [
         (0.34, 0.05, "--test-fraction 0.05 of 6 subjects gives 0 testing subjects (round(6 * 0.05) = 0); pass "
-         "--test-fraction 0.09 or more, or 0 for no testing list."),
+         "--test-fraction from 0.09 to 0.58, or 0 for no testing list."),
         (0.05, 0.0, "--val-fraction 0.05 of 6 subjects gives 0 validation subjects (round(6 * 0.05) = 0); pass "
-         "--val-fraction 0.09 or more."),
+         "--val-fraction from 0.09 to 0.91."),
     ],
 )  # fmt: skip
 def test_a_datalist_without_grades_refuses_a_fraction_that_holds_out_no_patient(

@@ -408,5 +408,5 @@ def test_datalist_without_grades_refuses_a_fraction_that_holds_out_no_subject(la
     assert main(["datalist", *folder, "--val-fraction", "0.05"]) == 1
     error = capsys.readouterr().err
     assert "--val-fraction 0.05 of 3 subjects gives 0 validation subjects" in error
-    assert "pass --val-fraction 0.17 or more" in error
+    assert "pass --val-fraction from 0.17 to 0.83" in error
     assert not out.exists()

@@ -68,8 +68,8 @@ def test_held_out_test_split_of_the_release():
 @pytest.mark.parametrize(
     ("val_fraction", "test_fraction", "message"),
     [
-        (0.3, 0.1, "the testing split would have no LGG subject (n_LGG=0 n_HGG=1 of 8 subjects"),
-        (0.1, 0.3, "the validation split would have no LGG subject (n_LGG=0 n_HGG=1 of 8 subjects"),
+        (0.3, 0.1, "--test-fraction 0.1 of 2 LGG and 6 HGG subjects gives 0 testing LGG subjects (round(2 * 0.1) = 0)"),
+        (0.1, 0.3, "--val-fraction 0.1 of 2 LGG and 6 HGG subjects gives 0 validation LGG subjects (round(2 * 0.1)"),
         (0.0, 0.75, "the training split would have no LGG subject (n_LGG=0 n_HGG=2 of 8 subjects"),
     ],
 )
@@ -141,22 +141,23 @@ def test_a_patient_with_two_grades_is_refused():
             [f"s{i}" for i in range(8)],
             0.25,
             0.05,
-            "split: --test-fraction 0.05 of 8 subjects gives 0 testing subjects (round(8 * 0.05) = 0); pass "
-            "--test-fraction 0.13 or more, or 0 for no testing list.",
+            "split: --test-fraction 0.05 of 4 LGG and 4 HGG subjects gives 0 testing LGG subjects "
+            "(round(4 * 0.05) = 0); pass --test-fraction from 0.13 to 0.62, or 0 for no testing list.",
         ),
         (
             [f"s{i}" for i in range(8)],
             0.05,
             0.25,
-            "split: --val-fraction 0.05 of 8 subjects gives 0 validation subjects (round(8 * 0.05) = 0); pass "
-            "--val-fraction 0.13 or more.",
+            "split: --val-fraction 0.05 of 4 LGG and 4 HGG subjects gives 0 validation LGG subjects "
+            "(round(4 * 0.05) = 0); pass --val-fraction from 0.13 to 0.62.",
         ),
         (
             [f"BraTS-GLI-{i // 2:05d}-{i % 2:03d}" for i in range(8)],
             0.25,
             0.1,
-            "split: --test-fraction 0.1 of 4 patients (8 subjects) gives 0 testing patients (round(4 * 0.1) = 0); "
-            "pass --test-fraction 0.26 or more, or 0 for no testing list.",
+            "split: --test-fraction 0.1 of 2 LGG and 2 HGG patients (8 subjects) gives 0 testing LGG patients "
+            "(round(2 * 0.1) = 0); no fraction holds out one patient of each grade and leaves one for training beside "
+            "--val-fraction 0.25: lower --val-fraction, or use more subjects, or 0 for no testing list.",
         ),
     ],
 )
@@ -166,21 +167,57 @@ def test_a_fraction_that_holds_out_no_patient_is_refused(ids, val_fraction, test
         stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
 
 
+def test_both_lists_refused_in_one_message_and_both_suggestions_followed_split():
+    """Where neither held-out list would hold a patient of each grade, one refusal names both, and each suggested
+    range assumes the other list holds one: both lowest suggestions together split, and so does the highest of
+    each beside the lowest of the other."""
+    ids, grades = [f"s{i}" for i in range(13)], [0] * 3 + [1] * 10
+    with pytest.raises(ValueError) as error:
+        stratified_split(ids, grades, val_fraction=0.1, seed=0, test_fraction=0.05)
+    message = str(error.value)
+    assert "--val-fraction 0.1 of 3 LGG and 10 HGG subjects gives 0 validation LGG subjects" in message
+    assert "--test-fraction 0.05 of 3 LGG and 10 HGG subjects gives 0 testing LGG subjects" in message
+    ranges = {
+        option: tuple(float(x) for x in found.split(" to "))
+        for option, found in re.findall(r"pass (--\S+) from (\d+\.\d+ to \d+\.\d+)", message)
+    }
+    assert set(ranges) == {"--val-fraction", "--test-fraction"}
+    (val_low, val_high), (test_low, test_high) = ranges["--val-fraction"], ranges["--test-fraction"]
+    for val_fraction, test_fraction in ((val_low, test_low), (val_high, test_low), (val_low, test_high)):
+        split = stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
+        for part in split:
+            assert {grades[ids.index(s)] for s in part} == {0, 1}
+
+
 @pytest.mark.parametrize(
     ("grades", "val_fraction", "test_fraction", "message"),
     [
         ([0] + [1] * 7, 0.05, 0.0, "no fraction holds out one patient of each grade and leaves one for training"),
         ([0, 0, 1, 1], 0.5, 0.1, "no fraction holds out one patient of each grade and leaves one for training"),
-        ([0, 0] + [1] * 6, 0.05, 0.0, "pass --val-fraction 0.26 or more"),
+        ([0, 0] + [1] * 6, 0.05, 0.0, "pass --val-fraction from 0.26 to 0.74"),
+        ([0] * 3 + [1] * 9, 0.05, 0.2, "pass --val-fraction from 0.17 to 0.49"),
+        (
+            [0] * 3 + [1] * 9,
+            0.05,
+            0.5,
+            "beside --test-fraction 0.5: lower --test-fraction, or use more subjects",
+        ),
     ],
 )
-def test_the_suggested_fraction_works_or_none_is_suggested(grades, val_fraction, test_fraction, message):
-    """The fraction a refusal suggests holds out a patient of each grade and leaves each a training patient, given
-    the other list's share: followed, it splits; where no fraction can, the refusal says so."""
+def test_the_suggested_fractions_work_or_none_is_suggested(grades, val_fraction, test_fraction, message):
+    """Each end of the range a refusal suggests holds out a patient of each grade and leaves each a training
+    patient, given the other list's share, and the next step beyond either end does not: followed, it splits;
+    where no fraction can, the refusal says so, and says to lower the other list's share where that helps."""
     ids = [f"s{i}" for i in range(len(grades))]
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
-    if "pass" in message:
-        suggested = float(str(error.value).split("--val-fraction ")[-1].split(" or more")[0])
+    if "pass" not in message:
+        return
+    low, high = (float(x) for x in str(error.value).split("from ")[-1].rstrip(".").split(" to "))
+    for suggested in (low, high):
         split = stratified_split(ids, grades, val_fraction=suggested, seed=0, test_fraction=test_fraction)
         assert {grades[ids.index(s)] for s in split.validation} == {0, 1}
+        assert {grades[ids.index(s)] for s in split.training} == {0, 1}
+    for outside in (round(low - 0.01, 2), round(high + 0.01, 2)):
+        with pytest.raises(ValueError):
+            stratified_split(ids, grades, val_fraction=outside, seed=0, test_fraction=test_fraction)
