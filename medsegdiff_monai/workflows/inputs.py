@@ -61,15 +61,16 @@ def _holds_other_nifti_files(folder: Path) -> bool:
 
 
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
-    """A folder of modality files is one subject, named after the folder; so is a folder of NIfTI files without
-    subject folders, whose modality files may then be named as the modality alone (``t1n.nii.gz``, ``t1.nii.gz``, as
-    BraTS 2023 tools write them), also beside folders without modality files (a mask, earlier outputs). Otherwise
-    its subject folders are the subjects (a release, whose files must carry the subject id), and a NIfTI file
-    without a modality name beside them (an atlas, a template) is not read."""
+    """A folder of modality files is one subject, named after the folder, and so is a folder of NIfTI files without
+    subject folders; the modality files of such a case folder may be named as the modality alone (``t1n.nii.gz``,
+    ``t1.nii.gz``, as BraTS 2023 tools write them), also beside folders without modality files (a mask, earlier
+    outputs). Otherwise its subject folders are the subjects (a release, whose files must carry the subject id), and
+    a NIfTI file without a modality name beside them (an atlas, a template) is not read."""
     nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
     bare = False
     if any(modality_of_file(p) for p in nifti_files):
-        subject_dirs = [folder]
+        # the case folder itself: its files named as the modality alone are read too
+        subject_dirs, bare = [folder], True
     else:
         subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0]
         # a case of bare-named files may hold folders of other NIfTI files (a mask, earlier outputs); a release's

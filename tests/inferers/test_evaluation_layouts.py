@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsegdiff_monai.data import BratsDataError, write_synthetic_brats
+from medsegdiff_monai.data import MODALITIES, BratsDataError, write_synthetic_brats
 from medsegdiff_monai.inferers import DiffusionSampler
 from medsegdiff_monai.workflows import (
     BratsVolumeInferer,
@@ -77,6 +77,18 @@ def test_a_case_folder_of_bare_file_names_is_one_subject(folders, tmp_path, layo
         check_output_folder(case / "out", case, entries=[entry])
     with pytest.raises(BratsDataError, match=r"named as the modality alone, which is read only when the four files"):
         collect_inference_inputs(case.parent)
+    # beside one file named with the subject id, the case's bare-named files are read too: the same modality
+    # named both ways is named as such, not said to be read elsewhere
+    named = case / f"{subject.name}{separator}{suffixes[1]}{extension}"
+    shutil.move(case / f"{names[1]}{extension}", named)
+    assert collect_inference_inputs(case)[0]["image"] == [
+        str(named if i == 1 else case / f"{name}{extension}") for i, name in enumerate(names)
+    ]
+    shutil.copy(named, case / f"{names[1]}{extension}")
+    with pytest.raises(BratsDataError, match=rf"several files for modality '{MODALITIES[1]}'") as error:
+        collect_inference_inputs(case)
+    assert "read only when" not in str(error.value)
+    named.unlink()
     # a folder of NIfTI files inside the case (earlier outputs, a mask) does not make the case a release
     (case / "masks").mkdir()
     shutil.copy(case / f"seg{extension}", case / "masks" / f"brain{extension}")
