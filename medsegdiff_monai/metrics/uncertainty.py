@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from sklearn.metrics import auc, roc_auc_score
 
 __all__ = [
+    "QU_BRATS_MAP_KINDS",
     "QU_BRATS_MAX",
     "QU_BRATS_REGION_NAMES",
     "mean_uncertainty",
     "qu_brats_map",
+    "qu_brats_near_miss_map",
+    "qu_brats_region_map",
     "qu_brats_scores",
     "spearman_correlation",
     "tumour_neighbourhood",
@@ -124,6 +127,10 @@ QU_BRATS_REGION_NAMES = {"TC": "core", "WT": "whole", "ET": "enhance"}
 """The QU-BraTS name of each BraTS region, as in its files (``<subject_id>_unc_whole.nii.gz`` ...)."""
 
 
+QU_BRATS_MAP_KINDS = ("near_miss", "ensemble_std")
+"""How a region's QU-BraTS uncertainty map is made (:func:`qu_brats_region_map`), the default first."""
+
+
 def qu_brats_map(std: np.ndarray) -> np.ndarray:
     """
     A region's ensemble standard deviation as a QU-BraTS uncertainty map: ``round(200 * std)`` as uint8, 0 where
@@ -135,6 +142,43 @@ def qu_brats_map(std: np.ndarray) -> np.ndarray:
     """
     scaled = np.rint(np.asarray(std, dtype=np.float64) * 2 * QU_BRATS_MAX)
     return np.clip(scaled, 0, QU_BRATS_MAX).astype(np.uint8)
+
+
+def qu_brats_near_miss_map(probability: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """
+    A region's QU-BraTS uncertainty map that flags the voxels left out of the predicted region by a narrow margin:
+    ``round(100 * (1 - |2p - 1|))`` as uint8 outside the predicted region, ``p`` being the ensemble's mean
+    probability of the region (:data:`QU_BRATS_MAX` at ``p`` 0.5, 0 at ``p`` 0 or 1), and 0 inside it.
+
+    The challenge's score charges each filtered true positive against the few voxels of the predicted region and
+    each filtered true negative against the whole brain, so flagging the voxels a segmentation may have missed
+    costs little, while flagging its own border costs much (see ``docs/quality.md`` for the measured choice).
+
+    Args:
+        probability: (X, Y, Z) the ensemble's mean probability of one region, in [0, 1].
+        predicted: (X, Y, Z) bool, the predicted region.
+    """
+    margin = 1 - np.abs(2 * np.asarray(probability, dtype=np.float64) - 1)
+    scaled = np.rint(np.where(np.asarray(predicted, dtype=bool), 0.0, margin) * QU_BRATS_MAX)
+    return np.clip(scaled, 0, QU_BRATS_MAX).astype(np.uint8)
+
+
+def qu_brats_region_map(kind: str, probability: np.ndarray, std: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """
+    A region's QU-BraTS uncertainty map of the given kind: ``"near_miss"`` (:func:`qu_brats_near_miss_map`) or
+    ``"ensemble_std"`` (:func:`qu_brats_map`).
+
+    Args:
+        kind: one of :data:`QU_BRATS_MAP_KINDS`.
+        probability: (X, Y, Z) the ensemble's mean probability of the region.
+        std: (X, Y, Z) the population std of the members' probabilities of the region.
+        predicted: (X, Y, Z) bool, the predicted region.
+    """
+    if kind == "near_miss":
+        return qu_brats_near_miss_map(probability, predicted)
+    if kind == "ensemble_std":
+        return qu_brats_map(std)
+    raise ValueError(f"QU-BraTS map kind must be one of {list(QU_BRATS_MAP_KINDS)}, got {kind!r}.")
 
 
 def qu_brats_scores(

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, Transform
+from monai.transforms import Compose, ConvertToMultiChannelBasedOnBratsClasses, Invertd, Transform
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,7 +34,7 @@ from medsegdiff_monai.data.files import lock_folder, write_text_atomically
 from medsegdiff_monai.inferers.sampler import DiffusionSampler
 from medsegdiff_monai.inferers.volume import sample_volume
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS
-from medsegdiff_monai.metrics.uncertainty import QU_BRATS_REGION_NAMES, qu_brats_map
+from medsegdiff_monai.metrics.uncertainty import QU_BRATS_MAP_KINDS, QU_BRATS_REGION_NAMES, qu_brats_region_map
 from medsegdiff_monai.transforms import get_inference_transforms, regions_to_brats_labels, suppress_small_enhancing
 from medsegdiff_monai.utils import quoted_names
 from medsegdiff_monai.visualize import write_overlay_png
@@ -278,8 +278,8 @@ class SubjectPrediction:
         uncertainty: (X, Y, Z) float32 ensemble std reduced over the regions.
         p_hgg: subject-level p(HGG), or None without a grade head.
         reference: the input file whose affine and shape the outputs share (the t1 image).
-        region_uncertainty: (3, X, Y, Z) float32 ensemble std of each region (TC, WT, ET), with
-            ``write_region_uncertainty``; else None.
+        region_uncertainty: (3, X, Y, Z) uint8 QU-BraTS uncertainty map of each region (TC, WT, ET), 0 to 100,
+            with ``write_region_uncertainty``; else None.
     """
 
     subject_id: str
@@ -322,8 +322,8 @@ class BratsVolumeInferer:
     - ``<subject_id>_overlay.png`` (with ``write_overlays``): FLAIR slice with the most tumour, without and with
       the labels;
     - ``<subject_id>_unc_whole.nii.gz``, ``_unc_core``, ``_unc_enhance`` (with ``write_region_uncertainty``): each
-      region's std as a QU-BraTS uncertainty map, uint8 0 (certain) to 100 (:func:`~medsegdiff_monai.metrics.
-      qu_brats_map`);
+      region's QU-BraTS uncertainty map, uint8 0 (certain) to 100, of the kind ``region_uncertainty_map``
+      (:func:`~medsegdiff_monai.metrics.qu_brats_region_map`);
     - ``grades.csv``: ``subject_id,p_hgg,grade`` (``grade`` HGG / LGG at p >= 0.5), when the network grades.
 
     Every input file is read and checked before inference starts, and outputs are first written to a temporary
@@ -352,6 +352,10 @@ class BratsVolumeInferer:
         write_overlays: also write a PNG overlay per subject.
         write_region_uncertainty: also write the three per-region uncertainty maps of the BraTS uncertainty
             challenge (QU-BraTS).
+        region_uncertainty_map: how those maps are made: ``"near_miss"`` (default; the voxels left out of the
+            predicted region by a narrow margin of the ensemble's mean probability,
+            :func:`~medsegdiff_monai.metrics.qu_brats_near_miss_map`) or ``"ensemble_std"`` (the members' spread
+            on both sides of the border, :func:`~medsegdiff_monai.metrics.qu_brats_map`).
         progress: show a tqdm bar over subjects.
         transforms: the invertible inference chain; default ``get_inference_transforms(roi_size)``.
         overwrite: replace the outputs of subjects that ``output_dir`` already holds.
@@ -384,6 +388,7 @@ class BratsVolumeInferer:
         compile_min_volumes: int = 1,
         label_convention: str = "auto",
         write_region_uncertainty: bool = False,
+        region_uncertainty_map: str = QU_BRATS_MAP_KINDS[0],
     ) -> None:
         if label_convention not in ("auto", *RELEASES):
             valid = quoted_names(("auto", *RELEASES), "or")
@@ -405,6 +410,11 @@ class BratsVolumeInferer:
             raise ValueError(f"min_enhancing_voxels must be >= 0, got {min_enhancing_voxels}.")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold is a probability strictly between 0 and 1, got {threshold}.")
+        if region_uncertainty_map not in QU_BRATS_MAP_KINDS:
+            raise ValueError(
+                f"region_uncertainty_map must be {quoted_names(QU_BRATS_MAP_KINDS, 'or')}, got "
+                f"{region_uncertainty_map!r}."
+            )
         if uncertainty_reduction not in ("max", "mean"):
             raise ValueError(f"uncertainty_reduction must be 'max' or 'mean', got {uncertainty_reduction!r}.")
         if device is None:
@@ -419,6 +429,7 @@ class BratsVolumeInferer:
         self.uncertainty_reduction = uncertainty_reduction
         self.write_overlays = write_overlays
         self.write_region_uncertainty = write_region_uncertainty
+        self.region_uncertainty_map = region_uncertainty_map
         self.progress = progress
         self.overwrite = overwrite
         self.allow_empty_modality = allow_empty_modality
@@ -469,6 +480,7 @@ class BratsVolumeInferer:
         inverted = self.inverter(data)
         labels = regions_to_brats_labels(inverted["probs"].as_tensor(), self.threshold)[0]
         labels = suppress_small_enhancing(labels, self.min_enhancing_voxels)
+        region_maps = self._region_maps(inverted, labels) if self.write_region_uncertainty else None
         labels = convert_label_convention(labels, "brats2020", self.output_release(entry["image"][0]))
         return SubjectPrediction(
             subject_id=str(data["subject_id"]),
@@ -476,11 +488,17 @@ class BratsVolumeInferer:
             uncertainty=inverted["uncertainty"].as_tensor()[0].numpy().astype(np.float32),
             p_hgg=volume.p_hgg,
             reference=Path(entry["image"][0]),
-            region_uncertainty=(
-                inverted["region_uncertainty"].as_tensor().numpy().astype(np.float32)
-                if self.write_region_uncertainty
-                else None
-            ),
+            region_uncertainty=region_maps,
+        )
+
+    def _region_maps(self, inverted: dict[str, Any], labels: torch.Tensor) -> np.ndarray:
+        """(3, X, Y, Z) uint8 QU-BraTS maps of TC, WT and ET on the input grid, from the inverted probabilities and
+        per-region std and the written labels (BraTS 2020 convention) as the predicted regions."""
+        predicted = ConvertToMultiChannelBasedOnBratsClasses()(labels[None]).numpy().astype(bool)
+        probs = inverted["probs"].as_tensor().numpy()
+        std = inverted["region_uncertainty"].as_tensor().numpy()
+        return np.stack(
+            [qu_brats_region_map(self.region_uncertainty_map, probs[i], std[i], predicted[i]) for i in range(3)]
         )
 
     def _write_run(
@@ -551,10 +569,10 @@ class BratsVolumeInferer:
             flair = np.asarray(nib.load(str(entry["image"][_FLAIR])).dataobj, dtype=np.float32)
             write_overlay_png(flair, prediction.labels, folder / names["overlay"])
         if prediction.region_uncertainty is not None:
-            for region, std in zip(BRATS_REGIONS, prediction.region_uncertainty, strict=True):
+            for region, region_map in zip(BRATS_REGIONS, prediction.region_uncertainty, strict=True):
                 kind = REGION_UNCERTAINTY_KINDS[region]
                 names[kind] = prediction.subject_id + REGION_UNCERTAINTY_SUFFIXES[region]
-                write_nifti_like(qu_brats_map(std), reference, folder / names[kind])
+                write_nifti_like(region_map, reference, folder / names[kind])
         return names
 
     def run(
@@ -667,6 +685,7 @@ class BratsVolumeInferer:
                 self.write_overlays,
                 self.label_convention,
                 self.write_region_uncertainty,
+                self.region_uncertainty_map,
             ],
         }
         scheduler = sampler.scheduler

@@ -576,10 +576,12 @@ def test_subjects_a_stopped_run_sampled_and_a_later_run_drops_are_named(stand_in
 
 
 def test_region_uncertainty_maps_in_the_qu_brats_format(stand_in_network, brats_copy, tmp_path):
-    """Each region's ensemble std as uint8 0-100 on the input grid (QU-BraTS names); their maximum over regions is
-    the float map (up to the rounding to 1/200); a later run without them removes them."""
+    """With ``region_uncertainty_map="ensemble_std"``, each region's ensemble std as uint8 0-100 on the input grid
+    (QU-BraTS names); their maximum over regions is the float map (up to the rounding to 1/200); a later run without
+    them removes them."""
     out = tmp_path / "out"
-    outputs = _inferer(stand_in_network(), write_region_uncertainty=True).run(brats_copy, out)
+    inferer = _inferer(stand_in_network(), write_region_uncertainty=True, region_uncertainty_map="ensemble_std")
+    outputs = inferer.run(brats_copy, out)
     regions = ("whole", "core", "enhance")
     for output in outputs:
         assert sorted(output.files) == sorted(["seg", "uncertainty", *(f"unc_{r}" for r in regions)])
@@ -597,3 +599,34 @@ def test_region_uncertainty_maps_in_the_qu_brats_format(stand_in_network, brats_
         np.testing.assert_allclose(maps.max(axis=0) / 200, std, atol=1 / 400 + 1e-6)
     _inferer(stand_in_network(), overwrite=True).run(brats_copy, out)
     assert not list(out.glob("*_unc_*.nii.gz"))
+
+
+def test_near_miss_region_maps_by_default(stand_in_network, brats_copy, tmp_path):
+    """The default QU-BraTS maps are 100 (1 - |2p - 1|) of each region's mean probability on the input grid outside
+    the written segmentation's region, and 0 inside it; another kind is refused, naming the valid ones."""
+    # at threshold 0.7 the stand-in's voxels of probability 0.5-0.7 stay outside the regions, so some are flagged
+    inferer = _inferer(stand_in_network(), write_region_uncertainty=True, threshold=0.7)
+    probabilities = {}
+    invert = inferer.inverter
+
+    def keep_probabilities(data):
+        inverted = invert(data)
+        probabilities[data["subject_id"]] = inverted["probs"].as_tensor().numpy()
+        return inverted
+
+    inferer.inverter = keep_probabilities
+    out = tmp_path / "out"
+    outputs = inferer.run(brats_copy, out)
+    flagged = 0
+    for output in outputs:
+        seg = _read(out / f"{output.subject_id}_seg.nii.gz")
+        predicted = {"core": np.isin(seg, (1, 4)), "whole": seg > 0, "enhance": seg == 4}
+        for index, region in enumerate(("core", "whole", "enhance")):  # TC, WT, ET: the network's channels
+            written = _read(out / f"{output.subject_id}_unc_{region}.nii.gz")
+            margin = 1 - np.abs(2 * probabilities[output.subject_id][index].astype(np.float64) - 1)
+            expected = np.rint(100 * np.where(predicted[region], 0, margin))
+            np.testing.assert_array_equal(written, expected)
+            flagged += int((written > 0).sum())
+    assert flagged > 0
+    with pytest.raises(ValueError, match=r"region_uncertainty_map must be 'near_miss' or 'ensemble_std', got 'std'"):
+        _inferer(stand_in_network(), region_uncertainty_map="std")

@@ -6,6 +6,9 @@ from sklearn.metrics import auc, roc_auc_score
 
 from medsegdiff_monai.metrics import (
     mean_uncertainty,
+    qu_brats_map,
+    qu_brats_near_miss_map,
+    qu_brats_region_map,
     qu_brats_scores,
     spearman_correlation,
     tumour_neighbourhood,
@@ -125,6 +128,36 @@ def test_qu_brats_scores_against_the_challenge_definition(num_points):
         qu_brats_scores(prediction, truth, 100.0 * flipped, brain)["score"]
         > qu_brats_scores(prediction, truth, 100.0 * ~flipped, brain)["score"]
     )
+
+
+def test_qu_brats_map_kinds_by_hand():
+    """The near-miss map is 100 (1 - |2p - 1|) outside the predicted region and 0 inside it; the ensemble-std map is
+    200 std on both sides; both round to uint8 0-100."""
+    probability = np.array([0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 1.0, 0.4])
+    predicted = np.array([False, False, False, False, True, True, True, True])  # the last: labelled by the hierarchy
+    std = np.array([0.0, 0.05, 0.2, 0.5, 0.3, 0.1, 0.0, 0.49])
+    near_miss = qu_brats_near_miss_map(probability, predicted)
+    assert near_miss.dtype == np.uint8 and near_miss.tolist() == [0, 20, 50, 100, 0, 0, 0, 0]
+    assert qu_brats_map(std).tolist() == [0, 10, 40, 100, 60, 20, 0, 98]
+    np.testing.assert_array_equal(qu_brats_region_map("near_miss", probability, std, predicted), near_miss)
+    np.testing.assert_array_equal(qu_brats_region_map("ensemble_std", probability, std, predicted), qu_brats_map(std))
+    with pytest.raises(ValueError, match=r"one of \['near_miss', 'ensemble_std'\], got 'std'"):
+        qu_brats_region_map("std", probability, std, predicted)
+
+
+def test_a_near_miss_map_that_flags_the_missed_voxels_beats_zeros():
+    """Flagging the false negatives that the mean probability nearly included filters them out at some threshold:
+    the Dice AUC rises, and only true negatives (few against the brain) are charged, so the score beats a map of 0."""
+    truth = np.zeros(400, dtype=bool)
+    truth[:40] = True
+    predicted = truth.copy()
+    predicted[30:40] = False  # ten missed voxels, their mean probability 0.4
+    probability = np.where(predicted, 0.9, 0.02)
+    probability[30:40] = 0.4
+    brain = np.ones(400, dtype=bool)
+    flagged = qu_brats_scores(predicted, truth, qu_brats_near_miss_map(probability, predicted), brain)
+    zeros = qu_brats_scores(predicted, truth, np.zeros(400), brain)
+    assert flagged["ftp_auc"] == 0 and flagged["dice_auc"] > zeros["dice_auc"] and flagged["score"] > zeros["score"]
 
 
 def test_qu_brats_scores_refuses_maps_off_the_scale():
