@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -34,6 +36,19 @@ class _PendingFiniteFlag(NamedTuple):
     epoch: int
     iteration: int
     subject_ids: Any  # the batch's "subject_id" as collated (a list of str), read only when the step was skipped
+
+
+_FRESH_RUN = re.compile(r"Engine run resuming from iteration 0, epoch 0 until (\d+) epochs")
+
+
+def _fresh_run_message(record: logging.LogRecord) -> bool:
+    """Log filter: Ignite's "Engine run resuming from iteration 0, epoch 0" becomes its words for a run that starts.
+    MONAI's trainers set ``max_epochs`` in their state on construction, which Ignite reads as a run to resume; a
+    checkpoint to resume from is loaded only later, at ``Events.STARTED``, and logged then."""
+    found = _FRESH_RUN.fullmatch(record.getMessage())
+    if found:
+        record.msg, record.args = f"Engine run starting with max_epochs={found.group(1)}.", None
+    return True
 
 
 def _to_device(tensor: Any, device: str | torch.device | None, non_blocking: bool, **kwargs: Any) -> torch.Tensor:
@@ -244,6 +259,8 @@ class DiffusionTrainer(SupervisedTrainer):
         self.autocast_dtype = autocast_dtype if torch.device(device).type == "cuda" else None
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.grad_clip_norm = grad_clip_norm
+        if _fresh_run_message not in self.logger.filters:
+            self.logger.addFilter(_fresh_run_message)
         self._pending_flags: list[_PendingFiniteFlag] = []
         self._reset_skip_counts()
         # registered before the train handlers, so that they see the epoch's skipped steps complete

@@ -1,5 +1,6 @@
 """DiffusionTrainer + StagedTraining + NonFiniteLossGuard on in-memory batches (no files)."""
 
+import logging
 import math
 
 import pytest
@@ -431,3 +432,18 @@ def test_old_keyword_names_of_the_engines():
     assert trainer.grade_loss is grade_loss and trainer.stage.losses == ("seg", "grade")
     with pytest.warns(DeprecationWarning, match="use_cls_head= of validation_metrics is renamed use_grade_head="):
         assert "AUC" not in validation_metrics(3, use_cls_head=False)
+
+
+def test_a_new_run_is_not_logged_as_resumed(caplog):
+    """Ignite reads the max_epochs that MONAI's trainer sets on construction as a run to resume, and would log
+    "resuming from iteration 0, epoch 0"; the trainer logs Ignite's words for a run that starts instead."""
+    trainer, _, _ = make_trainer([{"name": "joint", "epochs": 1, "train": "all", "losses": ["seg", "grade"]}])
+    with caplog.at_level("INFO", logger=trainer.logger.name):
+        trainer.run()
+    messages = [record.getMessage() for record in caplog.records if record.name == trainer.logger.name]
+    assert "Engine run starting with max_epochs=1." in messages
+    assert not any("resuming from iteration 0" in message for message in messages)
+    # a true resumption, from a later iteration, keeps Ignite's message
+    record = logging.LogRecord(trainer.logger.name, logging.INFO, __file__, 1, "%s", ("x",), None)
+    record.msg, record.args = "Engine run resuming from iteration 12, epoch 4 until 16 epochs", None
+    assert trainer.logger.filter(record) and record.getMessage().startswith("Engine run resuming from iteration 12")
