@@ -25,11 +25,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from monai.bundle import ConfigParser
-from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 
 from medsegdiff_monai.data import locate_subject_files
-from medsegdiff_monai.data.layout import convert_label_convention, label_convention
 from medsegdiff_monai.metrics import bootstrap_interval, qu_brats_map, qu_brats_near_miss_map, qu_brats_scores
+from medsegdiff_monai.metrics.evaluation import label_map_regions
 from medsegdiff_monai.metrics.segmentation import BRATS_REGIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +52,6 @@ def map_kinds(inside_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)) -> dic
             np.where(predicted, w * std, std)
         )
     return kinds
-
-
-def regions_of(labels: np.ndarray, source: Any) -> np.ndarray:
-    """(3, X, Y, Z) bool TC, WT, ET of a label map in the convention its values follow."""
-    release = label_convention(np.unique(labels).tolist(), source) or "brats2020"
-    internal = convert_label_convention(labels, release, "brats2020")
-    return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(internal[None])).astype(bool)
 
 
 def sample_subjects(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
@@ -97,8 +89,8 @@ def sample_subjects(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
                 "subject_id": entry["subject_id"],
                 "probability": inverted["probs"].as_tensor().numpy(),
                 "std": inverted["region_uncertainty"].as_tensor().numpy(),
-                "predicted": regions_of(prediction.labels, prediction.reference),
-                "truth": regions_of(np.asarray(nib.load(str(label)).dataobj), label),
+                "predicted": label_map_regions(prediction.labels, prediction.reference).astype(bool),
+                "truth": label_map_regions(np.asarray(nib.load(str(label)).dataobj), label).astype(bool),
                 "brain": np.asarray(nib.load(entry["image"][0]).dataobj) > 0,
             }
         )

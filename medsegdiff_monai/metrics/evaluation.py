@@ -36,6 +36,7 @@ __all__ = [
     "check_evaluation_settings",
     "evaluate_subjects",
     "format_table",
+    "label_map_regions",
     "write_evaluation",
 ]
 
@@ -64,8 +65,9 @@ def _regions(labels: np.ndarray, release: str) -> np.ndarray:
     return np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(internal[None]), dtype=np.uint8)
 
 
-def _release_regions(labels: np.ndarray, source: Any) -> np.ndarray:
-    """(3, X, Y, Z) TC, WT, ET of a label map in the convention its values follow (either, without ET)."""
+def label_map_regions(labels: np.ndarray, source: Any) -> np.ndarray:
+    """(3, X, Y, Z) TC, WT, ET of a label map in the convention its values follow (either, without ET; ``source``,
+    the file or subject the labels come from, is named in an error)."""
     return _regions(labels, label_convention(np.unique(labels).tolist(), source) or "brats2020")
 
 
@@ -232,8 +234,8 @@ def evaluate_subjects(
         grade = prediction.get("grade")
         grade = None if grade is None else grade_index(grade, subject_id)
         row.update(grade=grade, p_hgg=prediction.get("p_hgg"))
-        pred_regions = _release_regions(pred, pred_source)
-        truth_regions = _release_regions(truth, prediction["label_file"])
+        pred_regions = label_map_regions(pred, pred_source)
+        truth_regions = label_map_regions(truth, prediction["label_file"])
         row.update(
             segmentation_metrics(pred_regions, truth_regions, BRATS_REGIONS, include_hd95, spacing, hd95_convention)
         )
