@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,6 +415,12 @@ class BratsVolumeInferer:
             raise ValueError(
                 f"region_uncertainty_map must be {quoted_names(QU_BRATS_MAP_KINDS, 'or')}, got "
                 f"{region_uncertainty_map!r}."
+            )
+        if region_uncertainty_map != QU_BRATS_MAP_KINDS[0] and not write_region_uncertainty:
+            warnings.warn(
+                f"region_uncertainty_map {region_uncertainty_map!r} has no effect without write_region_uncertainty "
+                "(--write_region_uncertainty true), which writes the maps.",
+                stacklevel=2,
             )
         if uncertainty_reduction not in ("max", "mean"):
             raise ValueError(f"uncertainty_reduction must be 'max' or 'mean', got {uncertainty_reduction!r}.")

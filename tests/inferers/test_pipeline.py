@@ -630,3 +630,5 @@ def test_near_miss_region_maps_by_default(stand_in_network, brats_copy, tmp_path
     assert flagged > 0
     with pytest.raises(ValueError, match=r"region_uncertainty_map must be 'near_miss' or 'ensemble_std', got 'std'"):
         _inferer(stand_in_network(), region_uncertainty_map="std")
+    with pytest.warns(UserWarning, match=r"'ensemble_std' has no effect without write_region_uncertainty"):
+        _inferer(stand_in_network(), region_uncertainty_map="ensemble_std")
