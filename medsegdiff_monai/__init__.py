@@ -1,3 +1,3 @@
 """MONAI-native MedSegDiff-V2: diffusion segmentation of brain tumours with LGG/HGG grading."""
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
