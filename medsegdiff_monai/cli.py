@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from medsegdiff_monai import __version__
 from medsegdiff_monai.data import (
     DIFFICULTIES,
     GRADE_TO_INDEX,
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medsegdiff-monai",
         description="MedSegDiff-V2 brain tumour segmentation and grading on BraTS (MONAI).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in COMMANDS:
         register(subparsers)

@@ -2,6 +2,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -230,3 +231,12 @@ def test_submission_refuses_labels_in_the_other_release_of_the_subject_id(tmp_pa
     assert "BraTS2021_00001" not in error and "case07" not in error and not out.exists()
     (predictions / "BraTS-GLI-00002-000_seg.nii.gz").write_bytes(_label_map_bytes(3, tmp_path))
     assert cli.main(["submission", "--predictions", str(predictions), "--out", str(out)]) == 0
+
+
+def test_version_is_the_package_version_the_bundle_requires(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    metadata = json.loads((Path(__file__).parents[1] / "bundle/configs/metadata.json").read_text())
+    required = metadata["required_packages_version"]["medsegdiff_monai"]
+    assert capsys.readouterr().out.strip() == f"medsegdiff-monai {required}"
