@@ -239,11 +239,17 @@ def stratified_split(
         counts = _grade_counts([grade_of[s] for s in parts[name]])
         missing = [grade for grade, count in counts.items() if count == 0]
         if fraction > 0 and missing:
+            absent = [grade for grade in missing if not grade_sizes[grade]]
+            remedy = (
+                f"the data holds no {' and no '.join(absent)} subject: add some"
+                if absent
+                else "use more subjects or lower fractions"
+            )
             raise ValueError(
                 f"split: the {name} split would have no {' and no '.join(missing)} subject "
                 f"(n_LGG={counts['LGG']} n_HGG={counts['HGG']} of {_counted(len(subjects_of), len(subject_ids))} with "
-                f"val_fraction={val_fraction}, test_fraction={test_fraction}); every split needs both grades. "
-                "Use more subjects or lower fractions."
+                f"val_fraction={val_fraction}, test_fraction={test_fraction}); every split needs both grades: "
+                f"{remedy}."
             )
     return SubjectSplit(*(sorted(parts[name]) for name in SubjectSplit._fields))
 

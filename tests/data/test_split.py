@@ -81,6 +81,14 @@ def test_a_split_without_both_grades_is_refused(val_fraction, test_fraction, mes
         stratified_split(ids, grades, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
 
 
+def test_data_without_a_grade_is_refused_naming_what_is_missing():
+    ids = [f"s{i}" for i in range(6)]
+    with pytest.raises(ValueError) as error:
+        stratified_split(ids, [1] * 6, val_fraction=0.34, seed=0)
+    assert "the training split would have no LGG subject (n_LGG=0 n_HGG=4 of 6 subjects" in str(error.value)
+    assert str(error.value).endswith("every split needs both grades: the data holds no LGG subject: add some.")
+
+
 def test_alpha_of_the_whole_release():
     weights = grade_class_weights(GRADES)
     assert round(weights["alpha_LGG"], 3) == 2.428 and round(weights["alpha_HGG"], 3) == 0.630
