@@ -68,7 +68,8 @@ def evaluation_provenance(
 
 
 def _provenance(inferer: BratsVolumeInferer, given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What produced an evaluation: ``given`` (e.g. input, list, checkpoint), the sampler and the grade calibration."""
+    """What produced an evaluation: ``given`` (e.g. input, list, checkpoint), the sampler, the kind of the QU-BraTS
+    maps scored (if any) and the grade calibration."""
     sampler = inferer.sampler
     provenance: dict[str, Any] = {
         key: str(value) if isinstance(value, os.PathLike) else value for key, value in (given or {}).items()
@@ -80,6 +81,8 @@ def _provenance(inferer: BratsVolumeInferer, given: Mapping[str, Any] | None) ->
         "eta": sampler.eta,
         "seed": sampler.seed,
     }
+    if inferer.write_region_uncertainty:
+        provenance["region_uncertainty_map"] = inferer.region_uncertainty_map
     calibration = getattr(unwrap_module(inferer.network), "grade_calibration", None)
     if calibration is not None:
         provenance["grade_calibration"] = {"scale": float(calibration.scale), "bias": float(calibration.bias)}

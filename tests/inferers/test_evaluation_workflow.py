@@ -201,5 +201,6 @@ def test_qu_brats_scores_of_the_written_region_maps(stand_in_network, synthetic_
         assert row["qu_score_mean"] == pytest.approx(np.mean([row[f"qu_score_{r}"] for r in regions]))
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["qu_score_mean"]["ci95"]) == 2
+    assert summary["provenance"]["region_uncertainty_map"] == "near_miss"
     printed = evaluation_workflow.format_table(result).splitlines()[0].split()
     assert "qu_score_WT" in printed and "qu_ftp_auc_WT" not in printed
