@@ -58,7 +58,7 @@ def sample_subjects(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
     """Per subject: ``probability`` and ``std`` (3, X, Y, Z) on the input grid, ``predicted`` and ``truth`` regions,
     ``brain``; sampled as ``evaluate.json`` with the overrides samples them."""
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "bundle/configs/train.json"), str(ROOT / "bundle/configs/evaluate.json")])
+    parser.read_config([str(Path(args.bundle_root) / "configs" / name) for name in ("train.json", "evaluate.json")])
     parser.update(
         {
             "bundle_root": str(args.bundle_root),
