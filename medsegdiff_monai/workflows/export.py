@@ -188,7 +188,7 @@ def load_exported_network(directory: str | Path, prefix: str = "model") -> Expor
         if not path.is_file():
             raise FileNotFoundError(f"exported network file {path} does not exist; run export_network first.")
         programs.append(torch.export.load(path).module())
-    return ExportedDiffusionNetwork(*programs)
+    return ExportedDiffusionNetwork(*programs).eval()
 
 
 def export_from_checkpoint(
