@@ -113,20 +113,30 @@ def _from_datalist(path: Path, datalist_key: str, data_dir: str | Path | None) -
 
 def _check_data_root(path: Path, entries: Any, data_dir: str | Path | None) -> None:
     """Refuse a ``data_dir`` under which some of a datalist's relative first image files are missing while the
-    datalist's own folder holds them all: the datalist was given (``--input``) without the data root it was written
-    for."""
+    datalist's own folder holds them all (the datalist was given, ``--input``, without the data root it was written
+    for), and one where both folders hold different files of the same relative names (which folder is meant is not
+    known)."""
     if data_dir is None or not isinstance(entries, list) or Path(data_dir).resolve() == path.parent.resolve():
         return
     images = [Path(image) for entry in entries if (image := first_image(entry)) is not None]
     relative = [image for image in images if not image.is_absolute()]
     missing = [file for file in relative if not (Path(data_dir) / file).exists()]
-    if not missing or not all((path.parent / file).exists() for file in relative):
-        return
-    raise FileNotFoundError(
-        f"datalist {path}: its paths are read relative to dataset_dir {data_dir}, where {len(missing)} of its "
-        f"{len(relative)} subjects' files are missing (e.g. {missing[0]}), but the datalist's own folder holds them "
-        f"all: pass --dataset_dir {path.parent}."
-    )
+    beside = [file for file in relative if (path.parent / file).exists()]
+    if missing and len(beside) == len(relative):
+        raise FileNotFoundError(
+            f"datalist {path}: its paths are read relative to dataset_dir {data_dir}, where {len(missing)} of its "
+            f"{len(relative)} subjects' files are missing (e.g. {missing[0]}), but the datalist's own folder holds "
+            f"them all: pass --dataset_dir {path.parent}."
+        )
+    in_both = [
+        file for file in beside if file not in missing and not (Path(data_dir) / file).samefile(path.parent / file)
+    ]
+    if in_both:  # both folders hold such files: reading either could segment the wrong images
+        raise ValueError(
+            f"datalist {path}: its relative paths name files both under dataset_dir {data_dir} and beside the "
+            f"datalist (e.g. {in_both[0]}), which are different files; pass --dataset_dir {path.parent} to read "
+            f"those beside it, or --dataset_dir {data_dir} to read those under it."
+        )
 
 
 def collect_inference_inputs(
@@ -162,6 +172,14 @@ def collect_inference_inputs(
         for path in paths:
             if not path.is_file():
                 raise FileNotFoundError(f"input modality file {path} does not exist.")
+        # names that carry a subject id before their modality ending (not bare names, not unnamed files) must agree
+        named = {str(path): subject_id_from_path(path) for path in paths if modality_of_file(path) is not None}
+        if len(set(named.values())) > 1:
+            listed = ", ".join(f"{Path(path).name} ({subject})" for path, subject in named.items())
+            raise ValueError(
+                f"the {len(MODALITIES)} modality files of one subject name different subjects: {listed}; give the "
+                "files of one subject."
+            )
         return [{"image": [str(p) for p in paths], "subject_id": subject_id_from_path(paths[0])}]
     path = Path(source)
     if path.is_dir():

@@ -155,6 +155,31 @@ def test_a_datalist_given_without_its_data_root_names_the_root_to_pass(brain_ora
     _assert_nothing_written(tmp_path)
 
 
+def test_a_datalist_whose_files_lie_in_two_data_roots_is_refused(brain_oracle, synthetic_datalist, tmp_path):
+    """Where the given data root and the datalist's own folder both hold files of its relative names (another data
+    set with the same subject ids), which images are meant is not known: refused, naming both roots."""
+    other = shutil.copytree(synthetic_datalist.parent, tmp_path / "other_data")
+    with pytest.raises(ValueError, match=rf"pass --dataset_dir {synthetic_datalist.parent} to read those beside it"):
+        _inferer(brain_oracle()).run(synthetic_datalist, tmp_path / "out", data_dir=other)
+    _assert_nothing_written(tmp_path)
+    # the same files reached through a link are one data root
+    link = tmp_path / "link"
+    link.symlink_to(synthetic_datalist.parent)
+    (output, *_) = _inferer(brain_oracle()).run(synthetic_datalist, tmp_path / "out", data_dir=link, num_cases=1)
+    assert (tmp_path / "out" / f"{output.subject_id}_seg.nii.gz").is_file()
+
+
+def test_four_files_naming_two_subjects_are_refused(brain_oracle, synthetic_brats_dir, tmp_path):
+    one, two = (synthetic_brats_dir / f"BraTS20_Training_00{i}" for i in (1, 2))
+    files = [one / "BraTS20_Training_001_t1.nii", two / "BraTS20_Training_002_t1ce.nii"]
+    files += [one / f"BraTS20_Training_001_{m}.nii" for m in ("t2", "flair")]
+    with pytest.raises(
+        ValueError, match=r"name different subjects: .*BraTS20_Training_002_t1ce.nii \(BraTS20_Training_002\)"
+    ):
+        _inferer(brain_oracle()).run(files, tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
 def _assert_nothing_written(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # the run's temporary folder lay inside it
 
