@@ -159,8 +159,22 @@ class ExportedDiffusionNetwork(nn.Module):
         return self
 
     def encode_condition(self, image: Tensor) -> ConditionFeatures:
-        """See ``DiffusionUNetWithGradeHead.encode_condition``."""
-        outputs = self.condition_program(image)
+        """See ``DiffusionUNetWithGradeHead.encode_condition``.
+
+        Raises:
+            ValueError: for slices of another height and width than the programs were exported for (e.g. a brain
+                wider than ``roi_size``, padded further), naming both.
+        """
+        try:
+            outputs = self.condition_program(image)
+        except AssertionError as error:  # torch.export's guard on the static slice size
+            if "Guard failed" not in str(error):
+                raise
+            raise ValueError(
+                f"the exported network takes slices of the size it was exported for ({error}); got slices of "
+                f"{list(image.shape[2:])}. A brain wider than roi_size is padded beyond it: run such subjects with "
+                "the checkpoint instead, or export for a larger image_size."
+            ) from error
         grade_logits = outputs[2] if len(outputs) > 2 else None
         return ConditionFeatures(features=tuple(outputs[0]), calib_map=outputs[1], grade_logits=grade_logits)
 

@@ -57,6 +57,8 @@ def test_exported_network_matches_and_samples(tmp_path):
     assert [p.name for p in paths] == ["model_condition.pt2", "model_denoise.pt2"]
     exported = load_exported_network(tmp_path / "exported")
     assert not exported.training  # in eval mode, as sampling expects: no "training mode" warning
+    with pytest.raises(ValueError, match=r"exported for .*; got slices of \[24, 16\]"):
+        exported.encode_condition(torch.randn(1, 4, 24, 16))
     image = torch.randn(3, 4, 16, 16)
     x_t, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
     with torch.no_grad():
