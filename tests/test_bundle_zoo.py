@@ -62,6 +62,7 @@ def test_paths_are_relative_to_bundle_root_dot():
         ("train", ["train.json"]),
         ("infer", ["inference.json"]),
         ("eval", ["train.json", "evaluate.json"]),
+        ("train", ["train.json", "evaluate.json"]),  # as the model zoo's unit tests read the evaluation overlay
     ],
 )
 def test_workflow_properties_are_complete(tmp_path, synthetic_datalist, workflow_type, configs):
@@ -93,6 +94,7 @@ def test_evaluation_overlay_overrides_only_what_evaluation_changes():
     replaced = {key for key in overlay if key in base}
     assert {"validate#dataset", "validate#inferer", "validate#evaluator", "validate#preprocessing"} <= replaced
     assert replaced - {key for key in overlay if key.startswith("validate#")} == {
+        "train#handlers",  # none: the evaluation trains nothing, and the epoch validation needs an Evaluator
         "output_dir",
         "grade_head_enabled",
         "channels_last",
