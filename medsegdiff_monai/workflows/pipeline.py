@@ -573,8 +573,14 @@ class BratsVolumeInferer:
         write_nifti_like(prediction.uncertainty, reference, folder / names["uncertainty"])
         if self.write_overlays:
             names["overlay"] = f"{prediction.subject_id}_overlay.png"
-            flair = np.asarray(nib.load(str(entry["image"][_FLAIR])).dataobj, dtype=np.float32)
-            write_overlay_png(flair, prediction.labels, folder / names["overlay"])
+            flair = nib.load(str(entry["image"][_FLAIR]))
+            # the overlay slices axis 2 and puts anterior up for RAS arrays: both are turned to RAS axes first
+            to_ras = nib.orientations.io_orientation(flair.affine)
+            write_overlay_png(
+                nib.orientations.apply_orientation(np.asarray(flair.dataobj, dtype=np.float32), to_ras),
+                nib.orientations.apply_orientation(prediction.labels, to_ras),
+                folder / names["overlay"],
+            )
         if prediction.region_uncertainty is not None:
             for region, region_map in zip(BRATS_REGIONS, prediction.region_uncertainty, strict=True):
                 kind = REGION_UNCERTAINTY_KINDS[region]

@@ -657,3 +657,26 @@ def test_near_miss_region_maps_by_default(stand_in_network, brats_copy, tmp_path
         _inferer(stand_in_network(), region_uncertainty_map="std")
     with pytest.warns(UserWarning, match=r"'ensemble_std' has no effect without write_region_uncertainty"):
         _inferer(stand_in_network(), region_uncertainty_map="ensemble_std")
+
+
+def test_overlays_are_drawn_from_ras_arrays_whatever_the_storage_order(brain_oracle, brats_copy, tmp_path, monkeypatch):
+    """The overlay slices axis 2 and puts anterior up for RAS arrays: a subject stored in another axis order and
+    direction gets the same overlay, drawn from the arrays nibabel's closest canonical (RAS) image holds."""
+    drawn = []
+    monkeypatch.setattr(
+        "medsegdiff_monai.workflows.pipeline.write_overlay_png",
+        lambda image, labels, path: drawn.append((np.asarray(image), np.asarray(labels))),
+    )
+    stored = brats_copy / "BraTS20_Training_001"
+    canonical = tmp_path / "canonical" / stored.name
+    canonical.mkdir(parents=True)
+    for path in stored.iterdir():  # the same voxels, stored in RAS axis order
+        nib.save(nib.as_closest_canonical(nib.load(str(path))), str(canonical / path.name))
+    for source in (stored, canonical):
+        _inferer(brain_oracle(), write_overlays=True).run(source, tmp_path / f"out_{source.parent.name}")
+    (flair_stored, labels_stored), (flair_canonical, labels_canonical) = drawn
+    expected = nib.as_closest_canonical(nib.load(str(stored / "BraTS20_Training_001_flair.nii"))).get_fdata()
+    assert not np.array_equal(np.asarray(nib.load(str(stored / "BraTS20_Training_001_flair.nii")).dataobj), expected)
+    np.testing.assert_array_equal(flair_stored, expected)
+    np.testing.assert_array_equal(flair_canonical, expected)
+    np.testing.assert_array_equal(labels_stored, labels_canonical)
