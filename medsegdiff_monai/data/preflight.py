@@ -151,9 +151,14 @@ def read_datalist_json(path: str | Path, data_dir: str | Path | None = None) -> 
         FileNotFoundError / ValueError: naming the file and what to do.
     """
     path = Path(path)
-    make = f"medsegdiff-monai datalist --data-dir {data_dir if data_dir is not None else path.parent} --out {path}"
+    if data_dir is None or Path(data_dir).resolve() == path.parent.resolve():
+        make = f"medsegdiff-monai datalist --data-dir {data_dir if data_dir is not None else path.parent} --out {path}"
+        root = ""
+    else:  # a datalist away from the data root (e.g. one given with --input): which data it lists is not known
+        make = f"medsegdiff-monai datalist --data-dir <BraTS folder> --out {path}"
+        root = f" (its paths are read relative to dataset_dir {data_dir}: pass --dataset_dir <BraTS folder> too)"
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist: write it with `{make}`.")
+        raise FileNotFoundError(f"datalist {path} does not exist: write it with `{make}`{root}.")
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -106,3 +106,18 @@ def test_a_datalist_without_grades_refuses_a_fraction_that_holds_out_no_patient(
     subjects = _brats2023_subjects([f"BraTS-GLI-{p:05d}-000" for p in range(6)], tmp_path)
     with pytest.raises(ValueError, match=re.escape(message)):
         build_datalist(subjects, tmp_path, val_fraction=val_fraction, seed=0, test_fraction=test_fraction)
+
+
+def test_a_missing_datalist_names_the_command_that_writes_it(tmp_path):
+    """Beside its data root the command names that root; away from it (a datalist given with --input), which data it
+    lists is not known, so the command leaves the folder to the user and says that --dataset_dir must name it too."""
+    from medsegdiff_monai.data.preflight import read_datalist_json
+
+    beside = tmp_path / "data" / "datalist.json"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--data-dir {beside.parent} --out {beside}`.")):
+        read_datalist_json(beside, beside.parent)
+    away = tmp_path / "lists" / "mine.json"
+    with pytest.raises(FileNotFoundError) as error:
+        read_datalist_json(away, tmp_path / "data")
+    assert f"`medsegdiff-monai datalist --data-dir <BraTS folder> --out {away}`" in str(error.value)
+    assert f"relative to dataset_dir {tmp_path / 'data'}: pass --dataset_dir <BraTS folder> too" in str(error.value)
