@@ -60,24 +60,29 @@ def _holds_other_nifti_files(folder: Path) -> bool:
     return bool(nifti_files) and not any(modality_of_file(p, bare=True) for p in nifti_files)
 
 
+def _holds_named_modality_files(folder: Path) -> bool:
+    """Whether ``folder`` holds a modality file named with a subject id (a release's subject folder)."""
+    return any(modality_of_file(p) for p in folder.iterdir() if is_nifti(p))
+
+
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
     """A folder of modality files is one subject, named after the folder, and so is a folder of NIfTI files without
     subject folders; the modality files of such a case folder may be named as the modality alone (``t1n.nii.gz``,
     ``t1.nii.gz``, as BraTS 2023 tools write them), also beside folders without modality files (a mask, earlier
-    outputs). Otherwise its subject folders are the subjects (a release, whose files must carry the subject id), and
-    a NIfTI file without a modality name beside them (an atlas, a template) is not read."""
+    outputs). Otherwise, and wherever a subject folder holds modality files named with its id, its subject folders
+    are the subjects (a release, whose files must carry the subject id), and a NIfTI file beside them (an atlas, a
+    template, also one named after a modality such as ``sri24_t1.nii``) is not read."""
     nifti_files = [p for p in folder.iterdir() if is_nifti(p)]
-    bare = False
-    if any(modality_of_file(p) for p in nifti_files):
-        # the case folder itself: its files named as the modality alone are read too
+    subject_dirs, bare = split_subject_dirs(list_subject_dirs(folder))[0], False
+    # a release's subject folders hold modality files named with their ids, and a NIfTI file beside them (an atlas,
+    # sri24_t1.nii) is not read; a case folder holds modality files itself, or bare-named ones beside folders of
+    # other NIfTI files (a mask, earlier outputs), and its bare-named files are read too
+    is_release = any(_holds_named_modality_files(d) for d in subject_dirs)
+    is_case = any(modality_of_file(p) for p in nifti_files) or (
+        bool(nifti_files) and all(_holds_other_nifti_files(d) for d in subject_dirs)
+    )
+    if is_case and not is_release:
         subject_dirs, bare = [folder], True
-    else:
-        subject_dirs = split_subject_dirs(list_subject_dirs(folder))[0]
-        # a case of bare-named files may hold folders of other NIfTI files (a mask, earlier outputs); a release's
-        # subject folders hold modality files or none (a damaged subject, named below), and NIfTI files beside them
-        # (an atlas) are not read
-        if nifti_files and all(_holds_other_nifti_files(d) for d in subject_dirs):
-            subject_dirs, bare = [folder], True
     if not subject_dirs:
         raise FileNotFoundError(f"input folder {folder} holds neither NIfTI files nor subject folders.")
     grades = _folder_grades(folder)

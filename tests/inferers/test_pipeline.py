@@ -126,6 +126,10 @@ def test_a_nifti_file_beside_the_subject_folders_leaves_a_release_a_release(stan
     inferer = _inferer(stand_in_network(use_grade_head=False))
     outputs = inferer.run(brats_copy, tmp_path / "out", num_cases=2)
     assert [o.subject_id for o in outputs] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    # also an atlas named after a modality: the subject folders' files carry their ids, so the folder is a release
+    (brats_copy / "atlas.nii").rename(brats_copy / "sri24_t1.nii")
+    outputs = inferer.run(brats_copy, tmp_path / "out2", num_cases=2)
+    assert [o.subject_id for o in outputs] == ["BraTS20_Training_001", "BraTS20_Training_002"]
     single = inferer.run(brats_copy / "BraTS20_Training_003", tmp_path / "single")
     assert [o.subject_id for o in single] == ["BraTS20_Training_003"]
 
