@@ -132,6 +132,13 @@ def _hold_run_folder(output_dir: Path) -> None:
         )
 
 
+def _logged_epochs(metrics_csv: Path) -> int:
+    """The rows of a run's ``metrics.csv`` below its header (0 without the file)."""
+    if not metrics_csv.is_file():
+        return 0
+    return max(0, len([line for line in metrics_csv.read_text().splitlines() if line.strip()]) - 1)
+
+
 def prepare_run_folder(
     output_dir: str | Path,
     ckpt_dir: str | Path,
@@ -186,6 +193,13 @@ def prepare_run_folder(
             raise RunFolderError(f"{record} is not valid JSON ({error}). {fresh}") from None
     else:
         raise RunFolderError(f"{output_dir} holds a run without a {RUN_FILENAME}, so it cannot be checked. {fresh}")
+    epochs_logged = _logged_epochs(output_dir / "metrics.csv")
+    if has_run and resume and not checkpoints and epochs_logged > 1:
+        # one logged epoch may precede its first checkpoint (a stop between the two); more mean they were deleted
+        raise RunFolderError(
+            f"{output_dir} holds a run of {epochs_logged} logged epochs but no checkpoint in {ckpt_dir} to resume it "
+            f"from: it would be trained again from epoch 1 over its model.pt and metrics.csv. {fresh}"
+        )
     if has_run and not resume:
         raise RunFolderError(
             f"{output_dir} already holds a run and this command does not resume it (resume off or --run_stage "

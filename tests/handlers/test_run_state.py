@@ -180,6 +180,26 @@ def test_run_folder_is_recorded_once_and_resumed_with_the_same_fingerprint(tmp_p
         prepare_run_folder(run, run / "checkpoints", other)
 
 
+def test_a_run_whose_checkpoints_were_deleted_is_not_trained_again(tmp_path):
+    """One logged epoch without a checkpoint is a stop between the two, and resumes (from epoch 1); more logged
+    epochs without any checkpoint mean the checkpoints were deleted: refused, rather than trained over."""
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": ["a"]}], "validation": []}))
+    fingerprint = run_fingerprint(datalist, tmp_path, {"stages": [1, 2], "lr": 1e-3})
+    run = tmp_path / "run"
+    prepare_run_folder(run, run / "checkpoints", fingerprint)
+    (run / "metrics.csv").write_text("epoch,dice\n1,0.2\n")
+    prepare_run_folder(run, run / "checkpoints", fingerprint)
+    (run / "metrics.csv").write_text("epoch,dice\n1,0.2\n2,0.3\n3,0.4\n")
+    with pytest.raises(
+        RunFolderError, match=r"holds a run of 3 logged epochs but no checkpoint in .*another --output_dir"
+    ):
+        prepare_run_folder(run, run / "checkpoints", fingerprint)
+    (run / "checkpoints").mkdir()
+    torch.save({"epoch": 3}, run / "checkpoints" / "checkpoint_epoch=3.pt")
+    prepare_run_folder(run, run / "checkpoints", fingerprint)  # with its checkpoint it resumes
+
+
 def test_publishing_into_the_bundle_is_part_of_a_run_and_older_records_still_resume(tmp_path):
     """A finished run repeated with update_bundle_model true would not train again, so the bundle would keep its old
     network: that is refused with how to publish the run's network. A record written before the setting was recorded
