@@ -232,6 +232,8 @@ class DiffusionTrainer(SupervisedTrainer):
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
+        if grad_clip_norm is not None and not grad_clip_norm > 0:  # a negative norm would reverse the gradients
+            raise ValueError(f"grad_clip_norm must be above 0, or None for no clipping; got {grad_clip_norm}.")
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         super().__init__(
             device=device,

@@ -447,3 +447,12 @@ def test_a_new_run_is_not_logged_as_resumed(caplog):
     record = logging.LogRecord(trainer.logger.name, logging.INFO, __file__, 1, "%s", ("x",), None)
     record.msg, record.args = "Engine run resuming from iteration 12, epoch 4 until 16 epochs", None
     assert trainer.logger.filter(record) and record.getMessage().startswith("Engine run resuming from iteration 12")
+
+
+@pytest.mark.parametrize("grad_clip_norm", [-1.0, 0.0, float("nan")])
+def test_a_gradient_clip_norm_not_above_zero_is_refused(grad_clip_norm):
+    """A negative norm would turn clip_grad_norm_'s factor negative and reverse the gradients; 0 zeroes them."""
+    with pytest.raises(
+        ValueError, match=rf"grad_clip_norm must be above 0, or None for no clipping; got {grad_clip_norm}"
+    ):
+        make_trainer([{"name": "joint", "epochs": 1, "train": "all"}], grad_clip_norm=grad_clip_norm)
