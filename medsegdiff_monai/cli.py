@@ -362,3 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain = isinstance(error, OSError) and error.filename is not None and str(error).startswith("[Errno")
         print(f"error: {error.filename}: {error.strerror.lower()}" if plain else f"error: {error}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

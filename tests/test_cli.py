@@ -240,3 +240,14 @@ def test_version_is_the_package_version_the_bundle_requires(capsys):
     metadata = json.loads((Path(__file__).parents[1] / "bundle/configs/metadata.json").read_text())
     required = metadata["required_packages_version"]["medsegdiff_monai"]
     assert capsys.readouterr().out.strip() == f"medsegdiff-monai {required}"
+
+
+def test_the_cli_module_runs_as_a_script(tmp_path):
+    """``python -m medsegdiff_monai.cli`` runs the command line, as ``python -m medsegdiff_monai`` does."""
+    result = subprocess.run(
+        [sys.executable, "-m", "medsegdiff_monai.cli", "synth", "--out", str(tmp_path / "d"), "--subjects", "1",
+         "--shape", "16", "16", "16", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "d").glob("*/*_t1.nii*"))) == 1
