@@ -251,3 +251,25 @@ def test_class_weights_that_train_nothing_are_refused_before_the_run_folder(
     assert result.returncode == 1, result.stderr[-2000:]
     assert message in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "advice"),
+    [
+        ({}, "Run the same command again to resume from the newest checkpoint in "),
+        ({"resume": False}, "This command does not resume (--resume false or --run_stage given): run it again with "),
+        ({"run_stage": 2}, "This command does not resume (--resume false or --run_stage given): run it again with "),
+    ],
+)
+def test_the_advice_after_ctrl_c_fits_whether_the_command_resumes(overrides, advice):
+    """After Ctrl-C, a command that resumes is told to run again; one that does not (which a second run would refuse
+    on the same folder) is told to use another output folder."""
+    from monai.bundle import ConfigParser
+
+    for files in (["train.json"], ["train.json", "multi_gpu_train.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(Path(__file__).parents[1] / "bundle" / "configs" / name) for name in files])
+        parser.update({"bundle_root": "bundle", **overrides})
+        call = next(step for step in parser["initialize"] if "report_errors_briefly(" in step)
+        parser["advice"] = "$" + call.split("report_errors_briefly(", 1)[1][:-1]
+        assert parser.get_parsed_content("advice").startswith(advice)
