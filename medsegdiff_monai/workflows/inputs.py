@@ -140,7 +140,7 @@ def _check_data_root(path: Path, entries: Any, data_dir: str | Path | None) -> N
         raise ValueError(
             f"datalist {path}: its relative paths name files both under dataset_dir {data_dir} and beside the "
             f"datalist (e.g. {in_both[0]}), which are different files; pass --dataset_dir {path.parent} to read "
-            f"those beside it, or --dataset_dir {data_dir} to read those under it."
+            f"those beside it, or move the datalist into {data_dir} to read those under it."
         )
 
 

@@ -166,6 +166,13 @@ def test_a_datalist_whose_files_lie_in_two_data_roots_is_refused(brain_oracle, s
     with pytest.raises(ValueError, match=rf"pass --dataset_dir {synthetic_datalist.parent} to read those beside it"):
         _inferer(brain_oracle()).run(synthetic_datalist, tmp_path / "out", data_dir=other)
     _assert_nothing_written(tmp_path)
+    # either way out runs: the datalist's own folder as the data root, or the datalist moved into the other root
+    moved = other / synthetic_datalist.name
+    shutil.copy(synthetic_datalist, moved)
+    for datalist, root in ((synthetic_datalist, synthetic_datalist.parent), (moved, other)):
+        out = tmp_path / f"out_{root.name}"
+        _inferer(brain_oracle()).run(datalist, out, data_dir=root, num_cases=1)
+        assert len(list(out.glob("*_seg.nii.gz"))) == 1
     # the same files reached through a link are one data root
     link = tmp_path / "link"
     link.symlink_to(synthetic_datalist.parent)
