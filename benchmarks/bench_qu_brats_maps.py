@@ -35,17 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MapKind = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-def _margin(probability: np.ndarray) -> np.ndarray:
-    return 1 - np.abs(2 * probability.astype(np.float64) - 1)
-
-
 def map_kinds(inside_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)) -> dict[str, MapKind]:
     """Each kind's map of one region, a function of ``(probability, std, predicted)``; ``zeros`` first."""
     kinds: dict[str, MapKind] = {
         "zeros": lambda probability, std, predicted: np.zeros(probability.shape, dtype=np.uint8),
         "ensemble_std": lambda probability, std, predicted: qu_brats_map(std),
         "near_miss": lambda probability, std, predicted: qu_brats_near_miss_map(probability, predicted),
-        "margin": lambda probability, std, predicted: np.rint(100 * _margin(probability)).astype(np.uint8),
+        # the near-miss margin on both sides of the border: nothing counts as predicted
+        "margin": lambda probability, std, predicted: qu_brats_near_miss_map(probability, np.zeros_like(predicted)),
     }
     for weight in inside_weights:
         kinds[f"ensemble_std_inside{weight:g}"] = lambda probability, std, predicted, w=weight: qu_brats_map(

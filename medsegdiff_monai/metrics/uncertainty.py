@@ -131,6 +131,11 @@ QU_BRATS_MAP_KINDS = ("near_miss", "ensemble_std")
 """How a region's QU-BraTS uncertainty map is made (:func:`qu_brats_region_map`), the default first."""
 
 
+def _on_qu_brats_scale(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (1: most uncertain) as a QU-BraTS map: ``round(100 * value)`` as uint8, clipped to 0-100."""
+    return np.clip(np.rint(values * QU_BRATS_MAX), 0, QU_BRATS_MAX).astype(np.uint8)
+
+
 def qu_brats_map(std: np.ndarray) -> np.ndarray:
     """
     A region's ensemble standard deviation as a QU-BraTS uncertainty map: ``round(200 * std)`` as uint8, 0 where
@@ -140,8 +145,7 @@ def qu_brats_map(std: np.ndarray) -> np.ndarray:
     Args:
         std: (X, Y, Z) population std of the members' probabilities of one region.
     """
-    scaled = np.rint(np.asarray(std, dtype=np.float64) * 2 * QU_BRATS_MAX)
-    return np.clip(scaled, 0, QU_BRATS_MAX).astype(np.uint8)
+    return _on_qu_brats_scale(np.asarray(std, dtype=np.float64) * 2)
 
 
 def qu_brats_near_miss_map(probability: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -159,8 +163,7 @@ def qu_brats_near_miss_map(probability: np.ndarray, predicted: np.ndarray) -> np
         predicted: (X, Y, Z) bool, the predicted region.
     """
     margin = 1 - np.abs(2 * np.asarray(probability, dtype=np.float64) - 1)
-    scaled = np.rint(np.where(np.asarray(predicted, dtype=bool), 0.0, margin) * QU_BRATS_MAX)
-    return np.clip(scaled, 0, QU_BRATS_MAX).astype(np.uint8)
+    return _on_qu_brats_scale(np.where(np.asarray(predicted, dtype=bool), 0.0, margin))
 
 
 def qu_brats_region_map(kind: str, probability: np.ndarray, std: np.ndarray, predicted: np.ndarray) -> np.ndarray:
