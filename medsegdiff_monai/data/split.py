@@ -38,11 +38,13 @@ def _grade_counts(grades: Sequence[int]) -> dict[str, int]:
     return {name: sum(1 for g in grades if g == index) for name, index in GRADE_TO_INDEX.items()}
 
 
-def _counted(num_patients: int, num_subjects: int) -> str:
-    """``"6 subjects"``, or ``"4 patients (6 subjects)"`` where patients have several subjects (timepoints)."""
+def _counted(num_patients: int, num_subjects: int, by_group: Mapping[str, int] | None = None) -> str:
+    """``"6 subjects"``, or ``"4 patients (6 subjects)"`` where patients have several subjects (timepoints); with
+    ``by_group`` (patients per grade) ``"2 LGG and 4 HGG subjects"`` or ``"1 LGG and 3 HGG patients (6 subjects)"``."""
+    counted = " and ".join(f"{size} {name}" for name, size in by_group.items()) if by_group else str(num_patients)
     if num_patients == num_subjects:
-        return f"{num_subjects} subjects"
-    return f"{num_patients} patients ({num_subjects} subjects)"
+        return f"{counted} subjects"
+    return f"{counted} patients ({num_subjects} subjects)"
 
 
 _FRACTION_OPTIONS: dict[str, str] = {"validation": "--val-fraction", "testing": "--test-fraction"}
@@ -115,12 +117,11 @@ def held_out_count(
     if group_sizes:
         name, size = empty[0], groups[empty[0]]
         gives = f"gives 0 {split} {name} {unit} (round({size} * {fraction}) = 0)"
-        counted = " and ".join(f"{size} {name}" for name, size in groups.items()) + f" {unit}"
-        counted += f" ({num_subjects} subjects)" if unit == "patients" else ""
     else:
         gives = f"gives 0 {split} {unit} (round({num_patients} * {fraction}) = 0)"
-        counted = _counted(num_patients, num_subjects)
-    raise ValueError(f"split: {option} {fraction} of {counted} {gives}; {instead}.")
+    raise ValueError(
+        f"split: {option} {fraction} of {_counted(num_patients, num_subjects, group_sizes)} {gives}; {instead}."
+    )
 
 
 def held_out_counts(
